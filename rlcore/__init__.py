@@ -1,7 +1,57 @@
 """rlcore: post-training for language models as pure functions on tensors.
 
 The math API is re-exported flat from here; engines (toy, models, data, rollout, lora, checkpoint, ...)
-live in their own submodules: ``from rlcore.rollout import generate``.
+live in their own submodules: ``from rlcore.rollout import generate``. Importing ``rlcore`` loads only
+torch and the math modules below.
 """
 
+from .advantages import GROUP_SCALES, gae, group_advantages, reinforce_pp_advantages, rloo_advantages
+from .kl import KL_KINDS, kl_estimate, kl_shaped_rewards, last_valid_index
+from .logprobs import chunked_logprobs, entropy_from_logits, gather_logprobs
+from .losses import (
+    AGGREGATION_MODES,
+    DPO_LOSS_TYPES,
+    aggregate,
+    dpo_loss,
+    policy_loss,
+    reward_pairwise_loss,
+    sft_loss,
+    sft_loss_from_logprobs,
+    simpo_loss,
+    value_loss,
+)
+from .ops import check_choice, check_ndim, check_same_shape, masked_mean, masked_sum, masked_var, masked_whiten
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "AGGREGATION_MODES",
+    "DPO_LOSS_TYPES",
+    "GROUP_SCALES",
+    "KL_KINDS",
+    "aggregate",
+    "check_choice",
+    "check_ndim",
+    "check_same_shape",
+    "chunked_logprobs",
+    "dpo_loss",
+    "entropy_from_logits",
+    "gae",
+    "gather_logprobs",
+    "group_advantages",
+    "kl_estimate",
+    "kl_shaped_rewards",
+    "last_valid_index",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "policy_loss",
+    "reinforce_pp_advantages",
+    "reward_pairwise_loss",
+    "rloo_advantages",
+    "sft_loss",
+    "sft_loss_from_logprobs",
+    "simpo_loss",
+    "value_loss",
+]

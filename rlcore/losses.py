@@ -1,0 +1,494 @@
+"""Losses: policy gradient (PPO / GRPO / DAPO), value, the DPO family, SimPO, reward model, SFT.
+
+Every ``*_loss`` returns ``(loss, stats)``: a scalar tensor to call ``.backward()`` on and a dict of
+detached tensors for logging (nothing here calls ``.item()``, so nothing forces a host sync). Shapes are
+[B, T] per token and [B] per sequence; masks are 1 where a position counts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .kl import kl_estimate
+from .logprobs import gather_logprobs
+from .ops import check_choice, check_ndim, check_same_shape, masked_mean, masked_sum, masked_var
+
+__all__ = [
+    "AGGREGATION_MODES",
+    "DPO_LOSS_TYPES",
+    "aggregate",
+    "policy_loss",
+    "value_loss",
+    "dpo_loss",
+    "simpo_loss",
+    "reward_pairwise_loss",
+    "sft_loss",
+    "sft_loss_from_logprobs",
+]
+
+AGGREGATION_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
+
+
+def aggregate(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    max_len: int | None = None,
+    normalizer: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reduce a [B, T] per-token loss to a scalar; the choice of average is part of the algorithm.
+
+        token_mean:              sum_{b,t} m l / sum_{b,t} m               (DAPO, arXiv 2503.14476: every
+                                                                            token weighs the same)
+        seq_mean_token_mean:     mean_b [ sum_t m l / sum_t m ]            (GRPO, arXiv 2402.03300: every
+                                                                            sequence weighs the same)
+        seq_mean_token_sum:      mean_b [ sum_t m l ]
+        seq_mean_token_sum_norm: mean_b [ sum_t m l ] / max_len            (Dr. GRPO, arXiv 2503.20783: a
+                                                                            constant normaliser, no length bias)
+
+    Rows with no valid token are left out of ``seq_mean_token_mean`` (their mean is undefined) but count
+    as 0 in the two ``token_sum`` modes, whose normaliser is meant to be constant.
+
+    Gradient accumulation: a micro-batch's own token or row count is the wrong normaliser when the
+    optimizer step spans several micro-batches (the DAPO/TRL normalisation issue). Pass ``normalizer``,
+    the count over the whole step: total valid tokens for ``token_mean``, total rows (or rows with a valid
+    token, for ``seq_mean_token_mean``) otherwise; then summing the micro-batch losses gives the loss of
+    the whole step.
+
+    Args:
+        per_token: [B, T] per-token losses.
+        mask: [B, T] 1 on tokens that count.
+        mode: one of ``AGGREGATION_MODES``.
+        max_len: the constant of ``seq_mean_token_sum_norm`` (default T, the padded length); ignored by
+            the other modes.
+        normalizer: replaces the denominator (see above); a float or a 0-d tensor.
+
+    Returns:
+        0-d tensor.
+    """
+    check_ndim("per_token", per_token, 2, "[B, T]")
+    check_same_shape(per_token=per_token, mask=mask)
+    check_choice("agg mode", mode, AGGREGATION_MODES)
+    if mode == "token_mean":
+        if normalizer is None:
+            return masked_mean(per_token, mask)
+        return masked_sum(per_token, mask) / normalizer
+    if mode == "seq_mean_token_mean":
+        seq_losses = masked_mean(per_token, mask, dim=-1)  # [B]
+        rows_with_tokens = mask.bool().any(dim=-1)  # [B]
+        if normalizer is None:
+            return masked_mean(seq_losses, rows_with_tokens)
+        return masked_sum(seq_losses, rows_with_tokens) / normalizer
+    seq_losses = masked_sum(per_token, mask, dim=-1)  # [B]
+    if mode == "seq_mean_token_sum_norm":
+        seq_losses = seq_losses / (per_token.shape[1] if max_len is None else max_len)
+    return seq_losses.mean() if normalizer is None else seq_losses.sum() / normalizer
+
+
+def _per_token_advantages(advantages: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """Accept [B] (one advantage per sequence, broadcast over T) or [B, T]; return [B, T]-broadcastable."""
+    if advantages.shape == logp.shape:
+        return advantages
+    if advantages.shape == logp.shape[:1]:
+        return advantages.unsqueeze(-1)  # [B, 1]
+    raise ValueError(
+        f"shape mismatch: advantages must be [B] or [B, T] = {tuple(logp.shape)}, "
+        f"got {tuple(advantages.shape)}"
+    )
+
+
+def _fraction(condition: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Fraction of valid positions where ``condition`` holds (detached float)."""
+    return masked_mean(condition.float(), mask).detach()
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    agg: str = "token_mean",
+    dual_clip: float | None = None,
+    max_len: int | None = None,
+    normalizer: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate policy-gradient loss (PPO, GRPO, DAPO clip-higher, dual clip).
+
+        rho_t  = exp(logp_t - old_logp_t)
+        l_t    = -min(rho_t A_t, clip(rho_t, 1 - clip_low, 1 + clip_high) A_t)
+        dual:  l_t = min(l_t, -dual_clip * A_t)   where A_t < 0
+        loss   = aggregate(l, mask, agg)
+
+    PPO: Schulman et al. 2017, https://arxiv.org/abs/1707.06347. Clip-higher (``clip_high > clip_low``,
+    e.g. 0.28 vs 0.2): DAPO, Yu et al. 2025, https://arxiv.org/abs/2503.14476. Dual clip (``dual_clip`` =
+    c > 1): Ye et al. 2019, https://arxiv.org/abs/1912.09729, which bounds the loss of a token with a
+    negative advantage whose ratio has grown large. At rho = 1 (the first step on fresh samples) the loss
+    equals -aggregate(A) and its gradient is -A * d logp.
+
+    Args:
+        logp: [B, T] log-probs of the sampled tokens under the current policy (with gradient).
+        old_logp: [B, T] log-probs under the policy that sampled them (no gradient needed).
+        advantages: [B] (broadcast over tokens, as GRPO) or [B, T].
+        mask: [B, T] 1 on completion tokens. Padding may hold any value, even inf.
+        clip_low: epsilon of the lower clip, ratio >= 1 - clip_low.
+        clip_high: epsilon of the upper clip, ratio <= 1 + clip_high (default: clip_low).
+        agg: aggregation mode, see ``aggregate``.
+        dual_clip: c > 1 for dual clipping, or None.
+        max_len, normalizer: passed to ``aggregate``.
+
+    Returns:
+        (loss, stats) with stats (detached, over valid tokens): ``clip_frac_low`` (A < 0 and ratio below
+        1 - clip_low), ``clip_frac_high`` (A > 0 and ratio above 1 + clip_high), ``clip_frac`` (either),
+        ``dual_clip_frac`` (A < 0 and ratio above c), ``approx_kl`` (k3 estimate of KL(old || current)),
+        ``ratio_mean``, ``ratio_min``, ``ratio_max``.
+    """
+    check_ndim("logp", logp, 2, "[B, T]")
+    check_same_shape(logp=logp, old_logp=old_logp, mask=mask)
+    advantages = _per_token_advantages(advantages, logp).detach()  # [B, T] or [B, 1]
+    clip_high = clip_low if clip_high is None else clip_high
+    if dual_clip is not None and not dual_clip > 1.0:
+        raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
+    valid = mask.bool()
+    log_ratio = torch.where(valid, logp - old_logp.detach(), 0.0)  # [B, T]; ratio 1 on padding
+    ratio = torch.exp(log_ratio)  # [B, T]
+    unclipped = -ratio * advantages  # [B, T]
+    clipped = -ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages  # [B, T]
+    per_token = torch.maximum(unclipped, clipped)  # [B, T]
+    clipped_low = (ratio < 1.0 - clip_low) & (advantages < 0)
+    clipped_high = (ratio > 1.0 + clip_high) & (advantages > 0)
+    stats = {"clip_frac_low": _fraction(clipped_low, valid), "clip_frac_high": _fraction(clipped_high, valid)}
+    stats["clip_frac"] = stats["clip_frac_low"] + stats["clip_frac_high"]
+    if dual_clip is not None:
+        dual_bound = -dual_clip * advantages
+        per_token = torch.where(advantages < 0, torch.minimum(per_token, dual_bound), per_token)
+        stats["dual_clip_frac"] = _fraction((ratio > dual_clip) & (advantages < 0), valid)
+    loss = aggregate(per_token, mask, agg, max_len=max_len, normalizer=normalizer)
+    with torch.no_grad():
+        stats["approx_kl"] = masked_mean(kl_estimate(old_logp, logp, kind="k3"), valid)
+        stats["ratio_mean"] = masked_mean(ratio, valid)
+        stats["ratio_min"] = torch.where(valid, ratio, torch.inf).amin()
+        stats["ratio_max"] = torch.where(valid, ratio, -torch.inf).amax()
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float | None = 0.2,
+    agg: str = "token_mean",
+    max_len: int | None = None,
+    normalizer: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value regression of PPO.
+
+        V_clip = old_V + clip(V - old_V, -clip, clip)
+        l_t    = 0.5 * max((V - R)^2, (V_clip - R)^2)          (clip=None: 0.5 * (V - R)^2)
+        loss   = aggregate(l, mask, agg)
+
+    The clip keeps the new value within ``clip`` of the value at sampling time, as in OpenAI's baselines
+    PPO2 and Ziegler et al. 2019 (https://arxiv.org/abs/1909.08593). Note that ``clip`` is in the units of
+    the rewards, unlike the policy ratio clip.
+
+    Args:
+        values: [B, T] current value predictions (with gradient).
+        old_values: [B, T] value predictions at sampling time.
+        returns: [B, T] value targets (e.g. from ``gae``).
+        mask: [B, T] 1 on completion tokens.
+        clip: clip range, or None for plain squared error.
+        agg, max_len, normalizer: see ``aggregate``.
+
+    Returns:
+        (loss, stats) with stats (detached, over valid tokens): ``clip_frac`` (fraction of tokens where the
+        clipped error is the larger one), ``explained_variance`` = 1 - Var(R - V) / Var(R) (Bessel; 1 is
+        perfect, 0 no better than a constant; Var(R) clamped to >= 1e-8), ``values_mean``, ``returns_mean``.
+    """
+    check_ndim("values", values, 2, "[B, T]")
+    check_same_shape(values=values, old_values=old_values, returns=returns, mask=mask)
+    old_values, returns = old_values.detach(), returns.detach()
+    squared_error = (values - returns) ** 2  # [B, T]
+    if clip is None:
+        per_token = 0.5 * squared_error
+        clip_active = torch.zeros_like(squared_error, dtype=torch.bool)
+    else:
+        clipped_values = old_values + (values - old_values).clamp(-clip, clip)
+        clipped_error = (clipped_values - returns) ** 2  # [B, T]
+        per_token = 0.5 * torch.maximum(squared_error, clipped_error)
+        clip_active = clipped_error > squared_error
+    loss = aggregate(per_token, mask, agg, max_len=max_len, normalizer=normalizer)
+    with torch.no_grad():
+        residual_var = masked_var(returns - values, mask)
+        stats = {
+            "clip_frac": _fraction(clip_active, mask),
+            "explained_variance": 1.0 - residual_var / masked_var(returns, mask).clamp(min=1e-8),
+            "values_mean": masked_mean(values, mask),
+            "returns_mean": masked_mean(returns, mask),
+        }
+    return loss, stats
+
+
+DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "exo_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down")
+
+
+def _dpo_per_pair_loss(
+    chosen_logratios: torch.Tensor,
+    rejected_logratios: torch.Tensor,
+    beta: float,
+    loss_type: str,
+    label_smoothing: float,
+) -> torch.Tensor:
+    """[B] per-pair loss of ``dpo_loss`` from the log-ratios c = log pi/ref (chosen), r (rejected)."""
+    c, r = chosen_logratios, rejected_logratios
+    h = beta * (c - r)  # [B], the implicit reward margin
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        return -(1 - eps) * F.logsigmoid(h) - eps * F.logsigmoid(-h)
+    if loss_type == "robust":
+        return (-(1 - eps) * F.logsigmoid(h) + eps * F.logsigmoid(-h)) / (1 - 2 * eps)
+    if loss_type == "ipo":
+        return (c - r - 1 / (2 * beta)) ** 2
+    if loss_type == "hinge":
+        return torch.relu(1 - h)
+    if loss_type == "exo_pair":
+        return torch.sigmoid(h) * (F.logsigmoid(h) - math.log1p(-eps)) + torch.sigmoid(-h) * (
+            F.logsigmoid(-h) - math.log(eps)
+        )
+    if loss_type == "nca_pair":
+        return -F.logsigmoid(beta * c) - 0.5 * F.logsigmoid(-beta * c) - 0.5 * F.logsigmoid(-beta * r)
+    if loss_type == "sppo_hard":
+        return (c - 0.5 / beta) ** 2 + (r + 0.5 / beta) ** 2
+    if loss_type == "apo_zero":
+        return (1 - torch.sigmoid(beta * c)) + torch.sigmoid(beta * r)
+    # apo_down
+    return torch.sigmoid(beta * c) + (1 - torch.sigmoid(h))
+
+
+def _check_pairs(**tensors: torch.Tensor) -> None:
+    first_name, first = next(iter(tensors.items()))
+    check_ndim(first_name, first, 1, "[B]")
+    check_same_shape(**tensors)
+
+
+def _preference_stats(
+    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Batch means of the implicit rewards, their margin and accuracy, and the log-probs (detached)."""
+    with torch.no_grad():
+        return {
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "logps/chosen": chosen_logps.mean(),
+            "logps/rejected": rejected_logps.mean(),
+        }
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The DPO family of preference losses, with TRL's ``loss_type`` names.
+
+    With the log-ratios c = chosen_logps - ref_chosen_logps, r = rejected_logps - ref_rejected_logps,
+    h = beta * (c - r), eps = label_smoothing and sigma the logistic function, the per-pair losses are
+
+        sigmoid    -(1 - eps) log sigma(h) - eps log sigma(-h)   DPO, Rafailov et al. 2023, arXiv 2305.18290;
+                                                                 eps > 0 is conservative DPO (cDPO, Mitchell 2023)
+        robust     (-(1 - eps) log sigma(h) + eps log sigma(-h)) / (1 - 2 eps)
+                                                                 Chowdhury et al. 2024, arXiv 2403.00409;
+                                                                 unbiased under label-flip rate eps < 0.5
+        ipo        (c - r - 1 / (2 beta))^2                      IPO, Azar et al. 2023, arXiv 2310.12036
+        hinge      max(0, 1 - h)                                 SLiC, Zhao et al. 2023, arXiv 2305.10425
+        exo_pair   s(h) (log s(h) - log(1 - eps)) + s(-h) (log s(-h) - log eps),   s = sigma
+                                                                 EXO, Ji et al. 2024, arXiv 2402.00856;
+                                                                 needs eps > 0 (the paper uses 1e-3)
+        nca_pair   -log sigma(beta c) - 0.5 log sigma(-beta c) - 0.5 log sigma(-beta r)
+                                                                 NCA, Chen et al. 2024, arXiv 2402.05369
+        sppo_hard  (c - 1 / (2 beta))^2 + (r + 1 / (2 beta))^2  SPPO, Wu et al. 2024, arXiv 2405.00675,
+                                                                 with hard win probabilities 1 and 0
+        apo_zero   (1 - sigma(beta c)) + sigma(beta r)           APO, D'Oosterlinck et al. 2024, arXiv 2408.06266
+        apo_down   sigma(beta c) + (1 - sigma(h))                (the same paper)
+
+    and the loss is their mean over the batch. The formulas follow TRL's ``DPOTrainer``; TRL's ``ipo``
+    divides the summed log-probs by each completion's token count before taking c - r: for ``ipo`` pass
+    length-averaged log-probs (``masked_mean`` over the completion instead of ``masked_sum``). All other
+    types take summed log-probs.
+
+    Args:
+        chosen_logps, rejected_logps: [B] sequence log-probs under the policy (with gradient).
+        ref_chosen_logps, ref_rejected_logps: [B] the same under the reference model.
+        beta: inverse temperature of the implicit reward (the KL strength; tau of IPO).
+        loss_type: one of ``DPO_LOSS_TYPES``.
+        label_smoothing: eps above, used by sigmoid, robust and exo_pair.
+
+    Returns:
+        (loss, stats); stats (detached batch means): ``rewards/chosen`` = beta c, ``rewards/rejected`` =
+        beta r, ``rewards/margins``, ``rewards/accuracies`` (fraction with beta c > beta r),
+        ``logps/chosen``, ``logps/rejected``.
+    """
+    _check_pairs(
+        chosen_logps=chosen_logps,
+        rejected_logps=rejected_logps,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+    )
+    check_choice("loss_type", loss_type, DPO_LOSS_TYPES)
+    if loss_type == "exo_pair" and not 0.0 < label_smoothing < 1.0:
+        raise ValueError(f"exo_pair needs 0 < label_smoothing < 1 (the paper uses 1e-3), got {label_smoothing}")
+    if loss_type == "robust" and not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"robust needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
+    chosen_logratios = chosen_logps - ref_chosen_logps.detach()  # [B]
+    rejected_logratios = rejected_logps - ref_rejected_logps.detach()  # [B]
+    losses = _dpo_per_pair_loss(chosen_logratios, rejected_logratios, beta, loss_type, label_smoothing)  # [B]
+    stats = _preference_stats(beta * chosen_logratios, beta * rejected_logratios, chosen_logps, rejected_logps)
+    return losses.mean(), stats
+
+
+def simpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    beta: float = 2.0,
+    gamma_beta_ratio: float = 0.5,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SimPO: a reference-free DPO whose implicit reward is the length-normalised log-probability.
+
+        h    = beta * (chosen_logps - rejected_logps) - gamma,       gamma = beta * gamma_beta_ratio
+        loss = mean_b [ -(1 - eps) log sigma(h) - eps log sigma(-h) ]
+
+    (Meng et al. 2024, https://arxiv.org/abs/2405.14734.) The inputs must be *average* per-token log-probs
+    of each completion (``masked_mean``, not ``masked_sum``): the length normalisation is half of the
+    method. ``gamma_beta_ratio`` is the SimPO authors' parametrisation (defaults beta=2.0, ratio 0.5); TRL's
+    ``CPOTrainer`` takes the margin itself, ``simpo_gamma`` = beta * gamma_beta_ratio.
+
+    Args:
+        chosen_logps, rejected_logps: [B] length-averaged log-probs under the policy.
+        beta: reward scale.
+        gamma_beta_ratio: target margin divided by beta.
+        label_smoothing: eps above (0: plain SimPO).
+
+    Returns:
+        (loss, stats); stats as ``dpo_loss`` with rewards beta * logps.
+    """
+    _check_pairs(chosen_logps=chosen_logps, rejected_logps=rejected_logps)
+    margin = beta * (chosen_logps - rejected_logps) - beta * gamma_beta_ratio  # [B]
+    losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    stats = _preference_stats(beta * chosen_logps, beta * rejected_logps, chosen_logps, rejected_logps)
+    return losses.mean(), stats
+
+
+def reward_pairwise_loss(
+    chosen_scores: torch.Tensor,
+    rejected_scores: torch.Tensor,
+    margin: float | torch.Tensor | None = None,
+    center_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Bradley-Terry loss of a reward model on preference pairs.
+
+        loss = mean_b [ -log sigma(r_c - r_r - m) ] + center_coef * mean_b [ (r_c + r_r)^2 ]
+
+    Bradley-Terry preference model as used for RLHF reward models (Ouyang et al. 2022,
+    https://arxiv.org/abs/2203.02155); the margin m (a [B] preference strength) is Llama 2's (Touvron et
+    al. 2023, https://arxiv.org/abs/2307.09288); the centering term, which pins the reward's free offset
+    near 0, is Eisenstein et al. 2023 (https://arxiv.org/abs/2312.09244), TRL's
+    ``center_rewards_coefficient``.
+
+    Args:
+        chosen_scores, rejected_scores: [B] scalar scores of the reward model.
+        margin: None, a float, or [B] margins.
+        center_coef: weight of the centering term.
+
+    Returns:
+        (loss, stats); stats (detached): ``accuracy`` (fraction with r_c > r_r), ``chosen_mean``,
+        ``rejected_mean``, ``margin_mean`` (mean of r_c - r_r).
+    """
+    _check_pairs(chosen_scores=chosen_scores, rejected_scores=rejected_scores)
+    difference = chosen_scores - rejected_scores  # [B]
+    if margin is not None:
+        if isinstance(margin, torch.Tensor) and margin.ndim > 0:
+            check_same_shape(chosen_scores=chosen_scores, margin=margin)
+        difference = difference - margin
+    loss = -F.logsigmoid(difference).mean()
+    if center_coef:
+        loss = loss + center_coef * ((chosen_scores + rejected_scores) ** 2).mean()
+    with torch.no_grad():
+        stats = {
+            "accuracy": (chosen_scores > rejected_scores).float().mean(),
+            "chosen_mean": chosen_scores.mean(),
+            "rejected_mean": rejected_scores.mean(),
+            "margin_mean": (chosen_scores - rejected_scores).mean(),
+        }
+    return loss, stats
+
+
+def sft_loss_from_logprobs(
+    logp: torch.Tensor, mask: torch.Tensor, normalizer: float | torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Masked negative log-likelihood from per-token log-probs.
+
+        loss = -sum_{b,t} m_bt logp_bt / normalizer,      normalizer = sum_{b,t} m_bt by default
+
+    With gradient accumulation pass ``normalizer`` = the number of valid tokens of the whole optimizer
+    step (all micro-batches): then the sum of the micro-batch losses is the true per-token mean, which a
+    per-micro-batch mean is not when lengths differ.
+
+    Args:
+        logp: [B, T] log-probs of the target tokens.
+        mask: [B, T] 1 on the tokens to learn (e.g. completion tokens).
+        normalizer: the denominator (float or 0-d tensor); default the valid tokens of this batch (at least 1).
+
+    Returns:
+        (loss, stats); stats (detached): ``nll`` (mean NLL per valid token of this batch), ``num_tokens``.
+    """
+    check_same_shape(logp=logp, mask=mask)
+    total = -masked_sum(logp, mask)
+    num_tokens = mask.bool().sum()
+    loss = total / (num_tokens.clamp(min=1) if normalizer is None else normalizer)
+    stats = {"nll": (total / num_tokens.clamp(min=1)).detach(), "num_tokens": num_tokens}
+    return loss, stats
+
+
+def sft_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    normalizer: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Masked negative log-likelihood (cross-entropy) from logits; see ``sft_loss_from_logprobs``.
+
+        loss = -sum_{b,t} m_bt log softmax(logits_bt)[labels_bt] / normalizer
+
+    ``logits[:, t]`` scores ``labels[:, t]``: shift before calling (``logits[:, :-1]``, ``input_ids[:, 1:]``).
+    Labels at masked positions may hold anything, an ignore index such as -100 included. Uses
+    ``gather_logprobs``, so no log-softmax copy of the logits is kept.
+
+    Args:
+        logits: [B, T, V].
+        labels: [B, T] target ids.
+        mask: [B, T] 1 on tokens to learn.
+        normalizer: see ``sft_loss_from_logprobs``.
+
+    Returns:
+        (loss, stats); stats (detached): ``nll``, ``num_tokens``, ``token_accuracy`` (argmax == label).
+    """
+    check_ndim("logits", logits, 3, "[B, T, V]")
+    check_same_shape(labels=labels, mask=mask)
+    valid = mask.bool()
+    safe_labels = torch.where(valid, labels, 0)  # [B, T]; ignore indices become a valid id
+    logp = gather_logprobs(logits, safe_labels)  # [B, T]
+    loss, stats = sft_loss_from_logprobs(logp, mask, normalizer)
+    with torch.no_grad():
+        stats["token_accuracy"] = _fraction(logits.argmax(dim=-1) == labels, valid)
+    return loss, stats
