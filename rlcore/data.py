@@ -1,0 +1,585 @@
+"""Dataset rows -> token lists -> padded or packed tensors, for the row formats TRL users already have.
+
+Formats (column names as TRL's; every text column may instead hold a list of ``{"role", "content"}``
+messages, which makes the dataset *conversational*):
+
+==========================  ============================  ==============================================
+format                      columns                       used by
+==========================  ============================  ==============================================
+``language_modeling``       text  (or messages)           SFT / continued pre-training
+``prompt_only``             prompt  (+ e.g. answer)       GRPO, RLOO, PPO, online DPO (rewards read extras)
+``prompt_completion``       prompt, completion            SFT
+``preference``              prompt, chosen, rejected      DPO, reward modelling (optional ``margin``)
+``preference_implicit``     chosen, rejected              the same; the prompt is the common prefix
+``unpaired_preference``     prompt, completion, label     KTO
+==========================  ============================  ==============================================
+
+Tokenisation conventions, the same in every function:
+- A prompt and its completion are tokenised separately and concatenated, exactly as at generation time
+  (the policy continues the prompt's tokens). A plain prompt gets the tokenizer's special tokens (a BOS if
+  it has one); a plain completion gets none and ends with ``tokenizer.eos_token``.
+- A conversational prompt is rendered with ``apply_chat_template(..., add_generation_prompt=True)``; its
+  completion is what rendering the whole conversation adds after it, cut after the last end-of-turn token
+  (``<|im_end|>`` for ChatML: the token a chat completion stops at; see ``rlcore.models.eos_token_ids``).
+- ``completion_mask`` is 1 on the tokens a loss trains on: completion tokens including the end token that
+  ends them (assistant turns of a ``messages`` conversation; every token of ``text``). Token 0 is never in
+  it: nothing precedes it to predict it.
+- Truncation, one policy for all: ``truncation="drop"`` (default) drops rows longer than ``max_length``;
+  ``truncation="truncate"`` keeps the prompt and cuts the completion from the right (it then lacks its end
+  token), and cuts a bare prompt (``tokenize_prompts``) from the left, keeping its end. Rows whose prompt
+  alone fills ``max_length`` are dropped either way. The number of affected rows is printed once per call.
+
+Bad rows raise ``ValueError`` naming the row index and field: missing columns (with the formats that were
+expected and the first row), missing (None) or empty values, non-string content, unknown chat roles.
+"""
+
+import os
+
+import datasets
+import jinja2
+import torch
+
+from rlcore.models import eos_token_ids
+from rlcore.toy import CHAT_ROLES, toy_dataset
+
+FORMAT_COLUMNS = {
+    "language_modeling": ("text",),  # or ("messages",)
+    "prompt_only": ("prompt",),
+    "prompt_completion": ("prompt", "completion"),
+    "preference": ("prompt", "chosen", "rejected"),
+    "preference_implicit": ("chosen", "rejected"),
+    "unpaired_preference": ("prompt", "completion", "label"),
+}
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+TRUNCATION_POLICIES = ("drop", "truncate")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading and format detection
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_rows(source: str, split: str = "train", n: int | None = None, **load_kwargs) -> datasets.Dataset:
+    """Rows from the toy task, a local file or directory, or the hub.
+
+    Args:
+        source: ``"toy"`` (the toy task as prompt_completion) or ``"toy:<kind>"`` (a ``rlcore.toy.TOY_KINDS``
+            kind); a local ``.json``/``.jsonl``/``.parquet``/``.csv`` file (one split: ``split`` is ignored);
+            a directory written by ``save_to_disk`` or holding data files; else a hub dataset name.
+        split: the split to read ("train", "test", or a slice such as ``"train[:1000]"``).
+        n: keep at most the first ``n`` rows.
+        load_kwargs: passed to ``datasets.load_dataset`` (e.g. ``name="main"`` for a hub config).
+    """
+    if source == "toy" or source.startswith("toy:"):
+        kind = source.partition(":")[2] or "prompt_completion"
+        return toy_dataset(kind, split=split, n=n)
+    extension = os.path.splitext(source)[1].lower()
+    if os.path.isfile(source):
+        if extension not in FILE_BUILDERS:
+            raise ValueError(f"cannot read {source!r}: expected a file ending in {', '.join(FILE_BUILDERS)}")
+        rows = datasets.load_dataset(FILE_BUILDERS[extension], data_files=source, split="train", **load_kwargs)
+    elif os.path.isdir(source) and _is_saved_dataset(source):
+        rows = datasets.load_from_disk(source)
+        if isinstance(rows, datasets.DatasetDict):
+            rows = rows[split]
+    else:  # a directory of data files, or a hub name
+        rows = datasets.load_dataset(source, split=split, **load_kwargs)
+    return rows if n is None else rows.select(range(min(n, len(rows))))
+
+
+def _is_saved_dataset(directory: str) -> bool:
+    """Whether ``directory`` was written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    return any(os.path.isfile(os.path.join(directory, name)) for name in ("state.json", "dataset_dict.json"))
+
+
+def _describe_formats(formats) -> str:
+    return "; ".join(f"{name} ({', '.join(FORMAT_COLUMNS[name])})" for name in formats)
+
+
+def _format_error(dataset: datasets.Dataset, problem: str, expected_formats) -> ValueError:
+    first_row = f"first offending row 0: {dataset[0]!r}" if len(dataset) else "the dataset has no rows"
+    return ValueError(
+        f"{problem}: found columns {dataset.column_names}; expected one of: {_describe_formats(expected_formats)}"
+        f" (language_modeling may use 'messages' instead of 'text'); {first_row}"
+    )
+
+
+def detect_format(dataset: datasets.Dataset) -> str:
+    """The row format of ``dataset`` from its column names (see the module table); ``ValueError`` if none."""
+    columns = set(dataset.column_names)
+    if {"chosen", "rejected"} <= columns:
+        return "preference" if "prompt" in columns else "preference_implicit"
+    if {"prompt", "completion", "label"} <= columns:
+        return "unpaired_preference"
+    if {"prompt", "completion"} <= columns:
+        return "prompt_completion"
+    if "prompt" in columns:
+        return "prompt_only"
+    if "text" in columns or "messages" in columns:
+        return "language_modeling"
+    raise _format_error(dataset, "unknown dataset format", FORMAT_COLUMNS)
+
+
+def is_conversational(dataset: datasets.Dataset) -> bool:
+    """Whether the rows hold message lists (judged on row 0; every row is then checked when tokenised)."""
+    if len(dataset) == 0:
+        return False
+    first_row = dataset[0]
+    return any(isinstance(first_row.get(column), list) for column in ("messages", "prompt", "completion", "chosen", "rejected"))
+
+
+def _require_format(dataset: datasets.Dataset, function_name: str, accepted: tuple[str, ...]) -> str:
+    if len(dataset) == 0:
+        raise ValueError(f"{function_name}: the dataset has no rows")
+    try:
+        found = detect_format(dataset)
+    except ValueError as error:
+        raise _format_error(dataset, f"{function_name}: missing columns", accepted) from error
+    if found not in accepted:
+        raise _format_error(dataset, f"{function_name}: got a {found} dataset", accepted)
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------
+# Row validation
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check_text(value, row: int, field: str) -> str:
+    if value is None:
+        raise ValueError(f"row {row}: field {field!r} is missing (None)")
+    if not isinstance(value, str):
+        raise ValueError(f"row {row}: field {field!r} must be a string, got {type(value).__name__}: {value!r}")
+    if not value:
+        raise ValueError(f"row {row}: field {field!r} is empty")
+    return value
+
+
+def _check_messages(value, row: int, field: str, allowed_roles: tuple[str, ...]) -> list[dict]:
+    if value is None:
+        raise ValueError(f"row {row}: field {field!r} is missing (None)")
+    if not isinstance(value, list):
+        raise ValueError(f"row {row}: field {field!r} must be a list of messages (the dataset is conversational), got {type(value).__name__}: {value!r}")
+    if not value:
+        raise ValueError(f"row {row}: field {field!r} is empty")
+    for index, message in enumerate(value):
+        where = f"row {row}: field {field!r}, message {index}"
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"{where} must be a dict with 'role' and 'content', got {message!r}")
+        if message["role"] not in allowed_roles:
+            raise ValueError(f"{where}: role {message['role']!r} is not one the chat template knows; allowed roles: {', '.join(allowed_roles)}")
+        if not isinstance(message["content"], str):
+            raise ValueError(f"{where}: content must be a string, got {type(message['content']).__name__}: {message['content']!r}")
+    if field != "prompt" and not any(message["content"] for message in value):
+        raise ValueError(f"row {row}: field {field!r} is empty (no message has content)")
+    return value
+
+
+def _check_field(value, row: int, field: str, conversational: bool, allowed_roles: tuple[str, ...]):
+    if conversational:
+        return _check_messages(value, row, field, allowed_roles)
+    return _check_text(value, row, field)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Token lists for prompts and completions
+# ----------------------------------------------------------------------------------------------------
+
+
+def _render(tokenizer, messages: list[dict], row: int, add_generation_prompt: bool = False) -> list[int]:
+    try:
+        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False, add_generation_prompt=add_generation_prompt))
+    except jinja2.TemplateError as error:
+        raise ValueError(f"row {row}: the chat template rejected the messages: {error}") from error
+
+
+def _cut_after_last_stop(ids: list[int], stop_ids: set[int]) -> list[int]:
+    """Drop what the chat template writes after a turn's end token (e.g. ChatML's newline)."""
+    stops = [index for index, token_id in enumerate(ids) if token_id in stop_ids]
+    return ids[: stops[-1] + 1] if stops else ids
+
+
+def _chat_completion(tokenizer, prompt: list[dict], completion: list[dict], row: int, stop_ids: set[int]) -> tuple[list[int], list[int]]:
+    """(prompt_ids, completion_ids) of a conversational row; completion_ids end with the end-of-turn token."""
+    prompt_ids = _render(tokenizer, prompt, row, add_generation_prompt=True)
+    full_ids = _render(tokenizer, prompt + completion, row)
+    if full_ids[: len(prompt_ids)] != prompt_ids:
+        raise ValueError(f"row {row}: the chat template does not render the prompt with a generation prompt as a prefix of the full conversation")
+    return prompt_ids, _cut_after_last_stop(full_ids[len(prompt_ids) :], stop_ids)
+
+
+def _plain_completions(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of plain completions, each followed by the EOS id."""
+    return [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _plain_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=True)["input_ids"]
+
+
+def _chat_turn_mask(tokenizer, messages: list[dict], row: int, stop_ids: set[int]) -> tuple[list[int], list[int]]:
+    """(input_ids, mask) of a conversation; mask is 1 on each assistant reply and its end-of-turn token.
+
+    Reply i spans from the end of ``messages[:i]`` rendered with a generation prompt to the end of
+    ``messages[:i + 1]``, cut after its last end-of-turn token.
+    """
+    input_ids = _render(tokenizer, messages, row)
+    mask = [0] * len(input_ids)
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(_render(tokenizer, messages[:index], row, add_generation_prompt=True))
+        through = _render(tokenizer, messages[: index + 1], row)
+        if input_ids[: len(through)] != through or start > len(through):
+            raise ValueError(f"row {row}: the chat template does not render message {index} as a prefix of the whole conversation")
+        reply = _cut_after_last_stop(through[start:], stop_ids)
+        mask[start : start + len(reply)] = [1] * len(reply)
+    return input_ids, mask
+
+
+def _check_truncation(truncation: str, max_length: int | None) -> None:
+    if truncation not in TRUNCATION_POLICIES:
+        raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
+        raise ValueError(f"max_length must be None or an int >= 2, got {max_length!r}")
+
+
+def _report(function_name: str, affected: int, dropped: int, total: int, max_length: int | None, truncation: str) -> None:
+    if affected:
+        print(f"{function_name}: {affected} of {total} rows longer than max_length={max_length} "
+              f"(truncation={truncation!r}: {affected - dropped} truncated, {dropped} dropped)")
+    if dropped == total:
+        raise ValueError(f"{function_name}: every row is longer than max_length={max_length}")
+
+
+def _too_long(prompt_ids: list[int], completion_ids: list[int], max_length: int | None) -> bool:
+    return max_length is not None and len(prompt_ids) + len(completion_ids) > max_length
+
+
+def _fit_completion(prompt_ids: list[int], completion_ids: list[int], max_length: int | None, truncation: str) -> list[int] | None:
+    """The completion ids that fit after the prompt under the truncation policy, or None to drop the row."""
+    if not _too_long(prompt_ids, completion_ids, max_length):
+        return completion_ids
+    room = max_length - len(prompt_ids)
+    return completion_ids[:room] if truncation == "truncate" and room > 0 else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenisation
+# ----------------------------------------------------------------------------------------------------
+
+
+def tokenize_sft(
+    dataset: datasets.Dataset,
+    tokenizer,
+    max_length: int | None = None,
+    completion_only: bool = True,
+    truncation: str = "drop",
+    allowed_roles: tuple[str, ...] = CHAT_ROLES,
+) -> datasets.Dataset:
+    """Rows ``{"input_ids": list[int], "completion_mask": list[int]}`` for supervised fine-tuning.
+
+    Takes language_modeling (``text``: every token trained; ``messages``: assistant turns trained) and
+    prompt_completion data, plain or conversational. ``completion_only=False`` trains on every token,
+    prompt included (still never token 0). Truncation as in the module docstring.
+    """
+    _check_truncation(truncation, max_length)
+    found = _require_format(dataset, "tokenize_sft", ("language_modeling", "prompt_completion"))
+    conversational = is_conversational(dataset)
+    stop_ids = set(eos_token_ids(tokenizer))
+    if found == "language_modeling" and "messages" in dataset.column_names and conversational:
+        pieces = [_chat_turn_mask(tokenizer, _check_messages(row["messages"], index, "messages", allowed_roles), index, stop_ids)
+                  for index, row in enumerate(dataset)]
+        prompts_and_completions = [([], ids, mask) for ids, mask in pieces]
+    elif found == "language_modeling":
+        texts = [_check_text(row["text"], index, "text") for index, row in enumerate(dataset)]
+        prompts_and_completions = [([], ids, [1] * len(ids)) for ids in _plain_completions(tokenizer, texts)]
+    else:
+        prompts_and_completions = _tokenize_pairs(dataset, tokenizer, "completion", conversational, allowed_roles, stop_ids)
+
+    input_ids, completion_masks, affected, dropped = [], [], 0, 0
+    for prompt_ids, completion_ids, mask in prompts_and_completions:
+        affected += _too_long(prompt_ids, completion_ids, max_length)
+        fitted = _fit_completion(prompt_ids, completion_ids, max_length, truncation)
+        if fitted is None:
+            dropped += 1
+            continue
+        ids = prompt_ids + fitted
+        loss_mask = [1] * len(ids) if not completion_only else [0] * len(prompt_ids) + mask[: len(fitted)]
+        input_ids.append(ids)
+        completion_masks.append([0] + loss_mask[1:])  # token 0 is never predicted
+    _report("tokenize_sft", affected, dropped, len(dataset), max_length, truncation)
+    return datasets.Dataset.from_dict({"input_ids": input_ids, "completion_mask": completion_masks})
+
+
+def _tokenize_pairs(dataset, tokenizer, field: str, conversational: bool, allowed_roles, stop_ids) -> list[tuple[list[int], list[int], list[int]]]:
+    """(prompt_ids, completion_ids, completion mask of ones) for the ``field`` column after each prompt."""
+    prompts = [_check_field(prompt, index, "prompt", conversational, allowed_roles) for index, prompt in enumerate(dataset["prompt"])]
+    completions = [_check_field(value, index, field, conversational, allowed_roles) for index, value in enumerate(dataset[field])]
+    if conversational:
+        pairs = [_chat_completion(tokenizer, prompt, completion, index, stop_ids)
+                 for index, (prompt, completion) in enumerate(zip(prompts, completions))]
+    else:
+        pairs = list(zip(_plain_prompts(tokenizer, prompts), _plain_completions(tokenizer, completions)))
+    return [(prompt_ids, completion_ids, [1] * len(completion_ids)) for prompt_ids, completion_ids in pairs]
+
+
+def _common_prefix_length(first: list, second: list) -> int:
+    length = 0
+    while length < min(len(first), len(second)) and first[length] == second[length]:
+        length += 1
+    return length
+
+
+def _implicit_prompts(dataset, tokenizer, conversational: bool, allowed_roles, stop_ids):
+    """(prompt_ids, chosen_ids, rejected_ids) per row, the prompt being the common prefix of the pair.
+
+    Plain rows: the longest common prefix of the token ids of ``chosen + EOS`` and ``rejected + EOS``
+    (it may end inside the answer, e.g. "37+85=12" for "122" vs "121": the shared tokens cancel in
+    every pairwise loss). Conversational rows: the longest common prefix of the two message lists.
+    """
+    triples = []
+    for index, row in enumerate(dataset):
+        chosen = _check_field(row["chosen"], index, "chosen", conversational, allowed_roles)
+        rejected = _check_field(row["rejected"], index, "rejected", conversational, allowed_roles)
+        if chosen == rejected:
+            raise ValueError(f"row {index}: chosen and rejected are identical: {chosen!r}")
+        if conversational:
+            shared = _common_prefix_length(chosen, rejected)
+            prompt_ids, chosen_ids = _chat_completion(tokenizer, chosen[:shared], chosen[shared:], index, stop_ids)
+            _, rejected_ids = _chat_completion(tokenizer, chosen[:shared], rejected[shared:], index, stop_ids)
+        else:
+            chosen_full, rejected_full = _plain_completions(tokenizer, [chosen, rejected])
+            shared = _common_prefix_length(chosen_full, rejected_full)
+            prompt_ids, chosen_ids, rejected_ids = chosen_full[:shared], chosen_full[shared:], rejected_full[shared:]
+        triples.append((prompt_ids, chosen_ids, rejected_ids))
+    return triples
+
+
+def tokenize_preference(
+    dataset: datasets.Dataset,
+    tokenizer,
+    max_length: int | None = None,
+    truncation: str = "drop",
+    allowed_roles: tuple[str, ...] = CHAT_ROLES,
+) -> datasets.Dataset:
+    """Rows ``{"prompt_ids", "chosen_ids", "rejected_ids"}`` (+ ``"margin"`` when the dataset has one).
+
+    Takes preference (explicit prompt) and preference_implicit data, plain or conversational. Both
+    responses end with their end token. ``max_length`` bounds prompt + response for each response.
+    """
+    _check_truncation(truncation, max_length)
+    found = _require_format(dataset, "tokenize_preference", ("preference", "preference_implicit"))
+    conversational = is_conversational(dataset)
+    stop_ids = set(eos_token_ids(tokenizer))
+    if found == "preference_implicit":
+        triples = _implicit_prompts(dataset, tokenizer, conversational, allowed_roles, stop_ids)
+    else:
+        chosen = _tokenize_pairs(dataset, tokenizer, "chosen", conversational, allowed_roles, stop_ids)
+        rejected = _tokenize_pairs(dataset, tokenizer, "rejected", conversational, allowed_roles, stop_ids)
+        triples = [(prompt_ids, chosen_ids, rejected_ids) for (prompt_ids, chosen_ids, _), (_, rejected_ids, _) in zip(chosen, rejected)]
+
+    columns = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+    kept, affected = [], 0
+    for index, (prompt_ids, chosen_ids, rejected_ids) in enumerate(triples):
+        chosen_fit = _fit_completion(prompt_ids, chosen_ids, max_length, truncation)
+        rejected_fit = _fit_completion(prompt_ids, rejected_ids, max_length, truncation)
+        affected += _too_long(prompt_ids, chosen_ids, max_length) or _too_long(prompt_ids, rejected_ids, max_length)
+        if chosen_fit is None or rejected_fit is None:
+            continue
+        kept.append(index)
+        for name, ids in zip(columns, (prompt_ids, chosen_fit, rejected_fit)):
+            columns[name].append(ids)
+    _report("tokenize_preference", affected, len(triples) - len(kept), len(triples), max_length, truncation)
+    if "margin" in dataset.column_names:
+        margins = list(dataset["margin"])
+        columns["margin"] = [float(margins[index]) for index in kept]
+    return datasets.Dataset.from_dict(columns)
+
+
+def tokenize_unpaired(
+    dataset: datasets.Dataset,
+    tokenizer,
+    max_length: int | None = None,
+    truncation: str = "drop",
+    allowed_roles: tuple[str, ...] = CHAT_ROLES,
+) -> datasets.Dataset:
+    """Rows ``{"prompt_ids", "completion_ids", "label"}`` from unpaired_preference data (label: bool,
+    True for a desirable completion). Completions end with their end token."""
+    _check_truncation(truncation, max_length)
+    _require_format(dataset, "tokenize_unpaired", ("unpaired_preference",))
+    conversational = is_conversational(dataset)
+    pairs = _tokenize_pairs(dataset, tokenizer, "completion", conversational, allowed_roles, set(eos_token_ids(tokenizer)))
+    columns = {"prompt_ids": [], "completion_ids": [], "label": []}
+    affected = 0
+    for index, ((prompt_ids, completion_ids, _), label) in enumerate(zip(pairs, dataset["label"])):
+        if not isinstance(label, bool):
+            raise ValueError(f"row {index}: field 'label' must be a bool, got {type(label).__name__}: {label!r}")
+        affected += _too_long(prompt_ids, completion_ids, max_length)
+        fitted = _fit_completion(prompt_ids, completion_ids, max_length, truncation)
+        if fitted is not None:
+            for name, value in zip(columns, (prompt_ids, fitted, label)):
+                columns[name].append(value)
+    _report("tokenize_unpaired", affected, len(pairs) - len(columns["label"]), len(pairs), max_length, truncation)
+    return datasets.Dataset.from_dict(columns)
+
+
+def tokenize_prompts(
+    dataset: datasets.Dataset,
+    tokenizer,
+    max_length: int | None = None,
+    truncation: str = "drop",
+    allowed_roles: tuple[str, ...] = CHAT_ROLES,
+) -> datasets.Dataset:
+    """The dataset with a ``prompt_ids`` column added; every other column is kept (reward functions
+    receive them, e.g. ``answer``). Takes any format with a ``prompt`` column.
+
+    A conversational prompt gets the generation prompt. ``truncation="truncate"`` keeps the last
+    ``max_length`` prompt tokens.
+    """
+    _check_truncation(truncation, max_length)
+    if "prompt" not in dataset.column_names or len(dataset) == 0:
+        raise _format_error(dataset, "tokenize_prompts: missing column 'prompt'", ("prompt_only",))
+    conversational = is_conversational(dataset)
+    prompts = [_check_field(row["prompt"], index, "prompt", conversational, allowed_roles) for index, row in enumerate(dataset)]
+    if conversational:
+        all_ids = [_render(tokenizer, prompt, index, add_generation_prompt=True) for index, prompt in enumerate(prompts)]
+    else:
+        all_ids = _plain_prompts(tokenizer, prompts)
+    too_long = [index for index, ids in enumerate(all_ids) if max_length is not None and len(ids) > max_length]
+    if truncation == "truncate":
+        kept, prompt_ids = range(len(all_ids)), [ids if max_length is None else ids[-max_length:] for ids in all_ids]
+    else:
+        kept = [index for index in range(len(all_ids)) if max_length is None or len(all_ids[index]) <= max_length]
+        prompt_ids = [all_ids[index] for index in kept]
+    _report("tokenize_prompts", len(too_long), len(all_ids) - len(kept), len(all_ids), max_length, truncation)
+    return dataset.select(kept).add_column("prompt_ids", prompt_ids)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Collation: lists of token lists -> padded tensors
+# ----------------------------------------------------------------------------------------------------
+
+
+def _padded(rows: list[list[int]], pad_value: int, left: bool = False) -> torch.Tensor:
+    """[B, T] long tensor of ``rows`` padded to the longest with ``pad_value`` on the right (or left)."""
+    length = max(len(row) for row in rows)
+    padded = [[pad_value] * (length - len(row)) + list(row) if left else list(row) + [pad_value] * (length - len(row)) for row in rows]
+    return torch.tensor(padded, dtype=torch.long)
+
+
+def _check_batch(name: str, rows) -> None:
+    if len(rows) == 0:
+        raise ValueError(f"{name} is an empty batch")
+    empty = [index for index, row in enumerate(rows) if len(row) == 0]
+    if empty:
+        raise ValueError(f"{name}[{empty[0]}] is empty")
+
+
+def collate_right(seqs: list[list[int]], masks: list[list[int]] | None, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded training batch.
+
+    Args:
+        seqs: B token lists (e.g. ``input_ids`` from ``tokenize_sft``).
+        masks: B loss masks of the same lengths (e.g. ``completion_mask``), or None for all ones.
+        pad_id: the id padding is filled with (it is never attended to nor trained on).
+
+    Returns:
+        ``input_ids`` [B, T], ``attention_mask`` [B, T] (1 on real tokens), ``completion_mask`` [B, T]
+        (the given masks, 0 on padding); all long, T the longest row.
+    """
+    _check_batch("seqs", seqs)
+    masks = [[1] * len(seq) for seq in seqs] if masks is None else masks
+    if len(masks) != len(seqs) or any(len(mask) != len(seq) for seq, mask in zip(seqs, masks)):
+        raise ValueError("masks must hold one mask per sequence, each as long as its sequence")
+    return {
+        "input_ids": _padded(seqs, pad_id),  # [B, T]
+        "attention_mask": _padded([[1] * len(seq) for seq in seqs], 0),  # [B, T]
+        "completion_mask": _padded(masks, 0),  # [B, T]
+    }
+
+
+def collate_left(prompt_ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompts for generation: ``prompt_ids`` [B, T] and ``prompt_mask`` [B, T] (1 on real tokens),
+    so every prompt ends at the last column and generation appends to all rows at once."""
+    _check_batch("prompt_ids", prompt_ids)
+    return {
+        "prompt_ids": _padded(prompt_ids, pad_id, left=True),  # [B, T]
+        "prompt_mask": _padded([[1] * len(ids) for ids in prompt_ids], 0, left=True),  # [B, T]
+    }
+
+
+def collate_preference(
+    prompt_ids: list[list[int]], chosen_ids: list[list[int]], rejected_ids: list[list[int]], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """One right-padded [2B, T] batch: rows 0..B-1 are prompt + chosen, rows B..2B-1 prompt + rejected,
+    so a single forward pass scores both (split the outputs with ``.chunk(2)``).
+
+    Returns ``input_ids``, ``attention_mask`` and ``completion_mask`` (1 on response tokens), all [2B, T].
+    """
+    _check_batch("prompt_ids", prompt_ids)
+    _check_batch("chosen_ids", chosen_ids)
+    _check_batch("rejected_ids", rejected_ids)
+    if not len(prompt_ids) == len(chosen_ids) == len(rejected_ids):
+        raise ValueError(f"batch sizes differ: {len(prompt_ids)} prompts, {len(chosen_ids)} chosen, {len(rejected_ids)} rejected")
+    responses = list(chosen_ids) + list(rejected_ids)
+    prompts = list(prompt_ids) * 2
+    seqs = [list(prompt) + list(response) for prompt, response in zip(prompts, responses)]
+    masks = [[0] * len(prompt) + [1] * len(response) for prompt, response in zip(prompts, responses)]
+    return collate_right(seqs, masks, pad_id)  # each [2B, T]
+
+
+def pack_sequences(rows, max_length: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Pack tokenised rows into bins of ``max_length`` tokens (first-fit decreasing), without padding each row.
+
+    Args:
+        rows: sequence of ``{"input_ids": list[int], "completion_mask": list[int]}`` (e.g. ``tokenize_sft``'s
+            output), each at most ``max_length`` long.
+        max_length: tokens per bin; every bin is padded to it (fixed shapes).
+        pad_id: the id the end of a bin is filled with.
+
+    Returns (all [B, max_length] long tensors, B bins):
+        ``input_ids``; ``position_ids`` restarting at 0 for each sample (and for the padding tail);
+        ``completion_mask`` (0 on padding and on each sample's first token, which nothing in its own sample
+        predicts); ``sample_index`` (the row each token comes from, -1 on padding: use it to sum
+        per-sample log-probs).
+
+    Where samples stay apart: call ``model(input_ids=..., position_ids=..., use_cache=False)`` with **no**
+    ``attention_mask``. Then transformers 5 derives the sample boundaries from ``position_ids``:
+    flash_attention_2 runs varlen attention, and sdpa/eager build a block-diagonal causal mask
+    (``masking_utils.find_packed_sequence_indices``), so no token attends to another sample. With
+    ``use_cache=True`` (the default of most configs, even in train mode) or with an attention mask,
+    sdpa/eager attend across samples: the packed logits are then wrong.
+    """
+    lengths = [len(row["input_ids"]) for row in rows]
+    if not lengths:
+        raise ValueError("pack_sequences got no rows")
+    for index, (row, length) in enumerate(zip(rows, lengths)):
+        if length == 0 or length > max_length:
+            raise ValueError(f"row {index} has {length} tokens; every row must have 1..max_length={max_length}")
+        if len(row["completion_mask"]) != length:
+            raise ValueError(f"row {index}: completion_mask has {len(row['completion_mask'])} entries for {length} tokens")
+    bins: list[list[int]] = []  # row indices per bin
+    room: list[int] = []
+    for index in sorted(range(len(rows)), key=lambda i: -lengths[i]):
+        target = next((b for b, free in enumerate(room) if free >= lengths[index]), None)
+        if target is None:
+            bins.append([])
+            room.append(max_length)
+            target = len(bins) - 1
+        bins[target].append(index)
+        room[target] -= lengths[index]
+
+    columns = {"input_ids": [], "position_ids": [], "completion_mask": [], "sample_index": []}
+    for members, free in zip(bins, room):
+        for name in columns:
+            columns[name].append([])
+        for index in members:
+            columns["input_ids"][-1] += list(rows[index]["input_ids"])
+            columns["position_ids"][-1] += list(range(lengths[index]))
+            columns["completion_mask"][-1] += [0] + list(rows[index]["completion_mask"])[1:]
+            columns["sample_index"][-1] += [index] * lengths[index]
+        for name, fill in (("input_ids", [pad_id] * free), ("position_ids", list(range(free))),
+                           ("completion_mask", [0] * free), ("sample_index", [-1] * free)):
+            columns[name][-1] += fill
+    return {name: torch.tensor(values, dtype=torch.long) for name, values in columns.items()}  # each [B, max_length]
