@@ -66,8 +66,13 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> t
         they hold.
     """
     check_same_shape(x=x, mask=mask)
-    kept = torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    kept = _zero_masked(x, mask)
     return kept.sum() if dim is None else kept.sum(dim)
+
+
+def _zero_masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x`` with masked entries replaced by 0 (a select, so inf/nan there cannot leak into gradients)."""
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def _count(mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -107,10 +112,10 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     Returns:
         0-d tensor.
     """
-    mean = masked_mean(x, mask)
+    centered = _zero_masked(x - masked_mean(x, mask), mask)
     count = _count(mask)
     divisor = count - 1 if unbiased else count
-    return masked_sum((x - mean) ** 2, mask) / divisor.clamp(min=1)
+    return (centered**2).sum() / divisor.clamp(min=1)
 
 
 def masked_whiten(
@@ -139,9 +144,10 @@ def masked_whiten(
     Returns:
         Same shape as ``x``; 0 at masked positions.
     """
+    check_same_shape(x=x, mask=mask)
     mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=unbiased)
-    whitened = (x - mean) * torch.rsqrt(var + eps)
+    centered = _zero_masked(x - mean, mask)
+    whitened = centered * torch.rsqrt(masked_var(x, mask, unbiased=unbiased) + eps)
     if not shift_mean:
         whitened = whitened + mean
-    return torch.where(mask.bool(), whitened, torch.zeros((), dtype=whitened.dtype, device=x.device))
+    return _zero_masked(whitened, mask)

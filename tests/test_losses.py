@@ -1,0 +1,352 @@
+"""Losses: hand-derived values, aggregation against loops, gradients, stats and input checks."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlcore import (
+    AGGREGATION_MODES,
+    DPO_LOSS_TYPES,
+    aggregate,
+    dpo_loss,
+    policy_loss,
+    reward_pairwise_loss,
+    sft_loss,
+    sft_loss_from_logprobs,
+    simpo_loss,
+    value_loss,
+)
+
+
+def softplus(x):
+    """-log sigma(-x) = log(1 + e^x), for hand-derived values."""
+    return math.log1p(math.exp(x))
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def _ragged(batch=5, length=6, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    per_token = torch.randn(batch, length, generator=generator, dtype=torch.float64)
+    mask = torch.rand(batch, length, generator=generator) < 0.7
+    mask[0] = True
+    mask[1, 2:] = False
+    mask[2] = False  # an empty row
+    return per_token, mask
+
+
+# ---------------------------------------------------------------- aggregate
+
+
+def _aggregate_loop(per_token, mask, mode, max_len):
+    row_sums, row_means = [], []
+    for b in range(per_token.shape[0]):
+        valid = [per_token[b, t].item() for t in range(per_token.shape[1]) if mask[b, t]]
+        row_sums.append(sum(valid))
+        if valid:
+            row_means.append(sum(valid) / len(valid))
+    if mode == "token_mean":
+        return per_token[mask].sum().item() / mask.sum().item()
+    if mode == "seq_mean_token_mean":
+        return sum(row_means) / len(row_means)  # rows without tokens are left out
+    if mode == "seq_mean_token_sum":
+        return sum(row_sums) / len(row_sums)
+    return sum(row_sums) / len(row_sums) / max_len
+
+
+@pytest.mark.parametrize("mode", AGGREGATION_MODES)
+def test_aggregate_matches_loop(mode):
+    per_token, mask = _ragged()
+    assert aggregate(per_token, mask, mode).item() == pytest.approx(_aggregate_loop(per_token, mask, mode, 6))
+    if mode == "seq_mean_token_sum_norm":
+        assert aggregate(per_token, mask, mode, max_len=10).item() == pytest.approx(
+            _aggregate_loop(per_token, mask, mode, 10)
+        )
+
+
+@pytest.mark.parametrize("mode", AGGREGATION_MODES)
+def test_aggregate_normalizer_sums_micro_batches_to_the_full_batch(mode):
+    # Gradient accumulation: two micro-batches with the full batch's count as normalizer add up to the
+    # loss of the full batch (the empty row 2 is in the first half; row counts exclude it only for
+    # seq_mean_token_mean, which averages over rows that have tokens).
+    per_token, mask = _ragged(batch=6)
+    full = aggregate(per_token, mask, mode)
+    if mode == "token_mean":
+        normalizer = mask.sum()
+    elif mode == "seq_mean_token_mean":
+        normalizer = mask.any(-1).sum()
+    else:
+        normalizer = torch.tensor(6.0)
+    halves = [aggregate(per_token[s], mask[s], mode, normalizer=normalizer) for s in (slice(0, 3), slice(3, 6))]
+    torch.testing.assert_close(halves[0] + halves[1], full)
+
+
+def test_aggregate_unknown_mode_lists_valid_ones():
+    per_token, mask = _ragged()
+    with pytest.raises(ValueError, match="unknown agg mode 'mean'; valid values: token_mean, seq_mean_token_mean"):
+        aggregate(per_token, mask, "mean")
+
+
+# ---------------------------------------------------------------- policy loss
+
+
+def test_policy_loss_clipping_by_hand():
+    # One token each, clip_low = clip_high = 0.2, dual_clip = 3:
+    #   ratio 1.5, A = +1: -min(1.5, 1.2) = -1.2      clipped high (no gradient)
+    #   ratio 0.5, A = -1: -min(-0.5, -0.8) = 0.8     clipped low (no gradient)
+    #   ratio 1.1, A = +2: -min(2.2, 2.2) = -2.2      inside the clip range
+    #   ratio 5.0, A = -1: -min(-5, -1.2) = 5 -> dual clip min(5, 3 * 1) = 3 (no gradient)
+    ratios = torch.tensor([[1.5], [0.5], [1.1], [5.0]], dtype=torch.float64)
+    old_logp = torch.full((4, 1), -1.0, dtype=torch.float64)
+    logp = (old_logp + ratios.log()).requires_grad_()
+    advantages = torch.tensor([1.0, -1.0, 2.0, -1.0], dtype=torch.float64)
+    mask = torch.ones(4, 1)
+    loss, stats = policy_loss(logp, old_logp, advantages, mask, dual_clip=3.0, agg="token_mean")
+    assert loss.item() == pytest.approx((-1.2 + 0.8 - 2.2 + 3.0) / 4)
+    loss.backward()
+    # Only the unclipped token has a gradient: d/dlogp (-ratio * A) / 4 = -1.1 * 2 / 4.
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0], [0.0], [-0.55], [0.0]], dtype=torch.float64))
+    assert stats["clip_frac_high"].item() == 0.25
+    assert stats["clip_frac_low"].item() == 0.25
+    assert stats["dual_clip_frac"].item() == 0.25
+    assert stats["ratio_max"].item() == pytest.approx(5.0)
+    assert stats["ratio_min"].item() == pytest.approx(0.5)
+    # approx_kl is k3 of KL(old || new) on tokens sampled from old, r = new / old = rho: mean of rho - 1 - log rho.
+    expected_kl = sum(r - 1 - math.log(r) for r in (1.5, 0.5, 1.1, 5.0)) / 4
+    assert stats["approx_kl"].item() == pytest.approx(expected_kl)
+
+
+def test_clip_higher_widens_the_upper_range_only():
+    # DAPO: clip_high = 0.28 lets ratio 1.25 with A > 0 through (it was clipped at 1.2 before).
+    old_logp = torch.zeros(1, 1, dtype=torch.float64)
+    logp = old_logp + math.log(1.25)
+    advantages = torch.ones(1, dtype=torch.float64)
+    mask = torch.ones(1, 1)
+    symmetric, _ = policy_loss(logp, old_logp, advantages, mask, clip_low=0.2)
+    higher, stats = policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.28)
+    assert symmetric.item() == pytest.approx(-1.2) and higher.item() == pytest.approx(-1.25)
+    assert stats["clip_frac"].item() == 0.0
+
+
+@pytest.mark.parametrize("agg", AGGREGATION_MODES)
+@pytest.mark.parametrize("token_level", [False, True])
+def test_policy_loss_at_ratio_one(agg, token_level):
+    # rho = 1: loss = aggregate(-A) and the gradient is that of aggregate(-A * logp), not zero.
+    _, mask = _ragged()
+    generator = torch.Generator().manual_seed(1)
+    logp = torch.randn(*mask.shape, generator=generator, dtype=torch.float64).requires_grad_()
+    shape = mask.shape if token_level else mask.shape[:1]
+    advantages = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    per_token_advantages = advantages if token_level else advantages.unsqueeze(-1).expand(mask.shape)
+    loss, stats = policy_loss(logp, logp.detach(), advantages, mask, agg=agg)
+    torch.testing.assert_close(loss, aggregate(-per_token_advantages, mask, agg))
+    (gradient,) = torch.autograd.grad(loss, logp)
+    (expected,) = torch.autograd.grad(aggregate(-per_token_advantages * logp, mask, agg), logp)
+    torch.testing.assert_close(gradient, expected)
+    assert gradient.abs().sum() > 0
+    assert stats["clip_frac"].item() == 0.0 and stats["approx_kl"].item() == 0.0
+
+
+def test_policy_loss_ignores_garbage_padding():
+    mask = torch.tensor([[1, 1, 0]])
+    logp = torch.tensor([[-1.0, -2.0, float("-inf")]], requires_grad=True)
+    old_logp = torch.tensor([[-1.0, -2.0, 0.0]])
+    loss, stats = policy_loss(logp, old_logp, torch.tensor([1.0]), mask)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all() and logp.grad[0, 2] == 0
+    assert stats["ratio_max"].item() == 1.0
+
+
+def test_policy_loss_errors():
+    logp, mask = torch.zeros(2, 3), torch.ones(2, 3)
+    with pytest.raises(ValueError, match=r"advantages must be \[B\] or \[B, T\] = \(2, 3\), got \(3,\)"):
+        policy_loss(logp, logp, torch.zeros(3), mask)
+    with pytest.raises(ValueError, match="dual_clip must be > 1"):
+        policy_loss(logp, logp, torch.zeros(2), mask, dual_clip=0.5)
+    with pytest.raises(ValueError, match=r"logp has shape \(2, 3\) but old_logp has shape \(2, 2\)"):
+        policy_loss(logp, logp[:, :2], torch.zeros(2), mask)
+
+
+# ---------------------------------------------------------------- value loss
+
+
+def test_value_loss_clip_by_hand():
+    # old V = 1, clip = 0.2, so the clipped value lies in [0.8, 1.2]:
+    #   V = 1.5, R = 2: errors (1.5-2)^2 = 0.25, clipped (1.2-2)^2 = 0.64 -> 0.5 * 0.64 = 0.32 (clipped, no grad)
+    #   V = 0.5, R = 0: errors 0.25, clipped (0.8-0)^2 = 0.64 -> 0.32 (clipped, no grad)
+    #   V = 1.1, R = 2: both (1.1-2)^2 = 0.81 -> 0.405, gradient (V - R) / 3 = -0.3
+    values = torch.tensor([[1.5, 0.5, 1.1]], dtype=torch.float64, requires_grad=True)
+    old_values = torch.ones(1, 3, dtype=torch.float64)
+    returns = torch.tensor([[2.0, 0.0, 2.0]], dtype=torch.float64)
+    loss, stats = value_loss(values, old_values, returns, torch.ones(1, 3), clip=0.2)
+    assert loss.item() == pytest.approx((0.32 + 0.32 + 0.405) / 3)
+    loss.backward()
+    torch.testing.assert_close(values.grad, torch.tensor([[0.0, 0.0, -0.3]], dtype=torch.float64))
+    assert stats["clip_frac"].item() == pytest.approx(2 / 3)
+    unclipped, _ = value_loss(values, old_values, returns, torch.ones(1, 3), clip=None)
+    assert unclipped.item() == pytest.approx(0.5 * (0.25 + 0.25 + 0.81) / 3)
+
+
+def test_value_loss_explained_variance():
+    returns = torch.tensor([[1.0, 2.0, 3.0, 4.0]], dtype=torch.float64)
+    mask = torch.ones(1, 4)
+    # Perfect prediction -> 1; predicting the mean -> Var(R - mean) / Var(R) = 1 -> 0.
+    _, perfect = value_loss(returns.clone(), returns, returns, mask)
+    _, constant = value_loss(torch.full_like(returns, 2.5), returns, returns, mask)
+    assert perfect["explained_variance"].item() == pytest.approx(1.0)
+    assert constant["explained_variance"].item() == pytest.approx(0.0)
+
+
+# ---------------------------------------------------------------- DPO family, SimPO, reward model
+
+
+def test_dpo_sigmoid_is_log2_when_policy_equals_reference():
+    # c = r = 0, so h = 0 and -log sigma(0) = log 2; the implicit rewards are all 0.
+    logps = torch.tensor([-3.0, -10.0, -0.5])
+    loss, stats = dpo_loss(logps, logps - 1, logps.clone(), logps - 1)
+    assert loss.item() == pytest.approx(math.log(2))
+    assert stats["rewards/margins"].item() == 0.0 and stats["rewards/accuracies"].item() == 0.0
+
+
+# One pair, beta = 0.25, eps = label_smoothing = 0.1:
+#   c = chosen - ref_chosen = -3 - (-4) = 1,  r = rejected - ref_rejected = -7 - (-5) = -2,
+#   c - r = 3,  h = beta (c - r) = 0.75,  beta c = 0.25,  beta r = -0.5,  1 / (2 beta) = 2.
+# With softplus(x) = -log sigma(-x) and log(1 + e^x) = x + log(1 + e^-x):
+HAND_DPO = {
+    # -(1 - eps) log s(h) - eps log s(-h) = 0.9 softplus(-0.75) + 0.1 softplus(0.75)
+    "sigmoid": 0.9 * softplus(-0.75) + 0.1 * softplus(0.75),
+    # (0.9 softplus(-0.75) - 0.1 softplus(0.75)) / 0.8
+    "robust": (0.9 * softplus(-0.75) - 0.1 * softplus(0.75)) / 0.8,
+    # (c - r - 1/(2 beta))^2 = (3 - 2)^2
+    "ipo": 1.0,
+    # max(0, 1 - h)
+    "hinge": 0.25,
+    # s(h) (log s(h) - log 0.9) + s(-h) (log s(-h) - log 0.1)
+    "exo_pair": sigmoid(0.75) * (math.log(sigmoid(0.75)) - math.log(0.9))
+    + sigmoid(-0.75) * (math.log(sigmoid(-0.75)) - math.log(0.1)),
+    # -log s(0.25) - 0.5 log s(-0.25) - 0.5 log s(0.5)
+    "nca_pair": softplus(-0.25) + 0.5 * softplus(0.25) + 0.5 * softplus(-0.5),
+    # (c - 2)^2 + (r + 2)^2 = 1 + 0
+    "sppo_hard": 1.0,
+    # 1 - s(0.25) + s(-0.5)
+    "apo_zero": 1 - sigmoid(0.25) + sigmoid(-0.5),
+    # s(0.25) + 1 - s(0.75)
+    "apo_down": sigmoid(0.25) + 1 - sigmoid(0.75),
+}
+
+
+@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
+def test_dpo_loss_types_by_hand(loss_type):
+    pair = [torch.tensor([value], dtype=torch.float64) for value in (-3.0, -7.0, -4.0, -5.0)]
+    loss, stats = dpo_loss(*pair, beta=0.25, loss_type=loss_type, label_smoothing=0.1)
+    assert loss.item() == pytest.approx(HAND_DPO[loss_type], rel=1e-12)
+    assert stats["rewards/chosen"].item() == pytest.approx(0.25)
+    assert stats["rewards/rejected"].item() == pytest.approx(-0.5)
+    assert stats["rewards/margins"].item() == pytest.approx(0.75)
+    assert stats["rewards/accuracies"].item() == 1.0
+    assert stats["logps/chosen"].item() == -3.0
+
+
+def test_dpo_plain_sigmoid_and_gradients_flow_to_policy_only():
+    chosen = torch.tensor([-3.0, -2.0], dtype=torch.float64, requires_grad=True)
+    rejected = torch.tensor([-7.0, -1.0], dtype=torch.float64, requires_grad=True)
+    ref_chosen = torch.tensor([-4.0, -2.0], dtype=torch.float64, requires_grad=True)
+    ref_rejected = torch.tensor([-5.0, -1.0], dtype=torch.float64, requires_grad=True)
+    loss, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.25)
+    # Row 0: h = 0.75 -> softplus(-0.75); row 1: h = 0 -> log 2.
+    assert loss.item() == pytest.approx((softplus(-0.75) + math.log(2)) / 2)
+    loss.backward()
+    # d/dc -log s(beta (c - r)) = -beta s(-h) per row, / 2 for the mean.
+    torch.testing.assert_close(chosen.grad, torch.tensor([-0.125 * sigmoid(-0.75), -0.125 * 0.5], dtype=torch.float64))
+    torch.testing.assert_close(rejected.grad, -chosen.grad)
+    assert ref_chosen.grad is None and ref_rejected.grad is None
+
+
+def test_dpo_errors():
+    logps = torch.zeros(3)
+    with pytest.raises(ValueError, match="unknown loss_type 'kto'; valid values: sigmoid, robust, ipo"):
+        dpo_loss(logps, logps, logps, logps, loss_type="kto")
+    with pytest.raises(ValueError, match="exo_pair needs 0 < label_smoothing < 1"):
+        dpo_loss(logps, logps, logps, logps, loss_type="exo_pair")
+    with pytest.raises(ValueError, match=r"chosen_logps has shape \(3,\) but ref_rejected_logps has shape \(2,\)"):
+        dpo_loss(logps, logps, logps, logps[:2])
+
+
+def test_simpo_by_hand():
+    # Length-averaged logps -1.0 and -1.5, beta = 2, gamma / beta = 0.5: h = 2 * 0.5 - 2 * 0.5 = 0 -> log 2.
+    # Second pair -1.0 vs -3.0: h = 2 * 2 - 1 = 3 -> softplus(-3).
+    loss, stats = simpo_loss(torch.tensor([-1.0, -1.0]), torch.tensor([-1.5, -3.0]))
+    assert loss.item() == pytest.approx((math.log(2) + softplus(-3)) / 2, rel=1e-6)
+    assert stats["rewards/chosen"].item() == pytest.approx(-2.0)
+    smoothed, _ = simpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), label_smoothing=0.1)
+    assert smoothed.item() == pytest.approx(0.9 * softplus(-3) + 0.1 * softplus(3), rel=1e-6)
+
+
+def test_reward_pairwise_loss_by_hand():
+    # r_c = 2, r_r = 1, margin 0.5: -log s(2 - 1 - 0.5) = softplus(-0.5); centering 0.01 * (2 + 1)^2 = 0.09.
+    # Second pair r_c = 0, r_r = 1, margin 0: softplus(1); centering 0.01 * 1.
+    chosen, rejected = torch.tensor([2.0, 0.0], dtype=torch.float64), torch.tensor([1.0, 1.0], dtype=torch.float64)
+    loss, stats = reward_pairwise_loss(chosen, rejected, margin=torch.tensor([0.5, 0.0]), center_coef=0.01)
+    assert loss.item() == pytest.approx((softplus(-0.5) + softplus(1)) / 2 + (0.09 + 0.01) / 2)
+    assert stats["accuracy"].item() == 0.5 and stats["margin_mean"].item() == 0.0
+    plain, _ = reward_pairwise_loss(chosen, rejected)
+    assert plain.item() == pytest.approx((softplus(-1) + softplus(1)) / 2)
+
+
+# ---------------------------------------------------------------- SFT
+
+
+def test_sft_loss_by_hand():
+    # Uniform logits over V = 4 tokens: every valid token costs log 4; -100 labels under the mask are fine.
+    logits = torch.zeros(2, 3, 4, requires_grad=True)
+    labels = torch.tensor([[1, 2, -100], [3, -100, -100]])
+    mask = labels != -100
+    loss, stats = sft_loss(logits, labels, mask)
+    assert loss.item() == pytest.approx(math.log(4))
+    assert stats["num_tokens"].item() == 3 and stats["nll"].item() == pytest.approx(math.log(4))
+    loss.backward()
+    assert logits.grad[0, 2].abs().sum() == 0
+
+
+def test_sft_loss_matches_cross_entropy_and_normalizer():
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 5, 7, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 7, (3, 5), generator=generator)
+    mask = torch.rand(3, 5, generator=generator) < 0.6
+    mask[0, 0] = True
+    loss, stats = sft_loss(logits, labels, mask)
+    expected = F.cross_entropy(logits[mask], labels[mask])
+    torch.testing.assert_close(loss, expected)
+    accuracy = (logits.argmax(-1) == labels)[mask].double().mean()
+    torch.testing.assert_close(stats["token_accuracy"], accuracy.float())
+    # A normalizer covering two micro-batches: the halves add up to the whole batch's mean NLL.
+    logp = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    halves = [sft_loss_from_logprobs(logp[s], mask[s], normalizer=mask.sum())[0] for s in (slice(0, 1), slice(1, 3))]
+    torch.testing.assert_close(halves[0] + halves[1], expected)
+
+
+# ---------------------------------------------------------------- purity
+
+
+def test_losses_do_not_modify_inputs():
+    per_token, mask = _ragged()
+    generator = torch.Generator().manual_seed(4)
+    logp, old_logp, values = (torch.randn(*mask.shape, generator=generator) for _ in range(3))
+    scores = [torch.randn(mask.shape[0], generator=generator) for _ in range(4)]
+    logits = torch.randn(*mask.shape, 7, generator=generator)
+    labels = torch.randint(0, 7, mask.shape, generator=generator)
+    tensors = [per_token, mask, logp, old_logp, values, *scores, logits, labels]
+    copies = [x.clone() for x in tensors]
+    aggregate(per_token, mask, "seq_mean_token_mean")
+    policy_loss(logp, old_logp, scores[0], mask, dual_clip=3.0)
+    value_loss(values, old_logp, logp, mask)
+    for loss_type in DPO_LOSS_TYPES:
+        dpo_loss(*scores, loss_type=loss_type, label_smoothing=0.1)
+    simpo_loss(scores[0], scores[1])
+    reward_pairwise_loss(scores[0], scores[1], margin=scores[2], center_coef=0.1)
+    sft_loss(logits, labels, mask)
+    assert all(torch.equal(x, y) for x, y in zip(tensors, copies))
