@@ -1,0 +1,548 @@
+"""LoRA and QLoRA in plain torch: low-rank adapters on a frozen (optionally 4-bit) base model.
+
+LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685) freezes a linear layer's weight W [out, in] and
+learns a low-rank update beside it:
+
+    h = W x + (alpha / r) * B A x        A: [r, in] (kaiming-uniform), B: [out, r] (zeros)
+
+so that training starts exactly at the base model (B = 0) and only r * (in + out) numbers per layer are
+trained. rsLoRA (Kalajdzievski 2023, https://arxiv.org/abs/2312.03732) scales by alpha / sqrt(r) instead,
+which keeps the update's size stable as r grows. QLoRA (Dettmers et al. 2023,
+https://arxiv.org/abs/2305.14314) stores W in 4-bit NormalFloat (nf4, one absmax per block of 64 weights,
+through bitsandbytes) and keeps A and B in float32.
+
+Two consequences shape the post-training recipes:
+- the reference model of DPO/PPO/GRPO is free: it is the same model with the adapters switched off
+  (``disable_adapters`` / ``reference_context``), so no second copy of the weights is held;
+- a trained policy is saved either as an adapter (``save_adapter``, the files ``peft.PeftModel`` reads)
+  or as a standalone transformers model with the update merged in (``export_merged``).
+
+Typical use, right after loading::
+
+    model = prepare_model(model, lora_r=16, lora_alpha=32, load_in_4bit=True)
+    optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
+    with reference_context(model, ref_model=None) as reference:
+        ref_logits = reference(input_ids).logits
+
+Linear layers are matched by name as PEFT matches them: a list of suffixes (``"q_proj"`` matches
+``model.layers.0.self_attn.q_proj``) or one regular expression that must match the whole name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+
+import bitsandbytes as bnb
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "LoRALinear",
+    "apply_lora",
+    "disable_adapters",
+    "export_merged",
+    "has_lora",
+    "load_adapter",
+    "lora_parameters",
+    "lora_state_dict",
+    "merge_lora",
+    "prepare_model",
+    "quantize_4bit",
+    "reference_context",
+    "save_adapter",
+    "unmerge_lora",
+]
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The attention and MLP projections of Llama/Qwen/Mistral-style models."""
+
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+PEFT_KEY_PREFIX = "base_model.model."
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update: ``base(x) + scaling * B (A dropout(x))``.
+
+    ``base`` is an ``nn.Linear`` or a ``bitsandbytes.nn.Linear4bit``; ``lora_A`` [r, in] and ``lora_B``
+    [out, r] are float32 whatever the base dtype (the input is cast to float32 for the update and the
+    update back to the base output's dtype, as PEFT does). ``scaling`` is alpha / r, or alpha / sqrt(r)
+    with rsLoRA. Initialisation as PEFT's: A kaiming-uniform (a = sqrt(5), as ``nn.Linear``), B zeros.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__()
+        self.base = base
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False  # the update is currently added into base.weight
+        self.adapters_enabled = True  # False inside disable_adapters(): forward = base(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)  # [..., out]
+        if self.merged or not self.adapters_enabled:
+            return out
+        hidden = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)  # [..., r]
+        update = F.linear(hidden, self.lora_B) * self.scaling  # [..., out]
+        return out + update.to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update as a dense matrix, ``scaling * B @ A``: [out, in], float32."""
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+    def merge(self) -> None:
+        """Add the update into ``base.weight`` (forward is then one matmul); a no-op if already merged."""
+        if not self.merged:
+            with torch.no_grad():
+                self._float_base_weight().add_(self.delta_weight().to(self.base.weight.dtype))
+            self.merged = True
+
+    def unmerge(self) -> None:
+        """Subtract the update from ``base.weight`` again (exact up to rounding in the base dtype)."""
+        if self.merged:
+            with torch.no_grad():
+                self._float_base_weight().sub_(self.delta_weight().to(self.base.weight.dtype))
+            self.merged = False
+
+    def _float_base_weight(self) -> torch.Tensor:
+        if isinstance(self.base, bnb.nn.Linear4bit):
+            raise ValueError(
+                "cannot merge LoRA into a 4-bit base weight without re-quantising it (lossy); "
+                "use export_merged() to write a float model with the update merged"
+            )
+        return self.base.weight
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
+
+
+def _matches(name: str, targets: str | Sequence[str]) -> bool:
+    """PEFT's rule: a regex must match the whole name; a suffix must match whole dotted components."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == target or name.endswith("." + target) for target in targets)
+
+
+def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, LoRALinear)]
+
+
+def _require_lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    layers = _lora_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LoRA adapters: call apply_lora() or prepare_model() first")
+    return layers
+
+
+def has_lora(model: nn.Module) -> bool:
+    """Whether ``apply_lora`` has wrapped any layer of ``model``."""
+    return bool(_lora_layers(model))
+
+
+def _check_untied(model: nn.Module, chosen: list[tuple[str, nn.Linear]], purpose: str) -> None:
+    """Refuse layers whose weight is shared with another module (e.g. lm_head tied to the embeddings)."""
+    names_by_parameter = defaultdict(list)
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names_by_parameter[id(parameter)].append(name)
+    for name, linear in chosen:
+        shared = names_by_parameter[id(linear.weight)]
+        if len(shared) > 1:
+            raise ValueError(
+                f"cannot {purpose} {name!r}: its weight is tied to {[n for n in shared if n != name + '.weight']} "
+                "(tie_word_embeddings); leave it out or untie the weights first"
+            )
+
+
+def _replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child_name, new_module)
+
+
+def apply_lora(
+    model: nn.Module,
+    r: int = 16,
+    alpha: float = 32,
+    dropout: float = 0.0,
+    targets: str | Sequence[str] | None = None,
+    use_rslora: bool = False,
+) -> nn.Module:
+    """Wrap the target linear layers of ``model`` in ``LoRALinear`` and freeze everything else, in place.
+
+    Each chosen W (an ``nn.Linear`` or a 4-bit ``bitsandbytes.nn.Linear4bit``) becomes
+    ``h = W x + (alpha / r) B A x`` (Hu et al. 2021, https://arxiv.org/abs/2106.09685), with scaling
+    alpha / sqrt(r) when ``use_rslora`` (Kalajdzievski 2023, https://arxiv.org/abs/2312.03732). B starts at
+    zero, so the model's outputs are unchanged until the first optimizer step.
+
+    Args:
+        model: a causal LM (or any module); modified in place and returned.
+        r: rank of the update (> 0).
+        alpha: numerator of the scaling.
+        dropout: dropout probability on the adapter's input (the base path has none), in [0, 1).
+        targets: module-name suffixes (``["q_proj", "v_proj"]``) or one regex matched against the whole
+            module name (``r".*\\.layers\\.[0-3]\\..*proj"``); default ``DEFAULT_TARGETS``.
+        use_rslora: scale by alpha / sqrt(r) instead of alpha / r.
+
+    Returns:
+        ``model``, whose only trainable parameters are now the adapters (``lora_parameters(model)``).
+    """
+    if not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r must be a positive integer, got {r!r}")
+    if alpha <= 0:
+        raise ValueError(f"alpha must be positive, got {alpha!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if has_lora(model):
+        raise ValueError("model already has LoRA adapters; apply_lora() can be called once per model")
+    targets = DEFAULT_TARGETS if targets is None else targets
+    if not isinstance(targets, str) and (not targets or not all(isinstance(t, str) for t in targets)):
+        raise ValueError(f"targets must be a regex string or a non-empty list of name suffixes, got {targets!r}")
+
+    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    chosen = [(name, linear) for name, linear in linears if _matches(name, targets)]
+    if not chosen:
+        available = [name for name, _ in linears]
+        raise ValueError(
+            f"LoRA targets {targets!r} matched no nn.Linear in {type(model).__name__}; "
+            f"{len(available)} Linear layers exist, e.g. {available[:8]}"
+        )
+    _check_untied(model, chosen, "add LoRA to")
+
+    model.requires_grad_(False)
+    for name, linear in chosen:
+        _replace_module(model, name, LoRALinear(linear, r, alpha, dropout=dropout, use_rslora=use_rslora))
+    return model
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The adapter parameters (every ``lora_A`` and ``lora_B``), in module order: what the optimizer trains."""
+    return [p for _, layer in _require_lora_layers(model) for p in (layer.lora_A, layer.lora_B)]
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors (detached) under PEFT's names: ``base_model.model.<module>.lora_A.weight``, ...
+
+    These are the keys of PEFT's ``adapter_model.safetensors`` for a causal LM (adapter name removed).
+    """
+    state = {}
+    for name, layer in _require_lora_layers(model):
+        state[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach()
+        state[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach()
+    return state
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, ``model`` computes the base model's outputs (adapters bypassed, not removed).
+
+    This is the reference model of DPO/PPO/GRPO at no memory cost. Gradients are not turned off here
+    (``reference_context`` does that). Refuses merged adapters, whose update is inside the base weights.
+    """
+    layers = [layer for _, layer in _require_lora_layers(model)]
+    if any(layer.merged for layer in layers):
+        raise ValueError("adapters are merged into the base weights; call unmerge_lora(model) before disabling them")
+    previous = [layer.adapters_enabled for layer in layers]
+    for layer in layers:
+        layer.adapters_enabled = False
+    try:
+        yield model
+    finally:
+        for layer, enabled in zip(layers, previous):
+            layer.adapters_enabled = enabled
+
+
+@contextlib.contextmanager
+def reference_context(model: nn.Module, ref_model: nn.Module | None = None) -> Iterator[nn.Module]:
+    """Yield the module that computes the reference forward, under ``torch.no_grad()``.
+
+    ``ref_model`` if one is given (full fine-tuning keeps a frozen copy); otherwise ``model`` itself with
+    its LoRA adapters switched off.
+    """
+    if ref_model is None and not has_lora(model):
+        raise ValueError("no ref_model given and the model has no LoRA adapters to switch off: pass a reference model")
+    with torch.no_grad():
+        if ref_model is not None:
+            yield ref_model
+        else:
+            with disable_adapters(model):
+                yield model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Add every update into its base weight, W <- W + scaling * B A, in place (float bases only)."""
+    for _, layer in _require_lora_layers(model):
+        layer.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undo ``merge_lora``: W <- W - scaling * B A, in place."""
+    for _, layer in _require_lora_layers(model):
+        layer.unmerge()
+    return model
+
+
+def _atomic_write(path: str, write) -> None:
+    """Call ``write(tmp_path)``, then move the file into place in one step."""
+    tmp_path = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def _peft_target_modules(model: nn.Module, layers: list[tuple[str, LoRALinear]]) -> list[str]:
+    """Suffixes (``["k_proj", "q_proj"]``) when they pick exactly the wrapped layers, else their full names."""
+    wrapped = sorted(name for name, _ in layers)
+    suffixes = sorted({name.rpartition(".")[2] for name in wrapped})
+    selected = sorted(
+        name for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, LoRALinear)) and not name.endswith(".base") and _matches(name, suffixes)
+    )
+    return suffixes if selected == wrapped else wrapped
+
+
+def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str | None = None) -> None:
+    """Write the adapters as PEFT writes them: ``adapter_model.safetensors`` + ``adapter_config.json``.
+
+    ``peft.PeftModel.from_pretrained(base_model, directory)`` and ``load_adapter`` read it back. Each file
+    is written to a temporary name and renamed, so a crash never leaves a half-written file.
+    ``base_model_name_or_path`` defaults to ``model.name_or_path`` when transformers set it.
+    """
+    layers = _require_lora_layers(model)
+    first = layers[0][1]
+    hyperparameters = {(layer.r, layer.alpha, layer.use_rslora, _dropout_p(layer)) for _, layer in layers}
+    if len(hyperparameters) > 1:
+        raise ValueError(f"layers have different (r, alpha, use_rslora, dropout): {sorted(hyperparameters)}")
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path or getattr(model, "name_or_path", None) or None,
+        "r": first.r,
+        "lora_alpha": first.alpha,
+        "lora_dropout": _dropout_p(first),
+        "target_modules": _peft_target_modules(model, layers),
+        "use_rslora": first.use_rslora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "use_dora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    tensors = {key: value.cpu().contiguous() for key, value in lora_state_dict(model).items()}
+    os.makedirs(directory, exist_ok=True)
+    _atomic_write(os.path.join(directory, ADAPTER_WEIGHTS_NAME), lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+    _atomic_write(os.path.join(directory, ADAPTER_CONFIG_NAME), lambda path: _write_json(config, path))
+
+
+def _dropout_p(layer: LoRALinear) -> float:
+    return layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0
+
+
+def _write_json(value: dict, path: str) -> None:
+    with open(path, "w") as file:
+        json.dump(value, file, indent=2, sort_keys=True)
+
+
+def _read_adapter_config(directory: str) -> dict:
+    path = os.path.join(directory, ADAPTER_CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {ADAPTER_CONFIG_NAME} in {directory!r}: not an adapter directory")
+    with open(path) as file:
+        config = json.load(file)
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}, only 'LORA' is supported")
+    unsupported = {
+        "use_dora": config.get("use_dora", False),
+        "bias": config.get("bias", "none") != "none" and config.get("bias"),
+        "rank_pattern": config.get("rank_pattern") or {},
+        "alpha_pattern": config.get("alpha_pattern") or {},
+        "modules_to_save": config.get("modules_to_save"),
+        "layers_to_transform": config.get("layers_to_transform"),
+        "exclude_modules": config.get("exclude_modules"),
+        "fan_in_fan_out": config.get("fan_in_fan_out", False),
+    }
+    used = {key: value for key, value in unsupported.items() if value}
+    if used:
+        raise ValueError(f"{path} uses LoRA options rlcore does not implement: {used}")
+    return config
+
+
+def load_adapter(model: nn.Module, directory: str) -> nn.Module:
+    """Load an adapter saved by ``save_adapter`` or by PEFT's ``save_pretrained`` into ``model``, in place.
+
+    A model without adapters gets them first (``apply_lora`` with the file's r, lora_alpha, lora_dropout,
+    target_modules and use_rslora); a model with adapters must match the file's keys and shapes.
+    """
+    config = _read_adapter_config(directory)
+    if not has_lora(model):
+        apply_lora(
+            model,
+            r=config["r"],
+            alpha=config["lora_alpha"],
+            dropout=config.get("lora_dropout", 0.0),
+            targets=config["target_modules"],
+            use_rslora=config.get("use_rslora", False),
+        )
+    own = lora_state_dict(model)
+    loaded = load_file(os.path.join(directory, ADAPTER_WEIGHTS_NAME))
+    missing, unexpected = sorted(own.keys() - loaded.keys()), sorted(loaded.keys() - own.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"adapter in {directory!r} does not fit the model: {len(missing)} missing keys {missing[:4]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:4]}"
+        )
+    for key, tensor in own.items():
+        if tensor.shape != loaded[key].shape:
+            raise ValueError(f"{key}: the model has shape {tuple(tensor.shape)}, the file {tuple(loaded[key].shape)}")
+    with torch.no_grad():
+        for key, tensor in own.items():
+            tensor.copy_(loaded[key])
+    return model
+
+
+def _dense_weight(linear: nn.Linear) -> torch.Tensor:
+    """The weight as a float tensor: dequantised for a 4-bit layer, else the weight itself (detached)."""
+    if isinstance(linear, bnb.nn.Linear4bit):
+        return bnb.functional.dequantize_4bit(linear.weight.data, linear.weight.quant_state)
+    return linear.weight.detach()
+
+
+def _merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every LoRA layer merged and every 4-bit layer dequantised, under base names."""
+    # state_dict() first: it also turns any CPU-packed 4-bit weight back into bitsandbytes' standard layout.
+    state = model.state_dict()
+    dense_layers = [
+        (name, module) for name, module in model.named_modules()
+        if isinstance(module, (LoRALinear, bnb.nn.Linear4bit)) and not name.endswith(".base")
+    ]
+    for name, module in dense_layers:
+        for key in [key for key in state if key.startswith(name + ".")]:
+            del state[key]
+        base = module.base if isinstance(module, LoRALinear) else module
+        weight = _dense_weight(base)  # [out, in]
+        if isinstance(module, LoRALinear) and not module.merged:
+            weight = weight + module.delta_weight().to(weight.dtype)
+        state[name + ".weight"] = weight
+        if base.bias is not None:
+            state[name + ".bias"] = base.bias.detach()
+    return state
+
+
+def export_merged(model: nn.Module, tokenizer, directory: str) -> None:
+    """Save a standalone transformers model directory: adapters merged, 4-bit layers dequantised.
+
+    ``AutoModelForCausalLM.from_pretrained(directory)`` loads it with no PEFT or rlcore code: the keys are the
+    base model's own (``...q_proj.weight``), written as safetensors by ``model.save_pretrained``. ``model``
+    is not modified. ``tokenizer`` (may be None) is saved beside it.
+    """
+    if getattr(model, "hf_quantizer", None) is not None:
+        raise ValueError(
+            "model was quantised by transformers at load time; load the float model and use quantize_4bit() / "
+            "prepare_model(load_in_4bit=True) instead, so that export_merged() can write a float model"
+        )
+    model.save_pretrained(directory, state_dict=_merged_state_dict(model))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def quantize_4bit(
+    model: nn.Module,
+    double_quant: bool = False,
+    compute_dtype: torch.dtype | None = None,
+    skip: str | Sequence[str] = ("lm_head",),
+) -> nn.Module:
+    """Replace the model's ``nn.Linear`` layers by frozen 4-bit nf4 ``bitsandbytes.nn.Linear4bit``, in place.
+
+    nf4 (Dettmers et al. 2023, https://arxiv.org/abs/2305.14314) stores each weight as one of 16 levels
+    placed at quantiles of a normal distribution, times the absmax of its block of 64 weights, so a weight
+    is off by at most half the widest gap between levels (0.152 of its block's absmax) and about 0.1 x
+    absmax / 2 on average. ``double_quant`` also quantises the absmax values (8-bit, blocks of 256):
+    about 0.37 bit per weight saved. Quantisation runs on the weights' current device (CPU or CUDA);
+    bitsandbytes computes on CPU too.
+
+    Args:
+        model: modified in place and returned; other parameters (embeddings, norms) are left as they are.
+        double_quant: quantise the quantisation constants too.
+        compute_dtype: dtype of the matmul; default bfloat16 for weights on CUDA, float32 on CPU.
+        skip: name suffixes (or one regex) of layers kept in full precision; default the LM head.
+    """
+    linears = [
+        (name, module) for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and not isinstance(module, bnb.nn.Linear4bit) and not _matches(name, skip)
+    ]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear to quantise outside skip={skip!r}")
+    _check_untied(model, linears, "quantise")
+    for name, linear in linears:
+        device = linear.weight.device
+        dtype = compute_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        quantized = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=dtype,
+            compress_statistics=double_quant, quant_type="nf4", device="meta",
+        )
+        # Params4bit quantises when moved to a device: the float weight is released afterwards.
+        quantized.weight = bnb.nn.Params4bit(
+            linear.weight.data, requires_grad=False, compress_statistics=double_quant, quant_type="nf4", module=quantized
+        ).to(device)
+        if linear.bias is not None:
+            quantized.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+        _replace_module(model, name, quantized)
+    return model
+
+
+def _parse_targets(lora_targets: str | Sequence[str] | None) -> str | Sequence[str] | None:
+    """A command-line string: ``"q_proj,v_proj"`` is a list of suffixes, anything else a regex."""
+    if isinstance(lora_targets, str) and re.fullmatch(r"\s*[\w.]+(\s*,\s*[\w.]+)*\s*", lora_targets):
+        return [target.strip() for target in lora_targets.split(",")]
+    return lora_targets
+
+
+def prepare_model(
+    model: nn.Module,
+    lora_r: int = 0,
+    lora_alpha: float | None = None,
+    lora_dropout: float = 0.0,
+    lora_targets: str | Sequence[str] | None = None,
+    load_in_4bit: bool = False,
+    double_quant: bool = False,
+    use_rslora: bool = False,
+) -> nn.Module:
+    """Turn a freshly loaded model into what a recipe trains: full, LoRA, or QLoRA, from the CLI flags.
+
+    - ``lora_r=0``: full fine-tuning, the model is returned unchanged;
+    - ``lora_r>0``: ``apply_lora`` with ``lora_alpha`` (default 2 * lora_r), ``lora_dropout``,
+      ``lora_targets`` (``"q_proj,v_proj"`` = suffixes, any other string = a regex; default
+      ``DEFAULT_TARGETS``) and ``use_rslora``;
+    - ``load_in_4bit``: first ``quantize_4bit`` (nf4, ``double_quant``) the frozen base; needs ``lora_r>0``.
+    """
+    if not isinstance(lora_r, int) or lora_r < 0:
+        raise ValueError(f"lora_r must be an integer >= 0 (0 = full fine-tuning), got {lora_r!r}")
+    if load_in_4bit and lora_r == 0:
+        raise ValueError("load_in_4bit=True needs LoRA adapters (lora_r > 0): a 4-bit base cannot be trained directly")
+    if double_quant and not load_in_4bit:
+        raise ValueError("double_quant=True only applies with load_in_4bit=True")
+    if lora_r == 0:
+        return model
+    if load_in_4bit:
+        quantize_4bit(model, double_quant=double_quant)
+    alpha = 2 * lora_r if lora_alpha is None else lora_alpha
+    return apply_lora(model, r=lora_r, alpha=alpha, dropout=lora_dropout, targets=_parse_targets(lora_targets), use_rslora=use_rslora)
