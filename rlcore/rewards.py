@@ -1,0 +1,253 @@
+"""Rewards for the online recipes: weighted reward functions and a reward-model directory, one interface.
+
+A **reward function** is a plain callable with TRL's signature::
+
+    fn(prompts, completions, completion_ids, **columns) -> list[float | None]
+
+- ``prompts``: the prompts, one per completion (a prompt sampled G times appears G times in a row), as in
+  the dataset: strings, or lists of ``{"role", "content"}`` messages for a conversational dataset;
+- ``completions``: the decoded completions (special tokens skipped): strings, or for a conversational
+  dataset ``[{"role": "assistant", "content": text}]``;
+- ``completion_ids``: the completion token ids (python lists, up to and including the stop token);
+- ``columns``: every other dataset column, repeated like the prompts (e.g. ``answer`` of the toy task);
+  accept ``**kwargs`` so that new columns do not break the function.
+
+It returns one float per completion, or ``None`` where it does not apply (a multi-task dataset scores
+each row with the functions that know its task). The toy task's ``accuracy`` and ``format`` rewards
+(``rlcore.toy``) have this signature.
+
+A **reward model** is a directory written by ``recipes/reward_model.py`` (or any one-output
+``*ForSequenceClassification``): :class:`RewardModelScorer` scores the prompt and completion tokens, up
+to and including the stop token, at the last token (``rlcore.models.sequence_scores``). It reads the
+policy's token ids directly, so its tokenizer must have the policy's vocabulary (train the reward model
+from the policy's base model, as recipes/reward_model.py does by default); a reward model over another
+vocabulary can be wrapped in a reward function that re-tokenises text.
+
+:class:`RewardScorer` combines the sources with weights:
+
+    reward_i = sum_k w_k * r_ik      over the sources k whose r_ik is not None
+
+A row that every source leaves at None has no reward and raises ``ValueError`` (TRL would silently give
+it 0). Per-source rewards are kept in a ``[B, K]`` tensor with NaN for None, for per-source logging.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+from typing import Callable, Sequence
+
+import torch
+
+from rlcore.models import load_reward_model, sequence_scores
+from rlcore.toy import accuracy_reward, format_reward
+
+RewardFunction = Callable[..., list]
+BUILTIN_REWARDS: dict[str, RewardFunction] = {"accuracy": accuracy_reward, "format": format_reward}
+REWARD_MODEL_NAME = "reward_model"
+
+
+def load_reward_function(spec: str) -> tuple[str, RewardFunction]:
+    """A reward function from its command-line name: ``(name, function)``.
+
+    ``spec`` is one of:
+
+    - a built-in name: ``accuracy`` or ``format`` (the toy task's rewards);
+    - ``package.module:function``: imported (the module must be importable, e.g. installed or on
+      ``PYTHONPATH``);
+    - ``path/to/file.py:function``: loaded from that file.
+
+    The name is the function's name (``accuracy`` for the built-ins), used in logged metric keys.
+    """
+    spec = spec.strip()
+    if spec in BUILTIN_REWARDS:
+        return spec, BUILTIN_REWARDS[spec]
+    location, colon, attribute = spec.rpartition(":")
+    if not colon or not location or not attribute:
+        raise ValueError(
+            f"unknown reward function {spec!r}: expected one of {', '.join(BUILTIN_REWARDS)}, "
+            "'package.module:function' or 'path/to/file.py:function'"
+        )
+    if location.endswith(".py"):
+        if not os.path.isfile(location):
+            raise ValueError(f"reward function {spec!r}: file {location!r} does not exist")
+        module_spec = importlib.util.spec_from_file_location(f"rlcore_reward_{attribute}", location)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(location)
+    function = getattr(module, attribute, None)
+    if not callable(function):
+        raise ValueError(f"reward function {spec!r}: {location!r} has no callable {attribute!r}")
+    return attribute, function
+
+
+class RewardModelScorer:
+    """Scores of prompt + completion token sequences under a reward-model directory (no gradient).
+
+    Args:
+        path: a reward-model directory (``recipes/reward_model.py``'s output) or hub id.
+        policy_tokenizer: the policy's tokenizer; the reward model's must have the same vocabulary.
+        device: where the reward model runs.
+        batch_size: sequences per forward pass.
+    """
+
+    def __init__(self, path: str, policy_tokenizer, device: torch.device | str = "cpu", batch_size: int = 64):
+        self.model, tokenizer = load_reward_model(path, device=device)
+        self.model.eval().requires_grad_(False)
+        if tokenizer.get_vocab() != policy_tokenizer.get_vocab():
+            raise ValueError(
+                f"the reward model {path!r} has another vocabulary than the policy: it scores the policy's "
+                "token ids directly, so train it from the policy's base model, or wrap it in a reward "
+                "function that re-tokenises the completion text"
+            )
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, L] ids and mask (1 on real tokens; left-padded prompt, right-padded completion) -> [B] float32.
+
+        The real tokens of each row are moved to the front first, so the positions the reward model sees
+        start at 0 as in training, whatever the padding.
+        """
+        if sequences.shape != attention_mask.shape or sequences.dim() != 2:
+            raise ValueError(f"sequences {tuple(sequences.shape)} and attention_mask {tuple(attention_mask.shape)} must both be [B, L]")
+        device = next(self.model.parameters()).device
+        order = torch.sort(attention_mask.long(), dim=1, descending=True, stable=True).indices  # [B, L]
+        ids = sequences.gather(1, order).to(device)  # [B, L]: real tokens first, in order
+        mask = attention_mask.gather(1, order).to(device)  # [B, L]
+        scores = [
+            sequence_scores(self.model, ids[start : start + self.batch_size], mask[start : start + self.batch_size])
+            for start in range(0, ids.shape[0], self.batch_size)
+        ]
+        return torch.cat(scores).float()  # [B]
+
+
+class RewardScorer:
+    """Weighted sum of reward functions and an optional reward model (see the module docstring).
+
+    Args:
+        functions: ``(name, function)`` pairs, e.g. from :func:`load_reward_function`.
+        reward_model: a :class:`RewardModelScorer`, or None.
+        weights: one weight per source, functions first then the reward model (None: all 1).
+
+    Attributes:
+        names: the source names, in column order of the per-source tensor.
+        weights: [K] float32 tensor.
+    """
+
+    def __init__(
+        self,
+        functions: Sequence[tuple[str, RewardFunction]],
+        reward_model: RewardModelScorer | None = None,
+        weights: Sequence[float] | None = None,
+    ):
+        self.functions = list(functions)
+        self.reward_model = reward_model
+        self.names = [name for name, _ in self.functions] + ([REWARD_MODEL_NAME] if reward_model is not None else [])
+        if not self.names:
+            raise ValueError("no reward source: give at least one reward function or a reward model")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"reward sources must have distinct names, got {self.names}")
+        weights = [1.0] * len(self.names) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(self.names):
+            raise ValueError(f"{len(weights)} reward weights for {len(self.names)} reward sources {self.names}")
+        self.weights = torch.tensor(weights, dtype=torch.float32)  # [K]
+
+    def __call__(
+        self,
+        prompts: list,
+        completions: list,
+        completion_ids: list[list[int]],
+        columns: dict[str, list],
+        sequences: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score B completions.
+
+        Args:
+            prompts, completions, completion_ids, columns: what reward functions receive (module docstring).
+            sequences, attention_mask: [B, L] prompt + completion ids and mask, for the reward model.
+
+        Returns:
+            (rewards [B], per_source [B, K]): float32 on the CPU; per_source holds NaN where a function
+            returned None.
+        """
+        count = len(completions)
+        if len(prompts) != count or len(completion_ids) != count:
+            raise ValueError(f"{len(prompts)} prompts, {count} completions and {len(completion_ids)} completion_ids: expected one each per completion")
+        for name, values in columns.items():
+            if len(values) != count:
+                raise ValueError(f"column {name!r} has {len(values)} values for {count} completions")
+        per_source = [
+            _checked_rewards(name, function(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns), count)
+            for name, function in self.functions
+        ]
+        if self.reward_model is not None:
+            if sequences is None or attention_mask is None:
+                raise ValueError("a reward model needs the token sequences and their attention mask")
+            per_source.append(self.reward_model(sequences, attention_mask).cpu())
+        per_source = torch.stack(per_source, dim=1)  # [B, K]
+        unscored = (~per_source.isnan()).sum(dim=1) == 0  # [B]
+        if unscored.any():
+            row = int(unscored.nonzero()[0])
+            raise ValueError(f"every reward source returned None for completion {row} (prompt {prompts[row]!r}): its reward is undefined")
+        rewards = (per_source * self.weights).nansum(dim=1)  # [B]
+        return rewards, per_source
+
+    def stats(self, per_source: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``rewards/<name>/mean`` and ``rewards/<name>/std`` (Bessel) of each source over its non-None rows."""
+        stats = {}
+        for index, name in enumerate(self.names):
+            values = per_source[:, index]
+            values = values[~values.isnan()]
+            stats[f"rewards/{name}/mean"] = values.mean() if values.numel() else torch.tensor(0.0)
+            stats[f"rewards/{name}/std"] = values.std() if values.numel() > 1 else torch.tensor(0.0)
+        return stats
+
+
+def _checked_rewards(name: str, values, count: int) -> torch.Tensor:
+    """A reward function's output as a [B] float32 tensor (None -> NaN), with a clear error for bad output."""
+    if not isinstance(values, (list, tuple)) or len(values) != count:
+        got = f"{len(values)} values" if isinstance(values, (list, tuple)) else type(values).__name__
+        raise ValueError(f"reward function {name!r} must return a list of {count} floats or None (one per completion), got {got}")
+    checked = []
+    for row, value in enumerate(values):
+        if value is None:
+            checked.append(math.nan)
+            continue
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"reward function {name!r} returned {value!r} for completion {row}: expected a finite float or None")
+        checked.append(float(value))
+    return torch.tensor(checked, dtype=torch.float32)  # [B]
+
+
+def build_reward_scorer(
+    reward_funcs: str | None,
+    reward_model: str | None,
+    reward_weights: str | None,
+    policy_tokenizer,
+    device: torch.device | str = "cpu",
+) -> RewardScorer:
+    """The :class:`RewardScorer` of the command-line flags.
+
+    Args:
+        reward_funcs: comma-separated :func:`load_reward_function` specs (``"accuracy,format"``), or None.
+        reward_model: a reward-model directory or hub id, or None.
+        reward_weights: comma-separated floats, one per source (functions, then the reward model); None: all 1.
+        policy_tokenizer: the policy's tokenizer (the reward model must share its vocabulary).
+        device: where the reward model runs.
+    """
+    functions = [load_reward_function(spec) for spec in (reward_funcs or "").split(",") if spec.strip()]
+    scorer = RewardModelScorer(reward_model, policy_tokenizer, device) if reward_model else None
+    weights = None
+    if reward_weights:
+        try:
+            weights = [float(w) for w in reward_weights.split(",")]
+        except ValueError:
+            raise ValueError(f"--reward_weights must be comma-separated numbers, got {reward_weights!r}") from None
+    return RewardScorer(functions, scorer, weights)

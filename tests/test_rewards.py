@@ -1,0 +1,149 @@
+"""Reward plumbing: loading reward functions, weighted combination with None, reward-model scoring."""
+
+import math
+
+import pytest
+import torch
+
+from rlcore.models import load_reward_model, load_tokenizer, sequence_scores
+from rlcore.rewards import (
+    RewardModelScorer,
+    RewardScorer,
+    build_reward_scorer,
+    load_reward_function,
+)
+from rlcore.toy import accuracy_reward, format_reward
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RLCORE_CACHE", str(tmp_path_factory.mktemp("rlcore-cache")))
+        yield
+
+
+def constant(value):
+    def reward(prompts, completions, **kwargs):
+        return [value] * len(completions)
+
+    return reward
+
+
+def only_even_rows(prompts, completions, **kwargs):
+    """2.0 on even rows, None (does not apply) on odd rows."""
+    return [2.0 if row % 2 == 0 else None for row in range(len(completions))]
+
+
+def score(scorer, completions, **columns):
+    prompts = ["1+1="] * len(completions)
+    return scorer(prompts, completions, [[5]] * len(completions), columns)
+
+
+# ---------------------------------------------------------------- loading reward functions
+
+
+def test_load_builtin_module_and_file_functions(tmp_path):
+    assert load_reward_function("accuracy") == ("accuracy", accuracy_reward)
+    assert load_reward_function(" format ") == ("format", format_reward)
+    assert load_reward_function("rlcore.toy:format_reward") == ("format_reward", format_reward)
+    path = tmp_path / "my_rewards.py"
+    path.write_text("def length_penalty(prompts, completions, **kwargs):\n    return [-len(c) / 10 for c in completions]\n")
+    name, function = load_reward_function(f"{path}:length_penalty")
+    assert name == "length_penalty" and function(prompts=["p"], completions=["abcd"]) == [-0.4]
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("accuracyy", "unknown reward function 'accuracyy'"),
+        ("rlcore.toy:no_such_function", "has no callable 'no_such_function'"),
+        ("missing_file.py:f", "does not exist"),
+    ],
+)
+def test_load_reward_function_errors(spec, message):
+    with pytest.raises(ValueError, match=message):
+        load_reward_function(spec)
+
+
+# ---------------------------------------------------------------- weighted combination
+
+
+def test_weighted_sum_skips_none_by_hand():
+    # rows 0..3; sources: a = 1.0 everywhere (weight 0.5), b = 2.0 on even rows, None on odd rows (weight 3)
+    # row 0: 0.5 * 1 + 3 * 2 = 6.5; row 1: 0.5 * 1 = 0.5 (b does not apply); rows 2, 3 repeat rows 0, 1.
+    scorer = RewardScorer([("a", constant(1.0)), ("b", only_even_rows)], weights=[0.5, 3.0])
+    rewards, per_source = score(scorer, ["x"] * 4)
+    torch.testing.assert_close(rewards, torch.tensor([6.5, 0.5, 6.5, 0.5]))
+    assert per_source.shape == (4, 2) and per_source[1, 1].isnan() and per_source[0, 1] == 2.0
+    # b's statistics use only the rows it scored: mean 2, std 0; a: mean 1, std 0.
+    stats = scorer.stats(per_source)
+    assert stats["rewards/b/mean"] == 2.0 and stats["rewards/b/std"] == 0.0 and stats["rewards/a/mean"] == 1.0
+
+
+def test_toy_rewards_through_the_scorer():
+    # accuracy: "2" is right for 1+1, "3" wrong, "x" wrong; format: digits only -> 1, 1, 0.
+    scorer = build_reward_scorer("accuracy,format", None, "1.0,0.25", policy_tokenizer=None)
+    rewards, per_source = score(scorer, ["2", "3", "x"], answer=["2", "2", "2"])
+    torch.testing.assert_close(per_source, torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0]]))
+    torch.testing.assert_close(rewards, torch.tensor([1.25, 0.25, 0.0]))
+    # std over 3 rows with Bessel: accuracy (1, 0, 0): mean 1/3, var = (4/9 + 1/9 + 1/9) / 2 = 1/3
+    assert math.isclose(scorer.stats(per_source)["rewards/accuracy/std"].item(), math.sqrt(1 / 3), rel_tol=1e-6)
+
+
+def test_scorer_rejects_bad_rewards_and_inputs():
+    with pytest.raises(ValueError, match="every reward source returned None for completion 1"):
+        score(RewardScorer([("b", only_even_rows)]), ["x", "y"])
+    with pytest.raises(ValueError, match="must return a list of 2 floats or None"):
+        score(RewardScorer([("short", lambda prompts, completions, **kw: [1.0])]), ["x", "y"])
+    with pytest.raises(ValueError, match="returned nan for completion 0"):
+        score(RewardScorer([("nan", constant(math.nan))]), ["x"])
+    with pytest.raises(ValueError, match="returned 'good' for completion 0"):
+        score(RewardScorer([("text", constant("good"))]), ["x"])
+    with pytest.raises(ValueError, match="column 'answer' has 1 values for 2 completions"):
+        score(RewardScorer([("a", constant(1.0))]), ["x", "y"], answer=["2"])
+    with pytest.raises(ValueError, match="2 reward weights for 1 reward sources"):
+        RewardScorer([("a", constant(1.0))], weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="no reward source"):
+        build_reward_scorer("", None, None, policy_tokenizer=None)
+    with pytest.raises(ValueError, match="--reward_weights must be comma-separated numbers"):
+        build_reward_scorer("accuracy", None, "1,two", policy_tokenizer=None)
+
+
+# ---------------------------------------------------------------- reward model
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model, tokenizer = load_reward_model("tiny")
+    torch.nn.init.normal_(model.score.weight)  # a fresh head is random too; make the scores clearly non-zero
+    directory = tmp_path_factory.mktemp("reward-model")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def test_reward_model_scores_ignore_padding(reward_model_dir):
+    tokenizer = load_tokenizer("tiny")
+    scorer = RewardModelScorer(reward_model_dir, tokenizer, batch_size=1)  # batch 1: exercise the batching loop
+    # Row 0 "1+1=2<eos>" with a left-padded prompt; row 1 "12+3=15<eos>" with a right-padded completion.
+    prompts, completions = ["1+1=", "12+3="], ["2", "15"]
+    rows = [tokenizer(p)["input_ids"] + tokenizer(c)["input_ids"] + [tokenizer.eos_token_id] for p, c in zip(prompts, completions)]
+    sequences = torch.tensor([[0] + rows[0] + [0], rows[1]])  # [2, 9]: 0 = pad
+    attention_mask = torch.tensor([[0] + [1] * 6 + [0], [1] * 8])
+    scores = scorer(sequences, attention_mask)
+    expected = torch.stack([sequence_scores(scorer.model, torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long))[0] for row in rows])
+    torch.testing.assert_close(scores, expected.detach(), atol=1e-5, rtol=1e-5)
+    combined = RewardScorer([], scorer, weights=[2.0])
+    rewards, per_source = combined(prompts, completions, [[5], [5]], {}, sequences, attention_mask)
+    torch.testing.assert_close(rewards, 2 * expected.detach(), atol=1e-5, rtol=1e-5)
+    assert combined.names == ["reward_model"] and per_source.shape == (2, 1)
+    with pytest.raises(ValueError, match="needs the token sequences"):
+        combined(prompts, completions, [[5], [5]], {})
+
+
+def test_reward_model_with_another_vocabulary_is_refused(reward_model_dir):
+    other = load_tokenizer("tiny")
+    other.add_tokens(["<|tool|>"])
+    with pytest.raises(ValueError, match="another vocabulary than the policy"):
+        RewardModelScorer(reward_model_dir, other)
