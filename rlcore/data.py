@@ -68,7 +68,9 @@ def load_rows(source: str, split: str = "train", n: int | None = None, **load_kw
             a directory written by ``save_to_disk`` or holding data files; else a hub dataset name.
         split: the split to read ("train", "test", or a slice such as ``"train[:1000]"``).
         n: keep at most the first ``n`` rows.
-        load_kwargs: passed to ``datasets.load_dataset`` (e.g. ``name="main"`` for a hub config).
+        load_kwargs: passed to ``datasets.load_dataset`` (e.g. ``name="main"`` for a hub config, or
+            ``features=datasets.Features({"prompt": datasets.Value("string"), ...})`` for a CSV file whose
+            answers are numbers, as CSV columns are type-inferred).
     """
     if source == "toy" or source.startswith("toy:"):
         kind = source.partition(":")[2] or "prompt_completion"
@@ -149,7 +151,8 @@ def _check_text(value, row: int, field: str) -> str:
     if value is None:
         raise ValueError(f"row {row}: field {field!r} is missing (None)")
     if not isinstance(value, str):
-        raise ValueError(f"row {row}: field {field!r} must be a string, got {type(value).__name__}: {value!r}")
+        hint = " (a CSV column of numbers is read as numbers: pass features= to load_rows to read it as text)" if isinstance(value, (int, float)) else ""
+        raise ValueError(f"row {row}: field {field!r} must be a string, got {type(value).__name__}: {value!r}{hint}")
     if not value:
         raise ValueError(f"row {row}: field {field!r} is empty")
     return value
@@ -186,11 +189,24 @@ def _check_field(value, row: int, field: str, conversational: bool, allowed_role
 # ----------------------------------------------------------------------------------------------------
 
 
-def _render(tokenizer, messages: list[dict], row: int, add_generation_prompt: bool = False) -> list[int]:
+def _render(tokenizer, conversations: list[list[dict]], rows, add_generation_prompt: bool = False) -> list[list[int]]:
+    """Token ids of each conversation as ``apply_chat_template`` gives them, rendered and tokenised in batches.
+
+    (``apply_chat_template(tokenize=True)`` renders the text, then tokenises it without special tokens;
+    the two steps are done here over the whole list at once, which is several times faster than per row.)
+    """
+    if not conversations:
+        return []
     try:
-        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False, add_generation_prompt=add_generation_prompt))
-    except jinja2.TemplateError as error:
-        raise ValueError(f"row {row}: the chat template rejected the messages: {error}") from error
+        texts = tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except jinja2.TemplateError:
+        for conversation, row in zip(conversations, rows):  # find the row to name in the error
+            try:
+                tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
+            except jinja2.TemplateError as error:
+                raise ValueError(f"row {row}: the chat template rejected the messages: {error}") from error
+        raise
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 def _cut_after_last_stop(ids: list[int], stop_ids: set[int]) -> list[int]:
@@ -199,13 +215,17 @@ def _cut_after_last_stop(ids: list[int], stop_ids: set[int]) -> list[int]:
     return ids[: stops[-1] + 1] if stops else ids
 
 
-def _chat_completion(tokenizer, prompt: list[dict], completion: list[dict], row: int, stop_ids: set[int]) -> tuple[list[int], list[int]]:
-    """(prompt_ids, completion_ids) of a conversational row; completion_ids end with the end-of-turn token."""
-    prompt_ids = _render(tokenizer, prompt, row, add_generation_prompt=True)
-    full_ids = _render(tokenizer, prompt + completion, row)
-    if full_ids[: len(prompt_ids)] != prompt_ids:
-        raise ValueError(f"row {row}: the chat template does not render the prompt with a generation prompt as a prefix of the full conversation")
-    return prompt_ids, _cut_after_last_stop(full_ids[len(prompt_ids) :], stop_ids)
+def _chat_completions(tokenizer, prompts: list[list[dict]], completions: list[list[dict]], stop_ids: set[int]) -> list[tuple[list[int], list[int]]]:
+    """(prompt_ids, completion_ids) per conversational row; completion_ids end with the end-of-turn token."""
+    rows = range(len(prompts))
+    all_prompt_ids = _render(tokenizer, prompts, rows, add_generation_prompt=True)
+    all_full_ids = _render(tokenizer, [prompt + completion for prompt, completion in zip(prompts, completions)], rows)
+    pairs = []
+    for row, (prompt_ids, full_ids) in enumerate(zip(all_prompt_ids, all_full_ids)):
+        if full_ids[: len(prompt_ids)] != prompt_ids:
+            raise ValueError(f"row {row}: the chat template does not render the prompt with a generation prompt as a prefix of the full conversation")
+        pairs.append((prompt_ids, _cut_after_last_stop(full_ids[len(prompt_ids) :], stop_ids)))
+    return pairs
 
 
 def _plain_completions(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -217,24 +237,24 @@ def _plain_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=True)["input_ids"]
 
 
-def _chat_turn_mask(tokenizer, messages: list[dict], row: int, stop_ids: set[int]) -> tuple[list[int], list[int]]:
-    """(input_ids, mask) of a conversation; mask is 1 on each assistant reply and its end-of-turn token.
+def _chat_turn_masks(tokenizer, conversations: list[list[dict]], stop_ids: set[int]) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, mask) per conversation; mask is 1 on each assistant reply and its end-of-turn token.
 
     Reply i spans from the end of ``messages[:i]`` rendered with a generation prompt to the end of
     ``messages[:i + 1]``, cut after its last end-of-turn token.
     """
-    input_ids = _render(tokenizer, messages, row)
-    mask = [0] * len(input_ids)
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = len(_render(tokenizer, messages[:index], row, add_generation_prompt=True))
-        through = _render(tokenizer, messages[: index + 1], row)
-        if input_ids[: len(through)] != through or start > len(through):
+    all_ids = _render(tokenizer, conversations, range(len(conversations)))
+    turns = [(row, index) for row, messages in enumerate(conversations) for index, message in enumerate(messages) if message["role"] == "assistant"]
+    turn_rows = [row for row, _ in turns]
+    befores = _render(tokenizer, [conversations[row][:index] for row, index in turns], turn_rows, add_generation_prompt=True)
+    throughs = _render(tokenizer, [conversations[row][: index + 1] for row, index in turns], turn_rows)
+    masks = [[0] * len(ids) for ids in all_ids]
+    for (row, index), before, through in zip(turns, befores, throughs):
+        if all_ids[row][: len(through)] != through or through[: len(before)] != before:
             raise ValueError(f"row {row}: the chat template does not render message {index} as a prefix of the whole conversation")
-        reply = _cut_after_last_stop(through[start:], stop_ids)
-        mask[start : start + len(reply)] = [1] * len(reply)
-    return input_ids, mask
+        reply = _cut_after_last_stop(through[len(before) :], stop_ids)
+        masks[row][len(before) : len(before) + len(reply)] = [1] * len(reply)
+    return list(zip(all_ids, masks))
 
 
 def _check_truncation(truncation: str, max_length: int | None) -> None:
@@ -242,14 +262,6 @@ def _check_truncation(truncation: str, max_length: int | None) -> None:
         raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
     if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
         raise ValueError(f"max_length must be None or an int >= 2, got {max_length!r}")
-
-
-def _report(function_name: str, affected: int, dropped: int, total: int, max_length: int | None, truncation: str) -> None:
-    if affected:
-        print(f"{function_name}: {affected} of {total} rows longer than max_length={max_length} "
-              f"(truncation={truncation!r}: {affected - dropped} truncated, {dropped} dropped)")
-    if dropped == total:
-        raise ValueError(f"{function_name}: every row is longer than max_length={max_length}")
 
 
 def _too_long(prompt_ids: list[int], completion_ids: list[int], max_length: int | None) -> bool:
@@ -262,6 +274,31 @@ def _fit_completion(prompt_ids: list[int], completion_ids: list[int], max_length
         return completion_ids
     room = max_length - len(prompt_ids)
     return completion_ids[:room] if truncation == "truncate" and room > 0 else None
+
+
+def _report(function_name: str, affected: int, dropped: int, total: int, max_length: int | None, truncation: str) -> None:
+    if affected:
+        print(f"{function_name}: {affected} of {total} rows longer than max_length={max_length} "
+              f"(truncation={truncation!r}: {affected - dropped} truncated, {dropped} dropped)")
+    if dropped == total:
+        raise ValueError(f"{function_name}: every row is longer than max_length={max_length}")
+
+
+def _apply_max_length(function_name: str, rows, max_length: int | None, truncation: str) -> tuple[list[int], list[list[list[int]]]]:
+    """``rows`` of (prompt_ids, [response_ids, ...]) -> (indices of the rows kept, their fitted responses).
+
+    A row is kept when every response fits after its prompt under the truncation policy; the number of
+    rows that were too long is printed once.
+    """
+    kept, fitted_rows, affected = [], [], 0
+    for index, (prompt_ids, responses) in enumerate(rows):
+        affected += any(_too_long(prompt_ids, response, max_length) for response in responses)
+        fitted = [_fit_completion(prompt_ids, response, max_length, truncation) for response in responses]
+        if all(response is not None for response in fitted):
+            kept.append(index)
+            fitted_rows.append(fitted)
+    _report(function_name, affected, len(rows) - len(kept), len(rows), max_length, truncation)
+    return kept, fitted_rows
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -287,41 +324,33 @@ def tokenize_sft(
     found = _require_format(dataset, "tokenize_sft", ("language_modeling", "prompt_completion"))
     conversational = is_conversational(dataset)
     stop_ids = set(eos_token_ids(tokenizer))
-    if found == "language_modeling" and "messages" in dataset.column_names and conversational:
-        pieces = [_chat_turn_mask(tokenizer, _check_messages(row["messages"], index, "messages", allowed_roles), index, stop_ids)
-                  for index, row in enumerate(dataset)]
-        prompts_and_completions = [([], ids, mask) for ids, mask in pieces]
-    elif found == "language_modeling":
-        texts = [_check_text(row["text"], index, "text") for index, row in enumerate(dataset)]
-        prompts_and_completions = [([], ids, [1] * len(ids)) for ids in _plain_completions(tokenizer, texts)]
-    else:
-        prompts_and_completions = _tokenize_pairs(dataset, tokenizer, "completion", conversational, allowed_roles, stop_ids)
+    if found == "prompt_completion":
+        pairs = _tokenize_pairs(dataset, tokenizer, "completion", conversational, allowed_roles, stop_ids)
+        pieces = [(prompt_ids, completion_ids, [1] * len(completion_ids)) for prompt_ids, completion_ids in pairs]
+    elif "messages" in dataset.column_names and conversational:  # the whole conversation, assistant turns masked
+        conversations = [_check_messages(messages, index, "messages", allowed_roles) for index, messages in enumerate(dataset["messages"])]
+        pieces = [([], ids, mask) for ids, mask in _chat_turn_masks(tokenizer, conversations, stop_ids)]
+    else:  # plain text, every token trained
+        texts = [_check_text(text, index, "text") for index, text in enumerate(dataset["text"])]
+        pieces = [([], ids, [1] * len(ids)) for ids in _plain_completions(tokenizer, texts)]
 
-    input_ids, completion_masks, affected, dropped = [], [], 0, 0
-    for prompt_ids, completion_ids, mask in prompts_and_completions:
-        affected += _too_long(prompt_ids, completion_ids, max_length)
-        fitted = _fit_completion(prompt_ids, completion_ids, max_length, truncation)
-        if fitted is None:
-            dropped += 1
-            continue
-        ids = prompt_ids + fitted
-        loss_mask = [1] * len(ids) if not completion_only else [0] * len(prompt_ids) + mask[: len(fitted)]
-        input_ids.append(ids)
+    kept, fitted_rows = _apply_max_length("tokenize_sft", [(prompt_ids, [ids]) for prompt_ids, ids, _ in pieces], max_length, truncation)
+    input_ids, completion_masks = [], []
+    for index, (completion_ids,) in zip(kept, fitted_rows):
+        prompt_ids, _, mask = pieces[index]
+        loss_mask = [0] * len(prompt_ids) + mask[: len(completion_ids)] if completion_only else [1] * (len(prompt_ids) + len(completion_ids))
+        input_ids.append(prompt_ids + completion_ids)
         completion_masks.append([0] + loss_mask[1:])  # token 0 is never predicted
-    _report("tokenize_sft", affected, dropped, len(dataset), max_length, truncation)
     return datasets.Dataset.from_dict({"input_ids": input_ids, "completion_mask": completion_masks})
 
 
-def _tokenize_pairs(dataset, tokenizer, field: str, conversational: bool, allowed_roles, stop_ids) -> list[tuple[list[int], list[int], list[int]]]:
-    """(prompt_ids, completion_ids, completion mask of ones) for the ``field`` column after each prompt."""
+def _tokenize_pairs(dataset, tokenizer, field: str, conversational: bool, allowed_roles, stop_ids) -> list[tuple[list[int], list[int]]]:
+    """(prompt_ids, completion_ids) per row, for the ``field`` column answering the ``prompt`` column."""
     prompts = [_check_field(prompt, index, "prompt", conversational, allowed_roles) for index, prompt in enumerate(dataset["prompt"])]
     completions = [_check_field(value, index, field, conversational, allowed_roles) for index, value in enumerate(dataset[field])]
     if conversational:
-        pairs = [_chat_completion(tokenizer, prompt, completion, index, stop_ids)
-                 for index, (prompt, completion) in enumerate(zip(prompts, completions))]
-    else:
-        pairs = list(zip(_plain_prompts(tokenizer, prompts), _plain_completions(tokenizer, completions)))
-    return [(prompt_ids, completion_ids, [1] * len(completion_ids)) for prompt_ids, completion_ids in pairs]
+        return _chat_completions(tokenizer, prompts, completions, stop_ids)
+    return list(zip(_plain_prompts(tokenizer, prompts), _plain_completions(tokenizer, completions)))
 
 
 def _common_prefix_length(first: list, second: list) -> int:
@@ -338,21 +367,21 @@ def _implicit_prompts(dataset, tokenizer, conversational: bool, allowed_roles, s
     (it may end inside the answer, e.g. "37+85=12" for "122" vs "121": the shared tokens cancel in
     every pairwise loss). Conversational rows: the longest common prefix of the two message lists.
     """
+    chosen = [_check_field(value, index, "chosen", conversational, allowed_roles) for index, value in enumerate(dataset["chosen"])]
+    rejected = [_check_field(value, index, "rejected", conversational, allowed_roles) for index, value in enumerate(dataset["rejected"])]
+    identical = next((index for index, pair in enumerate(zip(chosen, rejected)) if pair[0] == pair[1]), None)
+    if identical is not None:
+        raise ValueError(f"row {identical}: chosen and rejected are identical: {chosen[identical]!r}")
+    if conversational:
+        shared = [_common_prefix_length(good, bad) for good, bad in zip(chosen, rejected)]
+        prompts = [good[:length] for good, length in zip(chosen, shared)]
+        chosen_pairs = _chat_completions(tokenizer, prompts, [good[length:] for good, length in zip(chosen, shared)], stop_ids)
+        rejected_pairs = _chat_completions(tokenizer, prompts, [bad[length:] for bad, length in zip(rejected, shared)], stop_ids)
+        return [(prompt_ids, chosen_ids, rejected_ids) for (prompt_ids, chosen_ids), (_, rejected_ids) in zip(chosen_pairs, rejected_pairs)]
     triples = []
-    for index, row in enumerate(dataset):
-        chosen = _check_field(row["chosen"], index, "chosen", conversational, allowed_roles)
-        rejected = _check_field(row["rejected"], index, "rejected", conversational, allowed_roles)
-        if chosen == rejected:
-            raise ValueError(f"row {index}: chosen and rejected are identical: {chosen!r}")
-        if conversational:
-            shared = _common_prefix_length(chosen, rejected)
-            prompt_ids, chosen_ids = _chat_completion(tokenizer, chosen[:shared], chosen[shared:], index, stop_ids)
-            _, rejected_ids = _chat_completion(tokenizer, chosen[:shared], rejected[shared:], index, stop_ids)
-        else:
-            chosen_full, rejected_full = _plain_completions(tokenizer, [chosen, rejected])
-            shared = _common_prefix_length(chosen_full, rejected_full)
-            prompt_ids, chosen_ids, rejected_ids = chosen_full[:shared], chosen_full[shared:], rejected_full[shared:]
-        triples.append((prompt_ids, chosen_ids, rejected_ids))
+    for chosen_full, rejected_full in zip(_plain_completions(tokenizer, chosen), _plain_completions(tokenizer, rejected)):
+        shared = _common_prefix_length(chosen_full, rejected_full)
+        triples.append((chosen_full[:shared], chosen_full[shared:], rejected_full[shared:]))
     return triples
 
 
@@ -377,20 +406,15 @@ def tokenize_preference(
     else:
         chosen = _tokenize_pairs(dataset, tokenizer, "chosen", conversational, allowed_roles, stop_ids)
         rejected = _tokenize_pairs(dataset, tokenizer, "rejected", conversational, allowed_roles, stop_ids)
-        triples = [(prompt_ids, chosen_ids, rejected_ids) for (prompt_ids, chosen_ids, _), (_, rejected_ids, _) in zip(chosen, rejected)]
+        triples = [(prompt_ids, chosen_ids, rejected_ids) for (prompt_ids, chosen_ids), (_, rejected_ids) in zip(chosen, rejected)]
 
-    columns = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
-    kept, affected = [], 0
-    for index, (prompt_ids, chosen_ids, rejected_ids) in enumerate(triples):
-        chosen_fit = _fit_completion(prompt_ids, chosen_ids, max_length, truncation)
-        rejected_fit = _fit_completion(prompt_ids, rejected_ids, max_length, truncation)
-        affected += _too_long(prompt_ids, chosen_ids, max_length) or _too_long(prompt_ids, rejected_ids, max_length)
-        if chosen_fit is None or rejected_fit is None:
-            continue
-        kept.append(index)
-        for name, ids in zip(columns, (prompt_ids, chosen_fit, rejected_fit)):
-            columns[name].append(ids)
-    _report("tokenize_preference", affected, len(triples) - len(kept), len(triples), max_length, truncation)
+    rows = [(prompt_ids, [chosen_ids, rejected_ids]) for prompt_ids, chosen_ids, rejected_ids in triples]
+    kept, fitted_rows = _apply_max_length("tokenize_preference", rows, max_length, truncation)
+    columns = {
+        "prompt_ids": [triples[index][0] for index in kept],
+        "chosen_ids": [chosen_ids for chosen_ids, _ in fitted_rows],
+        "rejected_ids": [rejected_ids for _, rejected_ids in fitted_rows],
+    }
     if "margin" in dataset.column_names:
         margins = list(dataset["margin"])
         columns["margin"] = [float(margins[index]) for index in kept]
@@ -408,20 +432,18 @@ def tokenize_unpaired(
     True for a desirable completion). Completions end with their end token."""
     _check_truncation(truncation, max_length)
     _require_format(dataset, "tokenize_unpaired", ("unpaired_preference",))
-    conversational = is_conversational(dataset)
-    pairs = _tokenize_pairs(dataset, tokenizer, "completion", conversational, allowed_roles, set(eos_token_ids(tokenizer)))
-    columns = {"prompt_ids": [], "completion_ids": [], "label": []}
-    affected = 0
-    for index, ((prompt_ids, completion_ids, _), label) in enumerate(zip(pairs, dataset["label"])):
+    labels = list(dataset["label"])
+    for index, label in enumerate(labels):
         if not isinstance(label, bool):
             raise ValueError(f"row {index}: field 'label' must be a bool, got {type(label).__name__}: {label!r}")
-        affected += _too_long(prompt_ids, completion_ids, max_length)
-        fitted = _fit_completion(prompt_ids, completion_ids, max_length, truncation)
-        if fitted is not None:
-            for name, value in zip(columns, (prompt_ids, fitted, label)):
-                columns[name].append(value)
-    _report("tokenize_unpaired", affected, len(pairs) - len(columns["label"]), len(pairs), max_length, truncation)
-    return datasets.Dataset.from_dict(columns)
+    conversational = is_conversational(dataset)
+    pairs = _tokenize_pairs(dataset, tokenizer, "completion", conversational, allowed_roles, set(eos_token_ids(tokenizer)))
+    kept, fitted_rows = _apply_max_length("tokenize_unpaired", [(prompt_ids, [ids]) for prompt_ids, ids in pairs], max_length, truncation)
+    return datasets.Dataset.from_dict({
+        "prompt_ids": [pairs[index][0] for index in kept],
+        "completion_ids": [completion_ids for (completion_ids,) in fitted_rows],
+        "label": [labels[index] for index in kept],
+    })
 
 
 def tokenize_prompts(
@@ -441,9 +463,9 @@ def tokenize_prompts(
     if "prompt" not in dataset.column_names or len(dataset) == 0:
         raise _format_error(dataset, "tokenize_prompts: missing column 'prompt'", ("prompt_only",))
     conversational = is_conversational(dataset)
-    prompts = [_check_field(row["prompt"], index, "prompt", conversational, allowed_roles) for index, row in enumerate(dataset)]
+    prompts = [_check_field(prompt, index, "prompt", conversational, allowed_roles) for index, prompt in enumerate(dataset["prompt"])]
     if conversational:
-        all_ids = [_render(tokenizer, prompt, index, add_generation_prompt=True) for index, prompt in enumerate(prompts)]
+        all_ids = _render(tokenizer, prompts, range(len(prompts)), add_generation_prompt=True)
     else:
         all_ids = _plain_prompts(tokenizer, prompts)
     too_long = [index for index, ids in enumerate(all_ids) if max_length is not None and len(ids) > max_length]
