@@ -1,0 +1,263 @@
+"""Run configuration: a dataclass whose fields are the command-line flags.
+
+One source of truth per setting: a recipe declares a dataclass (usually a subclass of :class:`TrainConfig`),
+:func:`parse_config` turns its fields into flags, and :func:`save_config` writes the resolved values next to
+the outputs, so what is logged is what is used.
+
+Precedence, lowest first: the dataclass defaults, then ``--config FILE`` (JSON, or YAML through PyYAML, which
+transformers already depends on), then the flags given on the command line.
+
+Flag syntax:
+- every field ``name`` is ``--name VALUE``;
+- a bool field is ``--name`` (true), ``--no-name`` (false) or ``--name true|false|1|0|yes|no``;
+- an ``Optional`` field takes ``none`` for None;
+- a field whose metadata holds ``flag_const`` may be given without a value (``--resume`` means
+  ``--resume auto``).
+
+The help text of a flag is the trailing comment of its field in the class source (``lr: float = 1e-3  # peak
+learning rate``), so a config reads as plain annotated Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+ConfigT = TypeVar("ConfigT")
+
+RUN_CONFIG_NAME = "run_config.json"  # config.json in OUTPUT_DIR is the model's (from_pretrained reads it)
+
+
+@dataclass
+class TrainConfig:
+    """Settings shared by every recipe; a recipe subclasses it, adds its own and may change defaults."""
+
+    # --- model and data
+    model: str = "tiny"  # "tiny" (embedded default), a local directory or a hub id
+    dataset: str = "toy:prompt_completion"  # "toy:<kind>", a .json/.jsonl/.parquet/.csv file, a dataset dir or a hub name
+    train_split: str = "train"  # split of --dataset used for training
+    eval_split: str = "test"  # split used for evaluation ("none" to skip evaluation)
+    num_train_rows: int | None = None  # keep only the first N training rows (None = all)
+    num_eval_rows: int | None = 500  # rows used for evaluation (None = all)
+    max_length: int = 256  # longest tokenized sequence, in tokens
+    output_dir: str = "outputs/run"  # checkpoints, metrics.jsonl, curves.png and the final model
+    seed: int = 0  # seeds initialisation, data order and sampling
+
+    # --- optimisation
+    lr: float = 1e-4  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay (not applied to biases and norms)
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.999  # AdamW beta2
+    lr_schedule: str = "cosine"  # "cosine", "linear" or "constant", after the warmup
+    warmup_steps: int = 0  # linear warmup from 0 to --lr over this many optimizer steps
+    min_lr_ratio: float = 0.0  # the schedule decays to lr * min_lr_ratio
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm (None = no clipping)
+    batch_size: int = 8  # rows per micro-batch (one forward/backward)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step; rows per step = batch_size * grad_accum_steps
+    max_steps: int = 100  # optimizer steps; the schedule is laid out over this many
+    max_seconds: float | None = None  # stop early (evaluate and save) once training has run this long
+
+    # --- logging, evaluation, checkpoints
+    logging_steps: int = 10  # log the mean of the metrics over this many steps
+    eval_steps: int = 0  # evaluate every N steps (0 = only at the end)
+    eval_batch_size: int = 64  # rows per evaluation batch
+    save_steps: int = 0  # write OUTPUT_DIR/checkpoint-<step> every N steps (0 = only the final model)
+    save_total_limit: int = 2  # keep the last K checkpoints (0 = keep all)
+    resume: str | None = field(default=None, metadata={"flag_const": "auto"})  # "auto" (latest checkpoint in output_dir) or a checkpoint path
+
+    # --- hardware
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    bf16: bool | None = None  # bf16 autocast (None = on for CUDA, off for CPU)
+    compile: bool | None = None  # torch.compile the model (None = on for CUDA, off for CPU)
+
+    # --- parameter-efficient fine-tuning
+    lora_r: int = 0  # LoRA rank (0 = full fine-tuning)
+    lora_alpha: float = 16.0  # LoRA scaling numerator: scale = alpha / r
+    lora_dropout: float = 0.0  # dropout on the LoRA branch input
+    lora_targets: str | None = None  # comma-separated module-name suffixes or a regex (None = attention and MLP projections)
+    load_in_4bit: bool = False  # quantise the frozen base to 4-bit nf4 (QLoRA; needs --lora_r > 0)
+
+    def __post_init__(self) -> None:
+        positive = ("lr", "batch_size", "grad_accum_steps", "max_steps", "logging_steps", "eval_batch_size")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
+        non_negative = ("warmup_steps", "eval_steps", "save_steps", "save_total_limit", "lora_r", "weight_decay")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr_schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"--lr_schedule must be one of cosine, linear, constant; got {self.lr_schedule!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.load_in_4bit and self.lora_r == 0:
+            raise ValueError("--load_in_4bit trains adapters on a frozen 4-bit base: it needs --lora_r > 0")
+
+
+def parse_config(config_class: type[ConfigT], argv: list[str] | None = None) -> ConfigT:
+    """Build ``config_class`` from defaults, an optional ``--config FILE`` and command-line flags.
+
+    Args:
+        config_class: a dataclass; each field becomes ``--<field name>``.
+        argv: the arguments (without the program name); None reads ``sys.argv[1:]``.
+
+    Returns:
+        An instance of ``config_class``; its ``__post_init__`` checks run on the merged values.
+
+    Raises:
+        SystemExit (exit code 2, through argparse) for an unknown flag or a value of the wrong type, with the
+        list of valid flags; ValueError for an unknown key in the config file.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    types_by_name = typing.get_type_hints(config_class)
+    parser = _build_parser(config_class, fields, types_by_name)
+    given = vars(parser.parse_args(argv))  # only the flags actually given (defaults are SUPPRESS)
+    values: dict[str, Any] = {}
+    config_file = given.pop("config", None)
+    if config_file is not None:
+        values.update(_read_config_file(config_file, fields, types_by_name))
+    values.update(given)
+    return config_class(**values)
+
+
+def save_config(config: Any, output_dir: str | os.PathLike) -> Path:
+    """Write the resolved config to OUTPUT_DIR/run_config.json (``--config`` reads it back); return the path."""
+    path = Path(output_dir) / RUN_CONFIG_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# internals
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose unknown-flag error lists every valid flag."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        flags = sorted(a.option_strings[0] for a in self._actions if a.option_strings and a.dest != "help")
+        self.exit(2, f"{self.prog}: error: {message}\nvalid flags: {' '.join(flags)}\n")
+
+
+def _build_parser(config_class: type, fields: dict, types_by_name: dict) -> argparse.ArgumentParser:
+    helps = _field_comments(config_class)
+    parser = _Parser(
+        prog=Path(sys.argv[0]).name or config_class.__name__,
+        description=_own_docstring(config_class),
+        argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", metavar="FILE", help="JSON or YAML file of field values; flags override it")
+    for name, f in fields.items():
+        annotation = types_by_name[name]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{helps.get(name, '')} (default: {default!r})".strip().replace("%", "%%")
+        if _base_type(annotation) is bool:
+            parser.add_argument(f"--{name}", nargs="?", const=True, type=_parse_bool, metavar="BOOL", help=help_text)
+            parser.add_argument(f"--no-{name}", dest=name, action="store_false", help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(
+                f"--{name}",
+                type=lambda text, a=annotation, n=name: _convert(text, a, n),
+                nargs="?" if "flag_const" in f.metadata else None,
+                const=f.metadata.get("flag_const"),
+                metavar=_base_type(annotation).__name__.upper(),
+                help=help_text,
+            )
+    return parser
+
+
+def _read_config_file(path: str, fields: dict, types_by_name: dict) -> dict[str, Any]:
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml  # a transformers dependency; only needed for YAML configs
+
+        loaded = yaml.safe_load(text) or {}
+    else:
+        loaded = json.loads(text)
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping of field names to values, got {type(loaded).__name__}")
+    unknown = sorted(set(loaded) - set(fields))
+    if unknown:
+        raise ValueError(f"{path}: unknown field(s) {unknown}; valid fields: {sorted(fields)}")
+    return {k: _check_value(v, types_by_name[k], k, path) for k, v in loaded.items()}
+
+
+def _base_type(annotation: Any) -> type:
+    """``int | None`` -> int; ``float`` -> float."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return annotation
+
+
+def _is_optional(annotation: Any) -> bool:
+    return type(None) in typing.get_args(annotation)
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = str(text).lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _convert(text: str, annotation: Any, name: str) -> Any:
+    if _is_optional(annotation) and text.lower() == "none":
+        return None
+    base = _base_type(annotation)
+    try:
+        return _parse_bool(text) if base is bool else base(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--{name} expects {base.__name__}, got {text!r}") from None
+
+
+def _check_value(value: Any, annotation: Any, name: str, source: str) -> Any:
+    """Type-check a value read from a config file (ints are accepted for float fields)."""
+    if value is None and _is_optional(annotation):
+        return None
+    base = _base_type(annotation)
+    if isinstance(value, str) and base is not str:
+        return _convert(value, annotation, name)
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+        raise ValueError(f"{source}: field {name!r} expects {base.__name__}, got {value!r}")
+    return value
+
+
+def _own_docstring(config_class: type) -> str:
+    """The class docstring, unless it is the signature dataclasses writes for classes without one."""
+    doc = (config_class.__doc__ or "").strip()
+    return "" if doc.startswith(f"{config_class.__name__}(") else doc
+
+
+def _field_comments(config_class: type) -> dict[str, str]:
+    """Trailing ``# comment`` of each field line in the class sources (subclass wins over base class)."""
+    comments: dict[str, str] = {}
+    for klass in reversed(config_class.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for match in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", source, flags=re.MULTILINE):
+            comments[match.group(1)] = match.group(2).strip()
+    return comments

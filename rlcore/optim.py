@@ -1,0 +1,120 @@
+"""Optimisation: AdamW with decay only on matrices, warmup + cosine/linear schedule, clipped steps.
+
+Gradient accumulation that gives the same update as one large batch
+--------------------------------------------------------------------
+For a token-mean loss over a batch split into micro-batches m = 1..M,
+
+    L = (1 / N) * sum_m sum_{t in m} l_t,        N = number of loss tokens in the WHOLE batch,
+
+so each micro-batch must contribute ``sum_{t in m} l_t / N`` (its token *sum* over the window's token
+count), not its own token mean: averaging per-micro-batch means weights short micro-batches too much (the
+gradient-accumulation bug fixed in transformers 4.46). :func:`loss_tokens` counts N from the python
+token lists before any tensor is built (no host sync); recipes pass it as the loss normaliser. For
+per-sequence losses (DPO, reward model) N is the number of rows in the window.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Iterable, Sequence
+
+import torch
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def build_optimizer(
+    model: torch.nn.Module,
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
+    """AdamW (Loshchilov & Hutter 2019, https://arxiv.org/abs/1711.05101) over the trainable parameters.
+
+    Weight decay applies to parameters with 2 or more dimensions (matrices, embeddings); biases and norm
+    scales (1-d) are not decayed. Frozen parameters (``requires_grad=False``, e.g. a LoRA base) are left out.
+    On CUDA the fused kernel is used.
+    """
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("build_optimizer: the model has no trainable parameters (all requires_grad=False)")
+    decayed = [p for _, p in trainable if p.ndim >= 2]
+    not_decayed = [p for _, p in trainable if p.ndim < 2]
+    groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": not_decayed, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    fused = all(p.is_cuda for _, p in trainable)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+
+
+def lr_multiplier(
+    step: int, *, warmup_steps: int, total_steps: int, schedule: str = "cosine", min_lr_ratio: float = 0.0
+) -> float:
+    """Factor applied to the peak learning rate for the update of optimizer step ``step`` (0-based).
+
+    warmup (step < warmup_steps):  (step + 1) / warmup_steps       (the first update is not wasted at lr 0)
+    then with p = (step - warmup_steps) / max(1, total_steps - warmup_steps) in [0, 1):
+        cosine:    min_lr_ratio + (1 - min_lr_ratio) * (1 + cos(pi * p)) / 2
+        linear:    min_lr_ratio + (1 - min_lr_ratio) * (1 - p)
+        constant:  1
+    Steps at or past ``total_steps`` get ``min_lr_ratio`` (1 for constant).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+    return min_lr_ratio + (1.0 - min_lr_ratio) * decay
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    *,
+    warmup_steps: int,
+    total_steps: int,
+    schedule: str = "cosine",
+    min_lr_ratio: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR over :func:`lr_multiplier`; call ``scheduler.step()`` once after each ``optimizer.step()``."""
+    multiplier = functools.partial(
+        lr_multiplier, warmup_steps=warmup_steps, total_steps=total_steps, schedule=schedule,
+        min_lr_ratio=min_lr_ratio,
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
+def optimizer_step(
+    parameters: Iterable[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    max_grad_norm: float | None,
+) -> torch.Tensor:
+    """Clip the global gradient norm (if ``max_grad_norm``), step, advance the schedule, zero the grads.
+
+    Returns:
+        The global L2 norm of the gradients before clipping, as a detached 0-d tensor (no host sync).
+    """
+    params = [p for p in parameters if p.grad is not None]
+    if max_grad_norm is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm.detach()
+
+
+def loss_tokens(masks: Sequence[Sequence[int]], shift: bool = True) -> int:
+    """Number of loss tokens in a window of rows given as python lists of 0/1 (the normaliser N above).
+
+    With ``shift=True`` (next-token losses) the first position of each row is not predicted and is skipped.
+    Returns at least 1 so a window without loss tokens gives a zero loss rather than a division by zero.
+    """
+    start = 1 if shift else 0
+    return max(1, sum(int(sum(mask[start:])) for mask in masks))

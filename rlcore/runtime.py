@@ -1,0 +1,82 @@
+"""Where and how a run executes: device, precision, compilation, seeds, and the order of the data.
+
+The data order is a pure function of ``(seed, step)`` (:func:`step_batches`), so a resumed run draws exactly
+the batches the uninterrupted run would have drawn, with no sampler state to save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import random
+from typing import Callable
+
+import torch
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu; anything else is passed to ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's ``random`` and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds all CUDA devices
+
+
+def use_bf16(device: torch.device, requested: bool | None) -> bool:
+    """bf16 autocast: on by default for CUDA (when supported), off for CPU; an explicit flag wins."""
+    if requested is not None:
+        return requested
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast around forward passes (weights and optimizer states stay float32)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def maybe_compile(model: torch.nn.Module, device: torch.device, requested: bool | None) -> Callable:
+    """``torch.compile(model)`` on CUDA by default (off on CPU); an explicit flag wins.
+
+    The compiled module shares the parameters of ``model``: call it for forward passes, and keep saving,
+    optimizing and switching adapters on ``model`` itself (the compiled wrapper prefixes state-dict keys).
+    """
+    enabled = device.type == "cuda" if requested is None else requested
+    return torch.compile(model) if enabled else model
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(num_rows: int, seed: int, epoch: int) -> tuple[int, ...]:
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return tuple(torch.randperm(num_rows, generator=generator).tolist())
+
+
+def step_batches(num_rows: int, batch_size: int, grad_accum_steps: int, seed: int, step: int) -> list[list[int]]:
+    """Row indices of the micro-batches of optimizer step ``step`` (0-based): a pure function of its inputs.
+
+    The rows are consumed as one endless stream: epoch ``e`` is a permutation of ``range(num_rows)`` seeded
+    by ``(seed, e)``, and step ``s`` takes the ``batch_size * grad_accum_steps`` rows starting at stream
+    position ``s * batch_size * grad_accum_steps`` (a step may straddle two epochs), split into
+    ``grad_accum_steps`` consecutive micro-batches of ``batch_size`` rows.
+
+    Returns:
+        ``grad_accum_steps`` lists of ``batch_size`` row indices.
+    """
+    if num_rows <= 0:
+        raise ValueError(f"step_batches: the dataset has no rows (num_rows={num_rows})")
+    rows_per_step = batch_size * grad_accum_steps
+    start = step * rows_per_step
+    rows = []
+    for position in range(start, start + rows_per_step):
+        epoch, offset = divmod(position, num_rows)
+        rows.append(_epoch_permutation(num_rows, seed, epoch)[offset])
+    return [rows[i * batch_size : (i + 1) * batch_size] for i in range(grad_accum_steps)]
