@@ -47,6 +47,7 @@ class TrainConfig:
     dataset: str = "toy:prompt_completion"  # "toy:<kind>", a .json/.jsonl/.parquet/.csv file, a dataset dir or a hub name
     train_split: str = "train"  # split of --dataset used for training
     eval_split: str = "test"  # split used for evaluation ("none" to skip evaluation)
+    eval_dataset: str | None = None  # evaluation rows from another source (a file, ...); None = --dataset's --eval_split
     num_train_rows: int | None = None  # keep only the first N training rows (None = all)
     num_eval_rows: int | None = 500  # rows used for evaluation (None = all)
     max_length: int = 256  # longest tokenized sequence, in tokens
