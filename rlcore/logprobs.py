@@ -70,23 +70,40 @@ def _default_block_rows(vocab_size: int) -> int:
 
 
 def _scaled(logits: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
-    """``logits / temperature`` in ``dtype``, out of place (no copy when neither changes anything)."""
+    """``logits / temperature`` in ``dtype``, out of place; the caller's tensor itself when nothing changes."""
     logits = logits.to(dtype)
     return logits if temperature == 1.0 else logits / temperature
 
 
-def _softmax_minus_onehot_grad(
+def _scaled_(owned_logits: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """``_scaled`` that may overwrite its argument: pass only a tensor made here, never a caller's."""
+    z = owned_logits.to(dtype)
+    return z if temperature == 1.0 else z.div_(temperature)
+
+
+def _logsumexp_(z: torch.Tensor) -> torch.Tensor:
+    """``logsumexp(z, -1)`` computed in ``z``'s own memory (z is destroyed); [n, V] -> [n].
+
+    torch.logsumexp allocates two [n, V] temporaries; this allocates none.
+    """
+    row_max = z.amax(dim=-1, keepdim=True)  # [n, 1]
+    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)  # rows of -inf stay -inf, not nan
+    return z.sub_(row_max).exp_().sum(dim=-1).log_() + row_max.squeeze(-1)
+
+
+def _softmax_minus_onehot_grad_(
     z: torch.Tensor, lse: torch.Tensor, tokens: torch.Tensor, grad_out: torch.Tensor, temperature: float
 ) -> torch.Tensor:
     """Gradient of ``sum_n g_n * log_softmax(logits_n / temperature)[token_n]`` with respect to the logits.
 
         d/d logits_nv = g_n * (onehot(token_n)_v - softmax(z_n)_v) / temperature,   z = logits / temperature
 
-    z: [n, V] (float32/64), lse: [n] = logsumexp(z), tokens: [n], grad_out: [n]. Returns [n, V] in z's dtype.
+    Written over z (no [n, V] allocation): z: [n, V] float32/64 made here, lse: [n] = logsumexp(z),
+    tokens: [n], grad_out: [n]. Returns z.
     """
     scale = (grad_out.to(z.dtype) / temperature).unsqueeze(-1)  # [n, 1]
-    grad = torch.exp(z - lse.unsqueeze(-1)).mul_(-scale)  # [n, V]: -g * softmax / temperature
-    return grad.scatter_add_(1, tokens.unsqueeze(-1), scale)
+    softmax = z.sub_(lse.unsqueeze(-1)).exp_()  # [n, V]
+    return softmax.mul_(-scale).scatter_add_(1, tokens.unsqueeze(-1), scale)
 
 
 class _GatherLogprobs(torch.autograd.Function):
@@ -103,6 +120,7 @@ class _GatherLogprobs(torch.autograd.Function):
             z = _scaled(logits_3d[r, s], temperature, dtype)  # [n, V]
             lse[r, s] = torch.logsumexp(z, dim=-1)
             picked[r, s] = z.gather(-1, tokens_2d[r, s].unsqueeze(-1)).squeeze(-1)
+            del z  # free this block before the next one is made
         ctx.save_for_backward(logits, tokens_2d, lse)
         ctx.temperature, ctx.block_rows = temperature, block_rows
         return (picked - lse).reshape(tokens.shape)
@@ -114,8 +132,10 @@ class _GatherLogprobs(torch.autograd.Function):
         grad_2d = grad_logprobs.reshape(tokens_2d.shape)  # [R, S]
         grad_logits = torch.empty(logits_3d.shape, dtype=logits.dtype, device=logits.device)  # [R, S, V]
         for r, s in _blocks_of(logits_3d, ctx.block_rows):
-            z = _scaled(logits_3d[r, s], ctx.temperature, lse.dtype)  # [n, V]
-            grad_logits[r, s] = _softmax_minus_onehot_grad(z, lse[r, s], tokens_2d[r, s], grad_2d[r, s], ctx.temperature)
+            z = _scaled_(logits_3d[r, s].to(lse.dtype, copy=True), ctx.temperature, lse.dtype)  # [n, V]
+            grad_z = _softmax_minus_onehot_grad_(z, lse[r, s], tokens_2d[r, s], grad_2d[r, s], ctx.temperature)
+            grad_logits[r, s] = grad_z
+            del z, grad_z  # free this block before the next one is made
         return grad_logits.reshape(logits.shape), None, None, None
 
 
@@ -175,6 +195,7 @@ def entropy_from_logits(
         z = _scaled(logits_3d[r, s], temperature, dtype)  # [n, V]
         probs = torch.softmax(z, dim=-1)  # [n, V]
         entropies.append(torch.logsumexp(z, dim=-1) - (probs * z).sum(-1))  # [n]
+        del z, probs  # without autograd, free this block before the next one is made
     return torch.cat(entropies).reshape(logits.shape[:-1])
 
 
@@ -187,9 +208,10 @@ class _ChunkedLogprobs(torch.autograd.Function):
         lse = torch.empty(tokens.shape, dtype=dtype, device=hidden.device)  # [N]
         picked = torch.empty_like(lse)  # [N]
         for c in _row_blocks(hidden.shape[0], chunk_size):
-            z = _scaled(F.linear(hidden[c], weight, bias), temperature, dtype)  # [n, V]
-            lse[c] = torch.logsumexp(z, dim=-1)
+            z = _scaled_(F.linear(hidden[c], weight, bias), temperature, dtype)  # [n, V]
             picked[c] = z.gather(-1, tokens[c].unsqueeze(-1)).squeeze(-1)
+            lse[c] = _logsumexp_(z)
+            del z  # free this chunk's logits before the next chunk's are made
         ctx.save_for_backward(hidden, weight, bias, tokens, lse)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
         return picked - lse
@@ -203,9 +225,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=lse.dtype, device=weight.device) if need_bias else None
         for c in _row_blocks(hidden.shape[0], ctx.chunk_size):
-            z = _scaled(F.linear(hidden[c], weight, bias), ctx.temperature, lse.dtype)  # [n, V]
-            grad_z = _softmax_minus_onehot_grad(z, lse[c], tokens[c], grad_logprobs[c], ctx.temperature)  # [n, V]
-            del z
+            z = _scaled_(F.linear(hidden[c], weight, bias), ctx.temperature, lse.dtype)  # [n, V]
+            grad_z = _softmax_minus_onehot_grad_(z, lse[c], tokens[c], grad_logprobs[c], ctx.temperature)  # [n, V]
             if need_bias:
                 grad_bias += grad_z.sum(0)
             grad_logits = grad_z.to(weight.dtype)  # [n, V]; no copy for float32 weights
@@ -213,8 +234,12 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 grad_hidden[c] = grad_logits @ weight  # [n, H]
             if need_weight:
                 _add_matmul_(grad_weight, grad_logits.t(), hidden[c])  # [V, H]
-        cast = lambda grad, like: None if grad is None else grad.to(like.dtype)  # noqa: E731
-        return grad_hidden, cast(grad_weight, weight), cast(grad_bias, bias), None, None, None
+            del z, grad_z, grad_logits  # free this chunk's buffers before the next chunk's logits are made
+        return grad_hidden, _cast(grad_weight, weight), _cast(grad_bias, bias), None, None, None
+
+
+def _cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+    return None if grad is None else grad.to(like.dtype)
 
 
 def _add_matmul_(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
