@@ -128,7 +128,7 @@ def wrong_answers(a: int, b: int) -> list[int]:
 
 
 def _rejected_answer(a: int, b: int, rng: random.Random) -> str:
-    """One wrong sum, favouring the near misses a learner makes (off by one in a column, dropped carry)."""
+    """One wrong sum: half the time a near miss (off by 1, 10 or 100), else any of ``wrong_answers``."""
     total = a + b
     near_misses = [total + delta for delta in (-100, -10, -1, 1, 10, 100) if total + delta >= 0]
     pool = near_misses if rng.random() < 0.5 else wrong_answers(a, b)
