@@ -84,10 +84,10 @@ def toy_accuracy(
         raise ValueError(f"toy_accuracy needs an 'answer', 'completion' or 'chosen' column; found {dataset.column_names}")
     answers = [a if isinstance(a, str) else a[-1]["content"] for a in dataset[reference_column]]
     completion_ids = greedy_completion_ids(
-        model, tokenizer, dataset["prompt_ids"], batch_size=batch_size, max_new_tokens=max_new_tokens
+        model, tokenizer, list(dataset["prompt_ids"]), batch_size=batch_size, max_new_tokens=max_new_tokens
     )
     completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=False)  # stop token kept
-    rewards = reward_fn(dataset["prompt"], completions, answer=answers)
+    rewards = reward_fn(list(dataset["prompt"]), completions, answer=answers)
     return sum(rewards) / max(1, len(rewards))
 
 
