@@ -1,0 +1,210 @@
+"""PPO for language models (RLHF): a value model, KL-shaped per-token rewards, GAE, clipped updates.
+
+Each step samples one completion per prompt, scores it (a reward model and/or reward functions, minus
+--missing_eos_penalty when it never stopped), and builds per-token rewards and advantages:
+
+    r_t   = -kl_coef * KL_t(pi_old || ref) + [t = last token] * score     (kl_shaped_rewards; k1 or k3)
+    A_t   = GAE(r, V_old; gamma, lam),  R_t = A_t + V_old_t                (gae), A whitened over the batch
+    loss  = policy_loss(clip --cliprange, token mean)
+            + vf_coef * value_loss(clipped by --cliprange_value, token mean)
+
+then runs --num_ppo_epochs epochs over --num_mini_batches shuffled mini-batches, one optimizer step per
+mini-batch (Schulman et al. 2017, https://arxiv.org/abs/1707.06347; Ziegler et al. 2019,
+https://arxiv.org/abs/1909.08593; Ouyang et al. 2022, https://arxiv.org/abs/2203.02155; the layout
+follows Huang et al. 2024, "The N+ implementation details of RLHF with PPO", https://arxiv.org/abs/2403.17031).
+
+V_t is the value of the state *before* completion token t (read at the position of the previous token).
+The value model is a separate backbone with a linear head (rlcore.models.ValueModel), initialised from
+--value_model (default: the policy's starting checkpoint; a reward model directory is the classic choice)
+with a zero head; policy and value model share one AdamW. Departures: one sample per prompt and no
+reward whitening by default (--whiten_rewards); with --lora_r the policy trains adapters (its reference is the
+adapters-off base) while the value model is trained in full (choose a small --value_model to save memory).
+
+Run it:
+    python recipes/ppo.py                                    # toy task, accuracy reward, SFT warm start
+    python recipes/ppo.py --reward_model outputs/reward_model --reward_funcs none
+    python recipes/ppo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset prompts.jsonl \
+        --reward_model my-rm-dir --reward_funcs none --max_new_tokens 256 --batch_size 8 --num_mini_batches 4
+Single process for now (one CPU or GPU). With --model tiny (the default) the recipe starts from a cached
+SFT warm start (see recipes/grpo.py and rlcore.online.warm_start).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlcore import gae, kl_estimate, kl_shaped_rewards, masked_mean, masked_sum, masked_whiten, policy_loss, value_loss
+from rlcore.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_final_model
+from rlcore.config import parse_config, save_config
+from rlcore.evaluation import toy_accuracy
+from rlcore.lora import prepare_model, reference_context
+from rlcore.models import ValueModel, eos_token_ids, load_policy
+from rlcore.online import (
+    OnlineConfig, completion_logprobs, frozen_copy, load_prompts, position_ids_from_mask, prompt_batch, rollout_stats, score_rollout,
+    timed, warm_start,
+)
+from rlcore.optim import build_optimizer, build_scheduler, optimizer_step
+from rlcore.rewards import build_reward_scorer
+from rlcore.rollout import generate
+from rlcore.runtime import autocast, maybe_compile, resolve_device, seed_everything, step_batches, use_bf16
+from rlcore.tracking import Tracker
+
+
+@dataclass
+class PPOConfig(OnlineConfig):
+    output_dir: str = "outputs/ppo"
+    lr: float = 3e-5  # peak learning rate (AdamW), policy and value model
+    lr_schedule: str = "constant"  # "cosine", "linear" or "constant"
+    batch_size: int = 16  # rows per micro-batch; a mini-batch is batch_size * grad_accum_steps rows
+    num_mini_batches: int = 4  # mini-batches (optimizer steps) per PPO epoch; prompts per step = their rows in all
+    num_ppo_epochs: int = 4  # passes over each batch of samples
+    value_model: str | None = None  # value model backbone: a directory or hub id (None = the policy's start model)
+    kl_coef: float = 0.05  # weight of the per-token KL penalty in the reward
+    kl_estimator: str = "k1"  # "k1" or "k3", the per-token KL in the reward
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE lambda
+    cliprange: float = 0.2  # policy ratio clip
+    cliprange_value: float = 0.2  # value clip, in reward units
+    vf_coef: float = 0.1  # weight of the value loss
+    whiten_rewards: bool = False  # scale the per-token rewards to unit variance before GAE
+    missing_eos_penalty: float = 1.0  # subtracted from the score of completions that never stopped
+    max_steps: int = 100_000  # sampling steps
+    max_seconds: float | None = 300.0  # stop (evaluate, save) after this much training time
+    logging_steps: int = 5  # log the mean of the metrics over this many steps
+    eval_steps: int = 50  # evaluate toy accuracy every N steps (0 = only at the start and end)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"--kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
+        if self.num_mini_batches < 1 or self.num_ppo_epochs < 1:
+            raise ValueError("--num_mini_batches and --num_ppo_epochs must be >= 1")
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    config = parse_config(PPOConfig, argv)
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    bf16 = use_bf16(device, config.bf16)
+
+    # ---------------------------------------------------------------- models, data, rewards
+    start_model = warm_start(config.model, config.warm_start_steps, config.seed, Path(__file__).with_name("sft.py"))
+    policy, tokenizer = load_policy(start_model, device=device)
+    policy = prepare_model(policy, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.load_in_4bit)
+    reference = frozen_copy(policy) if config.lora_r == 0 else None  # LoRA: the adapters-off policy
+    value_model = ValueModel.from_pretrained(config.value_model or start_model, device=device)  # trained in full
+    forward_policy, forward_value = maybe_compile(policy, device, config.compile), maybe_compile(value_model, device, config.compile)
+    stop_ids = eos_token_ids(tokenizer, policy.generation_config)
+    scorer = build_reward_scorer(config.reward_funcs, config.reward_model, config.reward_weights, tokenizer, device)
+    prompts = load_prompts(config.dataset, config.train_split, tokenizer, config.max_prompt_length, config.num_train_rows)
+    eval_prompts = None
+    if config.eval_split != "none":
+        eval_prompts = load_prompts(config.dataset, config.eval_split, tokenizer, config.max_prompt_length, config.num_eval_rows)
+    mini_batch_rows = config.batch_size * config.grad_accum_steps
+    rows_per_step = mini_batch_rows * config.num_mini_batches
+
+    trained = torch.nn.ModuleDict({"policy": policy, "value_model": value_model})
+    optimizer = build_optimizer(trained, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2))
+    updates_per_step = config.num_ppo_epochs * config.num_mini_batches
+    scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=config.max_steps * updates_per_step,
+                                schedule=config.lr_schedule, min_lr_ratio=config.min_lr_ratio)
+    step, training_seconds = 0, 0.0
+    resume_from = resolve_resume(config.resume, config.output_dir)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, policy, optimizer, scheduler, seed=config.seed, extra_modules={"value_model": value_model})
+        step, training_seconds = state["step"], state["extra"]["training_seconds"]
+    save_config(config, config.output_dir)
+    tracker = Tracker(config.output_dir, config.max_steps, step, bar_keys=("reward",))
+
+    def evaluate(at_step: int) -> dict[str, float]:
+        if eval_prompts is None:
+            return {}
+        return tracker.log_eval(at_step, {"accuracy": toy_accuracy(policy, tokenizer, eval_prompts, config.eval_batch_size, config.max_new_tokens)})
+
+    if step == 0:
+        evaluate(0)
+
+    # ---------------------------------------------------------------- training loop
+    while step < config.max_steps and (config.max_seconds is None or training_seconds < config.max_seconds):
+        seconds: dict[str, float] = {}
+        rows = step_batches(len(prompts), rows_per_step, 1, config.seed, step)[0]
+        batch = prompt_batch(prompts, rows, tokenizer.pad_token_id)
+
+        # -- one completion per prompt
+        with timed(seconds, "generation", device):
+            rollout = generate(
+                policy, batch.prompt_ids.to(device), batch.prompt_mask.to(device), max_new_tokens=config.max_new_tokens,
+                eos_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id, temperature=config.temperature,
+                top_k=config.top_k, top_p=config.top_p,
+            )
+
+        # -- scores, log-probs under the sampling policy and the reference, values, advantages
+        with timed(seconds, "scoring", device):
+            scores, per_source = score_rollout(scorer, tokenizer, batch, rollout, config.missing_eos_penalty)  # [B] each
+            sequences, attention_mask, mask = rollout.sequences, rollout.attention_mask, rollout.completion_mask.to(device)
+            length = rollout.completion_ids.shape[1]
+            with torch.no_grad(), autocast(device, bf16):
+                old_logp, _ = completion_logprobs(forward_policy, sequences, attention_mask, length, config.temperature)
+                old_values = forward_value(sequences, attention_mask, position_ids_from_mask(attention_mask))[:, -length - 1 : -1].float()
+                with reference_context(policy, reference) as ref_model:
+                    ref_logp, _ = completion_logprobs(ref_model, sequences, attention_mask, length, config.temperature)
+            rewards = kl_shaped_rewards(scores.to(device), old_logp, ref_logp, mask, config.kl_coef, kind=config.kl_estimator)  # [B, T]
+            if config.whiten_rewards:
+                rewards = masked_whiten(rewards, mask, shift_mean=False)
+            advantages, returns = gae(rewards, old_values, mask, gamma=config.gamma, lam=config.lam)  # [B, T] each
+            advantages = masked_whiten(advantages, mask)
+            sequence_kl = masked_sum(kl_estimate(old_logp, ref_logp, kind=config.kl_estimator), mask, dim=1)  # [B]
+            stats = {**rollout_stats(rollout, scores, per_source, scorer), "kl": sequence_kl.mean(), "non_score_reward": -config.kl_coef * sequence_kl.mean()}
+
+        # -- PPO epochs over shuffled mini-batches
+        lr = scheduler.get_last_lr()[0]
+        with timed(seconds, "training", device):
+            for _ in range(config.num_ppo_epochs):
+                for mini_batch in torch.randperm(rows_per_step, device=device).split(mini_batch_rows):
+                    normalizer = mask[mini_batch].sum().clamp(min=1)  # token mean over the mini-batch
+                    for micro in mini_batch.split(config.batch_size):
+                        with autocast(device, bf16):
+                            logp, entropy = completion_logprobs(forward_policy, sequences[micro], attention_mask[micro], length,
+                                                                config.temperature, with_entropy=True)
+                            values = forward_value(sequences[micro], attention_mask[micro],
+                                                   position_ids_from_mask(attention_mask[micro]))[:, -length - 1 : -1].float()
+                        pg_loss, pg_stats = policy_loss(logp, old_logp[micro], advantages[micro], mask[micro],
+                                                        clip_low=config.cliprange, normalizer=normalizer)
+                        vf_loss, vf_stats = value_loss(values, old_values[micro], returns[micro], mask[micro],
+                                                       clip=config.cliprange_value, normalizer=normalizer)
+                        (pg_loss + config.vf_coef * vf_loss).backward()
+                        micro_stats = {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "entropy": masked_mean(entropy, mask[micro]),
+                                       **pg_stats, **{f"value/{key}": value for key, value in vf_stats.items()}}
+                        for key, value in micro_stats.items():
+                            stats[key] = stats.get(key, 0.0) + value / (updates_per_step * config.grad_accum_steps)
+                    stats["grad_norm"] = stats.get("grad_norm", 0.0) + optimizer_step(trained.parameters(), optimizer, scheduler,
+                                                                                     config.max_grad_norm) / updates_per_step
+
+        step += 1
+        training_seconds += sum(seconds.values())
+        stats.update({f"time/{name}": value for name, value in seconds.items()})
+        stats.update({"time/step": sum(seconds.values()), "lr": lr})
+        tracker.update(stats)
+        if step % config.logging_steps == 0:
+            tracker.log(step)
+        if config.eval_steps and step % config.eval_steps == 0:
+            evaluate(step)
+        if config.save_steps and step % config.save_steps == 0:
+            save_checkpoint(config.output_dir, step, policy, tokenizer, optimizer, scheduler, seed=config.seed,
+                            extra_modules={"value_model": value_model}, extra_state={"training_seconds": training_seconds},
+                            keep_last=config.save_total_limit)
+
+    # ---------------------------------------------------------------- final evaluation and models
+    tracker.log(step)
+    results = evaluate(step) if not (config.eval_steps and step % config.eval_steps == 0) else {}
+    save_final_model(policy, tokenizer, config.output_dir)
+    value_model.save_pretrained(str(Path(config.output_dir) / "value_model"))
+    tracker.close()
+    return results
+
+
+if __name__ == "__main__":
+    main()

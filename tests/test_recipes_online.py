@@ -1,0 +1,249 @@
+"""The online recipes (GRPO/RLOO/REINFORCE++, PPO, online DPO) and what they share (rlcore.online)."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlcore import policy_loss
+from rlcore.models import load_policy, load_tokenizer
+from rlcore.online import (
+    completion_logprobs,
+    decode_completions,
+    load_prompts,
+    position_ids_from_mask,
+    prompt_batch,
+    repeat_each,
+    score_rollout,
+    warm_start,
+)
+from rlcore.rewards import RewardScorer
+from rlcore.toy import accuracy_reward
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        cache = tmp_path_factory.mktemp("rlcore-cache")
+        patch.setenv("RLCORE_CACHE", str(cache))
+        yield cache
+
+
+def load_recipe(name: str):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------- prompts, completions, rewards
+
+
+def test_prompt_batch_keeps_columns_and_left_pads():
+    tokenizer = load_tokenizer("tiny")
+    prompts = load_prompts("toy:prompt_only", "test", tokenizer, max_prompt_length=64, n=4)
+    batch = prompt_batch(prompts, [2, 0], tokenizer.pad_token_id)
+    assert batch.prompts == [prompts[2]["prompt"], prompts[0]["prompt"]]
+    assert batch.columns == {"answer": [prompts[2]["answer"], prompts[0]["answer"]]} and not batch.conversational
+    lengths = [len(prompts[2]["prompt_ids"]), len(prompts[0]["prompt_ids"])]
+    assert batch.prompt_ids.shape == (2, max(lengths))
+    assert batch.prompt_mask.sum(dim=1).tolist() == lengths and batch.prompt_mask[:, -1].all()  # prompts end at the last column
+    assert repeat_each(["a", "b"], 3) == ["a", "a", "a", "b", "b", "b"]
+
+
+def test_decode_completions_stops_after_the_stop_token():
+    tokenizer = load_tokenizer("tiny")
+    eos, pad, one, two = tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("1"), tokenizer.convert_tokens_to_ids("2")
+    ids = torch.tensor([[one, two, eos, pad], [two, two, two, two]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    texts, id_lists = decode_completions(tokenizer, ids, mask, conversational=False)
+    assert texts == ["12", "2222"] and id_lists == [[one, two, eos], [two] * 4]
+    messages, _ = decode_completions(tokenizer, ids, mask, conversational=True)
+    assert messages[0] == [{"role": "assistant", "content": "12"}]
+
+
+def test_score_rollout_groups_rows_and_penalises_missing_eos():
+    tokenizer = load_tokenizer("tiny")
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    digit = tokenizer.convert_tokens_to_ids
+    batch = SimpleNamespace(prompts=["1+1=", "2+2="], columns={"answer": ["2", "4"]}, conversational=False)
+    # two completions per prompt: "2<eos>" (right), "3<eos>" (wrong), "4<eos>" (right), "444" (never stops)
+    completion_ids = torch.tensor([[digit("2"), eos, pad], [digit("3"), eos, pad], [digit("4"), eos, pad], [digit("4")] * 3])
+    completion_mask = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 0], [1, 1, 1]])
+    rollout = SimpleNamespace(completion_ids=completion_ids, completion_mask=completion_mask, sequences=torch.zeros(4, 7, dtype=torch.long),
+                              attention_mask=torch.cat([torch.ones(4, 4, dtype=torch.long), completion_mask], dim=1),
+                              truncated=torch.tensor([False, False, False, True]))
+    rewards, per_source = score_rollout(RewardScorer([("accuracy", accuracy_reward)]), tokenizer, batch, rollout, missing_eos_penalty=0.5)
+    torch.testing.assert_close(rewards, torch.tensor([1.0, 0.0, 1.0, -0.5]))  # "444" != 4, and -0.5
+    torch.testing.assert_close(per_source, torch.tensor([[1.0], [0.0], [1.0], [0.0]]))
+
+
+def test_completion_logprobs_match_unpadded_forward():
+    torch.manual_seed(0)
+    model, _ = load_policy("tiny")
+    prompts, completions = [[10, 11, 12], [13, 14, 15, 16, 17]], [[20, 21], [22, 23]]
+    # left-padded prompts (width 5) + completions (width 2); pad id 0
+    sequences = torch.tensor([[0, 0] + prompts[0] + completions[0], prompts[1] + completions[1]])
+    attention_mask = (torch.arange(7) >= torch.tensor([[2], [0]])).long()
+    assert position_ids_from_mask(attention_mask)[0].tolist() == [0, 0, 0, 1, 2, 3, 4]
+    logp, entropy = completion_logprobs(model, sequences, attention_mask, completion_length=2, temperature=0.7, with_entropy=True)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        ids = torch.tensor([prompt + completion])
+        logits = model(ids).logits[0, len(prompt) - 1 : -1] / 0.7  # [2, V]: the positions predicting the completion
+        expected = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(completion)[:, None]).squeeze(1)
+        torch.testing.assert_close(logp[row], expected, atol=1e-5, rtol=1e-5)
+        probs = torch.softmax(logits, dim=-1)
+        torch.testing.assert_close(entropy[row], -(probs * probs.log()).sum(-1).detach(), atol=1e-5, rtol=1e-5)
+    assert logp.requires_grad and not entropy.requires_grad
+    with pytest.raises(ValueError, match="completion_length must be in"):
+        completion_logprobs(model, sequences, attention_mask, completion_length=7)
+
+
+# ---------------------------------------------------------------- warm start
+
+
+def test_warm_start_runs_the_script_once_and_caches(tmp_path, tiny_cache):
+    calls = tmp_path / "calls.txt"
+    script = tmp_path / "fake_sft.py"  # stands in for recipes/sft.py: writes a config.json into --output_dir
+    script.write_text(
+        "import sys, pathlib\n"
+        f"open({str(calls)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
+        "out = pathlib.Path(sys.argv[sys.argv.index('--output_dir') + 1])\n"
+        "(out / 'config.json').write_text('{}')\n"
+    )
+    assert warm_start("some/model", 300, 0, script) == "some/model"
+    assert warm_start("tiny", 0, 0, script) == "tiny"
+    first = warm_start("tiny", 7, 3, script)
+    assert warm_start("tiny", 7, 3, script) == first and Path(first, "config.json").exists()
+    assert Path(first).parent == tiny_cache and "tiny-sft-7steps-seed3-" in first
+    lines = calls.read_text().splitlines()
+    assert len(lines) == 1 and "--max_steps 7 --seed 3" in lines[0] and "--max_seconds none" in lines[0]
+
+
+# ---------------------------------------------------------------- GRPO loss types and online DPO pairs
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_grpo_micro_batches_add_up_to_the_step_loss(loss_type):
+    grpo = load_recipe("grpo")
+    aggregation = grpo.LOSS_AGGREGATIONS[loss_type]
+    torch.manual_seed(0)
+    logp = torch.randn(8, 5, dtype=torch.float64)
+    advantages = torch.randn(8, dtype=torch.float64)
+    mask = (torch.rand(8, 5) > 0.3).long()
+    mask[3] = 0  # a row without tokens
+    full, _ = policy_loss(logp, logp.detach(), advantages, mask, agg=aggregation, max_len=5)
+    micro_batches = torch.arange(8).split(4)
+    summed = sum(
+        policy_loss(logp[m], logp[m].detach(), advantages[m], mask[m], agg=aggregation, max_len=5,
+                    normalizer=grpo.loss_normalizer(loss_type, mask, mask[m], len(micro_batches)))[0]
+        for m in micro_batches
+    )
+    if loss_type == "bnpo":  # bnpo: the mean of the micro-batches' own token means
+        full = sum(policy_loss(logp[m], logp[m].detach(), advantages[m], mask[m], agg="token_mean")[0] for m in micro_batches) / 2
+    torch.testing.assert_close(summed, full)
+
+
+def test_online_dpo_rank_pairs_by_hand():
+    rank_pairs = load_recipe("online_dpo").rank_pairs
+    # pairs: (1, 0) -> chosen row 0; (0, 0) tie -> dropped; (0.2, 0.9) -> chosen row 5, rejected row 4
+    chosen, rejected = rank_pairs(torch.tensor([1.0, 0.0, 0.0, 0.0, 0.2, 0.9]))
+    assert chosen.tolist() == [0, 5] and rejected.tolist() == [1, 4]
+
+
+def test_grpo_config_errors():
+    grpo = load_recipe("grpo")
+    with pytest.raises(ValueError, match="--num_generations must be >= 2 and divide"):
+        grpo.GRPOConfig(batch_size=6, num_generations=4)
+    with pytest.raises(ValueError, match="--loss_type must be one of"):
+        grpo.GRPOConfig(loss_type="ppo")
+
+
+# ---------------------------------------------------------------- end to end (subprocess)
+
+REWARD_FILE = "def digit_fraction(prompts, completions, **kwargs):\n    return [sum(c.isdigit() for c in text) / 8 for text in completions]\n"
+
+
+def run_recipe(name: str, tmp_path: Path, *flags: str) -> Path:
+    """Run recipes/<name>.py on the untrained tiny model with a tiny budget; return its output directory."""
+    reward_file = tmp_path / "rewards.py"
+    reward_file.write_text(REWARD_FILE)
+    output_dir = tmp_path / name
+    command = [sys.executable, str(REPO / "recipes" / f"{name}.py"), "--output_dir", str(output_dir), "--warm_start_steps", "0",
+               "--reward_funcs", f"accuracy,{reward_file}:digit_fraction", "--num_train_rows", "64", "--num_eval_rows", "8",
+               "--logging_steps", "1", "--max_new_tokens", "4", "--max_seconds", "none", *flags]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def check_run(output_dir: Path, steps: int, keys: tuple[str, ...]) -> list[dict]:
+    records = read_metrics(output_dir)
+    train = [r for r in records if "reward" in r]
+    assert [r["step"] for r in train] == list(range(1, steps + 1))
+    for record in train:
+        for key in keys:
+            assert math.isfinite(record[key]), (key, record)
+    evals = [r for r in records if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [0, steps] and (output_dir / "curves.png").exists()
+    AutoModelForCausalLM.from_pretrained(output_dir)  # the final model loads
+    return train
+
+
+def test_grpo_end_to_end_with_resume(tmp_path):
+    flags = ("--max_steps", "4", "--batch_size", "8", "--num_generations", "4", "--save_steps", "2", "--beta", "0.1")
+    output_dir = run_recipe("grpo", tmp_path, *flags)
+    keys = ("reward", "rewards/digit_fraction/mean", "rewards/accuracy/mean", "loss", "kl", "entropy", "clip_frac",
+            "frac_reward_zero_std", "completions/mean_length", "time/generation", "time/scoring", "time/training")
+    straight = check_run(output_dir, 4, keys)
+    assert any(r["loss"] != 0 for r in straight)
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    # resume from step 2: steps 3 and 4 must repeat the uninterrupted run
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    run_recipe("grpo", tmp_path, *flags, "--resume", str(output_dir / "checkpoint-2"), "--output_dir", str(resumed_dir))
+    resumed = [r for r in read_metrics(resumed_dir) if "reward" in r]
+    for before, after in zip(straight[2:], resumed):
+        assert after["step"] == before["step"]
+        for key in ("reward", "loss", "kl", "grad_norm"):
+            assert math.isclose(after[key], before[key], rel_tol=1e-4, abs_tol=1e-6), (key, before, after)
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "reinforce_pp"])
+def test_grpo_other_estimators_run(tmp_path, estimator):
+    output_dir = run_recipe("grpo", tmp_path, "--max_steps", "2", "--batch_size", "4", "--grad_accum_steps", "2",
+                            "--num_generations", "4", "--advantage_estimator", estimator, "--num_iterations", "2",
+                            "--loss_type", "dr_grpo", "--mask_truncated_completions")
+    check_run(output_dir, 2, ("reward", "loss", "clip_frac"))
+
+
+def test_ppo_end_to_end(tmp_path):
+    output_dir = run_recipe("ppo", tmp_path, "--max_steps", "2", "--batch_size", "4", "--num_mini_batches", "2",
+                            "--num_ppo_epochs", "2", "--save_steps", "2")
+    check_run(output_dir, 2, ("reward", "kl", "loss/policy", "loss/value", "approx_kl", "clip_frac",
+                              "value/explained_variance", "value/returns_mean", "entropy"))
+    assert (output_dir / "checkpoint-2" / "value_model.safetensors").exists()
+    assert (output_dir / "value_model" / "value_head.safetensors").exists()
+
+
+def test_online_dpo_end_to_end(tmp_path):
+    output_dir = run_recipe("online_dpo", tmp_path, "--max_steps", "2", "--batch_size", "4", "--save_steps", "2")
+    train = check_run(output_dir, 2, ("reward", "pairs/decided_frac"))
+    assert any("rewards/margins" in r and math.isfinite(r["loss"]) for r in train)
+    assert (output_dir / "checkpoint-2" / "training_state.pt").exists()
