@@ -6,7 +6,7 @@ torch and the math modules below.
 """
 
 from .advantages import GROUP_SCALES, gae, group_advantages, reinforce_pp_advantages, rloo_advantages
-from .kl import KL_KINDS, kl_estimate, kl_shaped_rewards, last_valid_index
+from .kl import KL_KINDS, kl_estimate, kl_shaped_rewards
 from .logprobs import chunked_logprobs, entropy_from_logits, gather_logprobs
 from .losses import (
     AGGREGATION_MODES,
@@ -20,7 +20,16 @@ from .losses import (
     simpo_loss,
     value_loss,
 )
-from .ops import check_choice, check_ndim, check_same_shape, masked_mean, masked_sum, masked_var, masked_whiten
+from .ops import (
+    check_choice,
+    check_ndim,
+    check_same_shape,
+    last_valid_index,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+)
 
 __version__ = "0.1.0"
 

@@ -1,16 +1,15 @@
 """Advantage estimators: GAE (PPO), group baselines (GRPO, RLOO) and REINFORCE++.
 
 Shapes: [B, T] per token, [B] per sequence; a group of G completions of one prompt is G consecutive rows.
-Masks are 1 on the tokens that count. Masked positions are skipped: they get 0 and do not carry anything
-across, so the valid tokens of a row form the trajectory even when padding sits between them.
+Masks are 1 on the tokens that count. Masked positions are skipped: they get 0 and their rewards and values
+are ignored, so the valid tokens of a row form the trajectory even when padding sits between them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .kl import last_valid_index
-from .ops import check_choice, check_ndim, check_same_shape, masked_whiten
+from .ops import check_choice, check_ndim, check_same_shape, last_valid_index, masked_whiten
 
 __all__ = ["GROUP_SCALES", "gae", "group_advantages", "rloo_advantages", "reinforce_pp_advantages"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import check_choice, check_ndim, check_same_shape
+from .ops import check_choice, check_ndim, check_same_shape, last_valid_index
 
 __all__ = ["KL_KINDS", "kl_estimate", "kl_shaped_rewards"]
 
@@ -23,9 +23,10 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") ->
                                                              unbiased, low variance, >= 0 (r - 1 is a
                                                              control variate with zero mean under pi)
 
-    As a loss term the gradients differ too: the gradient of the mean of k2 is the gradient of KL(pi||ref)
-    for on-policy samples, that of k3 is not (see "On a few pitfalls in KL divergence gradient
-    estimation for RL", Tang & Munos 2025, https://arxiv.org/abs/2506.09477).
+    Differentiated as a loss on samples from pi, they do not all give the KL gradient: per token, E[grad k1]
+    = 0, E[grad k2] = grad KL(pi || ref), E[grad k3] = grad KL(ref || pi) (the forward KL), and none sees
+    the effect of a token on later tokens (Tang & Munos 2025, "On a few pitfalls in KL divergence gradient
+    estimation for RL", https://arxiv.org/abs/2506.09477). As a detached reward penalty any of them works.
 
     verl's ``low_var_kl`` is k3 with the log-ratio clamped to [-20, 20] and the result to [-10, 10]; it is
     not accepted here as an alias because the clamps change the values: clamp ``kl_estimate(..., "k3")``
@@ -47,12 +48,6 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") ->
     if kind == "k2":
         return 0.5 * log_ratio**2
     return torch.expm1(log_ratio) - log_ratio
-
-
-def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last position where ``mask`` is 1 in each row of a [B, T] mask (0 for an empty row)."""
-    positions = torch.arange(1, mask.shape[-1] + 1, device=mask.device)  # [T]: 1..T, 0 where masked below
-    return (mask.bool() * positions).argmax(dim=-1)  # [B]
 
 
 def kl_shaped_rewards(
@@ -80,7 +75,7 @@ def kl_shaped_rewards(
         kind: KL estimator, see ``kl_estimate``.
 
     Returns:
-        [B, T] rewards (dtype of ``logp``), 0 at masked positions.
+        [B, T] rewards (dtype of ``logp``), 0 at masked positions, detached (rewards are constants).
     """
     check_ndim("logp", logp, 2, "[B, T]")
     check_same_shape(logp=logp, ref_logp=ref_logp, mask=mask)
@@ -88,7 +83,8 @@ def kl_shaped_rewards(
         raise ValueError(f"scores must be [B={logp.shape[0]}], got shape {tuple(scores.shape)}")
     valid = mask.bool()
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-    rewards = torch.where(valid, -kl_coef * kl_estimate(logp, ref_logp, kind), zero)  # [B, T]
+    kl = kl_estimate(logp.detach(), ref_logp.detach(), kind)  # [B, T]
+    rewards = torch.where(valid, -kl_coef * kl, zero)  # [B, T]
     row_has_token = valid.any(dim=-1)  # [B]
     score_at_last = torch.where(row_has_token, scores.to(logp.dtype), zero).unsqueeze(-1)  # [B, 1]
     return rewards.scatter_add(-1, last_valid_index(mask).unsqueeze(-1), score_at_last)

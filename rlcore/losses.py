@@ -305,7 +305,8 @@ def dpo_loss(
     h = beta * (c - r), eps = label_smoothing and sigma the logistic function, the per-pair losses are
 
         sigmoid    -(1 - eps) log sigma(h) - eps log sigma(-h)   DPO, Rafailov et al. 2023, arXiv 2305.18290;
-                                                                 eps > 0 is conservative DPO (cDPO, Mitchell 2023)
+                                                                 eps > 0: conservative DPO (cDPO, Mitchell 2023,
+                                                                 https://ericmitchell.ai/cdpo.pdf)
         robust     (-(1 - eps) log sigma(h) + eps log sigma(-h)) / (1 - 2 eps)
                                                                  Chowdhury et al. 2024, arXiv 2403.00409;
                                                                  unbiased under label-flip rate eps < 0.5
@@ -321,7 +322,8 @@ def dpo_loss(
         apo_zero   (1 - sigma(beta c)) + sigma(beta r)           APO, D'Oosterlinck et al. 2024, arXiv 2408.06266
         apo_down   sigma(beta c) + (1 - sigma(h))                (the same paper)
 
-    and the loss is their mean over the batch. The formulas follow TRL's ``DPOTrainer``; TRL's ``ipo``
+    and the loss is their mean over the batch. The formulas follow TRL's ``DPOTrainer`` (TRL 1.x applies
+    label smoothing to ``sigmoid`` no more; its 0.x versions did, as here). TRL's ``ipo``
     divides the summed log-probs by each completion's token count before taking c - r: for ``ipo`` pass
     length-averaged log-probs (``masked_mean`` over the completion instead of ``masked_sum``). All other
     types take summed log-probs.

@@ -23,6 +23,7 @@ __all__ = [
     "masked_mean",
     "masked_var",
     "masked_whiten",
+    "last_valid_index",
 ]
 
 
@@ -151,3 +152,9 @@ def masked_whiten(
     if not shift_mean:
         whitened = whitened + mean
     return _zero_masked(whitened, mask)
+
+
+def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last position where ``mask`` is 1 in each row of a [B, T] mask (0 for an empty row)."""
+    positions = torch.arange(1, mask.shape[-1] + 1, device=mask.device)  # [T]: 1..T, 0 where masked below
+    return (mask.bool() * positions).argmax(dim=-1)  # [B]
