@@ -1,0 +1,412 @@
+"""rlcore against TRL: the same model, data, hyperparameters and budget, side by side, in one run.
+
+Three measurements, each framework in its own subprocess (so that peak memory is the process's own):
+
+1. **Seconds per optimizer step** of SFT, DPO and GRPO: the wall time between consecutive optimizer steps
+   (a global ``torch.optim`` step hook, identical for both frameworks; CUDA synchronised), median over
+   ``--timing_steps`` steps after ``--timing_warmup`` steps. Runs alternate rlcore, TRL, TRL, rlcore, ...
+   (``--rounds``), so a change of machine load hits both.
+2. **Peak memory** of the timing runs: the subprocess's peak resident set size (``ru_maxrss``: interpreter,
+   libraries, models, data, training), or ``torch.cuda.max_memory_allocated`` on CUDA.
+3. **Toy test accuracy after the same wall-clock budget**: SFT for 180 s from the untrained model, GRPO
+   for 300 s from one shared SFT checkpoint (times ``--budget_scale``); the final model of each framework
+   is saved, reloaded and scored by the same function, ``rlcore.evaluation.toy_accuracy`` (greedy, the 500
+   held-out problems). rlcore stops with ``--max_seconds``, TRL with a callback on the same clock.
+
+Both frameworks get the same settings from the tables below (the rlcore recipes' defaults): rlcore as
+command-line flags of ``recipes/{sft,dpo,grpo}.py``, TRL as ``SFTConfig`` / ``DPOConfig`` / ``GRPOConfig``
+(TRL 1.x API, the model object and tokenizer passed in, ``report_to="none"``, no vLLM). TRL's defaults
+that rlcore does not share are switched off: activation (gradient) checkpointing, and bf16 on CPU (float32 for both;
+bf16 autocast for both on CUDA). DPO trains on the dataset's pairs in both (``--no-rejected_from_policy``)
+against a frozen copy of the starting model, recomputing reference log-probs every step (TRL's default).
+GRPO: 64 completions per step, 8 per prompt, at most 8 new tokens, beta 0 (no reference model), loss
+"dapo", rewards from ``rlcore.toy.accuracy_reward`` in both.
+
+Models (``--models``): ``tiny`` (the embedded 1M-parameter Llama), ``20m`` (19M parameters, the same
+architecture and tokenizer), ``qwen0.5b`` (Qwen2.5-0.5B's shape with random weights, for a GPU). DPO and
+GRPO start from an SFT checkpoint of each model (``recipes/sft.py --max_steps --start_sft_steps``, built
+once, untimed), as in practice; ``--start_sft_steps 0`` starts them from the raw model.
+
+GPU path (``--device cuda``): bf16 autocast, rlcore's defaults (``torch.compile`` on CUDA; the first
+steps compile and are left out by ``--timing_warmup``), and GRPO with 16 prompts x 8 completions x 256 new
+tokens per step (micro-batches of 32 completions). From the raw model every completion runs to the full 256
+tokens in both frameworks.
+
+Run from the repository root, with the bench extra installed (``pip install -e ".[bench]"``):
+
+    python benchmarks/compare_trl.py --quick --models tiny --threads 1         # smoke run, ~5 min
+    python benchmarks/compare_trl.py                                          # full CPU run, ~50 min on 2 idle cores
+    python benchmarks/compare_trl.py --device cuda --models qwen0.5b --accuracy none --timing_warmup 5
+
+On a machine busy with other work, ``--threads 1``: torch's OpenMP threads spin while they wait for a core,
+and with more threads than free cores a step can take 100 times longer. The load average is printed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # rlcore from this checkout, installed or not
+
+from rlcore.config import parse_config  # noqa: E402
+
+FRAMEWORKS = ("rlcore", "trl")
+PARTS = ("sft", "dpo", "grpo")
+GOALS = {"sft": 0.8, "dpo": 0.6, "grpo": 0.33}  # target rlcore / TRL seconds per step
+ACCURACY_BUDGETS = {"sft": 180.0, "grpo": 300.0}  # seconds of training before the accuracy is measured
+
+MODEL_SHAPES = {  # overrides of rlcore.toy.tiny_config
+    "tiny": {},
+    "20m": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4),
+    "qwen0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                     num_key_value_heads=2, vocab_size=151_936, max_position_embeddings=1024),
+}
+
+# Hyperparameters given to both frameworks: the defaults of recipes/sft.py, dpo.py and grpo.py.
+COMMON = dict(grad_accum_steps=1, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0, seed=0)
+HYPERPARAMETERS = {
+    "sft": dict(COMMON, dataset="prompt_completion", lr=3e-3, lr_schedule="cosine", warmup_steps=100, adam_beta2=0.99,
+                batch_size=32, max_steps=3000, max_length=256, logging_steps=25),
+    "dpo": dict(COMMON, dataset="preference", lr=1e-4, lr_schedule="cosine", warmup_steps=10, batch_size=32,
+                max_steps=300, max_length=256, logging_steps=10, beta=0.1, loss_type="sigmoid"),
+    "grpo": dict(COMMON, dataset="prompt_only", lr=1e-4, lr_schedule="constant", warmup_steps=0, batch_size=64,
+                 max_steps=100_000, logging_steps=10, num_generations=8, max_new_tokens=8, beta=0.0,
+                 temperature=1.0, loss_type="dapo", scale_rewards="group"),
+}
+CUDA_OVERRIDES = {"grpo": dict(batch_size=32, grad_accum_steps=4, max_new_tokens=256)}  # 16 prompts x 8 x 256
+
+
+@dataclass
+class CompareConfig:
+    """rlcore against TRL: seconds per step, peak memory, accuracy at equal wall time."""
+
+    models: str = "tiny,20m"  # comma-separated: tiny, 20m, qwen0.5b
+    parts: str = "sft,dpo,grpo"  # trainers whose step time and memory are measured ("none" to skip)
+    accuracy: str = "sft,grpo"  # equal-budget accuracy comparisons to run ("none" to skip)
+    accuracy_models: str = "tiny"  # models of the accuracy comparisons
+    budget_scale: float = 1.0  # multiplies the accuracy budgets (SFT 180 s, GRPO 300 s)
+    timing_warmup: int = 3  # optimizer steps left out of the timing
+    timing_steps: int = 20  # optimizer steps timed per run
+    rounds: int = 2  # timing runs per framework, alternating (rlcore, TRL, TRL, rlcore, ...)
+    start_sft_steps: int = 300  # SFT steps of the checkpoint DPO and GRPO start from (0 = the raw model)
+    quick: bool = False  # smoke run: 1 warm-up + 3 timed steps, 1 round, budgets x0.05, a 20-step SFT start
+    device: str = "cpu"  # "cpu" or "cuda"
+    threads: int | None = None  # torch threads per subprocess (None = torch's default: every core)
+    output_dir: str = "outputs/compare_trl"  # models, runs, logs and results.json
+
+    def __post_init__(self) -> None:
+        for name, valid in (("models", MODEL_SHAPES), ("parts", PARTS), ("accuracy", ACCURACY_BUDGETS),
+                            ("accuracy_models", MODEL_SHAPES)):
+            unknown = set(_names(getattr(self, name))) - set(valid)
+            if unknown:
+                raise ValueError(f"--{name}: unknown {sorted(unknown)}; expected a comma-separated subset of {list(valid)}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.timing_steps < 1 or self.timing_warmup < 0 or self.rounds < 1 or self.budget_scale <= 0:
+            raise ValueError("--timing_steps and --rounds must be >= 1, --timing_warmup >= 0, --budget_scale > 0")
+        if self.quick:
+            self.timing_warmup, self.timing_steps, self.rounds = 1, 3, 1
+            self.budget_scale, self.start_sft_steps = 0.05, min(self.start_sft_steps, 20)
+
+
+def _names(text: str) -> list[str]:
+    return [] if text == "none" else [name.strip() for name in text.split(",") if name.strip()]
+
+
+def hyperparameters(part: str, device: str) -> dict:
+    return {**HYPERPARAMETERS[part], **(CUDA_OVERRIDES.get(part, {}) if device == "cuda" else {})}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the parent: models, subprocesses, tables
+
+
+def main(argv: list[str] | None = None) -> dict:
+    config = parse_config(CompareConfig, argv)
+    output_dir = Path(config.output_dir).resolve()
+    load_before = os.getloadavg()
+    results = {"config": dataclasses.asdict(config), "timing": [], "accuracy": []}
+    needs_start = set(_names(config.parts)) & {"dpo", "grpo"} or "grpo" in _names(config.accuracy)
+    start_dirs = {}
+    for model in dict.fromkeys(_names(config.models) + _names(config.accuracy_models)):
+        model_dir = build_model(model, output_dir / "models")
+        start_dirs[model] = (model_dir, sft_start(model, model_dir, config, output_dir) if needs_start else model_dir)
+
+    for model in _names(config.models):
+        for part in _names(config.parts):
+            start = start_dirs[model][0 if part == "sft" else 1]
+            results["timing"].append(time_part(model, part, start, config, output_dir))
+    for model in _names(config.accuracy_models):
+        for stage in _names(config.accuracy):
+            start = start_dirs[model][0 if stage == "sft" else 1]
+            results["accuracy"].append(compare_accuracy(model, stage, start, config, output_dir))
+
+    results["load_average"] = {"start": load_before, "end": os.getloadavg()}
+    print_tables(results, config)
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results: {output_dir / 'results.json'}")
+    return results
+
+
+def build_model(name: str, directory: Path) -> str:
+    """The tiny model's cached directory, or a larger model of the same architecture saved once."""
+    from rlcore.toy import tiny_model, tiny_model_dir, tiny_tokenizer
+
+    if name == "tiny":
+        return tiny_model_dir()
+    path = directory / name
+    if not (path / "config.json").exists():
+        tiny_model(**MODEL_SHAPES[name]).save_pretrained(path)
+        tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def sft_start(model: str, model_dir: str, config: CompareConfig, output_dir: Path) -> str:
+    """The shared starting checkpoint of DPO and GRPO: ``recipes/sft.py --max_steps N`` (built once)."""
+    if config.start_sft_steps == 0:
+        return model_dir
+    path = output_dir / "models" / f"{model}-sft{config.start_sft_steps}"
+    if not (path / "config.json").exists():
+        print(f"[{model}] SFT start checkpoint: {config.start_sft_steps} steps of recipes/sft.py", flush=True)
+        argv = rlcore_flags("sft", hyperparameters("sft", config.device), model_dir, str(path), config.device)
+        argv += ["--max_steps", str(config.start_sft_steps), "--eval_split", "none"]
+        run_logged([sys.executable, str(REPO / "recipes" / "sft.py"), *argv], output_dir / "logs" / f"{path.name}.log", config)
+    return str(path)
+
+
+def time_part(model: str, part: str, model_dir: str, config: CompareConfig, output_dir: Path) -> dict:
+    """Seconds per step (median of the pooled timed steps) and peak memory of each framework."""
+    step_seconds = {name: [] for name in FRAMEWORKS}
+    peak_mib = {name: [] for name in FRAMEWORKS}
+    for round_index in range(config.rounds):
+        for framework in FRAMEWORKS if round_index % 2 == 0 else FRAMEWORKS[::-1]:
+            print(f"[{model}] {part}: {framework} timing run {round_index + 1}/{config.rounds}", flush=True)
+            spec = dict(framework=framework, part=part, model_dir=model_dir, device=config.device,
+                        threads=config.threads, hyper=hyperparameters(part, config.device),
+                        steps=config.timing_warmup + config.timing_steps + 1, budget_seconds=None)
+            result = run_worker(spec, output_dir / "runs" / f"{model}-{part}-{framework}-time{round_index}", config)
+            step_seconds[framework] += result["step_seconds"][config.timing_warmup:]
+            peak_mib[framework].append(result["peak_mib"])
+    row = {"model": model, "part": part, "load_1min": os.getloadavg()[0]}
+    for framework in FRAMEWORKS:
+        row[f"{framework}_step_s"] = statistics.median(step_seconds[framework])
+        row[f"{framework}_peak_mib"] = max(peak_mib[framework])
+    row["ratio"] = row["rlcore_step_s"] / row["trl_step_s"]
+    return row
+
+
+def compare_accuracy(model: str, stage: str, model_dir: str, config: CompareConfig, output_dir: Path) -> dict:
+    """Toy test accuracy of each framework after the same training wall time from the same model."""
+    budget = ACCURACY_BUDGETS[stage] * config.budget_scale
+    row = {"model": model, "stage": stage, "budget_s": budget}
+    for framework in FRAMEWORKS:
+        print(f"[{model}] {stage}: {framework} for {budget:.0f} s of training", flush=True)
+        spec = dict(framework=framework, part=stage, model_dir=model_dir, device=config.device, threads=config.threads,
+                    hyper=hyperparameters(stage, config.device), steps=None, budget_seconds=budget)
+        result = run_worker(spec, output_dir / "runs" / f"{model}-{stage}-{framework}-budget", config)
+        row[f"{framework}_steps"], row[f"{framework}_accuracy"] = result["steps"], result["accuracy"]
+    return row
+
+
+def run_worker(spec: dict, run_dir: Path, config: CompareConfig) -> dict:
+    """Run one measured training in a fresh python process; return what it wrote to result.json."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "result.json").unlink(missing_ok=True)
+    (run_dir / "spec.json").write_text(json.dumps({**spec, "output_dir": str(run_dir / "model")}, indent=2))
+    run_logged([sys.executable, __file__, "--worker", str(run_dir)], run_dir / "worker.log", config)
+    return json.loads((run_dir / "result.json").read_text())
+
+
+def run_logged(command: list[str], log_path: Path, config: CompareConfig) -> None:
+    """Run ``command`` with its output in ``log_path``; on failure, show the log's tail and stop."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    if config.threads is not None:
+        env["OMP_NUM_THREADS"] = str(config.threads)
+    with log_path.open("w") as log:
+        finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    if finished.returncode != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
+        raise RuntimeError(f"{' '.join(command)} failed (exit {finished.returncode}); end of {log_path}:\n{tail}")
+
+
+def print_tables(results: dict, config: CompareConfig) -> None:
+    import torch
+    import transformers
+    import trl
+
+    threads = config.threads or torch.get_num_threads()
+    load = results["load_average"]
+    print(f"\nrlcore vs TRL {trl.__version__} | torch {torch.__version__}, transformers {transformers.__version__} | "
+          f"device {config.device}, {os.cpu_count()} CPUs, {threads} torch threads per run | load average (1, 5, 15 min) "
+          f"{_load(load['start'])} at start, {_load(load['end'])} at end")
+    if results["timing"]:
+        memory = "peak CUDA MiB" if config.device == "cuda" else "peak RSS MiB"
+        print(f"\nseconds per optimizer step: median of {config.timing_steps * config.rounds} steps after "
+              f"{config.timing_warmup} warm-up steps per run, {config.rounds} run(s) each, interleaved\n")
+        print(f"{'model':<9} {'part':<5} {'rlcore s':>9} {'TRL s':>9} {'rlcore/TRL':>10} {'goal':>6}  "
+              f"{'rlcore ' + memory:>20} {'TRL ' + memory:>18} {'load':>5}")
+        for row in results["timing"]:
+            goal = GOALS[row["part"]]
+            verdict = "ok" if row["ratio"] <= goal else "MISS"
+            print(f"{row['model']:<9} {row['part']:<5} {row['rlcore_step_s']:>9.4f} {row['trl_step_s']:>9.4f} "
+                  f"{row['ratio']:>10.2f} {'<=' + str(goal):>6} {verdict:<4}{row['rlcore_peak_mib']:>16.0f} "
+                  f"{row['trl_peak_mib']:>18.0f} {row['load_1min']:>5.1f}")
+    if results["accuracy"]:
+        print("\ntoy test accuracy (500 held-out problems, greedy) after the same training wall time\n")
+        print(f"{'model':<9} {'stage':<22} {'budget s':>8} {'rlcore steps':>12} {'rlcore acc':>10} "
+              f"{'TRL steps':>10} {'TRL acc':>8}")
+        for row in results["accuracy"]:
+            stage = "sft (untrained start)" if row["stage"] == "sft" else f"grpo (from SFT {config.start_sft_steps})"
+            print(f"{row['model']:<9} {stage:<22} {row['budget_s']:>8.0f} {row['rlcore_steps']:>12} "
+                  f"{row['rlcore_accuracy']:>10.3f} {row['trl_steps']:>10} {row['trl_accuracy']:>8.3f}")
+    print()
+
+
+def _load(values) -> str:
+    return ", ".join(f"{value:.1f}" for value in values)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the worker: one training run in its own process
+
+
+def worker(run_dir: Path) -> None:
+    """Train as ``run_dir/spec.json`` says, timing every optimizer step; write ``run_dir/result.json``."""
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    spec = json.loads((run_dir / "spec.json").read_text())
+    if spec["threads"] is not None:
+        torch.set_num_threads(spec["threads"])
+    cuda = spec["device"] == "cuda"
+    step_ends: list[float] = []
+
+    def record_step(optimizer, args, kwargs) -> None:
+        if cuda:
+            torch.cuda.synchronize()
+        step_ends.append(time.perf_counter())
+
+    register_optimizer_step_post_hook(record_step)
+    train = train_rlcore if spec["framework"] == "rlcore" else train_trl
+    train(spec)
+    if cuda:
+        peak_mib = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    result = {"steps": len(step_ends), "step_seconds": [b - a for a, b in zip(step_ends, step_ends[1:])], "peak_mib": peak_mib}
+    if spec["budget_seconds"] is not None:
+        result["accuracy"] = toy_test_accuracy(spec["output_dir"], spec["device"])
+    (run_dir / "result.json").write_text(json.dumps(result))
+
+
+def toy_test_accuracy(model_dir: str, device: str) -> float:
+    """The one scoring function for both frameworks: greedy exact match on the toy test split."""
+    from rlcore.evaluation import toy_accuracy
+    from rlcore.models import load_policy
+    from rlcore.toy import toy_dataset
+
+    model, tokenizer = load_policy(model_dir, device=device)
+    return toy_accuracy(model, tokenizer, toy_dataset("prompt_only", "test"), batch_size=64, max_new_tokens=8)
+
+
+def rlcore_flags(part: str, hyper: dict, model_dir: str, output_dir: str, device: str) -> list[str]:
+    """The command line of ``recipes/<part>.py`` for these hyperparameters (evaluation off)."""
+    flags = dict(model=model_dir, output_dir=output_dir, device=device, bf16=device == "cuda",
+                 dataset=f"toy:{hyper['dataset']}", eval_split="none", eval_steps=0, max_seconds="none")
+    flags.update((key, value) for key, value in hyper.items() if key != "dataset")
+    if part in ("dpo", "grpo"):
+        flags["warm_start_steps"] = 0  # the model given is the start
+    if part == "dpo":
+        flags["rejected_from_policy"] = False  # the dataset's pairs, as TRL trains on
+    argv = []
+    for key, value in flags.items():
+        argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return argv
+
+
+def train_rlcore(spec: dict) -> None:
+    """``main(argv)`` of the rlcore recipe, imported from recipes/<part>.py."""
+    part, hyper = spec["part"], dict(spec["hyper"])
+    if spec["steps"] is not None:
+        hyper["max_steps"] = spec["steps"]
+    argv = rlcore_flags(part, hyper, spec["model_dir"], spec["output_dir"], spec["device"])
+    if spec["budget_seconds"] is not None:
+        argv += ["--max_seconds", str(spec["budget_seconds"])]
+    module_name = f"rlcore_recipe_{part}"
+    module_spec = importlib.util.spec_from_file_location(module_name, REPO / "recipes" / f"{part}.py")
+    recipe = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = recipe  # dataclasses look their module up while the class is built
+    module_spec.loader.exec_module(recipe)
+    recipe.main(argv)
+
+
+def train_trl(spec: dict) -> None:
+    """The same training with TRL's trainer for the part."""
+    import trl
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    from rlcore.toy import accuracy_reward, toy_dataset
+
+    part, hyper, cuda = spec["part"], spec["hyper"], spec["device"] == "cuda"
+    budget = spec["budget_seconds"]
+
+    class StopAfter(TrainerCallback):
+        """Stop training once ``budget`` seconds have passed since training began (rlcore's --max_seconds)."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if budget is not None and time.perf_counter() - self.started >= budget:
+                control.should_training_stop = True
+
+    common = dict(
+        output_dir=spec["output_dir"], max_steps=spec["steps"] or hyper["max_steps"],
+        per_device_train_batch_size=hyper["batch_size"], gradient_accumulation_steps=hyper["grad_accum_steps"],
+        learning_rate=hyper["lr"], lr_scheduler_type=hyper["lr_schedule"], warmup_steps=hyper["warmup_steps"],
+        adam_beta1=hyper["adam_beta1"], adam_beta2=hyper["adam_beta2"], weight_decay=hyper["weight_decay"],
+        max_grad_norm=hyper["max_grad_norm"], logging_steps=hyper["logging_steps"], seed=hyper["seed"],
+        bf16=cuda, use_cpu=not cuda, activation_checkpointing=False, report_to="none", save_strategy="no",
+        disable_tqdm=True,
+    )
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"])
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    train_rows = toy_dataset(hyper["dataset"], "train")
+    if part == "sft":
+        args = trl.SFTConfig(**common, max_length=hyper["max_length"], completion_only_loss=True, packing=False)
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train_rows, processing_class=tokenizer)
+    elif part == "dpo":
+        args = trl.DPOConfig(**common, max_length=hyper["max_length"], beta=hyper["beta"], loss_type=[hyper["loss_type"]],
+                             precompute_ref_log_probs=False)
+        reference = AutoModelForCausalLM.from_pretrained(spec["model_dir"])
+        trainer = trl.DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=train_rows, processing_class=tokenizer)
+    else:
+        args = trl.GRPOConfig(**common, num_generations=hyper["num_generations"], max_completion_length=hyper["max_new_tokens"],
+                              beta=hyper["beta"], temperature=hyper["temperature"], loss_type=hyper["loss_type"],
+                              scale_rewards=hyper["scale_rewards"], num_iterations=1, top_k=0, top_p=1.0)
+        trainer = trl.GRPOTrainer(model=model, reward_funcs=[accuracy_reward], args=args, train_dataset=train_rows,
+                                  processing_class=tokenizer)
+    trainer.add_callback(StopAfter())
+    trainer.train()
+    if budget is not None:
+        trainer.save_model(spec["output_dir"])
+        tokenizer.save_pretrained(spec["output_dir"])
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        worker(Path(sys.argv[2]))
+    else:
+        main()
