@@ -235,7 +235,10 @@ def _check_value(value: Any, annotation: Any, name: str, source: str) -> Any:
         return None
     base = _base_type(annotation)
     if isinstance(value, str) and base is not str:
-        return _convert(value, annotation, name)
+        try:
+            return _convert(value, annotation, name)
+        except argparse.ArgumentTypeError as error:
+            raise ValueError(f"{source}: {error}") from None
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):

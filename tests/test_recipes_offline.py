@@ -1,0 +1,215 @@
+"""The offline recipes (SFT, reward model, DPO): end to end on tiny budgets, accumulation, resume, options."""
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from rlcore import DPO_LOSS_TYPES
+from rlcore.toy import tiny_model_dir
+from rlcore.tracking import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_RUN = ["--num_train_rows", "64", "--num_eval_rows", "16", "--max_seconds", "none", "--logging_steps", "1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        cache = tmp_path_factory.mktemp("rlcore-cache")
+        patch.setenv("RLCORE_CACHE", str(cache))
+        yield cache
+
+
+def load_recipe(name: str):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(name: str, *args: str) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, str(REPO / "recipes" / f"{name}.py"), *args], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def train_losses(output_dir: Path) -> list[float]:
+    return [record["loss"] for record in read_metrics(output_dir / "metrics.jsonl") if "loss" in record]
+
+
+def weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "model.safetensors")
+
+
+def assert_same_weights(first: Path, second: Path, atol: float) -> None:
+    a, b = weights(first), weights(second)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
+
+
+# ---------------------------------------------------------------- end to end (subprocess, the way users run them)
+
+
+def test_sft_end_to_end(tmp_path):
+    run_script("sft", "--output_dir", str(tmp_path), "--max_steps", "40", "--batch_size", "16", "--lr", "1e-3",
+               "--warmup_steps", "5", "--eval_steps", "20", *SMALL_RUN)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    losses = train_losses(tmp_path)
+    assert len(losses) == 40 and sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+    assert {"step", "loss", "token_accuracy", "grad_norm", "lr"} <= records[0].keys()
+    evaluations = [r for r in records if "eval/accuracy" in r]
+    assert [r["step"] for r in evaluations] == [20, 40] and all("eval/loss" in r for r in evaluations)
+    assert evaluations[-1]["eval/loss"] < evaluations[0]["eval/loss"]
+    assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "run_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert model.generate(torch.tensor([[22, 23, 16, 22, 24, 34]]), max_new_tokens=2, do_sample=False).shape == (1, 8)
+
+
+def test_reward_model_end_to_end(tmp_path):
+    run_script("reward_model", "--output_dir", str(tmp_path), "--warm_start_steps", "0", "--max_steps", "40",
+               "--batch_size", "16", "--eval_steps", "0", *SMALL_RUN)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    losses = train_losses(tmp_path)
+    assert len(losses) == 40 and sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
+    assert {"loss", "accuracy", "margin_mean", "chosen_mean", "rejected_mean"} <= records[0].keys()
+    assert {"eval/accuracy", "eval/margin"} <= records[-1].keys()
+    assert (tmp_path / "curves.png").exists()
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    assert model.config.num_labels == 1 and model.config.pad_token_id is not None
+
+
+def test_dpo_end_to_end(tmp_path):
+    run_script("dpo", "--output_dir", str(tmp_path), "--warm_start_steps", "0", "--max_steps", "20",
+               "--batch_size", "16", "--lr", "1e-3", "--eval_steps", "0", *SMALL_RUN)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    losses = train_losses(tmp_path)
+    assert losses[0] == pytest.approx(0.6931, abs=0.01)  # log 2: policy == reference at step 1
+    assert sum(losses[-5:]) / 5 < 0.5 * losses[0]
+    train_records = [r for r in records if "loss" in r]
+    assert {"rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"} <= train_records[0].keys()
+    assert train_records[-1]["rewards/accuracies"] > 0.9
+    assert [r["step"] for r in records if "eval/accuracy" in r] == [0, 20]  # before and after
+    assert (tmp_path / "curves.png").exists()
+    AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------- gradient accumulation
+
+
+@pytest.mark.parametrize("recipe, extra", [
+    ("sft", []),
+    ("dpo", ["--warm_start_steps", "0", "--no-rejected_from_policy"]),
+    ("reward_model", ["--warm_start_steps", "0"]),
+])
+def test_accumulation_gives_the_large_batch_update(tmp_path, recipe, extra):
+    main = load_recipe(recipe).main
+    common = ["--max_steps", "1", "--lr", "1e-2", "--warmup_steps", "0", "--eval_split", "none", *SMALL_RUN, *extra]
+    main(["--output_dir", str(tmp_path / "large"), "--batch_size", "8", "--grad_accum_steps", "1", *common])
+    main(["--output_dir", str(tmp_path / "small"), "--batch_size", "2", "--grad_accum_steps", "4", *common])
+    large, small = (read_metrics(tmp_path / name / "metrics.jsonl")[0] for name in ("large", "small"))
+    assert small["loss"] == pytest.approx(large["loss"], rel=1e-6)
+    assert small["grad_norm"] == pytest.approx(large["grad_norm"], rel=1e-5)  # the same gradient, before clipping
+    # Adam's first step is lr * g / (|g| + eps), about lr * sign(g): float noise flips the few weights whose
+    # gradient is ~eps, so compare the whole update: |update_large - update_small| / |update_large|.
+    start = load_file(Path(tiny_model_dir()) / "model.safetensors")
+    large, small = weights(tmp_path / "large"), weights(tmp_path / "small")
+    difference = sum(((large[k] - small[k]) ** 2).sum() for k in start)
+    update = sum(((large[k] - start[k]) ** 2).sum() for k in start)
+    assert update > 0 and (difference / update).sqrt() < 1e-3
+
+
+# ---------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("recipe, extra", [
+    ("sft", ["--lora_r", "4", "--lora_dropout", "0.2"]),  # dropout draws random numbers: the RNG state matters
+    ("dpo", ["--warm_start_steps", "0", "--no-rejected_from_policy"]),  # the reference stays the starting policy
+])
+def test_resume_equals_uninterrupted(tmp_path, recipe, extra):
+    main = load_recipe(recipe).main
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ["--max_steps", "6", "--batch_size", "4", "--lr", "1e-3", "--save_steps", "3", "--save_total_limit", "0",
+              "--eval_split", "none", *SMALL_RUN, *extra]
+    main(["--output_dir", str(straight), *common])
+    # The interrupted run: what the straight run had on disk when it wrote checkpoint-3 (plus later records).
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
+    shutil.copy(straight / "metrics.jsonl", resumed / "metrics.jsonl")
+    main(["--output_dir", str(resumed), "--resume", *common])
+    expected, found = train_losses(straight), train_losses(resumed)
+    assert len(expected) == len(found) == 6
+    assert found == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    assert_same_weights(straight, resumed, atol=1e-6)
+
+
+# ---------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "exo_pair"])  # summed, averaged, smoothed: the recipe's paths
+def test_dpo_loss_types_train(tmp_path, loss_type):
+    assert loss_type in DPO_LOSS_TYPES  # every type is checked against hand values in test_losses.py
+    smoothing = ["--label_smoothing", "0.1"] if loss_type in ("exo_pair", "robust") else []
+    load_recipe("dpo").main(["--output_dir", str(tmp_path), "--loss_type", loss_type, *smoothing, "--max_steps", "2",
+                             "--batch_size", "4", "--warm_start_steps", "0", "--no-rejected_from_policy",
+                             "--eval_split", "none", *SMALL_RUN])
+    losses = train_losses(tmp_path)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_dpo_precomputed_reference_matches_the_live_one(tmp_path):
+    main = load_recipe("dpo").main
+    common = ["--max_steps", "2", "--batch_size", "4", "--warm_start_steps", "0", "--no-rejected_from_policy",
+              "--eval_split", "none", *SMALL_RUN]
+    main(["--output_dir", str(tmp_path / "live"), *common])
+    main(["--output_dir", str(tmp_path / "precomputed"), "--precompute_ref", *common])
+    assert train_losses(tmp_path / "live") == pytest.approx(train_losses(tmp_path / "precomputed"), abs=1e-6)
+    assert_same_weights(tmp_path / "live", tmp_path / "precomputed", atol=1e-6)
+
+
+def test_dpo_with_lora_and_policy_rejections(tmp_path, capsys):
+    results = load_recipe("dpo").main(["--output_dir", str(tmp_path), "--lora_r", "4", "--max_steps", "2",
+                                       "--batch_size", "4", "--warm_start_steps", "0", *SMALL_RUN])
+    assert "the starting policy is wrong on 64 of 64 training prompts" in capsys.readouterr().out
+    assert set(results) == {"eval/accuracy"}
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    AutoModelForCausalLM.from_pretrained(tmp_path)  # the merged model
+
+
+@pytest.mark.parametrize("dataset, extra", [
+    ("toy:prompt_completion", ["--packing", "--max_length", "64"]),
+    ("toy:conversational", []),
+    ("toy:language_modeling", []),
+])
+def test_sft_data_variants(tmp_path, dataset, extra):
+    results = load_recipe("sft").main(["--output_dir", str(tmp_path), "--dataset", dataset, "--max_steps", "3",
+                                       "--batch_size", "4", *SMALL_RUN, *extra])
+    assert len(train_losses(tmp_path)) == 3 and "eval/loss" in results
+    assert ("eval/accuracy" in results) == (dataset != "toy:language_modeling")  # text rows have no prompt
+
+
+# ---------------------------------------------------------------- the embedded defaults (minutes each)
+
+
+@pytest.mark.slow
+def test_sft_default_learns_addition(tmp_path):
+    run_script("sft", "--output_dir", str(tmp_path))
+    final = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "eval/accuracy" in r][-1]
+    assert final["eval/accuracy"] >= 0.5
+
+
+@pytest.mark.slow
+def test_dpo_improves_its_sft_start(tmp_path):
+    run_script("dpo", "--output_dir", str(tmp_path))
+    accuracy = [r["eval/accuracy"] for r in read_metrics(tmp_path / "metrics.jsonl") if "eval/accuracy" in r]
+    assert accuracy[-1] > accuracy[0]
