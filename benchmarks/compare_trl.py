@@ -2,10 +2,13 @@
 
 Three measurements, each framework in its own subprocess (so that peak memory is the process's own):
 
-1. **Seconds per optimizer step** of SFT, DPO and GRPO: the wall time between consecutive optimizer steps
-   (a global ``torch.optim`` step hook, identical for both frameworks; CUDA synchronised), median over
-   ``--timing_steps`` steps after ``--timing_warmup`` steps. Runs alternate rlcore, TRL, TRL, rlcore, ...
-   (``--rounds``), so a change of machine load hits both.
+1. **Seconds per training step** (one optimizer step; for GRPO, sampling included) of SFT, DPO and GRPO:
+   the wall time between the ends of consecutive steps (rlcore: the recipe hands the step's metrics to its
+   ``Tracker``; TRL: the ``on_step_end`` callback; CUDA synchronised), median over ``--timing_steps``
+   steps after ``--timing_warmup`` steps. Runs alternate rlcore, TRL, TRL, rlcore, ... (``--rounds``), so a
+   change of machine load hits both. For GRPO the table also shows the mean reward of the timed steps: the
+   two are comparable when their policies succeed about as often (rlcore skips the backward pass of groups
+   whose rewards are all equal, which carry no gradient when beta is 0).
 2. **Peak memory** of the timing runs: the subprocess's peak resident set size (``ru_maxrss``: interpreter,
    libraries, models, data, training), or ``torch.cuda.max_memory_allocated`` on CUDA.
 3. **Toy test accuracy after the same wall-clock budget**: SFT for 180 s from the untrained model, GRPO
@@ -13,19 +16,21 @@ Three measurements, each framework in its own subprocess (so that peak memory is
    is saved, reloaded and scored by the same function, ``rlcore.evaluation.toy_accuracy`` (greedy, the 500
    held-out problems). rlcore stops with ``--max_seconds``, TRL with a callback on the same clock.
 
-Both frameworks get the same settings from the tables below (the rlcore recipes' defaults): rlcore as
-command-line flags of ``recipes/{sft,dpo,grpo}.py``, TRL as ``SFTConfig`` / ``DPOConfig`` / ``GRPOConfig``
-(TRL 1.x API, the model object and tokenizer passed in, ``report_to="none"``, no vLLM). TRL's defaults
-that rlcore does not share are switched off: activation (gradient) checkpointing, and bf16 on CPU (float32 for both;
-bf16 autocast for both on CUDA). DPO trains on the dataset's pairs in both (``--no-rejected_from_policy``)
-against a frozen copy of the starting model, recomputing reference log-probs every step (TRL's default).
-GRPO: 64 completions per step, 8 per prompt, at most 8 new tokens, beta 0 (no reference model), loss
-"dapo", rewards from ``rlcore.toy.accuracy_reward`` in both.
+Both frameworks get the same settings: the defaults of the rlcore recipes' config dataclasses (read at run
+time, listed under "settings" in results.json): learning rate and schedule, warmup, AdamW betas, weight
+decay, gradient clipping, batch size, steps, sequence and completion lengths, beta, loss type. rlcore gets
+them as command-line flags of ``recipes/{sft,dpo,grpo}.py``, TRL as ``SFTConfig`` / ``DPOConfig`` /
+``GRPOConfig`` (TRL 1.x API, the model object and tokenizer passed in, ``report_to="none"``, no vLLM).
+TRL's defaults that rlcore does not share are switched off: activation (gradient) checkpointing, and bf16
+on CPU (float32 for both; bf16 autocast for both on CUDA). DPO trains on the dataset's pairs in both
+(``--no-rejected_from_policy``) against a frozen copy of the starting model, recomputing reference
+log-probs every step (TRL's default). GRPO (recipe defaults): 64 completions per step, 8 per prompt, at
+most 8 new tokens, beta 0 (no reference model), loss "dapo", rewards from ``rlcore.toy.accuracy_reward``.
 
 Models (``--models``): ``tiny`` (the embedded 1M-parameter Llama), ``20m`` (19M parameters, the same
 architecture and tokenizer), ``qwen0.5b`` (Qwen2.5-0.5B's shape with random weights, for a GPU). DPO and
-GRPO start from an SFT checkpoint of each model (``recipes/sft.py --max_steps --start_sft_steps``, built
-once, untimed), as in practice; ``--start_sft_steps 0`` starts them from the raw model.
+GRPO start from an SFT checkpoint of each model (``recipes/sft.py --max_steps N``, N = ``--start_sft_steps``,
+built once, untimed), as in practice; ``--start_sft_steps 0`` starts them from the raw model.
 
 GPU path (``--device cuda``): bf16 autocast, rlcore's defaults (``torch.compile`` on CUDA; the first
 steps compile and are left out by ``--timing_warmup``), and GRPO with 16 prompts x 8 completions x 256 new
@@ -36,7 +41,7 @@ Run from the repository root, with the bench extra installed (``pip install -e "
 
     python benchmarks/compare_trl.py --quick --models tiny --threads 1         # smoke run, ~5 min
     python benchmarks/compare_trl.py                                          # full CPU run, ~50 min on 2 idle cores
-    python benchmarks/compare_trl.py --device cuda --models qwen0.5b --accuracy none --timing_warmup 5
+    python benchmarks/compare_trl.py --device cuda --models qwen0.5b --accuracy none --start_sft_steps 0 --timing_warmup 5
 
 On a machine busy with other work, ``--threads 1``: torch's OpenMP threads spin while they wait for a core,
 and with more threads than free cores a step can take 100 times longer. The load average is printed.
@@ -73,16 +78,14 @@ MODEL_SHAPES = {  # overrides of rlcore.toy.tiny_config
                      num_key_value_heads=2, vocab_size=151_936, max_position_embeddings=1024),
 }
 
-# Hyperparameters given to both frameworks: the defaults of recipes/sft.py, dpo.py and grpo.py.
-COMMON = dict(grad_accum_steps=1, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0, seed=0)
-HYPERPARAMETERS = {
-    "sft": dict(COMMON, dataset="prompt_completion", lr=3e-3, lr_schedule="cosine", warmup_steps=100, adam_beta2=0.99,
-                batch_size=32, max_steps=3000, max_length=256, logging_steps=25),
-    "dpo": dict(COMMON, dataset="preference", lr=1e-4, lr_schedule="cosine", warmup_steps=10, batch_size=32,
-                max_steps=300, max_length=256, logging_steps=10, beta=0.1, loss_type="sigmoid"),
-    "grpo": dict(COMMON, dataset="prompt_only", lr=1e-4, lr_schedule="constant", warmup_steps=0, batch_size=64,
-                 max_steps=100_000, logging_steps=10, num_generations=8, max_new_tokens=8, beta=0.0,
-                 temperature=1.0, loss_type="dapo", scale_rewards="group"),
+# The settings given to both frameworks: the defaults of the rlcore recipes' config dataclasses, read at run time.
+RECIPE_CONFIGS = {"sft": "SFTConfig", "dpo": "DPOConfig", "grpo": "GRPOConfig"}
+SHARED_SETTINGS = ("dataset", "lr", "lr_schedule", "warmup_steps", "adam_beta1", "adam_beta2", "weight_decay", "max_grad_norm",
+                   "batch_size", "grad_accum_steps", "max_steps", "logging_steps", "seed")
+PART_SETTINGS = {
+    "sft": ("max_length",),
+    "dpo": ("max_length", "beta", "loss_type"),
+    "grpo": ("num_generations", "max_new_tokens", "beta", "temperature", "loss_type", "scale_rewards"),
 }
 CUDA_OVERRIDES = {"grpo": dict(batch_size=32, grad_accum_steps=4, max_new_tokens=256)}  # 16 prompts x 8 x 256
 
@@ -125,7 +128,24 @@ def _names(text: str) -> list[str]:
 
 
 def hyperparameters(part: str, device: str) -> dict:
-    return {**HYPERPARAMETERS[part], **(CUDA_OVERRIDES.get(part, {}) if device == "cuda" else {})}
+    """The recipe's default settings that both frameworks are given (with the GPU path's overrides)."""
+    defaults = dataclasses.asdict(parse_config(getattr(import_recipe(part), RECIPE_CONFIGS[part]), []))
+    settings = {name: defaults[name] for name in SHARED_SETTINGS + PART_SETTINGS[part]}
+    if not settings["dataset"].startswith("toy:"):
+        raise ValueError(f"recipes/{part}.py's default dataset is {settings['dataset']!r}; this benchmark needs a toy dataset")
+    settings["dataset"] = settings["dataset"].removeprefix("toy:")
+    return {**settings, **(CUDA_OVERRIDES.get(part, {}) if device == "cuda" else {})}
+
+
+def import_recipe(part: str):
+    """The module recipes/<part>.py (recipes are scripts, not a package)."""
+    module_name = f"rlcore_recipe_{part}"
+    if module_name not in sys.modules:
+        module_spec = importlib.util.spec_from_file_location(module_name, REPO / "recipes" / f"{part}.py")
+        recipe = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = recipe  # dataclasses look their module up while the class is built
+        module_spec.loader.exec_module(recipe)
+    return sys.modules[module_name]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -136,21 +156,24 @@ def main(argv: list[str] | None = None) -> dict:
     config = parse_config(CompareConfig, argv)
     output_dir = Path(config.output_dir).resolve()
     load_before = os.getloadavg()
-    results = {"config": dataclasses.asdict(config), "timing": [], "accuracy": []}
-    needs_start = set(_names(config.parts)) & {"dpo", "grpo"} or "grpo" in _names(config.accuracy)
-    start_dirs = {}
-    for model in dict.fromkeys(_names(config.models) + _names(config.accuracy_models)):
+    results = {"config": dataclasses.asdict(config), "settings": {}, "timing": [], "accuracy": []}
+    timed = [(model, part) for model in _names(config.models) for part in _names(config.parts)]
+    scored = [(model, stage) for model in _names(config.accuracy_models) for stage in _names(config.accuracy)]
+    start_dirs = {}  # model -> {"raw": its directory, "sft": the SFT checkpoint DPO and GRPO start from}
+    for model in dict.fromkeys(model for model, _ in timed + scored):
         model_dir = build_model(model, output_dir / "models")
-        start_dirs[model] = (model_dir, sft_start(model, model_dir, config, output_dir) if needs_start else model_dir)
+        needs_sft = any(name == model and part != "sft" for name, part in timed + scored)
+        start_dirs[model] = {"raw": model_dir, "sft": sft_start(model, model_dir, config, output_dir) if needs_sft else None}
 
-    for model in _names(config.models):
-        for part in _names(config.parts):
-            start = start_dirs[model][0 if part == "sft" else 1]
-            results["timing"].append(time_part(model, part, start, config, output_dir))
-    for model in _names(config.accuracy_models):
-        for stage in _names(config.accuracy):
-            start = start_dirs[model][0 if stage == "sft" else 1]
-            results["accuracy"].append(compare_accuracy(model, stage, start, config, output_dir))
+    settings = results["settings"]
+    for part in dict.fromkeys(part for _, part in timed + scored):
+        settings[part] = hyperparameters(part, config.device)
+    for model, part in timed:
+        start = start_dirs[model]["raw" if part == "sft" else "sft"]
+        results["timing"].append(time_part(model, part, start, settings[part], config, output_dir))
+    for model, stage in scored:
+        start = start_dirs[model]["raw" if stage == "sft" else "sft"]
+        results["accuracy"].append(compare_accuracy(model, stage, start, settings[stage], config, output_dir))
 
     results["load_average"] = {"start": load_before, "end": os.getloadavg()}
     print_tables(results, config)
@@ -185,35 +208,37 @@ def sft_start(model: str, model_dir: str, config: CompareConfig, output_dir: Pat
     return str(path)
 
 
-def time_part(model: str, part: str, model_dir: str, config: CompareConfig, output_dir: Path) -> dict:
+def time_part(model: str, part: str, model_dir: str, settings: dict, config: CompareConfig, output_dir: Path) -> dict:
     """Seconds per step (median of the pooled timed steps) and peak memory of each framework."""
-    step_seconds = {name: [] for name in FRAMEWORKS}
-    peak_mib = {name: [] for name in FRAMEWORKS}
+    step_seconds, peak_mib, rewards = ({name: [] for name in FRAMEWORKS} for _ in range(3))
     for round_index in range(config.rounds):
         for framework in FRAMEWORKS if round_index % 2 == 0 else FRAMEWORKS[::-1]:
             print(f"[{model}] {part}: {framework} timing run {round_index + 1}/{config.rounds}", flush=True)
             spec = dict(framework=framework, part=part, model_dir=model_dir, device=config.device,
-                        threads=config.threads, hyper=hyperparameters(part, config.device),
+                        threads=config.threads, hyper=settings,
                         steps=config.timing_warmup + config.timing_steps + 1, budget_seconds=None)
             result = run_worker(spec, output_dir / "runs" / f"{model}-{part}-{framework}-time{round_index}", config)
             step_seconds[framework] += result["step_seconds"][config.timing_warmup:]
             peak_mib[framework].append(result["peak_mib"])
+            if result["mean_reward"] is not None:
+                rewards[framework].append(result["mean_reward"])
     row = {"model": model, "part": part, "load_1min": os.getloadavg()[0]}
     for framework in FRAMEWORKS:
         row[f"{framework}_step_s"] = statistics.median(step_seconds[framework])
         row[f"{framework}_peak_mib"] = max(peak_mib[framework])
+        row[f"{framework}_reward"] = statistics.fmean(rewards[framework]) if rewards[framework] else None
     row["ratio"] = row["rlcore_step_s"] / row["trl_step_s"]
     return row
 
 
-def compare_accuracy(model: str, stage: str, model_dir: str, config: CompareConfig, output_dir: Path) -> dict:
+def compare_accuracy(model: str, stage: str, model_dir: str, settings: dict, config: CompareConfig, output_dir: Path) -> dict:
     """Toy test accuracy of each framework after the same training wall time from the same model."""
     budget = ACCURACY_BUDGETS[stage] * config.budget_scale
     row = {"model": model, "stage": stage, "budget_s": budget}
     for framework in FRAMEWORKS:
         print(f"[{model}] {stage}: {framework} for {budget:.0f} s of training", flush=True)
         spec = dict(framework=framework, part=stage, model_dir=model_dir, device=config.device, threads=config.threads,
-                    hyper=hyperparameters(stage, config.device), steps=None, budget_seconds=budget)
+                    hyper=settings, steps=None, budget_seconds=budget)
         result = run_worker(spec, output_dir / "runs" / f"{model}-{stage}-{framework}-budget", config)
         row[f"{framework}_steps"], row[f"{framework}_accuracy"] = result["steps"], result["accuracy"]
     return row
@@ -249,32 +274,32 @@ def print_tables(results: dict, config: CompareConfig) -> None:
     threads = config.threads or torch.get_num_threads()
     load = results["load_average"]
     print(f"\nrlcore vs TRL {trl.__version__} | torch {torch.__version__}, transformers {transformers.__version__} | "
-          f"device {config.device}, {os.cpu_count()} CPUs, {threads} torch threads per run | load average (1, 5, 15 min) "
-          f"{_load(load['start'])} at start, {_load(load['end'])} at end")
+          f"device {config.device}, {os.cpu_count()} CPUs, {threads} torch threads per run\n"
+          f"load average (1, 5, 15 min): {_numbers(load['start'])} at start, {_numbers(load['end'])} at end")
     if results["timing"]:
-        memory = "peak CUDA MiB" if config.device == "cuda" else "peak RSS MiB"
-        print(f"\nseconds per optimizer step: median of {config.timing_steps * config.rounds} steps after "
-              f"{config.timing_warmup} warm-up steps per run, {config.rounds} run(s) each, interleaved\n")
-        print(f"{'model':<9} {'part':<5} {'rlcore s':>9} {'TRL s':>9} {'rlcore/TRL':>10} {'goal':>6}  "
-              f"{'rlcore ' + memory:>20} {'TRL ' + memory:>18} {'load':>5}")
+        memory = "CUDA MiB" if config.device == "cuda" else "RSS MiB"
+        print(f"\nseconds per training step: median of {config.timing_steps * config.rounds} steps ({config.rounds} "
+              f"run(s) each, interleaved, {config.timing_warmup} warm-up steps left out per run); peak memory\n")
+        print(f"{'model':<9} {'part':<5} {'rlcore s':>9} {'TRL s':>9} {'rlcore/TRL':>10} {'goal':>10}  "
+              f"{'rlcore ' + memory:>15} {'TRL ' + memory:>12} {'reward rlcore/TRL':>18} {'load':>5}")
         for row in results["timing"]:
             goal = GOALS[row["part"]]
-            verdict = "ok" if row["ratio"] <= goal else "MISS"
+            verdict = f"<={goal} " + ("ok" if row["ratio"] <= goal else "MISS")
+            reward = "/".join("-" if row[f"{name}_reward"] is None else f"{row[f'{name}_reward']:.2f}" for name in FRAMEWORKS)
             print(f"{row['model']:<9} {row['part']:<5} {row['rlcore_step_s']:>9.4f} {row['trl_step_s']:>9.4f} "
-                  f"{row['ratio']:>10.2f} {'<=' + str(goal):>6} {verdict:<4}{row['rlcore_peak_mib']:>16.0f} "
-                  f"{row['trl_peak_mib']:>18.0f} {row['load_1min']:>5.1f}")
+                  f"{row['ratio']:>10.2f} {verdict:>10}  {row['rlcore_peak_mib']:>15.0f} {row['trl_peak_mib']:>12.0f} "
+                  f"{reward:>18} {row['load_1min']:>5.1f}")
     if results["accuracy"]:
-        print("\ntoy test accuracy (500 held-out problems, greedy) after the same training wall time\n")
-        print(f"{'model':<9} {'stage':<22} {'budget s':>8} {'rlcore steps':>12} {'rlcore acc':>10} "
-              f"{'TRL steps':>10} {'TRL acc':>8}")
+        start = f"SFT {config.start_sft_steps} steps" if config.start_sft_steps else "the raw model"
+        print(f"\ntoy test accuracy (greedy, held-out problems) after the same training time; GRPO from {start}\n")
+        print(f"{'model':<9} {'stage':<5} {'budget s':>8} {'rlcore steps':>12} {'rlcore acc':>10} {'TRL steps':>10} {'TRL acc':>8}")
         for row in results["accuracy"]:
-            stage = "sft (untrained start)" if row["stage"] == "sft" else f"grpo (from SFT {config.start_sft_steps})"
-            print(f"{row['model']:<9} {stage:<22} {row['budget_s']:>8.0f} {row['rlcore_steps']:>12} "
+            print(f"{row['model']:<9} {row['stage']:<5} {row['budget_s']:>8.0f} {row['rlcore_steps']:>12} "
                   f"{row['rlcore_accuracy']:>10.3f} {row['trl_steps']:>10} {row['trl_accuracy']:>8.3f}")
     print()
 
 
-def _load(values) -> str:
+def _numbers(values) -> str:
     return ", ".join(f"{value:.1f}" for value in values)
 
 
@@ -283,9 +308,8 @@ def _load(values) -> str:
 
 
 def worker(run_dir: Path) -> None:
-    """Train as ``run_dir/spec.json`` says, timing every optimizer step; write ``run_dir/result.json``."""
+    """Train as ``run_dir/spec.json`` says, timing every training step; write ``run_dir/result.json``."""
     import torch
-    from torch.optim.optimizer import register_optimizer_step_post_hook
 
     spec = json.loads((run_dir / "spec.json").read_text())
     if spec["threads"] is not None:
@@ -293,19 +317,19 @@ def worker(run_dir: Path) -> None:
     cuda = spec["device"] == "cuda"
     step_ends: list[float] = []
 
-    def record_step(optimizer, args, kwargs) -> None:
+    def mark_step_end() -> None:
         if cuda:
             torch.cuda.synchronize()
         step_ends.append(time.perf_counter())
 
-    register_optimizer_step_post_hook(record_step)
     train = train_rlcore if spec["framework"] == "rlcore" else train_trl
-    train(spec)
+    mean_reward = train(spec, mark_step_end)
     if cuda:
         peak_mib = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    result = {"steps": len(step_ends), "step_seconds": [b - a for a, b in zip(step_ends, step_ends[1:])], "peak_mib": peak_mib}
+    step_seconds = [end - start for start, end in zip(step_ends, step_ends[1:])]
+    result = {"steps": len(step_ends), "step_seconds": step_seconds, "peak_mib": peak_mib, "mean_reward": mean_reward}
     if spec["budget_seconds"] is not None:
         result["accuracy"] = toy_test_accuracy(spec["output_dir"], spec["device"])
     (run_dir / "result.json").write_text(json.dumps(result))
@@ -336,24 +360,36 @@ def rlcore_flags(part: str, hyper: dict, model_dir: str, output_dir: str, device
     return argv
 
 
-def train_rlcore(spec: dict) -> None:
-    """``main(argv)`` of the rlcore recipe, imported from recipes/<part>.py."""
+def train_rlcore(spec: dict, mark_step_end) -> float | None:
+    """``main(argv)`` of the rlcore recipe, imported from recipes/<part>.py; returns GRPO's mean reward.
+
+    A step ends when the recipe hands its metrics to the tracker (``Tracker.update``, once per step).
+    """
+    from rlcore.tracking import METRICS_NAME, Tracker, read_metrics
+
+    update = Tracker.update
+
+    def update_and_mark(tracker, stats) -> None:
+        update(tracker, stats)
+        mark_step_end()
+
+    Tracker.update = update_and_mark
     part, hyper = spec["part"], dict(spec["hyper"])
     if spec["steps"] is not None:
         hyper["max_steps"] = spec["steps"]
     argv = rlcore_flags(part, hyper, spec["model_dir"], spec["output_dir"], spec["device"])
     if spec["budget_seconds"] is not None:
         argv += ["--max_seconds", str(spec["budget_seconds"])]
-    module_name = f"rlcore_recipe_{part}"
-    module_spec = importlib.util.spec_from_file_location(module_name, REPO / "recipes" / f"{part}.py")
-    recipe = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_name] = recipe  # dataclasses look their module up while the class is built
-    module_spec.loader.exec_module(recipe)
-    recipe.main(argv)
+    import_recipe(part).main(argv)
+    rewards = [record["reward"] for record in read_metrics(Path(spec["output_dir"]) / METRICS_NAME) if "reward" in record]
+    return statistics.fmean(rewards) if rewards else None
 
 
-def train_trl(spec: dict) -> None:
-    """The same training with TRL's trainer for the part."""
+def train_trl(spec: dict, mark_step_end) -> float | None:
+    """The same training with TRL's trainer for the part; returns GRPO's mean reward.
+
+    A step ends at the ``on_step_end`` callback (once per optimizer step).
+    """
     import trl
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
@@ -362,15 +398,16 @@ def train_trl(spec: dict) -> None:
     part, hyper, cuda = spec["part"], spec["hyper"], spec["device"] == "cuda"
     budget = spec["budget_seconds"]
 
-    class StopAfter(TrainerCallback):
-        """Stop training once ``budget`` seconds have passed since training began (rlcore's --max_seconds)."""
+    class StepClock(TrainerCallback):
+        """Mark the end of each step; stop once ``budget`` seconds have passed since training began."""
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.started = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            mark_step_end()
             if budget is not None and time.perf_counter() - self.started >= budget:
-                control.should_training_stop = True
+                control.should_training_stop = True  # rlcore's --max_seconds
 
     common = dict(
         output_dir=spec["output_dir"], max_steps=spec["steps"] or hyper["max_steps"],
@@ -398,11 +435,13 @@ def train_trl(spec: dict) -> None:
                               scale_rewards=hyper["scale_rewards"], num_iterations=1, top_k=0, top_p=1.0)
         trainer = trl.GRPOTrainer(model=model, reward_funcs=[accuracy_reward], args=args, train_dataset=train_rows,
                                   processing_class=tokenizer)
-    trainer.add_callback(StopAfter())
+    trainer.add_callback(StepClock())
     trainer.train()
     if budget is not None:
         trainer.save_model(spec["output_dir"])
         tokenizer.save_pretrained(spec["output_dir"])
+    rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
+    return statistics.fmean(rewards) if rewards else None
 
 
 if __name__ == "__main__":
