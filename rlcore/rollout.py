@@ -326,11 +326,15 @@ def _decode_step(model, input_ids, position_ids, attention_mask, cache) -> torch
 _compiled_decode_step = None
 
 
-def _compiled_step():
+def _compiled_step(*args) -> torch.Tensor:
+    """``_decode_step`` compiled once per process (CUDA graphs on CUDA; fixed shapes, so a new batch size or
+    cache length compiles again). The logits of the previous step are dead by the time this runs, which
+    ``cudagraph_mark_step_begin`` tells the CUDA-graph runtime so that it may reuse their memory."""
     global _compiled_decode_step
     if _compiled_decode_step is None:
         _compiled_decode_step = torch.compile(_decode_step, mode="reduce-overhead", dynamic=False)
-    return _compiled_decode_step
+    torch.compiler.cudagraph_mark_step_begin()
+    return _compiled_decode_step(*args)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -403,7 +407,7 @@ def generate(
     generator: torch.Generator | None = None,
     static_cache: bool | None = None,
     compile: bool | None = None,
-    stop_check_interval: int = 16,
+    stop_check_interval: int | None = None,
 ) -> Rollout:
     """Sample ``num_samples`` completions per prompt with a KV cache; see the module docstring.
 
@@ -428,27 +432,29 @@ def generate(
             ``static_cache``. Default: on CUDA only. The first calls for a new batch size or length
             compile (slow); the cache is then kept between calls (``release_static_caches()`` frees it)
             and its length rounded up to a multiple of 64 so that new prompt lengths rarely recompile.
-        stop_check_interval: decode steps between two checks that every row has stopped (each check is
-            one host-device sync).
+        stop_check_interval: decode steps between two checks that every row has stopped. On CUDA each
+            check is a host-device sync: default 16 there. Default 1 on CPU, where reading a tensor
+            costs no sync. The result does not depend on it.
     Returns:
         a :class:`Rollout` with N = B * num_samples rows.
     """
     eos_token_ids = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
+    on_cuda = prompt_ids.device.type == "cuda"
+    if stop_check_interval is None:
+        stop_check_interval = 16 if on_cuda else 1
     _check_generate_inputs(
         model, prompt_ids, prompt_mask, eos_token_ids, generator, max_new_tokens=max_new_tokens,
         num_samples=num_samples, stop_check_interval=stop_check_interval, top_k=top_k, temperature=temperature,
         top_p=top_p, min_p=min_p, pad_token_id=pad_token_id,
     )
-    on_cuda = prompt_ids.device.type == "cuda"
     static_cache = on_cuda if static_cache is None else static_cache
     compile = on_cuda and static_cache if compile is None else compile
     if compile and not static_cache:
         raise ValueError("compile=True needs static_cache=True (a compiled step needs fixed shapes)")
-    prompt_len = prompt_ids.shape[1]
-    max_len = prompt_len + max_new_tokens
+    _check_attention_span(model, prompt_ids.shape[1] + max_new_tokens)
+    max_len = prompt_ids.shape[1] + max_new_tokens  # cache slots
     if compile:
         max_len = -(-max_len // 64) * 64
-    _check_attention_span(model, max_len)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)
 
     with _eval_mode(model), torch.inference_mode():
@@ -462,7 +468,7 @@ def generate(
         completion_ids, logprobs = _decode(
             model, cache, first_logits.repeat_interleave(num_samples, dim=0), prompt_mask_rows, max_len,
             max_new_tokens, torch.tensor(eos_token_ids, device=prompt_ids.device, dtype=torch.long),
-            stop_check_interval, step=_compiled_step() if compile else _decode_step, **sampling,
+            stop_check_interval, step=_compiled_step if compile else _decode_step, **sampling,
         )
         rollout = _finish(prompt_ids, prompt_mask_rows, completion_ids, logprobs, eos_token_ids, pad_token_id, num_samples)
     # Tensors made under inference_mode cannot enter autograd later (e.g. as inputs of the training
@@ -484,13 +490,13 @@ def _decode(model, cache, logits, prompt_mask_rows, max_len, max_new_tokens, eos
     next_position = prompt_mask_rows.sum(dim=1, keepdim=True)  # [N, 1] = prompt lengths
     completion_ids = torch.empty(num_rows, max_new_tokens, dtype=torch.long, device=device)  # [N, T]
     logprobs = torch.empty(num_rows, max_new_tokens, dtype=torch.float32, device=device)  # [N, T]
+    stopped = torch.zeros(num_rows, dtype=torch.bool, device=device)  # [N] emitted an EOS
     for t in range(max_new_tokens):
         tokens, token_logprobs = sample_tokens(logits, **sampling)  # [N], [N]
         completion_ids[:, t] = tokens
         logprobs[:, t] = token_logprobs
-        if t + 1 == max_new_tokens:
-            break
-        if (t + 1) % stop_check_interval == 0 and bool(torch.isin(completion_ids[:, : t + 1], eos).any(dim=1).all()):
+        stopped |= torch.isin(tokens, eos)
+        if t + 1 == max_new_tokens or ((t + 1) % stop_check_interval == 0 and bool(stopped.all())):
             break
         slot = prompt_len + t  # cache slot of the token fed now
         attend[:, slot] = keep

@@ -197,17 +197,18 @@ def test_rows_stop_at_their_first_eos_and_the_rest_are_truncated(llama):
     assert torch.equal(stopped.attention_mask, torch.cat([stopped.prompt_mask, stopped.completion_mask], dim=1))
 
 
-def test_decoding_ends_early_once_every_row_stopped(llama):
-    """Every token is an EOS: each row stops after one token. The loop notices at the first check
-    (after stop_check_interval = 4 sampled tokens), not after max_new_tokens."""
+@pytest.mark.parametrize("interval, decode_steps", [(4, 3), (None, 0)], ids=["every-4", "cpu-default-every-step"])
+def test_decoding_ends_early_once_every_row_stopped(llama, interval, decode_steps):
+    """Every token is an EOS: each row stops after one token. The loop notices at the first check, after
+    `interval` sampled tokens (every token on CPU by default), not after max_new_tokens."""
     ids, mask = ragged_prompts()
     forward_calls = []
     hook = llama.register_forward_pre_hook(lambda module, args: forward_calls.append(1))
     try:
-        rollout = sample(llama, ids, mask, max_new_tokens=50, eos_token_ids=list(range(VOCAB)), stop_check_interval=4)
+        rollout = sample(llama, ids, mask, max_new_tokens=50, eos_token_ids=list(range(VOCAB)), stop_check_interval=interval)
     finally:
         hook.remove()
-    assert len(forward_calls) == 1 + 3  # the prefill, then 3 decode steps before the check at 4 tokens
+    assert len(forward_calls) == 1 + decode_steps  # the prefill, then the steps before the first check
     assert rollout.completion_ids.shape == (5, 1)  # trimmed to the longest completion
     assert rollout.completion_mask.all() and not rollout.truncated.any()
 
