@@ -15,6 +15,7 @@ import torch
 from rlcore import gather_logprobs, masked_sum
 from rlcore.data import collate_left, collate_preference, collate_right, tokenize_prompts
 from rlcore.models import eos_token_ids, sequence_scores
+from rlcore.rollout import generate
 from rlcore.toy import accuracy_reward
 
 
@@ -31,11 +32,6 @@ def greedy_completion_ids(
     Generation runs through ``rlcore.rollout.generate`` in batches of ``batch_size`` left-padded prompts;
     each completion stops at any of ``eos_token_ids(tokenizer)`` or after ``max_new_tokens`` tokens.
     """
-    try:
-        from rlcore.rollout import generate
-    except ImportError:  # TEMPORARY until rlcore.rollout lands
-        generate = _hf_greedy
-
     device = next(model.parameters()).device
     stop_ids = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
     completions = []
@@ -152,14 +148,3 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
     finally:
         model.train(was_training)
 
-
-def _hf_greedy(model, prompt_ids, prompt_mask, *, max_new_tokens, eos_token_ids, pad_token_id, temperature):
-    """TEMPORARY stand-in for rlcore.rollout.generate (greedy only)."""
-    from types import SimpleNamespace
-
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
-                         do_sample=False, eos_token_id=eos_token_ids, pad_token_id=pad_token_id)
-    completion = out[:, prompt_ids.shape[1]:]
-    is_stop = torch.isin(completion, torch.tensor(eos_token_ids, device=completion.device))
-    after_stop = (is_stop.cumsum(1) - is_stop.long()) > 0
-    return SimpleNamespace(completion_ids=completion, completion_mask=(~after_stop).long())
