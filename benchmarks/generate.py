@@ -10,6 +10,7 @@ CPU (the default; random-weight models, nothing downloaded):
 
     python benchmarks/generate.py                      # tiny (~1M) and 20m (~19M) models, batch 1 16 64
     python benchmarks/generate.py --models tiny --batch-sizes 64 --repeats 5
+    python benchmarks/generate.py --threads 1 --clock process   # steadier when others share the cores
 
 GPU (a Qwen2.5-0.5B-shaped model with random bf16 weights; reports eager and compiled decoding, compile
 warm-up timed apart, and batch-1 decode bandwidth utilisation):
@@ -67,12 +68,16 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device: str) -> float:
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def timed(fn, device: str, clock: str = "wall") -> float:
+    now = CLOCKS[clock]
     synchronize(device)
-    start = time.perf_counter()
+    start = now()
     fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return now() - start
 
 
 def contenders(model, ids, mask, new_tokens: int, args) -> dict:
@@ -124,11 +129,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also time the compiled static-cache decode step")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument(
+        "--clock", default="wall", choices=list(CLOCKS),
+        help="wall time, or this process's CPU time (steadier on a shared machine; meaningful with --threads 1)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__} prompt_len={args.prompt_len} "
-          f"new_tokens={args.new_tokens} repeats={args.repeats} (medians)")
+    print(f"device={args.device} threads={torch.get_num_threads()} clock={args.clock} torch={torch.__version__} "
+          f"prompt_len={args.prompt_len} new_tokens={args.new_tokens} repeats={args.repeats} (medians)")
     bandwidth = copy_bandwidth(args.device) if args.device == "cuda" else None
     header = f"{'model':<22}{'batch':>6}  {'contender':<18}{'tokens/s':>10}{'vs generate':>13}"
     print(header + ("  bandwidth use" if bandwidth else ""))
@@ -141,7 +150,7 @@ def main() -> None:
             seconds = {label: [] for label in runs}
             for _ in range(args.repeats):
                 for label, run in runs.items():
-                    seconds[label].append(timed(run, args.device))
+                    seconds[label].append(timed(run, args.device, args.clock))
             baseline = statistics.median(seconds["model.generate"])
             for label, times in seconds.items():
                 median = statistics.median(times)
