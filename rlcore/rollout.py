@@ -197,8 +197,7 @@ class _GrowingLayer(CacheLayerMixin):
     attention reads only what is there and nothing is ever reallocated or copied.
     """
 
-    is_compileable = False
-    is_sliding = False
+    supports_early_init = False
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
         super().__init__()
@@ -255,7 +254,8 @@ def _static_cache(model: nn.Module, prefill: DynamicCache, group_size: int, max_
     num_rows = prompt_keys.shape[0] * group_size
     cache = _STATIC_CACHES.get(model) if reuse else None
     kept = cache.layers[0].keys if cache is not None else None  # [N, H, L, D]
-    if kept is None or (kept.shape[0], kept.shape[2], kept.dtype, kept.device) != (num_rows, max_len, prompt_keys.dtype, prompt_keys.device):
+    wanted = (num_rows, max_len, prompt_keys.dtype, prompt_keys.device)
+    if kept is None or (kept.shape[0], kept.shape[2], kept.dtype, kept.device) != wanted:
         cache = StaticCache(config=model.config, max_cache_len=max_len)
         for layer, filled in zip(cache.layers, prefill.layers):
             shape_like = filled.keys[:1].expand(num_rows, -1, -1, -1)  # [N, H, P, D], no memory
@@ -297,11 +297,14 @@ def _check_attention_span(model: nn.Module, total_len: int) -> None:
     layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
     for index, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
         window = kwargs.get("sliding_window")
-        if layer_type != "full_attention" and (window is None or window < total_len):
-            raise ValueError(
-                f"layer {index} uses {layer_type!r} attention (window {window}) shorter than prompt + "
-                f"max_new_tokens = {total_len}: rlcore.rollout only decodes full attention; lower max_new_tokens"
-            )
+        if layer_type == "full_attention" or (window is not None and window >= total_len):
+            continue
+        if window is None:
+            raise ValueError(f"layer {index} is a {layer_type!r} layer: rlcore.rollout decodes attention-only models")
+        raise ValueError(
+            f"layer {index} uses {layer_type!r} attention (window {window}) shorter than prompt + max_new_tokens "
+            f"= {total_len}: rlcore.rollout decodes full attention only; lower max_new_tokens"
+        )
 
 
 def _takes_ready_mask(model: nn.Module) -> bool:
@@ -364,7 +367,9 @@ def _check_generate_inputs(model, prompt_ids, prompt_mask, eos_token_ids, genera
         raise ValueError(f"prompt_ids is empty: shape {tuple(prompt_ids.shape)}")
     device = next(model.parameters()).device
     if prompt_ids.device != device or prompt_mask.device != device:
-        raise ValueError(f"prompt_ids ({prompt_ids.device}) and prompt_mask ({prompt_mask.device}) must be on the model's device {device}")
+        raise ValueError(
+            f"prompt_ids ({prompt_ids.device}) and prompt_mask ({prompt_mask.device}) must be on the model's device {device}"
+        )
     if generator is not None and generator.device != device:
         raise ValueError(f"generator is on {generator.device}, the model on {device}")
     for name, lowest in (("max_new_tokens", 1), ("num_samples", 1), ("stop_check_interval", 1), ("top_k", 0)):

@@ -134,7 +134,8 @@ def test_logprobs_equal_teacher_forced_forward(model, settings):
         filtered = filter_logits((logits / temperature).flatten(0, 1), **filters).view_as(logits)
         expected = gather_logprobs(filtered, rollout.completion_ids)
     assert rollout.logprobs.dtype == torch.float32
-    torch.testing.assert_close(rollout.logprobs, expected * rollout.completion_mask, rtol=0, atol=1e-5)
+    expected = torch.where(rollout.completion_mask.bool(), expected, 0.0)
+    torch.testing.assert_close(rollout.logprobs, expected, rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -409,10 +410,11 @@ def test_compiled_decode_step_equals_eager():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = tiny_model(seed=0).to(device).eval()
     ids, mask = (tensor.to(device) for tensor in ragged_prompts())
-    settings = dict(max_new_tokens=12, eos_token_ids=[], pad_token_id=PAD, num_samples=2)
-    eager = generate(model, ids, mask, static_cache=True, compile=False, generator=torch.Generator(device).manual_seed(0), **settings)
+    settings = dict(max_new_tokens=12, eos_token_ids=[], pad_token_id=PAD, num_samples=2, static_cache=True)
+    seeded = lambda: torch.Generator(device).manual_seed(0)  # noqa: E731
+    eager = generate(model, ids, mask, compile=False, generator=seeded(), **settings)
     for _ in range(2):  # the second call reuses the kept cache and the captured step
-        compiled = generate(model, ids, mask, static_cache=True, compile=True, generator=torch.Generator(device).manual_seed(0), **settings)
+        compiled = generate(model, ids, mask, compile=True, generator=seeded(), **settings)
         assert torch.equal(eager.sequences, compiled.sequences)
         torch.testing.assert_close(eager.logprobs, compiled.logprobs, rtol=0, atol=1e-4)
     release_static_caches()
