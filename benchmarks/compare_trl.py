@@ -40,7 +40,7 @@ tokens in both frameworks.
 Run from the repository root, with the bench extra installed (``pip install -e ".[bench]"``):
 
     python benchmarks/compare_trl.py --quick --models tiny --threads 1         # smoke run, ~5 min
-    python benchmarks/compare_trl.py                                          # full CPU run, ~50 min on 2 idle cores
+    python benchmarks/compare_trl.py                                          # full CPU run, ~40 min on 2 idle cores
     python benchmarks/compare_trl.py --device cuda --models qwen0.5b --accuracy none --start_sft_steps 0 --timing_warmup 5
 
 On a machine busy with other work, ``--threads 1``: torch's OpenMP threads spin while they wait for a core,
