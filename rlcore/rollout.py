@@ -19,7 +19,9 @@ How it runs (following gpt-fast's ``generate.py`` and nanochat's ``engine.py``):
      ``DynamicCache`` instead concatenates (copies) the whole cache at every step.
    - *static* (default on CUDA): transformers' ``StaticCache``, fixed shapes, so the one-token decode step
      can be compiled with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs). Attention then reads
-     every slot and masks the empty ones.
+     every slot and masks the empty ones. (Under ``torch.compile`` transformers' sdpa integration repeats
+     grouped key/value heads (``repeat_kv``) whenever a mask is given, a copy of the cache per layer and
+     step that grows with batch x cache length; eager decoding attends on the grouped heads directly.)
 
    The attention mask is one preallocated ``[N, P + max_new_tokens]`` buffer; a step sets one column.
    For sdpa attention it is handed to the model as a ready ``[N, 1, 1, L]`` additive float mask (0 or
