@@ -470,11 +470,11 @@ def generate(
     compile = on_cuda and static_cache if compile is None else compile
     if compile and not static_cache:
         raise ValueError("compile=True needs static_cache=True (a compiled step needs fixed shapes)")
-    _check_attention_span(model, prompt_ids.shape[1] + max_new_tokens)
-    max_len = prompt_ids.shape[1] + max_new_tokens  # cache slots
-    if compile:
-        max_len = -(-max_len // 64) * 64
+    total_len = prompt_ids.shape[1] + max_new_tokens
+    _check_attention_span(model, total_len)
+    max_len = -(-total_len // 64) * 64 if compile else total_len  # cache slots
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)
+    eos = torch.tensor(eos_token_ids, device=prompt_ids.device, dtype=torch.long)
 
     with _eval_mode(model), torch.inference_mode():
         first_logits, prefill = _prefill(model, prompt_ids, prompt_mask)  # [B, V]
@@ -486,10 +486,9 @@ def generate(
         prompt_mask_rows = prompt_mask.long().repeat_interleave(num_samples, dim=0)  # [N, P]
         completion_ids, logprobs = _decode(
             model, cache, first_logits.repeat_interleave(num_samples, dim=0), prompt_mask_rows, max_len,
-            max_new_tokens, torch.tensor(eos_token_ids, device=prompt_ids.device, dtype=torch.long),
-            stop_check_interval, step=_compiled_step if compile else _decode_step, **sampling,
+            max_new_tokens, eos, stop_check_interval, step=_compiled_step if compile else _decode_step, **sampling,
         )
-        rollout = _finish(prompt_ids, prompt_mask_rows, completion_ids, logprobs, eos_token_ids, pad_token_id, num_samples)
+        rollout = _finish(prompt_ids, prompt_mask_rows, completion_ids, logprobs, eos, pad_token_id, num_samples)
     # Tensors made under inference_mode cannot enter autograd later (e.g. as inputs of the training
     # forward pass); these copies are ordinary tensors.
     return Rollout(**{name: tensor.clone() for name, tensor in vars(rollout).items()})
@@ -524,9 +523,9 @@ def _decode(model, cache, logits, prompt_mask_rows, max_len, max_new_tokens, eos
     return completion_ids[:, : t + 1], logprobs[:, : t + 1]
 
 
-def _finish(prompt_ids, prompt_mask_rows, completion_ids, logprobs, eos_token_ids, pad_token_id, num_samples) -> Rollout:
+def _finish(prompt_ids, prompt_mask_rows, completion_ids, logprobs, eos, pad_token_id, num_samples) -> Rollout:
     """Mask everything after the first EOS, trim to the longest completion and assemble the Rollout."""
-    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device, dtype=torch.long))
+    is_eos = torch.isin(completion_ids, eos)  # [N, steps]
     after_eos = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0  # [N, steps] strictly after the first EOS
     completion_mask = (~after_eos).long()
     length = int(completion_mask.sum(dim=1).max())  # the one host sync of the epilogue
