@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from rlcore import DPO_LOSS_TYPES, dpo_loss, gather_logprobs, masked_mean, masked_sum
+from rlcore import DPO_LOSS_TYPES, dpo_loss, gather_logprobs, masked_mean, sft_loss_from_logprobs
 from rlcore.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_final_model
 from rlcore.config import TrainConfig, parse_config, save_config
 from rlcore.data import collate_preference, load_rows, tokenize_preference
@@ -60,8 +60,10 @@ class DPOConfig(TrainConfig):
     beta: float = 0.1  # inverse temperature of the implicit reward (KL strength)
     loss_type: str = "sigmoid"  # one of rlcore.DPO_LOSS_TYPES
     label_smoothing: float = 0.0  # conservative DPO / robust / exo_pair epsilon
+    sft_weight: float = 0.0  # add sft_weight * NLL of the chosen tokens (RPO; TRL's loss_type [..., "sft"])
     precompute_ref: bool = False  # compute reference log-probs once up front and keep no reference model
     rejected_from_policy: bool = True  # rejected = the starting policy's greedy answer where it differs from chosen
+    policy_mistakes_only: bool = False  # with --rejected_from_policy: train only on the prompts the policy gets wrong
     lr: float = 1e-4  # peak learning rate (AdamW)
     warmup_steps: int = 10  # linear warmup steps
     batch_size: int = 32  # pairs per micro-batch
@@ -79,12 +81,17 @@ class DPOConfig(TrainConfig):
             raise ValueError(f"--beta must be > 0, got {self.beta}")
 
 
-def sequence_logps(model, batch: dict[str, torch.Tensor], average: bool) -> torch.Tensor:
-    """[2B] log-probs of the completions of a ``collate_preference`` batch: sum (or mean) over completion tokens."""
+def completion_logps(model, batch: dict[str, torch.Tensor], average: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the completions of a ``collate_preference`` batch, from one forward pass.
+
+    Returns:
+        ([2B] sum (or mean) over each completion's tokens, [2B, T-1] per-token log-probs of the next tokens,
+        zero outside the completions).
+    """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logp = gather_logprobs(logits[:, :-1], batch["input_ids"][:, 1:])  # [2B, T-1]
     mask = batch["completion_mask"][:, 1:]  # [2B, T-1]
-    return masked_mean(logp, mask, dim=1) if average else masked_sum(logp, mask, dim=1)
+    token_logps = gather_logprobs(logits[:, :-1], batch["input_ids"][:, 1:]) * mask  # [2B, T-1]
+    return (masked_mean(token_logps, mask, dim=1) if average else token_logps.sum(dim=1)), token_logps
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -118,15 +125,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         for i in mistakes:
             pairs["rejected_ids"][i] = answers[i]
         print(f"rejected_from_policy: the starting policy is wrong on {len(mistakes)} of {len(answers)} training prompts")
-    reference = None if config.lora_r > 0 else copy.deepcopy(model).eval().requires_grad_(False)  # LoRA: adapters off
-    ref_logps = None
-    if config.precompute_ref:
-        ref_logps = torch.empty(2, len(train), device=device)  # [chosen/rejected, N]
-        for start in range(0, len(train), config.eval_batch_size):
-            rows = list(range(start, min(start + config.eval_batch_size, len(train))))
-            with reference_context(model, reference) as ref_model, autocast(device, bf16):
-                ref_logps[:, rows] = sequence_logps(ref_model, collate(rows), average).float().view(2, -1)
-        reference = None  # nothing of the reference is kept
+        if config.policy_mistakes_only:
+            pairs = {name: [values[i] for i in mistakes] for name, values in pairs.items()}
+    reference = ref_logps = None
+    if config.precompute_ref:  # the starting policy is the reference: score every pair with it once, now
+        model.eval()
+        num_pairs = len(pairs["prompt_ids"])
+        ref_logps = torch.empty(2, num_pairs, device=device)  # [chosen/rejected, N]
+        for start in range(0, num_pairs, config.eval_batch_size):
+            rows = list(range(start, min(start + config.eval_batch_size, num_pairs)))
+            with torch.no_grad(), autocast(device, bf16):
+                ref_logps[:, rows] = completion_logps(model, collate(rows), average)[0].float().view(2, -1)
+    elif config.lora_r == 0:  # with LoRA the reference is the model with its adapters off
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
     model.train()
     forward = maybe_compile(model, device, config.compile)
 
@@ -157,19 +168,28 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     while step < config.max_steps and (config.max_seconds is None or training_seconds < config.max_seconds):
         started = time.perf_counter()
         stats: dict[str, torch.Tensor] = {}
-        for indices in step_batches(len(train), config.batch_size, config.grad_accum_steps, config.seed, step):
+        micro_batches = step_batches(len(pairs["prompt_ids"]), config.batch_size, config.grad_accum_steps, config.seed, step)
+        chosen_tokens = sum(len(pairs["chosen_ids"][i]) for indices in micro_batches for i in indices)
+        for indices in micro_batches:
             batch = collate(indices)
             if ref_logps is not None:
                 ref_chosen, ref_rejected = ref_logps[:, indices]  # [B], [B]
             else:
                 with reference_context(model, reference) as ref_model, autocast(device, bf16):
-                    ref_chosen, ref_rejected = sequence_logps(ref_model, batch, average).float().chunk(2)
+                    ref_chosen, ref_rejected = completion_logps(ref_model, batch, average)[0].float().chunk(2)
             with autocast(device, bf16):
-                chosen, rejected = sequence_logps(forward, batch, average).float().chunk(2)  # [B], [B]
+                logps, token_logps = completion_logps(forward, batch, average)
+            chosen, rejected = logps.float().chunk(2)  # [B], [B]
             loss, loss_stats = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=config.beta,
                                         loss_type=config.loss_type, label_smoothing=config.label_smoothing)
-            (loss / config.grad_accum_steps).backward()  # equal-size micro-batches: mean of means = mean
-            for key, value in {"loss": loss.detach(), **loss_stats}.items():
+            loss = loss / config.grad_accum_steps  # equal-size micro-batches: the sum is the step's mean
+            if config.sft_weight:  # NLL of the chosen tokens, normalised by the step's chosen-token count
+                chosen_mask = batch["completion_mask"][:, 1:].chunk(2)[0]
+                nll, _ = sft_loss_from_logprobs(token_logps.chunk(2)[0], chosen_mask, normalizer=chosen_tokens)
+                loss = loss + config.sft_weight * nll
+                loss_stats["sft_nll"] = nll.detach() * config.grad_accum_steps
+            loss.backward()
+            for key, value in {"loss": loss.detach() * config.grad_accum_steps, **loss_stats}.items():
                 stats[key] = stats.get(key, 0.0) + value / config.grad_accum_steps
         stats["lr"] = scheduler.get_last_lr()[0]
         stats["grad_norm"] = optimizer_step(model.parameters(), optimizer, scheduler, config.max_grad_norm)

@@ -50,7 +50,7 @@ class SFTConfig(TrainConfig):
     output_dir: str = "outputs/sft"
     completion_only: bool = True  # train on completion tokens only (text data: every token anyway)
     packing: bool = False  # pack rows into bins of --max_length tokens (no attention across rows)
-    lr: float = 3e-3  # peak learning rate (AdamW)
+    lr: float = 1e-3  # peak learning rate (AdamW)
     adam_beta2: float = 0.99  # AdamW beta2
     warmup_steps: int = 100  # linear warmup steps
     batch_size: int = 32  # rows per micro-batch (bins with --packing)

@@ -94,9 +94,9 @@ def load_model_weights(model: torch.nn.Module, directory: str | os.PathLike) -> 
     if lora.has_lora(model):
         lora.load_adapter(model, directory)
         return
-    files = sorted(directory.glob("*.safetensors"))
+    files = sorted(directory.glob("model*.safetensors"))  # model.safetensors or save_pretrained's shards
     if not files:
-        raise ValueError(f"{directory}: no *.safetensors weights to load")
+        raise ValueError(f"{directory}: no model*.safetensors weights to load")
     state: dict[str, torch.Tensor] = {}
     for path in files:
         state.update(safetensors.torch.load_file(path))

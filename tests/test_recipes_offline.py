@@ -90,7 +90,7 @@ def test_reward_model_end_to_end(tmp_path):
 
 
 def test_dpo_end_to_end(tmp_path):
-    run_script("dpo", "--output_dir", str(tmp_path), "--warm_start_steps", "0", "--max_steps", "20",
+    run_script("dpo", "--output_dir", str(tmp_path), "--warm_start_steps", "0", "--max_steps", "20", "--sft_weight", "0",
                "--batch_size", "16", "--lr", "1e-3", "--eval_steps", "0", *SMALL_RUN)
     records = read_metrics(tmp_path / "metrics.jsonl")
     losses = train_losses(tmp_path)
@@ -109,7 +109,7 @@ def test_dpo_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("recipe, extra", [
     ("sft", []),
-    ("dpo", ["--warm_start_steps", "0", "--no-rejected_from_policy"]),
+    ("dpo", ["--warm_start_steps", "0", "--no-rejected_from_policy", "--sft_weight", "1.0"]),  # + token-mean NLL
     ("reward_model", ["--warm_start_steps", "0"]),
 ])
 def test_accumulation_gives_the_large_batch_update(tmp_path, recipe, extra):

@@ -204,8 +204,10 @@ def test_checkpoint_round_trip(tmp_path):
     optimizer = build_optimizer(model, lr=1e-2)
     scheduler = build_scheduler(optimizer, warmup_steps=1, total_steps=10)
     train_a_little(model, optimizer, scheduler)
+    value_head = torch.nn.Linear(4, 1)
     torch.manual_seed(123)
-    path = save_checkpoint(tmp_path, 2, model, tokenizer, optimizer, scheduler, seed=7, extra_state={"seconds": 1.5})
+    path = save_checkpoint(tmp_path, 2, model, tokenizer, optimizer, scheduler, seed=7,
+                           extra_modules={"value_head": value_head}, extra_state={"seconds": 1.5})
     expected_draw = torch.rand(3)
 
     assert path == tmp_path / "checkpoint-2" and (path / TRAINING_STATE_NAME).exists()
@@ -216,11 +218,12 @@ def test_checkpoint_round_trip(tmp_path):
     fresh = small_model(seed=1)
     fresh_optimizer = build_optimizer(fresh, lr=1e-2)
     fresh_scheduler = build_scheduler(fresh_optimizer, warmup_steps=1, total_steps=10)
+    fresh_head = torch.nn.Linear(4, 1)
     torch.manual_seed(0)
-    state = load_checkpoint(path, fresh, fresh_optimizer, fresh_scheduler, seed=7)
+    state = load_checkpoint(path, fresh, fresh_optimizer, fresh_scheduler, seed=7, extra_modules={"value_head": fresh_head})
     assert state == {"step": 2, "extra": {"seconds": 1.5}}
     torch.testing.assert_close(torch.rand(3), expected_draw, rtol=0, atol=0)  # RNG restored
-    for a, b in zip(model.parameters(), fresh.parameters()):
+    for a, b in [*zip(model.parameters(), fresh.parameters()), *zip(value_head.parameters(), fresh_head.parameters())]:
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for a, b in zip(optimizer.state.values(), fresh_optimizer.state.values()):
         for key in ("exp_avg", "exp_avg_sq", "step"):
