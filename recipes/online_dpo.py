@@ -35,9 +35,10 @@ import torch
 from rlcore import dpo_loss, masked_mean, masked_sum
 from rlcore.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_final_model
 from rlcore.config import parse_config, save_config
+from rlcore.evaluation import toy_accuracy
 from rlcore.lora import prepare_model, reference_context
 from rlcore.models import eos_token_ids, load_policy
-from rlcore.online import OnlineConfig, completion_logprobs, evaluate_policy, frozen_copy, load_prompts, prompt_batch, rollout_stats, score_rollout, timed, warm_start
+from rlcore.online import OnlineConfig, completion_logprobs, frozen_copy, load_prompts, prompt_batch, rollout_stats, score_rollout, timed, warm_start
 from rlcore.optim import build_optimizer, build_scheduler, optimizer_step
 from rlcore.rewards import build_reward_scorer
 from rlcore.rollout import generate
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     def evaluate(at_step: int) -> dict[str, float]:
         if eval_prompts is None:
             return {}
-        return tracker.log_eval(at_step, evaluate_policy(policy, tokenizer, eval_prompts, scorer, config))
+        return tracker.log_eval(at_step, {"accuracy": toy_accuracy(policy, tokenizer, eval_prompts, config.eval_batch_size, config.max_new_tokens)})
 
     if step == 0:
         evaluate(0)
