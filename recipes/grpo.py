@@ -49,10 +49,9 @@ import torch
 from rlcore import aggregate, group_advantages, kl_estimate, masked_mean, policy_loss, reinforce_pp_advantages, rloo_advantages
 from rlcore.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_final_model
 from rlcore.config import parse_config, save_config
-from rlcore.evaluation import toy_accuracy
 from rlcore.lora import prepare_model, reference_context
 from rlcore.models import eos_token_ids, load_policy
-from rlcore.online import OnlineConfig, completion_logprobs, frozen_copy, load_prompts, prompt_batch, rollout_stats, score_rollout, timed, warm_start
+from rlcore.online import ONLINE_WARM_START_FLAGS, OnlineConfig, completion_logprobs, evaluate_policy, frozen_copy, load_prompts, prompt_batch, rollout_stats, score_rollout, timed, warm_start
 from rlcore.optim import build_optimizer, build_scheduler, optimizer_step
 from rlcore.rewards import build_reward_scorer
 from rlcore.rollout import generate
@@ -66,7 +65,7 @@ ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
 @dataclass
 class GRPOConfig(OnlineConfig):
     output_dir: str = "outputs/grpo"
-    lr: float = 1e-4  # peak learning rate (AdamW)
+    lr: float = 5e-5  # peak learning rate (AdamW)
     lr_schedule: str = "constant"  # "cosine", "linear" or "constant"
     batch_size: int = 64  # completions per micro-batch; completions per step = batch_size * grad_accum_steps
     num_generations: int = 8  # G, completions per prompt (prompts per step = completions per step / G)
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     bf16 = use_bf16(device, config.bf16)
 
     # ---------------------------------------------------------------- models, data, rewards
-    start_model = warm_start(config.model, config.warm_start_steps, config.seed, Path(__file__).with_name("sft.py"))
+    start_model = warm_start(config.model, config.warm_start_steps, config.seed, Path(__file__).with_name("sft.py"), ONLINE_WARM_START_FLAGS)
     policy, tokenizer = load_policy(start_model, device=device)
     policy = prepare_model(policy, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.load_in_4bit)
     reference = frozen_copy(policy) if config.beta > 0 and config.lora_r == 0 else None  # LoRA: adapters off
@@ -139,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     def evaluate(at_step: int) -> dict[str, float]:
         if eval_prompts is None:
             return {}
-        return tracker.log_eval(at_step, {"accuracy": toy_accuracy(policy, tokenizer, eval_prompts, config.eval_batch_size, config.max_new_tokens)})
+        return tracker.log_eval(at_step, evaluate_policy(policy, tokenizer, eval_prompts, scorer, config))
 
     if step == 0:
         evaluate(0)
@@ -173,12 +172,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             grouped_rewards = rewards.view(-1, group_size)  # [P, G]
             stats = {**rollout_stats(rollout, rewards, per_source, scorer), "frac_reward_zero_std": (grouped_rewards.std(dim=1) == 0).float().mean()}
 
-        # -- num_iterations clipped policy-gradient updates on these samples
+        # -- num_iterations clipped policy-gradient updates on these samples. Without a KL term, a row whose
+        # advantage is 0 at every token (a group of equal rewards) adds nothing to the loss or its gradient:
+        # it is left out of the forward/backward passes (the loss normalisers still count it).
         lr = scheduler.get_last_lr()[0]
         with timed(seconds, "training", device):
+            learning_rows = torch.arange(completions_per_step, device=device)  # [B]
+            if config.beta == 0 and config.loss_type != "bnpo":
+                learning_rows = learning_rows[(advantages.reshape(completions_per_step, -1) != 0).any(dim=1) & mask.bool().any(dim=1)]
+            stats["learning_rows_frac"] = torch.tensor(len(learning_rows) / completions_per_step)
             old_logp = torch.zeros_like(mask, dtype=torch.float32)  # [B, T], filled on the first pass
-            for iteration in range(config.num_iterations):
-                for micro in torch.arange(completions_per_step, device=device).split(config.batch_size):
+            for iteration in range(config.num_iterations if len(learning_rows) else 0):
+                for micro in learning_rows.split(config.batch_size):
                     with autocast(device, bf16):
                         logp, entropy = completion_logprobs(forward, rollout.sequences[micro], rollout.attention_mask[micro],
                                                             completion_length, config.temperature, with_entropy=True)
@@ -194,10 +199,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         loss = loss + config.beta * aggregate(kl, mask[micro], aggregation, config.max_new_tokens, normalizer)
                         loss_stats["kl"] = masked_mean(kl.detach(), mask[micro])
                     loss.backward()
-                    micro_stats = {"loss": loss.detach(), "entropy": masked_mean(entropy, mask[micro]), **loss_stats}
-                    for key, value in micro_stats.items():
-                        stats[key] = stats.get(key, 0.0) + value / (config.num_iterations * config.grad_accum_steps)
-                stats["grad_norm"] = optimizer_step(policy.parameters(), optimizer, scheduler, config.max_grad_norm)
+                    stats["loss"] = stats.get("loss", 0.0) + loss.detach() / config.num_iterations  # micro-batch losses add up
+                    share = len(micro) / (len(learning_rows) * config.num_iterations)  # other stats: mean over the rows
+                    for key, value in {"entropy": masked_mean(entropy, mask[micro]), **loss_stats}.items():
+                        stats[key] = stats.get(key, 0.0) + value * share
+                grad_norm = optimizer_step(policy.parameters(), optimizer, scheduler, config.max_grad_norm)
+                stats["grad_norm"] = stats.get("grad_norm", 0.0) + grad_norm / config.num_iterations
+            if not len(learning_rows):  # nothing to learn from these samples; keep the schedule in step
+                for _ in range(config.num_iterations):
+                    scheduler.step()
 
         step += 1
         training_seconds += sum(seconds.values())

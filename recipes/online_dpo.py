@@ -35,10 +35,9 @@ import torch
 from rlcore import dpo_loss, masked_mean, masked_sum
 from rlcore.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_final_model
 from rlcore.config import parse_config, save_config
-from rlcore.evaluation import toy_accuracy
 from rlcore.lora import prepare_model, reference_context
 from rlcore.models import eos_token_ids, load_policy
-from rlcore.online import OnlineConfig, completion_logprobs, frozen_copy, load_prompts, prompt_batch, rollout_stats, score_rollout, timed, warm_start
+from rlcore.online import ONLINE_WARM_START_FLAGS, OnlineConfig, completion_logprobs, evaluate_policy, frozen_copy, load_prompts, prompt_batch, rollout_stats, score_rollout, timed, warm_start
 from rlcore.optim import build_optimizer, build_scheduler, optimizer_step
 from rlcore.rewards import build_reward_scorer
 from rlcore.rollout import generate
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     bf16 = use_bf16(device, config.bf16)
 
     # ---------------------------------------------------------------- models, data, rewards
-    start_model = warm_start(config.model, config.warm_start_steps, config.seed, Path(__file__).with_name("sft.py"))
+    start_model = warm_start(config.model, config.warm_start_steps, config.seed, Path(__file__).with_name("sft.py"), ONLINE_WARM_START_FLAGS)
     policy, tokenizer = load_policy(start_model, device=device)
     policy = prepare_model(policy, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.load_in_4bit)
     reference = frozen_copy(policy) if config.lora_r == 0 else None  # LoRA: the adapters-off policy
@@ -117,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     def evaluate(at_step: int) -> dict[str, float]:
         if eval_prompts is None:
             return {}
-        return tracker.log_eval(at_step, {"accuracy": toy_accuracy(policy, tokenizer, eval_prompts, config.eval_batch_size, config.max_new_tokens)})
+        return tracker.log_eval(at_step, evaluate_policy(policy, tokenizer, eval_prompts, scorer, config))
 
     if step == 0:
         evaluate(0)

@@ -24,7 +24,7 @@ Run it:
     python recipes/ppo.py                                    # toy task, accuracy reward, SFT warm start
     python recipes/ppo.py --reward_model outputs/reward_model --reward_funcs none
     python recipes/ppo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset prompts.jsonl \
-        --reward_model my-rm-dir --reward_funcs none --max_new_tokens 256 --batch_size 8 --num_mini_batches 4
+        --reward_model my-rm-dir --reward_funcs none --max_new_tokens 256 --batch_size 8 --grad_accum_steps 4
 Single process for now (one CPU or GPU). With --model tiny (the default) the recipe starts from a cached
 SFT warm start (see recipes/grpo.py and rlcore.online.warm_start).
 """
@@ -39,11 +39,10 @@ import torch
 from rlcore import gae, kl_estimate, kl_shaped_rewards, masked_mean, masked_sum, masked_whiten, policy_loss, value_loss
 from rlcore.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_final_model
 from rlcore.config import parse_config, save_config
-from rlcore.evaluation import toy_accuracy
 from rlcore.lora import prepare_model, reference_context
 from rlcore.models import ValueModel, eos_token_ids, load_policy
 from rlcore.online import (
-    OnlineConfig, completion_logprobs, frozen_copy, load_prompts, position_ids_from_mask, prompt_batch, rollout_stats, score_rollout,
+    ONLINE_WARM_START_FLAGS, OnlineConfig, completion_logprobs, evaluate_policy, frozen_copy, load_prompts, position_ids_from_mask, prompt_batch, rollout_stats, score_rollout,
     timed, warm_start,
 )
 from rlcore.optim import build_optimizer, build_scheduler, optimizer_step
@@ -58,8 +57,8 @@ class PPOConfig(OnlineConfig):
     output_dir: str = "outputs/ppo"
     lr: float = 3e-5  # peak learning rate (AdamW), policy and value model
     lr_schedule: str = "constant"  # "cosine", "linear" or "constant"
-    batch_size: int = 16  # rows per micro-batch; a mini-batch is batch_size * grad_accum_steps rows
-    num_mini_batches: int = 4  # mini-batches (optimizer steps) per PPO epoch; prompts per step = their rows in all
+    batch_size: int = 64  # rows per micro-batch; a mini-batch is batch_size * grad_accum_steps rows
+    num_mini_batches: int = 1  # mini-batches (optimizer steps) per PPO epoch; prompts per step = their rows in all
     num_ppo_epochs: int = 4  # passes over each batch of samples
     value_model: str | None = None  # value model backbone: a directory or hub id (None = the policy's start model)
     kl_coef: float = 0.05  # weight of the per-token KL penalty in the reward
@@ -91,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     bf16 = use_bf16(device, config.bf16)
 
     # ---------------------------------------------------------------- models, data, rewards
-    start_model = warm_start(config.model, config.warm_start_steps, config.seed, Path(__file__).with_name("sft.py"))
+    start_model = warm_start(config.model, config.warm_start_steps, config.seed, Path(__file__).with_name("sft.py"), ONLINE_WARM_START_FLAGS)
     policy, tokenizer = load_policy(start_model, device=device)
     policy = prepare_model(policy, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.load_in_4bit)
     reference = frozen_copy(policy) if config.lora_r == 0 else None  # LoRA: the adapters-off policy
@@ -122,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     def evaluate(at_step: int) -> dict[str, float]:
         if eval_prompts is None:
             return {}
-        return tracker.log_eval(at_step, {"accuracy": toy_accuracy(policy, tokenizer, eval_prompts, config.eval_batch_size, config.max_new_tokens)})
+        return tracker.log_eval(at_step, evaluate_policy(policy, tokenizer, eval_prompts, scorer, config))
 
     if step == 0:
         evaluate(0)
@@ -176,8 +175,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         vf_loss, vf_stats = value_loss(values, old_values[micro], returns[micro], mask[micro],
                                                        clip=config.cliprange_value, normalizer=normalizer)
                         (pg_loss + config.vf_coef * vf_loss).backward()
-                        micro_stats = {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "entropy": masked_mean(entropy, mask[micro]),
-                                       **pg_stats, **{f"value/{key}": value for key, value in vf_stats.items()}}
+                        for key, value in {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach()}.items():
+                            stats[key] = stats.get(key, 0.0) + value / updates_per_step  # micro-batch losses add up
+                        micro_stats = {"entropy": masked_mean(entropy, mask[micro]), **pg_stats, **{f"value/{k}": v for k, v in vf_stats.items()}}
                         for key, value in micro_stats.items():
                             stats[key] = stats.get(key, 0.0) + value / (updates_per_step * config.grad_accum_steps)
                     stats["grad_norm"] = stats.get("grad_norm", 0.0) + optimizer_step(trained.parameters(), optimizer, scheduler,

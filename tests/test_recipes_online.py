@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlcore import policy_loss
-from rlcore.models import load_policy, load_tokenizer
+from rlcore.models import load_policy, load_reward_model, load_tokenizer
 from rlcore.online import (
     completion_logprobs,
     decode_completions,
@@ -124,11 +124,13 @@ def test_warm_start_runs_the_script_once_and_caches(tmp_path, tiny_cache):
     )
     assert warm_start("some/model", 300, 0, script) == "some/model"
     assert warm_start("tiny", 0, 0, script) == "tiny"
-    first = warm_start("tiny", 7, 3, script)
-    assert warm_start("tiny", 7, 3, script) == first and Path(first, "config.json").exists()
+    first = warm_start("tiny", 7, 3, script, ("--lr", "0.5"))
+    assert warm_start("tiny", 7, 3, script, ("--lr", "0.5")) == first and Path(first, "config.json").exists()
     assert Path(first).parent == tiny_cache and "tiny-sft-7steps-seed3-" in first
+    other = warm_start("tiny", 7, 3, script)  # other flags: another checkpoint
+    assert other != first
     lines = calls.read_text().splitlines()
-    assert len(lines) == 1 and "--max_steps 7 --seed 3" in lines[0] and "--max_seconds none" in lines[0]
+    assert len(lines) == 2 and lines[0].startswith("--lr 0.5 --max_steps 7 --seed 3") and "--max_seconds none" in lines[0]
 
 
 # ---------------------------------------------------------------- GRPO loss types and online DPO pairs
@@ -153,6 +155,21 @@ def test_grpo_micro_batches_add_up_to_the_step_loss(loss_type):
     if loss_type == "bnpo":  # bnpo: the mean of the micro-batches' own token means
         full = sum(policy_loss(logp[m], logp[m].detach(), advantages[m], mask[m], agg="token_mean")[0] for m in micro_batches) / 2
     torch.testing.assert_close(summed, full)
+
+
+def test_grpo_advantage_estimators_by_name():
+    grpo = load_recipe("grpo")
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])  # two groups of 4
+    mask = torch.ones(8, 3)
+    # grpo: group 1 has mean 1/4 and std sqrt(1/4) (Bessel: (9/16 + 3/16) / 3 = 1/4): (1 - 1/4) / (1/2 + 1e-4);
+    # group 2 is constant: 0. rloo: 1 - 0 = 1 and 0 - 1/3; reinforce_pp: one value per row, repeated over tokens.
+    advantages = grpo.compute_advantages(grpo.GRPOConfig(num_generations=4), rewards, mask)
+    torch.testing.assert_close(advantages[:2], torch.tensor([0.75 / 0.5001, -0.25 / 0.5001]))
+    assert advantages[4:].abs().max() == 0
+    rloo = grpo.compute_advantages(grpo.GRPOConfig(num_generations=4, advantage_estimator="rloo"), rewards, mask)
+    torch.testing.assert_close(rloo[:2], torch.tensor([1.0, -1 / 3]))
+    reinforce = grpo.compute_advantages(grpo.GRPOConfig(num_generations=4, advantage_estimator="reinforce_pp"), rewards, mask)
+    assert reinforce.shape == (8, 3) and torch.allclose(reinforce, reinforce[:, :1].expand(8, 3))
 
 
 def test_online_dpo_rank_pairs_by_hand():
@@ -201,30 +218,41 @@ def check_run(output_dir: Path, steps: int, keys: tuple[str, ...]) -> list[dict]
         for key in keys:
             assert math.isfinite(record[key]), (key, record)
     evals = [r for r in records if "eval/accuracy" in r]
-    assert [r["step"] for r in evals] == [0, steps] and (output_dir / "curves.png").exists()
+    assert [r["step"] for r in evals] == [0, steps] and all(0 <= r["eval/reward"] <= 2 for r in evals)
+    assert (output_dir / "curves.png").exists()
     AutoModelForCausalLM.from_pretrained(output_dir)  # the final model loads
     return train
 
 
-def test_grpo_end_to_end_with_resume(tmp_path):
+GRPO_KEYS = ("reward", "rewards/digit_fraction/mean", "rewards/accuracy/mean", "loss", "kl", "entropy", "clip_frac",
+             "frac_reward_zero_std", "completions/mean_length", "time/generation", "time/scoring", "time/training")
+
+
+def test_grpo_end_to_end(tmp_path):
+    output_dir = run_recipe("grpo", tmp_path, "--max_steps", "2", "--batch_size", "8", "--num_generations", "4",
+                            "--save_steps", "2", "--beta", "0.1")
+    train = check_run(output_dir, 2, GRPO_KEYS)
+    assert any(r["loss"] != 0 for r in train)
+    assert (output_dir / "checkpoint-2" / "training_state.pt").exists()
+
+
+@pytest.mark.slow
+def test_grpo_resume_repeats_the_uninterrupted_run(tmp_path):
     flags = ("--max_steps", "4", "--batch_size", "8", "--num_generations", "4", "--save_steps", "2", "--beta", "0.1")
     output_dir = run_recipe("grpo", tmp_path, *flags)
-    keys = ("reward", "rewards/digit_fraction/mean", "rewards/accuracy/mean", "loss", "kl", "entropy", "clip_frac",
-            "frac_reward_zero_std", "completions/mean_length", "time/generation", "time/scoring", "time/training")
-    straight = check_run(output_dir, 4, keys)
-    assert any(r["loss"] != 0 for r in straight)
+    straight = check_run(output_dir, 4, GRPO_KEYS)
     assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-    # resume from step 2: steps 3 and 4 must repeat the uninterrupted run
-    resumed_dir = tmp_path / "resumed"
+    resumed_dir = tmp_path / "resumed"  # steps 3 and 4 from checkpoint-2 must repeat the uninterrupted run
     resumed_dir.mkdir()
     run_recipe("grpo", tmp_path, *flags, "--resume", str(output_dir / "checkpoint-2"), "--output_dir", str(resumed_dir))
     resumed = [r for r in read_metrics(resumed_dir) if "reward" in r]
+    assert [r["step"] for r in resumed] == [3, 4]
     for before, after in zip(straight[2:], resumed):
-        assert after["step"] == before["step"]
         for key in ("reward", "loss", "kl", "grad_norm"):
             assert math.isclose(after[key], before[key], rel_tol=1e-4, abs_tol=1e-6), (key, before, after)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["rloo", "reinforce_pp"])
 def test_grpo_other_estimators_run(tmp_path, estimator):
     output_dir = run_recipe("grpo", tmp_path, "--max_steps", "2", "--batch_size", "4", "--grad_accum_steps", "2",
@@ -242,8 +270,14 @@ def test_ppo_end_to_end(tmp_path):
     assert (output_dir / "value_model" / "value_head.safetensors").exists()
 
 
-def test_online_dpo_end_to_end(tmp_path):
-    output_dir = run_recipe("online_dpo", tmp_path, "--max_steps", "2", "--batch_size", "4", "--save_steps", "2")
-    train = check_run(output_dir, 2, ("reward", "pairs/decided_frac"))
+def test_online_dpo_end_to_end_with_a_reward_model(tmp_path):
+    torch.manual_seed(0)
+    reward_model, tokenizer = load_reward_model("tiny")  # a random score head: continuous rewards, few ties
+    torch.nn.init.normal_(reward_model.score.weight)
+    reward_model.save_pretrained(tmp_path / "reward_model")
+    tokenizer.save_pretrained(tmp_path / "reward_model")
+    output_dir = run_recipe("online_dpo", tmp_path, "--max_steps", "2", "--batch_size", "4", "--save_steps", "2",
+                            "--reward_funcs", "none", "--reward_model", str(tmp_path / "reward_model"))
+    train = check_run(output_dir, 2, ("reward", "rewards/reward_model/mean", "pairs/decided_frac"))
     assert any("rewards/margins" in r and math.isfinite(r["loss"]) for r in train)
     assert (output_dir / "checkpoint-2" / "training_state.pt").exists()
