@@ -30,7 +30,10 @@ most 8 new tokens, beta 0 (no reference model), loss "dapo", rewards from ``rlco
 Models (``--models``): ``tiny`` (the embedded 1M-parameter Llama), ``20m`` (19M parameters, the same
 architecture and tokenizer), ``qwen0.5b`` (Qwen2.5-0.5B's shape with random weights, for a GPU). DPO and
 GRPO start from an SFT checkpoint of each model (``recipes/sft.py --max_steps N``, N = ``--start_sft_steps``,
-built once, untimed), as in practice; ``--start_sft_steps 0`` starts them from the raw model.
+built once, untimed), as in practice; ``--start_sft_steps 0`` starts them from the raw model. The GRPO
+accuracy comparison on the tiny model starts both frameworks from the checkpoint ``python recipes/grpo.py``
+itself starts from (``rlcore.online.warm_start``: an SFT run stopped mid-schedule, ~40-50% accuracy), and
+the table shows its accuracy.
 
 GPU path (``--device cuda``): bf16 autocast, rlcore's defaults (``torch.compile`` on CUDA; the first
 steps compile and are left out by ``--timing_warmup``), and GRPO with 16 prompts x 8 completions x 256 new
@@ -103,7 +106,8 @@ class CompareConfig:
     timing_steps: int = 20  # optimizer steps timed per run
     rounds: int = 2  # timing runs per framework, alternating (rlcore, TRL, TRL, rlcore, ...)
     start_sft_steps: int = 300  # SFT steps of the checkpoint DPO and GRPO start from (0 = the raw model)
-    quick: bool = False  # smoke run: 1 warm-up + 3 timed steps, 1 round, budgets x0.05, a 20-step SFT start
+    grpo_accuracy_start: str = "recipe"  # GRPO accuracy run of tiny: "recipe" (recipes/grpo.py's own SFT warm start) or "shared"
+    quick: bool = False  # smoke run: 1 warm-up + 3 timed steps, 1 round, budgets x0.05, a 20-step SFT start for all
     device: str = "cpu"  # "cpu" or "cuda"
     threads: int | None = None  # torch threads per subprocess (None = torch's default: every core)
     output_dir: str = "outputs/compare_trl"  # models, runs, logs and results.json
@@ -114,6 +118,8 @@ class CompareConfig:
             unknown = set(_names(getattr(self, name))) - set(valid)
             if unknown:
                 raise ValueError(f"--{name}: unknown {sorted(unknown)}; expected a comma-separated subset of {list(valid)}")
+        if self.grpo_accuracy_start not in ("recipe", "shared"):
+            raise ValueError(f"--grpo_accuracy_start must be recipe or shared, got {self.grpo_accuracy_start!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.timing_steps < 1 or self.timing_warmup < 0 or self.rounds < 1 or self.budget_scale <= 0:
@@ -121,6 +127,7 @@ class CompareConfig:
         if self.quick:
             self.timing_warmup, self.timing_steps, self.rounds = 1, 3, 1
             self.budget_scale, self.start_sft_steps = 0.05, min(self.start_sft_steps, 20)
+            self.grpo_accuracy_start = "shared"
 
 
 def _names(text: str) -> list[str]:
@@ -173,6 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["timing"].append(time_part(model, part, start, settings[part], config, output_dir))
     for model, stage in scored:
         start = start_dirs[model]["raw" if stage == "sft" else "sft"]
+        if stage == "grpo" and model == "tiny" and config.grpo_accuracy_start == "recipe":
+            start = recipe_warm_start(config)
         results["accuracy"].append(compare_accuracy(model, stage, start, settings[stage], config, output_dir))
 
     results["load_average"] = {"start": load_before, "end": os.getloadavg()}
@@ -208,6 +217,14 @@ def sft_start(model: str, model_dir: str, config: CompareConfig, output_dir: Pat
     return str(path)
 
 
+def recipe_warm_start(config: CompareConfig) -> str:
+    """The SFT checkpoint that ``python recipes/grpo.py`` starts from on the tiny model (built once, cached)."""
+    from rlcore.online import ONLINE_WARM_START_FLAGS, warm_start
+
+    steps = parse_config(import_recipe("grpo").GRPOConfig, []).warm_start_steps
+    return warm_start("tiny", steps, 0, REPO / "recipes" / "sft.py", ONLINE_WARM_START_FLAGS)
+
+
 def time_part(model: str, part: str, model_dir: str, settings: dict, config: CompareConfig, output_dir: Path) -> dict:
     """Seconds per step (median of the pooled timed steps) and peak memory of each framework."""
     step_seconds, peak_mib, rewards = ({name: [] for name in FRAMEWORKS} for _ in range(3))
@@ -241,6 +258,8 @@ def compare_accuracy(model: str, stage: str, model_dir: str, settings: dict, con
                     hyper=settings, steps=None, budget_seconds=budget)
         result = run_worker(spec, output_dir / "runs" / f"{model}-{stage}-{framework}-budget", config)
         row[f"{framework}_steps"], row[f"{framework}_accuracy"] = result["steps"], result["accuracy"]
+    row["start"] = "untrained" if stage == "sft" else Path(model_dir).name
+    row["start_accuracy"] = None if stage == "sft" else toy_test_accuracy(model_dir, config.device)
     return row
 
 
@@ -290,12 +309,13 @@ def print_tables(results: dict, config: CompareConfig) -> None:
                   f"{row['ratio']:>10.2f} {verdict:>10}  {row['rlcore_peak_mib']:>15.0f} {row['trl_peak_mib']:>12.0f} "
                   f"{reward:>18} {row['load_1min']:>5.1f}")
     if results["accuracy"]:
-        start = f"SFT {config.start_sft_steps} steps" if config.start_sft_steps else "the raw model"
-        print(f"\ntoy test accuracy (greedy, held-out problems) after the same training time; GRPO from {start}\n")
-        print(f"{'model':<9} {'stage':<5} {'budget s':>8} {'rlcore steps':>12} {'rlcore acc':>10} {'TRL steps':>10} {'TRL acc':>8}")
+        print("\ntoy test accuracy (greedy, held-out problems) after the same training time from the same start\n")
+        print(f"{'model':<9} {'stage':<5} {'budget s':>8} {'start acc':>9} {'rlcore steps':>12} {'rlcore acc':>10} "
+              f"{'TRL steps':>10} {'TRL acc':>8}  start")
         for row in results["accuracy"]:
-            print(f"{row['model']:<9} {row['stage']:<5} {row['budget_s']:>8.0f} {row['rlcore_steps']:>12} "
-                  f"{row['rlcore_accuracy']:>10.3f} {row['trl_steps']:>10} {row['trl_accuracy']:>8.3f}")
+            start_accuracy = "-" if row["start_accuracy"] is None else f"{row['start_accuracy']:.3f}"
+            print(f"{row['model']:<9} {row['stage']:<5} {row['budget_s']:>8.0f} {start_accuracy:>9} {row['rlcore_steps']:>12} "
+                  f"{row['rlcore_accuracy']:>10.3f} {row['trl_steps']:>10} {row['trl_accuracy']:>8.3f}  {row['start']}")
     print()
 
 
