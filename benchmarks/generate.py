@@ -11,6 +11,9 @@ CPU (the default; random-weight models, nothing downloaded):
     python benchmarks/generate.py                      # tiny (~1M) and 20m (~19M) models, batch 1 16 64
     python benchmarks/generate.py --models tiny --batch-sizes 64 --repeats 5
     python benchmarks/generate.py --threads 1 --clock process   # steadier when others share the cores
+    python benchmarks/generate.py --forward-step   # also rlcore through the model's forward, not the native step
+
+"rlcore" is the default ``generate``: on CPU, the native decode step (rlcore.decode) for these Llama models.
 
 GPU (a Qwen2.5-0.5B-shaped model with random bf16 weights; reports eager and compiled decoding, compile
 warm-up timed apart, and batch-1 decode bandwidth utilisation):
@@ -85,17 +88,19 @@ def contenders(model, ids, mask, new_tokens: int, args) -> dict:
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
         assert out.shape[1] == ids.shape[1] + new_tokens, "model.generate stopped early"
 
-    def rlcore(static_cache: bool, compile: bool):
+    def rlcore(static_cache: bool, compile: bool, native_step: bool | None = None):
         def run():
             rollout = generate(
                 model, ids, mask, max_new_tokens=new_tokens, eos_token_ids=[], pad_token_id=0, temperature=1.0,
-                static_cache=static_cache, compile=compile,
+                static_cache=static_cache, compile=compile, native_step=native_step,
             )
             assert rollout.completion_ids.shape[1] == new_tokens
 
         return run
 
     runs = {"model.generate": hf, "rlcore": rlcore(args.device == "cuda", False)}
+    if args.forward_step:
+        runs["rlcore model fwd"] = rlcore(args.device == "cuda", False, native_step=False)
     if args.compile:
         runs["rlcore compiled"] = rlcore(True, True)
     return runs
@@ -128,6 +133,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also time the compiled static-cache decode step")
+    parser.add_argument(
+        "--forward-step", action="store_true",
+        help="also time rlcore decoding through the model's forward (native_step=False)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument(
         "--clock", default="wall", choices=list(CLOCKS),

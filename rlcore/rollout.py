@@ -33,13 +33,20 @@ How it runs (following gpt-fast's ``generate.py`` and nanochat's ``engine.py``):
    On CUDA the default interval is 16, so at most 15 steps are wasted; on CPU, where reading a tensor is
    no sync, it is every step. The result never depends on the interval.
 
-Where the time goes on CPU (transformers 5.23, ``benchmarks/generate.py``): the loop itself costs one
-sampling (~0.1 ms at N = 64) and a few indexing ops per step; everything else is the model's forward
-pass. ``model.generate`` adds, per step, ``DynamicCache``'s concatenation of the whole cache (about 15% of
-a batch-64 step of the tiny model), the rebuilt 4-D mask, input preparation, logits processors and
-stopping criteria. Removing those makes decoding 1.2-1.35x faster on the tiny model and ~1.1x on a 19M
-one; the rest is the forward pass itself (matmuls, sdpa, and Python dispatch of ~60 ops per layer),
-which only compiling the step can shrink.
+**The step.** For Llama and Qwen2 models in a plain state (no adapters, no quantised layers, no hooks)
+the default step is :class:`rlcore.decode.LlamaDecodeStep`: the same function as the model's forward for
+one token, on the model's own weights, written as ~20 tensor ops per layer (fused q/k/v and gate/up
+matmuls, rotary tables gathered once per step, grouped-query attention without repeating keys) straight
+into the growing cache. Any other model, or ``native_step=False``, runs the model's forward.
+
+Where the time goes on CPU (transformers 5.23, ``benchmarks/generate.py``, one thread): ``model.generate``
+adds, per step, ``DynamicCache``'s concatenation of the whole cache, the rebuilt 4-D mask, input
+preparation, logits processors and stopping criteria; transformers' forward adds module calls, the
+attention interface and rotary recomputation per layer. The native step removes both (~2.3x
+``model.generate`` at batch 1 on the tiny model, ~1.4x at batch 64). What remains at batch 64 is
+arithmetic and memory traffic: the matmuls (~45% of a tiny-model step, ~80% of a 19M-parameter one, at
+~80 GFLOP/s on one core) and attention's read of the KV cache (~30% / ~13%), which no rewrite of the
+step removes; sampling is ~0.1 ms per step.
 
 Sampling (:func:`sample_tokens`) applies, in the order transformers' ``generate`` does, temperature, then
 top-k, top-p and min-p (:func:`filter_logits`), and draws with the exponential-race (Gumbel-max) trick
@@ -68,6 +75,7 @@ from torch import nn
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
+from .decode import LlamaDecodeStep, native_decode_unsupported
 from .ops import check_ndim
 
 __all__ = ["Rollout", "generate", "sample_tokens", "filter_logits", "release_static_caches"]
@@ -331,6 +339,16 @@ def _prefill(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
     return output.logits[:, -1], cache
 
 
+def _use_native_step(model: nn.Module, native_step: bool | None, static_cache: bool) -> bool:
+    """Resolve ``generate(native_step=...)``: None = whenever possible, True = required."""
+    if native_step is False:
+        return False
+    reason = "it decodes into the growing cache (static_cache=False)" if static_cache else native_decode_unsupported(model)
+    if reason is not None and native_step:
+        raise ValueError(f"native_step=True, but {reason}")
+    return reason is None
+
+
 def _decode_step(model, input_ids, position_ids, attention_mask, cache) -> torch.Tensor:
     """One token per row through the model: [N, 1] ids and positions -> next-token logits [N, V]."""
     output = model(
@@ -426,6 +444,7 @@ def generate(
     generator: torch.Generator | None = None,
     static_cache: bool | None = None,
     compile: bool | None = None,
+    native_step: bool | None = None,
     stop_check_interval: int | None = None,
 ) -> Rollout:
     """Sample ``num_samples`` completions per prompt with a KV cache; see the module docstring.
@@ -451,6 +470,10 @@ def generate(
             ``static_cache``. Default: on CUDA only. The first calls for a new batch size or length
             compile (slow); the cache is then kept between calls (``release_static_caches()`` frees it)
             and its length rounded up to a multiple of 64 so that new prompt lengths rarely recompile.
+        native_step: decode with :class:`rlcore.decode.LlamaDecodeStep` (the model's own weights, a few
+            tensor ops per layer) instead of the model's forward. Default: whenever the model supports it
+            (:func:`rlcore.decode.native_decode_unsupported`: plain Llama/Qwen2 layers, no adapters or
+            quantised layers) and the cache is the growing one. True raises if it cannot; False never.
         stop_check_interval: decode steps between two checks that every row has stopped. On CUDA each
             check is a host-device sync: default 16 there. Default 1 on CPU, where reading a tensor
             costs no sync. The result does not depend on it.
@@ -472,6 +495,7 @@ def generate(
         raise ValueError("compile=True needs static_cache=True (a compiled step needs fixed shapes)")
     total_len = prompt_ids.shape[1] + max_new_tokens
     _check_attention_span(model, total_len)
+    native_step = _use_native_step(model, native_step, static_cache)
     max_len = -(-total_len // 64) * 64 if compile else total_len  # cache slots
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)
     eos = torch.tensor(eos_token_ids, device=prompt_ids.device, dtype=torch.long)
@@ -484,9 +508,11 @@ def generate(
             cache = _growing_cache(prefill, num_samples, max_len)
         del prefill
         prompt_mask_rows = prompt_mask.long().repeat_interleave(num_samples, dim=0)  # [N, P]
+        step, ready_mask = _step_function(model, cache, native_step, compile)
         completion_ids, logprobs = _decode(
-            model, cache, first_logits.repeat_interleave(num_samples, dim=0), prompt_mask_rows, max_len,
-            max_new_tokens, eos, stop_check_interval, step=_compiled_step if compile else _decode_step, **sampling,
+            step, ready_mask, _attention_dtype(cache), isinstance(cache, StaticCache),
+            first_logits.repeat_interleave(num_samples, dim=0), prompt_mask_rows, max_len, max_new_tokens, eos,
+            stop_check_interval, **sampling,
         )
         rollout = _finish(prompt_ids, prompt_mask_rows, completion_ids, logprobs, eos, pad_token_id, num_samples)
     # Tensors made under inference_mode cannot enter autograd later (e.g. as inputs of the training
@@ -494,17 +520,26 @@ def generate(
     return Rollout(**{name: tensor.clone() for name, tensor in vars(rollout).items()})
 
 
-def _decode(model, cache, logits, prompt_mask_rows, max_len, max_new_tokens, eos, stop_check_interval, step, **sampling):
-    """The decode loop: returns ([N, steps] sampled ids, [N, steps] their log-probs), steps <= max_new_tokens."""
+def _step_function(model, cache, native_step: bool, compile: bool):
+    """The one-token step the decode loop calls, ``step(tokens [N, 1], positions [N, 1], mask) -> logits
+    [N, V]``, and whether its mask is the ready ``[N, 1, 1, L]`` float mask (else the 2-D boolean one)."""
+    if native_step:
+        native = LlamaDecodeStep(model, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
+        return lambda tokens, positions, mask: native(tokens[:, 0], positions[:, 0], mask), True
+    model_step = _compiled_step if compile else _decode_step
+    return lambda tokens, positions, mask: model_step(model, tokens, positions, mask, cache), _takes_ready_mask(model)
+
+
+def _decode(step, ready_mask, attention_dtype, static, logits, prompt_mask_rows, max_len, max_new_tokens, eos, stop_check_interval, **sampling):
+    """The decode loop: returns ([N, steps] sampled ids, [N, steps] their log-probs), steps <= max_new_tokens.
+    ``static``: the step attends to every cache slot (masked), not only the filled ones."""
     num_rows, prompt_len = prompt_mask_rows.shape
     device = prompt_mask_rows.device
-    ready_mask = _takes_ready_mask(model)
     # sdpa gets an additive float mask (0 = attend, -inf = not) in the attention dtype, which it uses
     # without converting a boolean one at every layer; other implementations get a 2-D boolean mask.
-    keep, drop, dtype = (0.0, -math.inf, _attention_dtype(cache)) if ready_mask else (True, False, torch.bool)
+    keep, drop, dtype = (0.0, -math.inf, attention_dtype) if ready_mask else (True, False, torch.bool)
     attend = torch.full((num_rows, max_len), drop, dtype=dtype, device=device)  # [N, L]
     attend[:, :prompt_len].masked_fill_(prompt_mask_rows.bool(), keep)
-    static = isinstance(cache, StaticCache)
     next_position = prompt_mask_rows.sum(dim=1, keepdim=True)  # [N, 1] = prompt lengths
     completion_ids = torch.empty(num_rows, max_new_tokens, dtype=torch.long, device=device)  # [N, T]
     logprobs = torch.empty(num_rows, max_new_tokens, dtype=torch.float32, device=device)  # [N, T]
@@ -519,7 +554,7 @@ def _decode(model, cache, logits, prompt_mask_rows, max_len, max_new_tokens, eos
         slot = prompt_len + t  # cache slot of the token fed now
         attend[:, slot] = keep
         mask = attend if static else attend[:, : slot + 1]  # [N, kv_len]
-        logits = step(model, tokens[:, None], next_position + t, mask[:, None, None, :] if ready_mask else mask, cache)
+        logits = step(tokens[:, None], next_position + t, mask[:, None, None, :] if ready_mask else mask)
     return completion_ids[:, : t + 1], logprobs[:, : t + 1]
 
 

@@ -1,0 +1,159 @@
+"""The native decode step (rlcore.decode) against transformers: generate, the model's forward path in
+rlcore.rollout, and a teacher-forced forward pass.
+
+Mock models: rlcore's tiny Llama (4 query heads over 2 key/value heads, tied embeddings), a Llama with 4
+query heads per key/value head, untied head, MLP biases and linear rope scaling, and a small Qwen2 (q/k/v
+biases). Biases and norm weights are randomised (transformers initialises them to 0 and 1), so a step that
+dropped or misplaced them would decode different tokens.
+"""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from rlcore import gather_logprobs
+from rlcore.decode import native_decode_unsupported
+from rlcore.lora import apply_lora
+from rlcore.rollout import generate
+from rlcore.toy import tiny_model
+
+VOCAB = 101
+PAD = 0
+
+
+def randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random biases and norm weights (around 1), in place; eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            if name.endswith("bias"):
+                parameter.copy_(0.5 * noise)
+            elif "norm" in name:
+                parameter.copy_(1 + 0.3 * noise)
+    return model.eval()
+
+
+def llama_wide_groups() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, mlp_bias=True,
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    )
+    return randomised(LlamaForCausalLM(config))
+
+
+def small_qwen2() -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128,
+    )
+    return randomised(Qwen2ForCausalLM(config))
+
+
+MODELS = {
+    "tiny-llama": lambda: randomised(tiny_model(seed=0)),
+    "llama-4-heads-per-kv-rope-scaled": llama_wide_groups,
+    "qwen2-qkv-bias": small_qwen2,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def model(request):
+    return MODELS[request.param]()
+
+
+def ragged_prompts(batch: int = 6, length: int = 9, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts of lengths 1..length."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, VOCAB, (batch, length), generator=generator)
+    lengths = torch.linspace(1, length, batch).round().long()
+    mask = (torch.arange(length) >= length - lengths[:, None]).long()  # [B, P]
+    return ids.masked_fill(mask == 0, PAD), mask
+
+
+def sample(model, native_step, seed=0, **kwargs):
+    ids, mask = ragged_prompts()
+    settings = dict(max_new_tokens=14, eos_token_ids=[], pad_token_id=PAD, generator=torch.Generator().manual_seed(seed))
+    return generate(model, ids, mask, native_step=native_step, **{**settings, **kwargs})
+
+
+def test_the_mock_models_are_supported(model):
+    assert native_decode_unsupported(model) is None
+
+
+def test_greedy_equals_transformers_generate_and_the_forward_path(model):
+    ids, mask = ragged_prompts()
+    native = sample(model, True, temperature=0.0, num_samples=2)
+    forward_path = sample(model, False, temperature=0.0, num_samples=2)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False, eos_token_id=None, pad_token_id=PAD)
+    assert torch.equal(native.sequences, expected.repeat_interleave(2, dim=0))
+    assert torch.equal(native.sequences, forward_path.sequences)
+    torch.testing.assert_close(native.logprobs, forward_path.logprobs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_equal_teacher_forced_forward(model, temperature):
+    rollout = sample(model, True, temperature=temperature, num_samples=2)
+    mask = rollout.attention_mask
+    with torch.no_grad():
+        logits = model(input_ids=rollout.sequences, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+    prompt_len = rollout.prompt_mask.shape[1]
+    expected = gather_logprobs(logits[:, prompt_len - 1 : -1], rollout.completion_ids, temperature=temperature)  # [N, T]
+    torch.testing.assert_close(rollout.logprobs, expected, rtol=0, atol=1e-5)
+
+
+def test_same_seed_same_samples_as_the_forward_path(model):
+    settings = dict(temperature=0.9, top_k=30, top_p=0.95, num_samples=3, seed=7)
+    native, forward_path = sample(model, True, **settings), sample(model, False, **settings)
+    assert torch.equal(native.completion_ids, forward_path.completion_ids)
+    torch.testing.assert_close(native.logprobs, forward_path.logprobs, rtol=0, atol=1e-5)
+
+
+def test_stops_at_eos_like_the_forward_path():
+    model = randomised(tiny_model(seed=0))
+    common = sample(model, False, temperature=0.0).completion_ids[:, 3].tolist()  # a token some rows emit
+    settings = dict(temperature=0.0, eos_token_ids=common[:2], max_new_tokens=20)
+    native, forward_path = sample(model, True, **settings), sample(model, False, **settings)
+    assert native.truncated[:2].logical_not().all()  # rows 0 and 1 stopped by step 3
+    for field in ("sequences", "completion_mask", "truncated"):
+        assert torch.equal(getattr(native, field), getattr(forward_path, field)), field
+
+
+def test_lora_wrapped_model_falls_back_to_its_forward():
+    model = apply_lora(randomised(tiny_model(seed=0)), r=4, targets=["q_proj", "v_proj", "down_proj"])
+    with torch.no_grad():  # B starts at 0: make the adapters change the outputs
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)
+    reason = native_decode_unsupported(model)
+    assert reason is not None and "LoRALinear" in reason and "q_proj" in reason
+    ids, mask = ragged_prompts()
+    rollout = sample(model, None, temperature=0.0)  # auto: the forward path
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False, eos_token_id=None, pad_token_id=PAD)
+    assert torch.equal(rollout.sequences, expected)
+    base_model_tokens = sample(randomised(tiny_model(seed=0)), True, temperature=0.0).completion_ids
+    assert not torch.equal(rollout.completion_ids, base_model_tokens)  # the adapters were used
+    with pytest.raises(ValueError, match="native_step=True.*LoRALinear"):
+        sample(model, True)
+
+
+def test_unsupported_models_and_settings_are_named():
+    model = tiny_model(seed=0)
+    handle = model.model.layers[1].mlp.register_forward_hook(lambda *args: None)
+    assert "model.layers.1.mlp has forward hooks" in native_decode_unsupported(model)
+    handle.remove()
+    dynamic = tiny_model(seed=0, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    assert "depend on the sequence length" in native_decode_unsupported(dynamic)
+    with pytest.raises(ValueError, match="native_step=True.*static_cache=False"):
+        sample(model, True, static_cache=True)
