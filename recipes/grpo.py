@@ -22,7 +22,13 @@ bnpo and dapo differ only under gradient accumulation (bnpo normalises each micr
 Departures from the paper: beta defaults to 0 (no reference model is loaded, as TRL and DAPO do); with
 --num_iterations 1 the ratio is exactly 1 and the clip is inactive (pi_old is the detached policy); the
 KL term uses the k3 estimator. RLOO and REINFORCE++ use the same loop and the same optional KL loss term
-(the papers put a KL penalty into the reward instead).
+(the papers put a KL penalty into the reward instead). With beta 0, completions whose advantage is 0 at
+every token (a group whose rewards are all equal) are left out of the forward and backward passes: they
+add nothing to the loss or its gradient, and the loss normalisers still count them (not for bnpo, whose
+normaliser is per micro-batch). The fraction trained on is logged as ``learning_rows_frac``.
+
+Evaluation logs ``eval/reward`` (one sampled completion per held-out prompt at the training temperature,
+the quantity RL raises) and, when the rows hold a reference answer, ``eval/accuracy`` (greedy exact match).
 
 Run it:
     python recipes/grpo.py                    # the toy task; starts from a cached SFT warm start (see below)
@@ -34,9 +40,10 @@ Run it:
 Single process for now (one CPU or GPU).
 
 The default --model tiny is an untrained network: it never writes a correct sum, every reward is 0 and RL
-learns nothing. So with --model tiny the recipe first runs ``recipes/sft.py --max_steps
---warm_start_steps`` once (about 50% test accuracy; cached under ~/.cache/rlcore and shared by the online
-recipes) and starts from it. --warm_start_steps 0 starts from the untrained model.
+learns nothing. So with --model tiny the recipe first runs ``recipes/sft.py`` for --warm_start_steps steps
+once (42% greedy test accuracy with seed 0; cached under ~/.cache/rlcore and shared by the online recipes; see
+rlcore.online.warm_start for its settings) and starts from it. --warm_start_steps 0 starts from the
+untrained model.
 """
 
 from __future__ import annotations
@@ -65,7 +72,7 @@ ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
 @dataclass
 class GRPOConfig(OnlineConfig):
     output_dir: str = "outputs/grpo"
-    lr: float = 5e-5  # peak learning rate (AdamW)
+    lr: float = 1e-4  # peak learning rate (AdamW); on the toy task 5e-5 learns slower, 3e-4 is unstable
     lr_schedule: str = "constant"  # "cosine", "linear" or "constant"
     batch_size: int = 64  # completions per micro-batch; completions per step = batch_size * grad_accum_steps
     num_generations: int = 8  # G, completions per prompt (prompts per step = completions per step / G)
