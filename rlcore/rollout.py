@@ -490,11 +490,11 @@ def generate(
         top_p=top_p, min_p=min_p, pad_token_id=pad_token_id,
     )
     static_cache = on_cuda if static_cache is None else static_cache
+    total_len = prompt_ids.shape[1] + max_new_tokens
+    _check_attention_span(model, total_len)
     compile = on_cuda and static_cache if compile is None else compile
     if compile and not static_cache:
         raise ValueError("compile=True needs static_cache=True (a compiled step needs fixed shapes)")
-    total_len = prompt_ids.shape[1] + max_new_tokens
-    _check_attention_span(model, total_len)
     native_step = _use_native_step(model, native_step, static_cache)
     max_len = -(-total_len // 64) * 64 if compile else total_len  # cache slots
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)
@@ -510,7 +510,7 @@ def generate(
         prompt_mask_rows = prompt_mask.long().repeat_interleave(num_samples, dim=0)  # [N, P]
         step, ready_mask = _step_function(model, cache, native_step, compile)
         completion_ids, logprobs = _decode(
-            step, ready_mask, _attention_dtype(cache), isinstance(cache, StaticCache),
+            step, ready_mask, _attention_dtype(cache), static_cache,
             first_logits.repeat_interleave(num_samples, dim=0), prompt_mask_rows, max_len, max_new_tokens, eos,
             stop_check_interval, **sampling,
         )
@@ -530,9 +530,9 @@ def _step_function(model, cache, native_step: bool, compile: bool):
     return lambda tokens, positions, mask: model_step(model, tokens, positions, mask, cache), _takes_ready_mask(model)
 
 
-def _decode(step, ready_mask, attention_dtype, static, logits, prompt_mask_rows, max_len, max_new_tokens, eos, stop_check_interval, **sampling):
+def _decode(step, ready_mask, attention_dtype, all_slots, logits, prompt_mask_rows, max_len, max_new_tokens, eos, stop_check_interval, **sampling):
     """The decode loop: returns ([N, steps] sampled ids, [N, steps] their log-probs), steps <= max_new_tokens.
-    ``static``: the step attends to every cache slot (masked), not only the filled ones."""
+    ``all_slots``: the step attends to every cache slot (masked), not only the filled ones."""
     num_rows, prompt_len = prompt_mask_rows.shape
     device = prompt_mask_rows.device
     # sdpa gets an additive float mask (0 = attend, -inf = not) in the attention dtype, which it uses
@@ -553,7 +553,7 @@ def _decode(step, ready_mask, attention_dtype, static, logits, prompt_mask_rows,
             break
         slot = prompt_len + t  # cache slot of the token fed now
         attend[:, slot] = keep
-        mask = attend if static else attend[:, : slot + 1]  # [N, kv_len]
+        mask = attend if all_slots else attend[:, : slot + 1]  # [N, kv_len]
         logits = step(tokens[:, None], next_position + t, mask[:, None, None, :] if ready_mask else mask)
     return completion_ids[:, : t + 1], logprobs[:, : t + 1]
 
