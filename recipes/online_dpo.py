@@ -48,7 +48,7 @@ from rlcore.tracking import Tracker
 @dataclass
 class OnlineDPOConfig(OnlineConfig):
     output_dir: str = "outputs/online_dpo"
-    lr: float = 5e-5  # peak learning rate (AdamW)
+    lr: float = 1e-4  # peak learning rate (AdamW)
     lr_schedule: str = "constant"  # "cosine", "linear" or "constant"
     batch_size: int = 32  # prompts per micro-batch (two completions each); prompts per step = batch_size * grad_accum_steps
     beta: float = 0.1  # DPO inverse temperature (the strength of the implicit KL)
