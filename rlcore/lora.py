@@ -35,10 +35,10 @@ import json
 import math
 import os
 import re
+import sys
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
-import bitsandbytes as bnb
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -119,7 +119,7 @@ class LoRALinear(nn.Module):
             self.merged = False
 
     def _float_base_weight(self) -> torch.Tensor:
-        if isinstance(self.base, bnb.nn.Linear4bit):
+        if _is_4bit(self.base):
             raise ValueError(
                 "cannot merge LoRA into a 4-bit base weight without re-quantising it (lossy); "
                 "use export_merged() to write a float model with the update merged"
@@ -419,9 +419,18 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
     return model
 
 
+def _is_4bit(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``bitsandbytes.nn.Linear4bit`` (without importing bitsandbytes: a 4-bit layer
+    can only exist once something has imported it)."""
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+
+
 def _dense_weight(linear: nn.Linear) -> torch.Tensor:
     """The weight as a float tensor: dequantised for a 4-bit layer, else the weight itself (detached)."""
-    if isinstance(linear, bnb.nn.Linear4bit):
+    if _is_4bit(linear):
+        import bitsandbytes as bnb
+
         return bnb.functional.dequantize_4bit(linear.weight.data, linear.weight.quant_state)
     return linear.weight.detach()
 
@@ -432,7 +441,7 @@ def _merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     dense_layers = [
         (name, module) for name, module in model.named_modules()
-        if isinstance(module, (LoRALinear, bnb.nn.Linear4bit)) and not name.endswith(".base")
+        if (isinstance(module, LoRALinear) or _is_4bit(module)) and not name.endswith(".base")
     ]
     for name, module in dense_layers:
         for key in [key for key in state if key.startswith(name + ".")]:
@@ -485,9 +494,11 @@ def quantize_4bit(
         compute_dtype: dtype of the matmul; default bfloat16 for weights on CUDA, float32 on CPU.
         skip: name suffixes (or one regex) of layers kept in full precision; default the LM head.
     """
+    import bitsandbytes as bnb  # imported here: ~0.3 GiB and seconds of start-up that only 4-bit runs need
+
     linears = [
         (name, module) for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not isinstance(module, bnb.nn.Linear4bit) and not _matches(name, skip)
+        if isinstance(module, nn.Linear) and not _is_4bit(module) and not _matches(name, skip)
     ]
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear to quantise outside skip={skip!r}")
