@@ -157,3 +157,12 @@ def test_unsupported_models_and_settings_are_named():
     assert "depend on the sequence length" in native_decode_unsupported(dynamic)
     with pytest.raises(ValueError, match="native_step=True.*static_cache=False"):
         sample(model, True, static_cache=True)
+
+
+def test_bfloat16_model_decodes_like_its_forward():
+    """The step keeps transformers' dtype rules (RMSNorm in float32, rotary tables cast to the model dtype),
+    so a bfloat16 model gives the forward path's tokens and log-probs."""
+    model = randomised(tiny_model(seed=0)).to(torch.bfloat16)
+    native, forward_path = sample(model, True, temperature=0.0, num_samples=2), sample(model, False, temperature=0.0, num_samples=2)
+    assert torch.equal(native.sequences, forward_path.sequences)
+    torch.testing.assert_close(native.logprobs, forward_path.logprobs, rtol=0, atol=1e-6)
