@@ -40,7 +40,8 @@ from rlcore.evaluation import mean_token_nll, toy_accuracy
 from rlcore.lora import prepare_model
 from rlcore.models import load_policy
 from rlcore.optim import build_optimizer, build_scheduler, loss_tokens, optimizer_step
-from rlcore.runtime import autocast, maybe_compile, resolve_device, seed_everything, step_batches, use_bf16
+from rlcore.runtime import (autocast, maybe_compile, prefer_eager_attention, resolve_device, seed_everything, step_batches,
+                            use_bf16)
 from rlcore.tracking import Tracker
 
 
@@ -71,13 +72,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model, tokenizer = load_policy(config.model, device=device)
     model = prepare_model(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.load_in_4bit)
     model.train()
-    forward = maybe_compile(model, device, config.compile)
     pad_id = tokenizer.pad_token_id
 
     rows = load_rows(config.dataset, config.train_split, config.num_train_rows)
     train = tokenize_sft(rows, tokenizer, config.max_length, config.completion_only)
     train_ids, train_masks = list(train["input_ids"]), list(train["completion_mask"])  # python lists of token lists
     packed = pack_sequences(train, config.max_length, pad_id) if config.packing else None  # each [bins, max_length]
+    prefer_eager_attention(model, device, config.max_length if config.packing else max(map(len, train_ids)))
+    forward = maybe_compile(model, device, config.compile)
     num_samples = len(packed["input_ids"]) if config.packing else len(train)
     eval_rows = eval_tokens = None
     if config.eval_split != "none":
@@ -105,11 +107,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             metrics["accuracy"] = toy_accuracy(model, tokenizer, eval_rows, config.eval_batch_size, config.max_new_tokens)
         return tracker.log_eval(step, metrics)
 
-    def micro_batch(indices: list[int]) -> dict[str, torch.Tensor]:
+    def micro_batch(indices: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """(model inputs [B, T-1], loss positions [N, 2], loss tokens [N]), all built on the host (no device sync).
+
+        Position t predicts token t + 1, so each row's last token predicts nothing and is not fed (causal
+        attention: the other positions' logits are unchanged); ``loss_positions`` holds the (row, t) whose
+        next token is a loss token.
+        """
         if config.packing:  # no attention mask: position ids mark the row boundaries
-            return {k: packed[k][indices].to(device) for k in ("input_ids", "position_ids", "completion_mask")}
-        batch = collate_right([train_ids[i] for i in indices], [train_masks[i] for i in indices], pad_id)
-        return {k: v.to(device) for k, v in batch.items()}
+            batch = {k: packed[k][indices] for k in ("input_ids", "position_ids", "completion_mask")}
+        else:
+            batch = collate_right([train_ids[i] for i in indices], [train_masks[i] for i in indices], pad_id)
+        loss_mask = batch.pop("completion_mask")[:, 1:].bool()  # [B, T-1]
+        labels = batch["input_ids"][:, 1:][loss_mask]  # [N]
+        inputs = {k: v[:, :-1].to(device) for k, v in batch.items()}  # [B, T-1] each
+        return inputs, loss_mask.nonzero().to(device), labels.to(device)
 
     # ---------------------------------------------------------------- training loop
     step, results, evaluated_at = start_step, {}, None
@@ -123,12 +135,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             normalizer = loss_tokens([train_masks[i] for i in window])
         stats: dict[str, torch.Tensor] = {}
         for indices in micro_batches:
-            batch = micro_batch(indices)
-            inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
+            inputs, loss_positions, labels = micro_batch(indices)
             with autocast(device, bf16):
-                logits = forward(**inputs, use_cache=False).logits  # [B, T, V]
-            loss, loss_stats = sft_loss(logits[:, :-1], batch["input_ids"][:, 1:], batch["completion_mask"][:, 1:],
-                                        normalizer=normalizer)
+                logits = forward(**inputs, use_cache=False).logits  # [B, T-1, V]
+            rows, columns = loss_positions.unbind(1)  # [N] each
+            loss, loss_stats = sft_loss(logits[rows, columns].unsqueeze(0), labels.unsqueeze(0),  # [1, N, V], [1, N]
+                                        torch.ones_like(labels).unsqueeze(0), normalizer=normalizer)
             loss.backward()
             stats["loss"] = stats.get("loss", 0.0) + loss.detach()  # sums to the step's token mean
             stats["token_accuracy"] = stats.get("token_accuracy", 0.0) + loss_stats["token_accuracy"] / len(micro_batches)
