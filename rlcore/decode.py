@@ -1,14 +1,15 @@
 """A native one-token decode step for Llama-layout causal LMs, on the model's own weights.
 
-At rollout sizes on CPU (a 1M-20M parameter policy, batch 64) the cost of a transformers forward pass for
-one token is not arithmetic but Python: module calls, the attention interface, mask and cache bookkeeping,
-~60 dispatched ops per layer. :class:`LlamaDecodeStep` computes the same function with the fewest tensor
-ops, for the layout shared by ``LlamaForCausalLM`` and ``Qwen2ForCausalLM``::
+For a small policy on CPU, much of a transformers forward pass for one token is Python: module calls, the
+attention interface, mask and cache bookkeeping, ~60 dispatched ops per layer (most of the step of a 1M
+model at batch 1-16; at batch 64, and for a 20M model, matmuls and reading the KV cache dominate, see
+``rlcore.rollout``). :class:`LlamaDecodeStep` computes the same function with few tensor ops, for the
+layout shared by ``LlamaForCausalLM`` and ``Qwen2ForCausalLM``::
 
     x = embed(token)                                                    # [N, E]
     for each layer:
         h = rms_norm(x) * w_in                                          # RMSNorm (Zhang & Sennrich 2019)
-        q, k, v = h W_q + b_q, h W_k + b_k, h W_v + b_v                  # biases: Qwen2 only
+        q, k, v = h W_q + b_q, h W_k + b_k, h W_v + b_v                  # biases where present (Qwen2)
         q, k = q cos_p + rotate_half(q) sin_p, k cos_p + rotate_half(k) sin_p   # RoPE at position p
         K[:, :, slot], V[:, :, slot] = k, v                             # the KV cache, written in place
         x = x + softmax(q K^T / sqrt(d) + mask) V W_o                   # grouped-query attention
