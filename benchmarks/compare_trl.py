@@ -23,8 +23,10 @@ them as command-line flags of ``recipes/{sft,dpo,grpo}.py``, TRL as ``SFTConfig`
 ``GRPOConfig`` (TRL 1.x API, the model object and tokenizer passed in, ``report_to="none"``, no vLLM).
 TRL's defaults that rlcore does not share are switched off: activation (gradient) checkpointing, and bf16
 on CPU (float32 for both; bf16 autocast for both on CUDA). DPO trains on the dataset's pairs in both
-(``--no-rejected_from_policy``) against a frozen copy of the starting model, recomputing reference
-log-probs every step (TRL's default). GRPO (recipe defaults): 64 completions per step, 8 per prompt, at
+(``--no-rejected_from_policy``) against a frozen copy of the starting model. Its step time is measured
+twice (``--dpo_reference``), the same way in both frameworks: reference log-probs recomputed in every step
+("ref live", TRL's default), and computed once before training ("ref precomputed": rlcore
+``--precompute_ref``, TRL ``precompute_ref_log_probs=True``; that pass is left out of the step times). GRPO (recipe defaults): 64 completions per step, 8 per prompt, at
 most 8 new tokens, beta 0 (no reference model), loss "dapo", rewards from ``rlcore.toy.accuracy_reward``.
 
 Models (``--models``): ``tiny`` (the embedded 1M-parameter Llama), ``20m`` (19M parameters, the same
@@ -90,6 +92,7 @@ PART_SETTINGS = {
     "dpo": ("max_length", "beta", "loss_type"),
     "grpo": ("num_generations", "max_new_tokens", "beta", "temperature", "loss_type", "scale_rewards"),
 }
+DPO_REFERENCES = {"live": {}, "precomputed": {"precompute_ref": True}}  # --dpo_reference -> DPO settings of both
 CUDA_OVERRIDES = {"grpo": dict(batch_size=32, grad_accum_steps=4, max_new_tokens=256)}  # 16 prompts x 8 x 256
 
 
@@ -99,6 +102,7 @@ class CompareConfig:
 
     models: str = "tiny,20m"  # comma-separated: tiny, 20m, qwen0.5b
     parts: str = "sft,dpo,grpo"  # trainers whose step time and memory are measured ("none" to skip)
+    dpo_reference: str = "live,precomputed"  # DPO timing rows: reference log-probs per step ("live") or once up front
     accuracy: str = "sft,grpo"  # equal-budget accuracy comparisons to run ("none" to skip)
     accuracy_models: str = "tiny"  # models of the accuracy comparisons
     budget_scale: float = 1.0  # multiplies the accuracy budgets (SFT 180 s, GRPO 300 s)
@@ -113,7 +117,7 @@ class CompareConfig:
     output_dir: str = "outputs/compare_trl"  # models, runs, logs and results.json
 
     def __post_init__(self) -> None:
-        for name, valid in (("models", MODEL_SHAPES), ("parts", PARTS), ("accuracy", ACCURACY_BUDGETS),
+        for name, valid in (("models", MODEL_SHAPES), ("parts", PARTS), ("dpo_reference", DPO_REFERENCES), ("accuracy", ACCURACY_BUDGETS),
                             ("accuracy_models", MODEL_SHAPES)):
             unknown = set(_names(getattr(self, name))) - set(valid)
             if unknown:
@@ -177,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
         settings[part] = hyperparameters(part, config.device)
     for model, part in timed:
         start = start_dirs[model]["raw" if part == "sft" else "sft"]
-        results["timing"].append(time_part(model, part, start, settings[part], config, output_dir))
+        for variant, extra in timing_variants(part, config):
+            results["timing"].append(time_part(model, part, variant, start, {**settings[part], **extra}, config, output_dir))
     for model, stage in scored:
         start = start_dirs[model]["raw" if stage == "sft" else "sft"]
         if stage == "grpo" and model == "tiny" and config.grpo_accuracy_start == "recipe":
@@ -225,7 +230,15 @@ def recipe_warm_start(config: CompareConfig) -> str:
     return warm_start("tiny", steps, 0, REPO / "recipes" / "sft.py", ONLINE_WARM_START_FLAGS)
 
 
-def time_part(model: str, part: str, model_dir: str, settings: dict, config: CompareConfig, output_dir: Path) -> dict:
+def timing_variants(part: str, config: CompareConfig) -> list[tuple[str, dict]]:
+    """(label, settings given to both frameworks on top of the recipe's) of each timing row of ``part``."""
+    if part != "dpo":
+        return [("", {})]
+    return [(f"ref {name}", DPO_REFERENCES[name]) for name in _names(config.dpo_reference)]
+
+
+def time_part(model: str, part: str, variant: str, model_dir: str, settings: dict, config: CompareConfig,
+              output_dir: Path) -> dict:
     """Seconds per step (median of the pooled timed steps) and peak memory of each framework."""
     step_seconds, peak_mib, rewards = ({name: [] for name in FRAMEWORKS} for _ in range(3))
     for round_index in range(config.rounds):
@@ -234,12 +247,13 @@ def time_part(model: str, part: str, model_dir: str, settings: dict, config: Com
             spec = dict(framework=framework, part=part, model_dir=model_dir, device=config.device,
                         threads=config.threads, hyper=settings,
                         steps=config.timing_warmup + config.timing_steps + 1, budget_seconds=None)
-            result = run_worker(spec, output_dir / "runs" / f"{model}-{part}-{framework}-time{round_index}", config)
+            run_name = "-".join(filter(None, [model, part, variant.replace(" ", "_"), framework, f"time{round_index}"]))
+            result = run_worker(spec, output_dir / "runs" / run_name, config)
             step_seconds[framework] += result["step_seconds"][config.timing_warmup:]
             peak_mib[framework].append(result["peak_mib"])
             if result["mean_reward"] is not None:
                 rewards[framework].append(result["mean_reward"])
-    row = {"model": model, "part": part, "load_1min": os.getloadavg()[0]}
+    row = {"model": model, "part": part, "variant": variant, "load_1min": os.getloadavg()[0]}
     for framework in FRAMEWORKS:
         row[f"{framework}_step_s"] = statistics.median(step_seconds[framework])
         row[f"{framework}_peak_mib"] = max(peak_mib[framework])
@@ -299,13 +313,14 @@ def print_tables(results: dict, config: CompareConfig) -> None:
         memory = "CUDA MiB" if config.device == "cuda" else "RSS MiB"
         print(f"\nseconds per training step: median of {config.timing_steps * config.rounds} steps ({config.rounds} "
               f"run(s) each, interleaved, {config.timing_warmup} warm-up steps left out per run); peak memory\n")
-        print(f"{'model':<9} {'part':<5} {'rlcore s':>9} {'TRL s':>9} {'rlcore/TRL':>10} {'goal':>10}  "
+        print(f"{'model':<9} {'part':<20} {'rlcore s':>9} {'TRL s':>9} {'rlcore/TRL':>10} {'goal':>10}  "
               f"{'rlcore ' + memory:>15} {'TRL ' + memory:>12} {'reward rlcore/TRL':>18} {'load':>5}")
         for row in results["timing"]:
             goal = GOALS[row["part"]]
             verdict = f"<={goal} " + ("ok" if row["ratio"] <= goal else "MISS")
             reward = "/".join("-" if row[f"{name}_reward"] is None else f"{row[f'{name}_reward']:.2f}" for name in FRAMEWORKS)
-            print(f"{row['model']:<9} {row['part']:<5} {row['rlcore_step_s']:>9.4f} {row['trl_step_s']:>9.4f} "
+            part = f"{row['part']} {row.get('variant', '')}".strip()
+            print(f"{row['model']:<9} {part:<20} {row['rlcore_step_s']:>9.4f} {row['trl_step_s']:>9.4f} "
                   f"{row['ratio']:>10.2f} {verdict:>10}  {row['rlcore_peak_mib']:>15.0f} {row['trl_peak_mib']:>12.0f} "
                   f"{reward:>18} {row['load_1min']:>5.1f}")
     if results["accuracy"]:
@@ -446,7 +461,7 @@ def train_trl(spec: dict, mark_step_end) -> float | None:
         trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train_rows, processing_class=tokenizer)
     elif part == "dpo":
         args = trl.DPOConfig(**common, max_length=hyper["max_length"], beta=hyper["beta"], loss_type=[hyper["loss_type"]],
-                             precompute_ref_log_probs=False)
+                             precompute_ref_log_probs=hyper.get("precompute_ref", False))
         reference = AutoModelForCausalLM.from_pretrained(spec["model_dir"])
         trainer = trl.DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=train_rows, processing_class=tokenizer)
     else:
