@@ -49,7 +49,9 @@ Run from the repository root, with the bench extra installed (``pip install -e "
     python benchmarks/compare_trl.py --device cuda --models qwen0.5b --accuracy none --start_sft_steps 0 --timing_warmup 5
 
 On a machine busy with other work, ``--threads 1``: torch's OpenMP threads spin while they wait for a core,
-and with more threads than free cores a step can take 100 times longer. The load average is printed.
+and with more threads than free cores a step can take 100 times longer. The load average is printed. Where
+other jobs share the cores, wall-clock steps vary twofold with their load; ``--clock process`` times each
+step by the worker process's CPU time instead (with ``--threads 1``, the work of the step itself).
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ class CompareConfig:
     quick: bool = False  # smoke run: 1 warm-up + 3 timed steps, 1 round, budgets x0.05, a 20-step SFT start for all
     device: str = "cpu"  # "cpu" or "cuda"
     threads: int | None = None  # torch threads per subprocess (None = torch's default: every core)
+    clock: str = "wall"  # step time: "wall" (perf_counter) or "process" (the worker's CPU time; CPU only)
     output_dir: str = "outputs/compare_trl"  # models, runs, logs and results.json
 
     def __post_init__(self) -> None:
@@ -124,6 +127,8 @@ class CompareConfig:
                 raise ValueError(f"--{name}: unknown {sorted(unknown)}; expected a comma-separated subset of {list(valid)}")
         if self.grpo_accuracy_start not in ("recipe", "shared"):
             raise ValueError(f"--grpo_accuracy_start must be recipe or shared, got {self.grpo_accuracy_start!r}")
+        if self.clock not in ("wall", "process") or (self.clock == "process" and self.device == "cuda"):
+            raise ValueError(f"--clock must be wall or process (process only on CPU), got {self.clock!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.timing_steps < 1 or self.timing_warmup < 0 or self.rounds < 1 or self.budget_scale <= 0:
@@ -245,7 +250,7 @@ def time_part(model: str, part: str, variant: str, model_dir: str, settings: dic
         for framework in FRAMEWORKS if round_index % 2 == 0 else FRAMEWORKS[::-1]:
             print(f"[{model}] {part}: {framework} timing run {round_index + 1}/{config.rounds}", flush=True)
             spec = dict(framework=framework, part=part, model_dir=model_dir, device=config.device,
-                        threads=config.threads, hyper=settings,
+                        threads=config.threads, clock=config.clock, hyper=settings,
                         steps=config.timing_warmup + config.timing_steps + 1, budget_seconds=None)
             run_name = "-".join(filter(None, [model, part, variant.replace(" ", "_"), framework, f"time{round_index}"]))
             result = run_worker(spec, output_dir / "runs" / run_name, config)
@@ -311,7 +316,7 @@ def print_tables(results: dict, config: CompareConfig) -> None:
           f"load average (1, 5, 15 min): {_numbers(load['start'])} at start, {_numbers(load['end'])} at end")
     if results["timing"]:
         memory = "CUDA MiB" if config.device == "cuda" else "RSS MiB"
-        print(f"\nseconds per training step: median of {config.timing_steps * config.rounds} steps ({config.rounds} "
+        print(f"\n{config.clock} seconds per training step: median of {config.timing_steps * config.rounds} steps ({config.rounds} "
               f"run(s) each, interleaved, {config.timing_warmup} warm-up steps left out per run); peak memory\n")
         print(f"{'model':<9} {'part':<20} {'rlcore s':>9} {'TRL s':>9} {'rlcore/TRL':>10} {'goal':>10}  "
               f"{'rlcore ' + memory:>15} {'TRL ' + memory:>12} {'reward rlcore/TRL':>18} {'load':>5}")
@@ -350,12 +355,13 @@ def worker(run_dir: Path) -> None:
     if spec["threads"] is not None:
         torch.set_num_threads(spec["threads"])
     cuda = spec["device"] == "cuda"
+    clock = time.process_time if spec.get("clock") == "process" else time.perf_counter
     step_ends: list[float] = []
 
     def mark_step_end() -> None:
         if cuda:
             torch.cuda.synchronize()
-        step_ends.append(time.perf_counter())
+        step_ends.append(clock())
 
     train = train_rlcore if spec["framework"] == "rlcore" else train_trl
     mean_reward = train(spec, mark_step_end)
