@@ -10,13 +10,33 @@ sequences go through the model in one forward pass. The output directory loads w
 
 Departures from the common setup (Ouyang et al. 2022; TRL's RewardTrainer):
 - one pair per prompt and one epoch-free stream of pairs (rows are drawn by step, see rlcore.runtime);
-- the embedded default starts from the tiny model after a short SFT run on the toy task (built once and
-  cached, as the online recipes do): knowing how to add makes "is this sum right?" far easier to learn;
+- the embedded default starts from the tiny model after the default SFT run on the toy task, all 3000 steps
+  (built once and cached, as the online recipes do): knowing how to add makes "is this sum right?" far
+  easier to learn;
 - with LoRA, the score head is trained in full beside the adapters (PEFT's ``modules_to_save``); it is
-  saved in each checkpoint as ``score.safetensors`` and inside the merged final model.
+  saved in each checkpoint as ``score.safetensors`` and inside the merged final model;
+- the score head, new and randomly initialised, has its own learning rate (``--head_lr``, 10x the body's
+  by default), so that the body adapts to a head that already points somewhere useful.
+
+Measured on the toy task (500 held-out pairs, pairwise accuracy; 2 shared CPU cores), from a build of the
+default SFT backbone at 67.0% greedy test accuracy, ``--model <backbone> --max_seconds none``, body lr 3e-4:
+    64 pairs x 2000 steps, one lr for all                         59.8% at step 500, 78.2% at step 1000
+    64 pairs x 1000 steps, body lr 1e-3 (head the same)           60.6%
+    64 pairs x 1000 steps, --head_lr 3e-3                         68.4% at step 500, 77.4%
+    32 pairs x 2000 steps, --head_lr 3e-3                         74.6%
+    128 pairs x 1000 steps, --head_lr 3e-3 (the default)          72.0% at step 250, 82.0% at 500, 86.2%
+At equal numbers of pairs, larger batches learn faster here, and the separate head learning rate helps
+early. For comparison, a logistic probe on the frozen backbone's last-token features ranks 59.2% of the
+pairs correctly, and the SFT model's own log-likelihood 92.0%: the information is in the backbone, but a
+score read at the last token must learn to compare each answer digit with the sum, which takes many
+steps on CPU.
+
+The default run, ``python recipes/reward_model.py`` (building the backbone first: 3000 SFT steps in 150 s,
+64.8%), reached 85.6% pairwise accuracy after 849 of its 1000 steps, when the 300 s training budget ran
+out (load average 2.3-2.9 on the 2 cores; 480 s wall in all). The 90% we aim for is not reached yet.
 
 Run:
-    python recipes/reward_model.py                         # tiny model, toy pairs, a couple of minutes on CPU
+    python recipes/reward_model.py                         # tiny SFT backbone, toy pairs, 5 min (+2.5 min SFT, once)
     python recipes/reward_model.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset trl-lib/ultrafeedback_binarized \\
         --lr 1e-5 --batch_size 8 --max_length 1024 --max_steps 2000 --output_dir outputs/qwen-rm
     python recipes/reward_model.py --model ./sft-out --dataset pairs.jsonl --eval_dataset heldout.jsonl --lora_r 16
@@ -48,15 +68,17 @@ from rlcore.tracking import Tracker
 class RewardModelConfig(TrainConfig):
     dataset: str = "toy:preference"  # prompt/chosen/rejected (or chosen/rejected) rows, optional margin column
     output_dir: str = "outputs/reward_model"
-    warm_start_steps: int = 1000  # with --model tiny only: start from `recipes/sft.py --max_steps N` (cached); 0 = untrained
+    warm_start_steps: int = 3000  # with --model tiny only: start from `recipes/sft.py --max_steps N` (cached); 0 = untrained
     center_coef: float = 0.0  # weight of the (r_c + r_r)^2 centering term
-    lr: float = 1e-3  # peak learning rate (AdamW)
-    warmup_steps: int = 20  # linear warmup steps
-    batch_size: int = 32  # pairs per micro-batch
-    max_steps: int = 600  # optimizer steps
-    max_seconds: float | None = 170.0  # stop early (evaluate and save) after this much training time
+    head_lr: float | None = 3e-3  # peak learning rate of the new score head (None = --lr)
+    num_train_rows: int | None = 50_000  # training pairs (the toy task draws fresh ones; None = all)
+    lr: float = 3e-4  # peak learning rate of the body (AdamW)
+    warmup_steps: int = 50  # linear warmup steps
+    batch_size: int = 128  # pairs per micro-batch
+    max_steps: int = 1000  # optimizer steps
+    max_seconds: float | None = 300.0  # stop early (evaluate and save) after this much training time
     logging_steps: int = 20  # log the mean of the metrics over this many steps
-    eval_steps: int = 200  # evaluate every N steps (0 = only at the end)
+    eval_steps: int = 250  # evaluate every N steps (0 = only at the end)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -69,7 +91,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     start_model = warm_start(config.model, config.warm_start_steps, config.seed, Path(__file__).with_name("sft.py"))
     model, tokenizer = load_reward_model(start_model, device=device)
     model = prepare_model(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.load_in_4bit)
-    model.score.requires_grad_(True)  # the head is new: train it in full, also under LoRA
     model.train()
     backbone = maybe_compile(getattr(model, model.base_model_prefix), device, config.compile)
     pad_id = tokenizer.pad_token_id
@@ -83,7 +104,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         eval_pairs = tokenize_preference(eval_rows, tokenizer, config.max_length)
 
     # ---------------------------------------------------------------- optimizer, resume, tracking
+    model.score.requires_grad_(False)  # build_optimizer takes the trainable parameters: the body's groups first
     optimizer = build_optimizer(model, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2))
+    model.score.requires_grad_(True)  # the head is new: trained in full (also under LoRA), at its own lr
+    head_lr = config.lr if config.head_lr is None else config.head_lr
+    optimizer.add_param_group({"params": list(model.score.parameters()), "lr": head_lr, "weight_decay": 0.0})
     scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=config.max_steps,
                                 schedule=config.lr_schedule, min_lr_ratio=config.min_lr_ratio)
     head = {"score": model.score} if config.lora_r > 0 else None  # adapters alone do not hold the head
