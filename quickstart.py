@@ -17,7 +17,7 @@ stage, and prints the paths of the training curves (OUT/<stage>/curves.png). The
 is one file, top to bottom, and the next step is to run them on your own model and data.
 
     pip install -e ".[test]"
-    python quickstart.py                                          # ~9 minutes on 2 idle CPU cores
+    python quickstart.py                                          # ~8 minutes on 2 CPU cores
     python quickstart.py --sft_seconds 300 --grpo_seconds 600 --output_dir outputs/longer
 """
 
