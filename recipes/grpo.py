@@ -62,7 +62,7 @@ from rlcore.online import ONLINE_WARM_START_FLAGS, OnlineConfig, completion_logp
 from rlcore.optim import build_optimizer, build_scheduler, optimizer_step
 from rlcore.rewards import build_reward_scorer
 from rlcore.rollout import generate
-from rlcore.runtime import autocast, maybe_compile, resolve_device, seed_everything, step_batches, use_bf16
+from rlcore.runtime import autocast, maybe_compile, prefer_eager_attention, resolve_device, seed_everything, step_batches, use_bf16
 from rlcore.tracking import Tracker
 
 LOSS_AGGREGATIONS = {"grpo": "seq_mean_token_mean", "bnpo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm", "dapo": "token_mean"}
@@ -118,14 +118,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     start_model = warm_start(config.model, config.warm_start_steps, config.seed, Path(__file__).with_name("sft.py"), ONLINE_WARM_START_FLAGS)
     policy, tokenizer = load_policy(start_model, device=device)
     policy = prepare_model(policy, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.load_in_4bit)
-    reference = frozen_copy(policy) if config.beta > 0 and config.lora_r == 0 else None  # LoRA: adapters off
-    forward = maybe_compile(policy, device, config.compile)
     stop_ids = eos_token_ids(tokenizer, policy.generation_config)
     scorer = build_reward_scorer(config.reward_funcs, config.reward_model, config.reward_weights, tokenizer, device)
     prompts = load_prompts(config.dataset, config.train_split, tokenizer, config.max_prompt_length, config.num_train_rows)
     eval_prompts = None
     if config.eval_split != "none":
         eval_prompts = load_prompts(config.dataset, config.eval_split, tokenizer, config.max_prompt_length, config.num_eval_rows)
+    prefer_eager_attention(policy, device, max(map(len, prompts["prompt_ids"])) + config.max_new_tokens)  # CPU, short rows
+    reference = frozen_copy(policy) if config.beta > 0 and config.lora_r == 0 else None  # LoRA: adapters off
+    forward = maybe_compile(policy, device, config.compile)
     group_size = config.num_generations
     completions_per_step = config.batch_size * config.grad_accum_steps
     prompts_per_step = completions_per_step // group_size
