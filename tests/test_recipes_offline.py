@@ -36,10 +36,10 @@ def load_recipe(name: str):
     return module
 
 
-def run_script(name: str, *args: str) -> None:
+def run_script(name: str, *args: str, timeout: float = 600) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, str(REPO / "recipes" / f"{name}.py"), *args], env=env,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -235,6 +235,6 @@ def test_dpo_default_improves_its_sft_start(tmp_path):
 
 @pytest.mark.slow
 def test_reward_model_default_ranks_held_out_pairs(tmp_path):
-    # All 1000 steps however busy the CPU: 0.886 measured (545 s with the SFT backbone). The target is 0.9.
-    run_script("reward_model", "--output_dir", str(tmp_path), "--max_seconds", "none")
-    assert [r for r in read_metrics(tmp_path / "metrics.jsonl") if "eval/accuracy" in r][-1]["eval/accuracy"] >= 0.85
+    # The default run (2000 steps, no time budget): 0.942 measured (15 min at load ~3, one thread).
+    run_script("reward_model", "--output_dir", str(tmp_path), timeout=3600)
+    assert [r for r in read_metrics(tmp_path / "metrics.jsonl") if "eval/accuracy" in r][-1]["eval/accuracy"] >= 0.9
