@@ -41,9 +41,13 @@ Single process for now (one CPU or GPU).
 
 The default --model tiny is an untrained network: it never writes a correct sum, every reward is 0 and RL
 learns nothing. So with --model tiny the recipe first runs ``recipes/sft.py`` for --warm_start_steps steps
-once (42% greedy test accuracy with seed 0; cached under ~/.cache/rlcore and shared by the online recipes; see
-rlcore.online.warm_start for its settings) and starts from it. --warm_start_steps 0 starts from the
-untrained model.
+once (42-46% greedy test accuracy with seed 0, depending on the version of sft.py; cached under
+~/.cache/rlcore and shared by the online recipes; see rlcore.online.warm_start for its settings) and
+starts from it. --warm_start_steps 0 starts from the untrained model.
+
+Measured (toy task, 2 shared CPU cores, one torch thread): from that checkpoint at 46.2%, 300 s of
+training (2068 steps) reached 51.4%; TRL's GRPOTrainer with the same settings and time 50.6% (898
+steps); see README, "What the recipes learn on the toy task", for the commands.
 """
 
 from __future__ import annotations

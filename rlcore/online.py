@@ -89,9 +89,10 @@ def warm_start(model: str, steps: int, seed: int, sft_script: str | os.PathLike,
 
     The online recipes pass ``ONLINE_WARM_START_FLAGS``: learning rate 1e-3 after 100 warmup steps, then a
     cosine that ends at half the peak, so that the checkpoint is like an SFT run stopped mid-schedule by a
-    time budget rather than an annealed one; 1500 steps give 42% greedy test accuracy (seed 0). On the toy
-    task RL raised such a checkpoint by several points within minutes, while from a fully annealed SFT
-    checkpoint (cosine to 0) the same runs left greedy accuracy within a few points of where it started.
+    time budget rather than an annealed one; 1500 steps give 42-46% greedy test accuracy (seed 0, two
+    versions of sft.py). On the toy task RL raised such a checkpoint by several points within minutes,
+    while from a fully annealed SFT checkpoint (cosine to 0) the same runs left greedy accuracy within a
+    few points of where it started.
     """
     if model != "tiny" or steps == 0:
         return model
