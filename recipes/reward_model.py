@@ -27,10 +27,10 @@ default SFT backbone at 67.0% greedy test accuracy, ``--model <backbone> --max_s
     128 pairs x 1000 steps, --head_lr 3e-3                        72.0% at step 250, 82.0% at 500, 86.2%
 At equal numbers of pairs, larger batches learn faster here, and the separate head learning rate helps
 early. With the 300 s budget of the default run and the current backbone (below): body/head lr 3e-4/3e-3
-85.6%, 5e-4/5e-3 87.4% (the default), 7e-4/7e-3 61.2% at step 250 against 68.4% (stopped). For comparison, a logistic probe on the frozen backbone's last-token features ranks 59.2% of the
-pairs correctly, and the SFT model's own log-likelihood 92.0%: the information is in the backbone, but a
-score read at the last token must learn to compare each answer digit with the sum, which takes many
-steps on CPU.
+85.6%, 5e-4/5e-3 87.4% (the default), 7e-4/7e-3 61.2% at step 250 against 68.4% (stopped). For comparison,
+a logistic probe on the frozen backbone's last-token features ranks 59.2% of the pairs correctly, and the
+SFT model's own log-likelihood 92.0%: the information is in the backbone, but a score read at the last
+token must learn to compare each answer digit with the sum, which takes many steps on CPU.
 
 The default run, ``python recipes/reward_model.py`` (2000 steps of 128 pairs, no time budget; its
 backbone, 3000 SFT steps at 64.8%, built once before), reached 67.0% pairwise accuracy at step 250, 91.6%
@@ -112,11 +112,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         eval_pairs = tokenize_preference(eval_rows, tokenizer, config.max_length)
 
     # ---------------------------------------------------------------- optimizer, resume, tracking
-    model.score.requires_grad_(False)  # build_optimizer takes the trainable parameters: the body's groups first
-    optimizer = build_optimizer(model, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2))
     model.score.requires_grad_(True)  # the head is new: trained in full (also under LoRA), at its own lr
     head_lr = config.lr if config.head_lr is None else config.head_lr
-    optimizer.add_param_group({"params": list(model.score.parameters()), "lr": head_lr, "weight_decay": 0.0})
+    head_group = {"params": list(model.score.parameters()), "lr": head_lr, "weight_decay": 0.0}
+    optimizer = build_optimizer(model, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2),
+                                extra_groups=[head_group])
     scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=config.max_steps,
                                 schedule=config.lr_schedule, min_lr_ratio=config.min_lr_ratio)
     head = {"score": model.score} if config.lora_r > 0 else None  # adapters alone do not hold the head

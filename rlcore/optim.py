@@ -30,21 +30,25 @@ def build_optimizer(
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    extra_groups: Sequence[dict] = (),
 ) -> torch.optim.AdamW:
     """AdamW (Loshchilov & Hutter 2019, https://arxiv.org/abs/1711.05101) over the trainable parameters.
 
     Weight decay applies to parameters with 2 or more dimensions (matrices, embeddings); biases and norm
     scales (1-d) are not decayed. Frozen parameters (``requires_grad=False``, e.g. a LoRA base) are left out.
+    ``extra_groups`` are optimizer parameter groups with their own settings (e.g. a new head at its own
+    ``lr``), placed after the default groups; their parameters are left out of the default groups.
     On CUDA the fused kernel is used.
     """
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    if not trainable:
+    own = {id(p) for group in extra_groups for p in group["params"]}
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad and id(p) not in own]
+    if not trainable and not own:
         raise ValueError("build_optimizer: the model has no trainable parameters (all requires_grad=False)")
     decayed = [p for _, p in trainable if p.ndim >= 2]
     not_decayed = [p for _, p in trainable if p.ndim < 2]
     groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": not_decayed, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    fused = all(p.is_cuda for _, p in trainable)
+    groups = [g for g in groups if g["params"]] + [dict(group) for group in extra_groups]
+    fused = all(p.is_cuda for group in groups for p in group["params"])
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
