@@ -35,8 +35,8 @@ How it runs (following gpt-fast's ``generate.py`` and nanochat's ``engine.py``):
 
 **The step.** For Llama and Qwen2 models in a plain state (no adapters, no quantised layers, no hooks)
 the default step is :class:`rlcore.decode.LlamaDecodeStep`: the same function as the model's forward for
-one token, on the model's own weights, written as ~20 tensor ops per layer (fused q/k/v and gate/up
-matmuls, rotary tables gathered once per step, grouped-query attention without repeating keys) straight
+one token, on the model's own weights, written as ~20 tensor ops per layer (one fused q/k/v matmul,
+rotary tables gathered once per step, grouped-query attention without repeating keys) straight
 into the growing cache. Any other model, or ``native_step=False``, runs the model's forward.
 
 Where the time goes on CPU (transformers 5.23, ``benchmarks/generate.py``, one thread): ``model.generate``
