@@ -49,7 +49,7 @@ class OnlineConfig(TrainConfig):
     """Flags shared by the online recipes: prompts, sampling, rewards, and the warm start of the default."""
 
     dataset: str = "toy:prompt_only"  # prompts (a "prompt" column; other columns reach the reward functions)
-    warm_start_steps: int = 1500  # with --model tiny only: start from `recipes/sft.py --max_steps N` (~50% accuracy; run once, cached); 0 = the untrained tiny model
+    warm_start_steps: int = 1500  # with --model tiny only: start from `recipes/sft.py --max_steps N` (42-46% accuracy; run once, cached); 0 = the untrained tiny model
     max_prompt_length: int = 128  # prompts longer than this many tokens are dropped
     max_new_tokens: int = 8  # completion length limit, in tokens
     temperature: float = 1.0  # sampling temperature (log-probs in the loss use the same temperature)
