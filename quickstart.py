@@ -7,9 +7,15 @@ The toy task is integer addition (``"37+85="`` -> ``"122"``, see ``rlcore/toy.py
 1M-parameter Llama built in-process, so nothing is downloaded. Each stage is one recipe run with flags,
 exactly the command you would type (it is printed before it runs):
 
-    python recipes/sft.py  --output_dir OUT/sft  --max_seconds SFT_SECONDS
+    python recipes/sft.py  --output_dir OUT/sft  --lr 1e-3 --warmup_steps 100 --lr_schedule cosine --min_lr_ratio 0.5 \
+                           --max_steps SFT_STEPS --max_seconds SFT_SECONDS
     python recipes/grpo.py --model OUT/sft --output_dir OUT/grpo --max_seconds GRPO_SECONDS
     python recipes/dpo.py  --model OUT/sft --output_dir OUT/dpo  --max_seconds DPO_SECONDS
+
+The SFT stage stops mid-schedule on purpose: its learning rate decays to half the peak (as the online
+recipes' own warm start, ``rlcore.online.ONLINE_WARM_START_FLAGS``), not to zero. On the toy task GRPO and
+DPO improved such a model by 6-10 points, while from a fully annealed one (cosine to zero) they ended within
+a few points of where they started, or below.
 
 Every recipe scores the greedy answers to the held-out problems (exact match) and writes the scores to
 OUT/<stage>/metrics.jsonl; this script reads them back into one table of toy test accuracy after each
@@ -17,8 +23,8 @@ stage, and prints the paths of the training curves (OUT/<stage>/curves.png). The
 is one file, top to bottom, and the next step is to run them on your own model and data.
 
     pip install -e ".[test]"
-    python quickstart.py                                          # ~8 minutes on 2 CPU cores
-    python quickstart.py --sft_seconds 300 --grpo_seconds 600 --output_dir outputs/longer
+    python quickstart.py                                          # ~7 minutes on 2 CPU cores
+    python quickstart.py --sft_steps 3000 --grpo_seconds 600 --output_dir outputs/longer
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))  # rlcore from this checkout, installed or not
 
 from rlcore.config import parse_config  # noqa: E402
+from rlcore.online import ONLINE_WARM_START_FLAGS  # noqa: E402
 from rlcore.tracking import CURVES_NAME, METRICS_NAME, read_metrics  # noqa: E402
 
 
@@ -41,7 +48,8 @@ from rlcore.tracking import CURVES_NAME, METRICS_NAME, read_metrics  # noqa: E40
 class QuickstartConfig:
     """SFT, then GRPO and DPO from the SFT model, on the embedded default; a table of test accuracy."""
 
-    sft_seconds: float = 150.0  # training time of the SFT stage
+    sft_steps: int = 2500  # optimizer steps of the SFT stage (its schedule ends at half the peak learning rate)
+    sft_seconds: float = 150.0  # training-time limit of the SFT stage (it stops earlier after --sft_steps)
     grpo_seconds: float = 180.0  # training time of the GRPO stage
     dpo_seconds: float = 90.0  # training time of the DPO stage
     output_dir: str = "outputs/quickstart"  # one sub-directory per stage: model, metrics.jsonl, curves.png
@@ -52,6 +60,8 @@ class QuickstartConfig:
         for name in ("sft_seconds", "grpo_seconds", "dpo_seconds"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
+        if self.sft_steps <= 0:
+            raise ValueError(f"--sft_steps must be > 0, got {self.sft_steps}")
         for name in ("num_train_rows", "num_eval_rows"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be > 0 or none, got {getattr(self, name)}")
@@ -103,7 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_config(QuickstartConfig, argv)
     started = time.perf_counter()
     out = Path(config.output_dir).resolve()
-    sft = run_stage("sft", {"output_dir": out / "sft", "max_seconds": config.sft_seconds}, config)
+    schedule = dict(zip((flag.removeprefix("--") for flag in ONLINE_WARM_START_FLAGS[::2]), ONLINE_WARM_START_FLAGS[1::2]))
+    sft = run_stage("sft", {"output_dir": out / "sft", **schedule, "max_steps": config.sft_steps,
+                            "max_seconds": config.sft_seconds}, config)
     grpo = run_stage("grpo", {"model": sft, "output_dir": out / "grpo", "max_seconds": config.grpo_seconds}, config)
     dpo = run_stage("dpo", {"model": sft, "output_dir": out / "dpo", "max_seconds": config.dpo_seconds}, config)
     print_table({"sft": ("untrained tiny", sft), "grpo": ("sft", grpo), "dpo": ("sft", dpo)})

@@ -108,6 +108,7 @@ class CompareConfig:
     accuracy: str = "sft,grpo"  # equal-budget accuracy comparisons to run ("none" to skip)
     accuracy_models: str = "tiny"  # models of the accuracy comparisons
     budget_scale: float = 1.0  # multiplies the accuracy budgets (SFT 180 s, GRPO 300 s)
+    seeds: str = "0"  # comma-separated seeds of the accuracy runs: one run of each framework per seed
     timing_warmup: int = 3  # optimizer steps left out of the timing
     timing_steps: int = 20  # optimizer steps timed per run
     rounds: int = 2  # timing runs per framework, alternating (rlcore, TRL, TRL, rlcore, ...)
@@ -131,6 +132,12 @@ class CompareConfig:
             raise ValueError(f"--clock must be wall or process (process only on CPU), got {self.clock!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
+        try:
+            self.seed_list = [int(seed) for seed in _names(self.seeds)]
+        except ValueError:
+            raise ValueError(f"--seeds must be comma-separated integers, got {self.seeds!r}") from None
+        if not self.seed_list:
+            raise ValueError("--seeds needs at least one seed")
         if self.timing_steps < 1 or self.timing_warmup < 0 or self.rounds < 1 or self.budget_scale <= 0:
             raise ValueError("--timing_steps and --rounds must be >= 1, --timing_warmup >= 0, --budget_scale > 0")
         if self.quick:
@@ -192,7 +199,9 @@ def main(argv: list[str] | None = None) -> dict:
         start = start_dirs[model]["raw" if stage == "sft" else "sft"]
         if stage == "grpo" and model == "tiny" and config.grpo_accuracy_start == "recipe":
             start = recipe_warm_start(config)
-        results["accuracy"].append(compare_accuracy(model, stage, start, settings[stage], config, output_dir))
+        for seed in config.seed_list:
+            settings_of_seed = {**settings[stage], "seed": seed}
+            results["accuracy"].append(compare_accuracy(model, stage, start, settings_of_seed, config, output_dir))
 
     results["load_average"] = {"start": load_before, "end": os.getloadavg()}
     print_tables(results, config)
@@ -269,13 +278,14 @@ def time_part(model: str, part: str, variant: str, model_dir: str, settings: dic
 
 def compare_accuracy(model: str, stage: str, model_dir: str, settings: dict, config: CompareConfig, output_dir: Path) -> dict:
     """Toy test accuracy of each framework after the same training wall time from the same model."""
-    budget = ACCURACY_BUDGETS[stage] * config.budget_scale
-    row = {"model": model, "stage": stage, "budget_s": budget}
-    for framework in FRAMEWORKS:
-        print(f"[{model}] {stage}: {framework} for {budget:.0f} s of training", flush=True)
+    budget, seed = ACCURACY_BUDGETS[stage] * config.budget_scale, settings["seed"]
+    row = {"model": model, "stage": stage, "budget_s": budget, "seed": seed}
+    order = FRAMEWORKS if config.seed_list.index(seed) % 2 == 0 else FRAMEWORKS[::-1]  # alternate who runs first
+    for framework in order:
+        print(f"[{model}] {stage}, seed {seed}: {framework} for {budget:.0f} s of training", flush=True)
         spec = dict(framework=framework, part=stage, model_dir=model_dir, device=config.device, threads=config.threads,
                     hyper=settings, steps=None, budget_seconds=budget)
-        result = run_worker(spec, output_dir / "runs" / f"{model}-{stage}-{framework}-budget", config)
+        result = run_worker(spec, output_dir / "runs" / f"{model}-{stage}-{framework}-seed{seed}-budget", config)
         row[f"{framework}_steps"], row[f"{framework}_accuracy"] = result["steps"], result["accuracy"]
     row["start"] = "untrained" if stage == "sft" else Path(model_dir).name
     row["start_accuracy"] = None if stage == "sft" else toy_test_accuracy(model_dir, config.device)
@@ -330,13 +340,26 @@ def print_tables(results: dict, config: CompareConfig) -> None:
                   f"{reward:>18} {row['load_1min']:>5.1f}")
     if results["accuracy"]:
         print("\ntoy test accuracy (greedy, held-out problems) after the same training time from the same start\n")
-        print(f"{'model':<9} {'stage':<5} {'budget s':>8} {'start acc':>9} {'rlcore steps':>12} {'rlcore acc':>10} "
+        print(f"{'model':<9} {'stage':<5} {'seed':>5} {'budget s':>8} {'start acc':>9} {'rlcore steps':>12} {'rlcore acc':>10} "
               f"{'TRL steps':>10} {'TRL acc':>8}  start")
-        for row in results["accuracy"]:
+        for row in results["accuracy"] + accuracy_means(results["accuracy"]):
             start_accuracy = "-" if row["start_accuracy"] is None else f"{row['start_accuracy']:.3f}"
-            print(f"{row['model']:<9} {row['stage']:<5} {row['budget_s']:>8.0f} {start_accuracy:>9} {row['rlcore_steps']:>12} "
-                  f"{row['rlcore_accuracy']:>10.3f} {row['trl_steps']:>10} {row['trl_accuracy']:>8.3f}  {row['start']}")
+            print(f"{row['model']:<9} {row['stage']:<5} {row['seed']:>5} {row['budget_s']:>8.0f} {start_accuracy:>9} "
+                  f"{row['rlcore_steps']:>12.0f} {row['rlcore_accuracy']:>10.3f} {row['trl_steps']:>10.0f} "
+                  f"{row['trl_accuracy']:>8.3f}  {row['start']}")
     print()
+
+
+def accuracy_means(rows: list[dict]) -> list[dict]:
+    """One "mean" row per (model, stage) measured with more than one seed: mean steps and accuracy."""
+    means = []
+    for model, stage in dict.fromkeys((row["model"], row["stage"]) for row in rows):
+        group = [row for row in rows if (row["model"], row["stage"]) == (model, stage)]
+        if len(group) > 1:
+            mean = {f"{framework}_{key}": statistics.fmean(row[f"{framework}_{key}"] for row in group)
+                    for framework in FRAMEWORKS for key in ("steps", "accuracy")}
+            means.append({**group[0], **mean, "seed": "mean"})
+    return means
 
 
 def _numbers(values) -> str:
