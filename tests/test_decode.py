@@ -9,7 +9,7 @@ dropped or misplaced them would decode different tokens.
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2ForCausalLM
 
 from rlcore import gather_logprobs
 from rlcore.decode import native_decode_unsupported
@@ -17,8 +17,7 @@ from rlcore.lora import apply_lora
 from rlcore.rollout import generate
 from rlcore.toy import tiny_model
 
-VOCAB = 101
-PAD = 0
+from helpers import PAD, VOCAB, ragged_prompts, small_qwen2_config
 
 
 def randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -46,11 +45,7 @@ def llama_wide_groups() -> LlamaForCausalLM:
 
 def small_qwen2() -> Qwen2ForCausalLM:
     torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128,
-    )
-    return randomised(Qwen2ForCausalLM(config))
+    return randomised(Qwen2ForCausalLM(small_qwen2_config()))
 
 
 MODELS = {
@@ -65,17 +60,8 @@ def model(request):
     return MODELS[request.param]()
 
 
-def ragged_prompts(batch: int = 6, length: int = 9, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompts of lengths 1..length."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, VOCAB, (batch, length), generator=generator)
-    lengths = torch.linspace(1, length, batch).round().long()
-    mask = (torch.arange(length) >= length - lengths[:, None]).long()  # [B, P]
-    return ids.masked_fill(mask == 0, PAD), mask
-
-
 def sample(model, native_step, seed=0, **kwargs):
-    ids, mask = ragged_prompts()
+    ids, mask = ragged_prompts(batch=6)
     settings = dict(max_new_tokens=14, eos_token_ids=[], pad_token_id=PAD, generator=torch.Generator().manual_seed(seed))
     return generate(model, ids, mask, native_step=native_step, **{**settings, **kwargs})
 
@@ -85,7 +71,7 @@ def test_the_mock_models_are_supported(model):
 
 
 def test_greedy_equals_transformers_generate_and_the_forward_path(model):
-    ids, mask = ragged_prompts()
+    ids, mask = ragged_prompts(batch=6)
     native = sample(model, True, temperature=0.0, num_samples=2)
     forward_path = sample(model, False, temperature=0.0, num_samples=2)
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False, eos_token_id=None, pad_token_id=PAD)
@@ -130,7 +116,7 @@ def test_lora_wrapped_model_falls_back_to_its_forward():
                 parameter.normal_(std=0.5)
     reason = native_decode_unsupported(model)
     assert reason is not None and "LoRALinear" in reason and "q_proj" in reason
-    ids, mask = ragged_prompts()
+    ids, mask = ragged_prompts(batch=6)
     rollout = sample(model, None, temperature=0.0)  # auto: the forward path
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False, eos_token_id=None, pad_token_id=PAD)
     assert torch.equal(rollout.sequences, expected)

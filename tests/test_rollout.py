@@ -10,24 +10,19 @@ import os
 import pytest
 import torch
 from torch import nn
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
 from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from rlcore import gather_logprobs
 from rlcore.rollout import Rollout, filter_logits, generate, release_static_caches, sample_tokens
 from rlcore.toy import tiny_model
 
-VOCAB = 101
-PAD = 0
+from helpers import PAD, VOCAB, ragged_prompts, small_qwen2_config
 
 
 def small_qwen2(attn_implementation: str = "sdpa") -> Qwen2ForCausalLM:
     torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, attn_implementation=attn_implementation,
-    )
-    return Qwen2ForCausalLM(config).eval()
+    return Qwen2ForCausalLM(small_qwen2_config(attn_implementation=attn_implementation)).eval()
 
 
 MODELS = {
@@ -35,16 +30,6 @@ MODELS = {
     "qwen2": small_qwen2,
     "qwen2-eager-attention": lambda: small_qwen2("eager"),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: a second thread only adds synchronisation, which stalls badly when other
-    processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
@@ -55,15 +40,6 @@ def model(request):
 @pytest.fixture(scope="module")
 def llama():
     return tiny_model(seed=0).eval()
-
-
-def ragged_prompts(batch: int = 5, length: int = 9, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompts of lengths 1..length (row 0 has length 1, the last row the full length)."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, VOCAB, (batch, length), generator=generator)
-    lengths = torch.linspace(1, length, batch).round().long()
-    mask = (torch.arange(length) >= length - lengths[:, None]).long()  # [B, P]
-    return ids.masked_fill(mask == 0, PAD), mask
 
 
 def sample(model, ids, mask, seed=0, **kwargs) -> Rollout:
@@ -383,10 +359,7 @@ def test_bad_settings_are_named(llama, settings, message):
 def test_sliding_window_only_when_it_covers_the_sequence():
     """A window of 32 is full attention for prompt (9) + 15 new tokens, but not for 9 + 40."""
     torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, use_sliding_window=True, sliding_window=32, max_window_layers=0,
-    )
+    config = small_qwen2_config(use_sliding_window=True, sliding_window=32, max_window_layers=0)
     model = Qwen2ForCausalLM(config).eval()
     ids, mask = ragged_prompts()
     rollout = sample(model, ids, mask, temperature=0.0, max_new_tokens=15)

@@ -2,8 +2,6 @@
 
 import json
 import math
-import os
-import shutil
 from dataclasses import dataclass, field
 
 import pytest
@@ -260,7 +258,7 @@ def test_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_keep_last_and_resume_resolution(tmp_path):
-    model, tokenizer = small_model(), tiny_tokenizer()
+    model = small_model()
     optimizer = build_optimizer(model, lr=1e-2)
     assert resolve_resume("auto", tmp_path) is None and resolve_resume(None, tmp_path) is None
     for step in (5, 10, 15, 20):
