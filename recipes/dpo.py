@@ -20,7 +20,9 @@ Departures from the paper / TRL's DPOTrainer:
   completion (the errors the policy actually makes); elsewhere the dataset's rejected completion is kept;
 - the embedded default starts from the same mid-schedule SFT checkpoint as the online recipes (1500 steps
   of ``recipes/sft.py`` with ``rlcore.online.ONLINE_WARM_START_FLAGS``, built once and cached, ~42-50%
-  greedy test accuracy): DPO refines a policy that already answers, it does not teach addition.
+  greedy test accuracy): DPO refines a policy that already answers, it does not teach addition;
+- on CPU, pairs of at most 128 tokens use eager attention (``rlcore.runtime.prefer_eager_attention``:
+  sdpa's CPU kernel is slower on short rows), as in ``recipes/sft.py``.
 
 Measured on the toy task (500 test problems, greedy exact match; 2 shared CPU cores), from a build of
 that checkpoint at 42.2%, 300 steps of 32 pairs (``--model <checkpoint> --max_seconds none``):
@@ -68,7 +70,8 @@ from rlcore.lora import prepare_model, reference_context
 from rlcore.models import load_policy
 from rlcore.online import ONLINE_WARM_START_FLAGS, warm_start
 from rlcore.optim import build_optimizer, build_scheduler, optimizer_step
-from rlcore.runtime import autocast, maybe_compile, resolve_device, seed_everything, step_batches, use_bf16
+from rlcore.runtime import (autocast, maybe_compile, prefer_eager_attention, resolve_device, seed_everything, step_batches,
+                            use_bf16)
 from rlcore.tracking import Tracker
 
 
@@ -145,6 +148,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         for i in mistakes:
             pairs["rejected_ids"][i] = answers[i]
         print(f"rejected_from_policy: the starting policy is wrong on {len(mistakes)} of {len(answers)} training prompts")
+    longest = max(len(p) + max(len(c), len(r)) for p, c, r in zip(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"]))
+    prefer_eager_attention(model, device, longest)  # CPU, short rows (before the reference is copied)
     reference = ref_logps = None
     if config.precompute_ref:  # the starting policy is the reference: score every pair with it once, now
         model.eval()
