@@ -15,6 +15,9 @@ Three measurements, each framework in its own subprocess (so that peak memory is
    for 300 s from one shared SFT checkpoint (times ``--budget_scale``); the final model of each framework
    is saved, reloaded and scored by the same function, ``rlcore.evaluation.toy_accuracy`` (greedy, the 500
    held-out problems). rlcore stops with ``--max_seconds``, TRL with a callback on the same clock.
+   ``--seeds 0,1,2`` repeats each comparison per seed (the training seed of both frameworks: data order,
+   and sampling in GRPO; the starting weights are the same) and adds a mean row: on the toy task one SFT
+   run's accuracy varies by tens of points from seed to seed, so a single seed compares luck.
 
 Both frameworks get the same settings: the defaults of the rlcore recipes' config dataclasses (read at run
 time, listed under "settings" in results.json): learning rate and schedule, warmup, AdamW betas, weight
@@ -46,6 +49,7 @@ Run from the repository root, with the bench extra installed (``pip install -e "
 
     python benchmarks/compare_trl.py --quick --models tiny --threads 1         # smoke run, ~5 min
     python benchmarks/compare_trl.py                                          # full CPU run, ~40 min on 2 idle cores
+    python benchmarks/compare_trl.py --models tiny --parts none --accuracy sft --seeds 0,1,2,3,4 --threads 1
     python benchmarks/compare_trl.py --device cuda --models qwen0.5b --accuracy none --start_sft_steps 0 --timing_warmup 5
 
 On a machine busy with other work, ``--threads 1``: torch's OpenMP threads spin while they wait for a core,
