@@ -12,6 +12,7 @@ CPU (the default; random-weight models, nothing downloaded):
     python benchmarks/generate.py --models tiny --batch-sizes 64 --repeats 5
     python benchmarks/generate.py --threads 1 --clock process   # steadier when others share the cores
     python benchmarks/generate.py --forward-step   # also rlcore through the model's forward, not the native step
+    python benchmarks/generate.py --linear-floor   # also the bound set by the model's matmuls alone
 
 "rlcore" is the default ``generate``: on CPU, the native decode step (rlcore.decode) for these Llama models.
 
@@ -115,6 +116,25 @@ def copy_bandwidth(device: str) -> float:
     return 2 * source.numel() * source.element_size() / seconds
 
 
+def linear_floor(model, batch: int, device: str, repeats: int) -> float:
+    """Seconds per decode step of the model's ``nn.Linear`` layers alone, on ``[batch, in]`` inputs.
+
+    Every decoder that runs the same matmuls eagerly spends at least this per token step, so
+    ``batch / floor`` bounds its tokens per second (printed as the "linear layers only" row).
+    """
+    linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
+    inputs = [torch.randn(batch, linear.in_features, device=device, dtype=linear.weight.dtype) for linear in linears]
+
+    def twenty_steps():
+        for _ in range(20):
+            for linear, x in zip(linears, inputs):
+                linear(x)
+
+    with torch.no_grad():
+        twenty_steps()  # warm-up
+        return statistics.median(timed(twenty_steps, device) / 20 for _ in range(repeats))
+
+
 def bytes_per_step(model, prompt_len: int, new_tokens: int) -> float:
     """Weights read once per decode step plus the average live KV cache of one row."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -136,6 +156,10 @@ def main() -> None:
     parser.add_argument(
         "--forward-step", action="store_true",
         help="also time rlcore decoding through the model's forward (native_step=False)",
+    )
+    parser.add_argument(
+        "--linear-floor", action="store_true",
+        help="also print the bound set by the model's matmuls alone (its Linear layers at the batch size)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument(
@@ -170,6 +194,10 @@ def main() -> None:
                 if label == "rlcore compiled":
                     line += f"  (warm-up incl. compile {warmup[label]:.1f}s)"
                 print(line, flush=True)
+            if args.linear_floor:
+                floor = linear_floor(model, batch, args.device, args.repeats)
+                print(f"{name:<22}{batch:>6}  {'linear layers only':<18}{batch / floor:>10.0f}"
+                      f"{baseline / (floor * args.new_tokens):>12.2f}x", flush=True)
         release_static_caches()
 
 

@@ -28,8 +28,9 @@ Where the ops go:
   ``flip_halves(x) * sin_signed`` with the sign folded into the table.
 - **Grouped-query attention without repeating keys.** The H query heads of a token are laid out as
   ``[kv_heads, H / kv_heads]``: the queries that share a key/value head become that head's query rows, so one
-  ``scaled_dot_product_attention`` call attends ``[N, kv_heads, H / kv_heads, D]`` queries to the
-  ``[N, kv_heads, L, D]`` cache (the same head pairing as transformers' ``repeat_kv``).
+  attention call attends ``[N, kv_heads, H / kv_heads, D]`` queries to the ``[N, kv_heads, L, D]`` cache
+  (the same head pairing as transformers' ``repeat_kv``): on CPU in float32 two batched matmuls and a
+  softmax (:func:`_attend`), elsewhere ``scaled_dot_product_attention``.
 - **Fused q/k/v.** The q/k/v weights are concatenated once per :class:`LlamaDecodeStep` (a temporary for
   one ``generate`` call; the model's parameters are read, never changed): one matmul instead of three,
   and RoPE rotates queries and keys in one go. (Fusing gate and up was measured slower: a ``[2 I, E]``
