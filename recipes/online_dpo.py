@@ -41,7 +41,8 @@ from rlcore.online import ONLINE_WARM_START_FLAGS, OnlineConfig, completion_logp
 from rlcore.optim import build_optimizer, build_scheduler, optimizer_step
 from rlcore.rewards import build_reward_scorer
 from rlcore.rollout import generate
-from rlcore.runtime import autocast, maybe_compile, resolve_device, seed_everything, step_batches, use_bf16
+from rlcore.runtime import (autocast, maybe_compile, prefer_eager_attention, resolve_device, seed_everything, step_batches,
+                            use_bf16)
 from rlcore.tracking import Tracker
 
 
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     eval_prompts = None
     if config.eval_split != "none":
         eval_prompts = load_prompts(config.dataset, config.eval_split, tokenizer, config.max_prompt_length, config.num_eval_rows)
+    for model in filter(None, (policy, reference)):
+        prefer_eager_attention(model, device, max(map(len, prompts["prompt_ids"])) + config.max_new_tokens)  # CPU, short rows
     prompts_per_step = config.batch_size * config.grad_accum_steps
     length_average = config.loss_type == "ipo"
 

@@ -48,7 +48,8 @@ from rlcore.online import (
 from rlcore.optim import build_optimizer, build_scheduler, optimizer_step
 from rlcore.rewards import build_reward_scorer
 from rlcore.rollout import generate
-from rlcore.runtime import autocast, maybe_compile, resolve_device, seed_everything, step_batches, use_bf16
+from rlcore.runtime import (autocast, maybe_compile, prefer_eager_attention, resolve_device, seed_everything, step_batches,
+                            use_bf16)
 from rlcore.tracking import Tracker
 
 
@@ -102,6 +103,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     eval_prompts = None
     if config.eval_split != "none":
         eval_prompts = load_prompts(config.dataset, config.eval_split, tokenizer, config.max_prompt_length, config.num_eval_rows)
+    longest = max(map(len, prompts["prompt_ids"])) + config.max_new_tokens
+    for model in filter(None, (policy, reference, value_model.backbone)):
+        prefer_eager_attention(model, device, longest)  # CPU, short rows
     mini_batch_rows = config.batch_size * config.grad_accum_steps
     rows_per_step = mini_batch_rows * config.num_mini_batches
 
