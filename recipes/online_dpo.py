@@ -16,6 +16,12 @@ reward such as the toy task's accuracy, both right or both wrong carries no pref
 on them in an arbitrary direction); the fraction kept is logged as ``pairs/decided_frac``. Log-probs
 use the model's own distribution (temperature 1), whatever the sampling temperature.
 
+Learning rate, measured on the toy task from the 46.2% warm start (300 s, one thread each, two runs at
+once on 2 cores; ``OMP_NUM_THREADS=1 python recipes/online_dpo.py --lr LR``), toy test accuracy of the
+evaluations every 250 steps after the start: lr 1e-4: mean 50.6%, between 46.4% and 53.6%, 46.4% at the end
+(5312 steps; the policy swings from one evaluation to the next); lr 5e-5: mean 52.8%, 50.4-55.6%, 55.6% at
+the end (4414 steps); lr 2e-5 (the default): mean 53.2%, 51.4-54.2%, 54.0% at the end (4165 steps).
+
 Run it:
     python recipes/online_dpo.py                                   # toy task, accuracy reward, SFT warm start
     python recipes/online_dpo.py --reward_model outputs/reward_model --reward_funcs none
@@ -49,7 +55,7 @@ from rlcore.tracking import Tracker
 @dataclass
 class OnlineDPOConfig(OnlineConfig):
     output_dir: str = "outputs/online_dpo"
-    lr: float = 1e-4  # peak learning rate (AdamW)
+    lr: float = 2e-5  # peak learning rate (AdamW); see the measurements in the docstring
     lr_schedule: str = "constant"  # "cosine", "linear" or "constant"
     batch_size: int = 32  # prompts per micro-batch (two completions each); prompts per step = batch_size * grad_accum_steps
     beta: float = 0.1  # DPO inverse temperature (the strength of the implicit KL)
