@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         stats[key] = stats.get(key, 0.0) + value * share
                 grad_norm = optimizer_step(policy.parameters(), optimizer, scheduler, config.max_grad_norm)
                 stats["grad_norm"] = stats.get("grad_norm", 0.0) + grad_norm / config.num_iterations
-            if not len(learning_rows):  # nothing to learn from these samples; keep the schedule in step
+            if not len(learning_rows):  # nothing to learn from these samples (loss 0, no update); keep the schedule in step
+                stats.update(loss=0.0, grad_norm=0.0)
                 for _ in range(config.num_iterations):
                     scheduler.step()
 

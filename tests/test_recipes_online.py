@@ -254,13 +254,26 @@ def test_grpo_resume_repeats_the_uninterrupted_run(tmp_path):
             assert math.isclose(after[key], before[key], rel_tol=1e-4, abs_tol=1e-6), (key, before, after)
 
 
+def test_grpo_step_without_signal_logs_a_zero_loss_and_no_update(tmp_path):
+    """The untrained model never answers correctly: with the accuracy reward alone every group's rewards are
+    equal, every advantage is 0, no row is fed to the backward pass, and the step logs loss 0 (its exact
+    value when beta = 0) and gradient norm 0, so every step's record has the same keys."""
+    output_dir = run_recipe("grpo", tmp_path, "--max_steps", "2", "--batch_size", "8", "--num_generations", "4",
+                            "--reward_funcs", "accuracy")
+    for record in check_run(output_dir, 2, ("reward", "loss", "grad_norm", "learning_rows_frac")):
+        assert record["reward"] == 0 and record["learning_rows_frac"] == 0
+        assert record["loss"] == 0 and record["grad_norm"] == 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["rloo", "reinforce_pp"])
 def test_grpo_other_estimators_run(tmp_path, estimator):
+    """With beta > 0 every row takes part in the update, so the policy-loss statistics exist at every step
+    even when a step's rewards are all equal (the untrained model often scores 0 on every sample)."""
     output_dir = run_recipe("grpo", tmp_path, "--max_steps", "2", "--batch_size", "4", "--grad_accum_steps", "2",
                             "--num_generations", "4", "--advantage_estimator", estimator, "--num_iterations", "2",
-                            "--loss_type", "dr_grpo", "--mask_truncated_completions")
-    check_run(output_dir, 2, ("reward", "loss", "clip_frac"))
+                            "--loss_type", "dr_grpo", "--mask_truncated_completions", "--beta", "0.05")
+    check_run(output_dir, 2, ("reward", "loss", "clip_frac", "kl"))
 
 
 def test_ppo_end_to_end(tmp_path):
