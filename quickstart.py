@@ -13,7 +13,7 @@ exactly the command you would type (it is printed before it runs):
     python recipes/dpo.py  --model OUT/sft --output_dir OUT/dpo  --max_seconds DPO_SECONDS
 
 The SFT stage stops mid-schedule on purpose: its learning rate decays to half the peak (as the online
-recipes' own warm start, ``rlcore.online.ONLINE_WARM_START_FLAGS``), not to zero. In the two runs measured
+recipes' own warm start, ``rlcore.config.ONLINE_WARM_START_FLAGS``), not to zero. In the two runs measured
 (README) GRPO raised such a model by 10 points and DPO by 2-6, while from a fully annealed one (cosine to
 zero) both ended a few points below where they started.
 
@@ -39,8 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))  # rlcore from this checkout, installed or not
 
-from rlcore.config import parse_config  # noqa: E402
-from rlcore.online import ONLINE_WARM_START_FLAGS  # noqa: E402
+from rlcore.config import ONLINE_WARM_START_FLAGS, parse_config  # noqa: E402
 from rlcore.tracking import CURVES_NAME, METRICS_NAME, read_metrics  # noqa: E402
 
 

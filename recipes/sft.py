@@ -12,8 +12,8 @@ Departures from the common setup (TRL's SFTTrainer):
   on 2 CPU cores (a high learning rate, small batches, many steps); use ~1e-5..2e-5 for a real model;
 - ``--packing`` packs rows into bins of ``--max_length`` tokens without attention across rows (position
   ids restart per row), see ``rlcore.data.pack_sequences``;
-- speed without changing the loss: each row's last token (which predicts nothing) is not fed, the LM-head
-  log-probs are taken at the loss positions only, and on CPU rows of at most 128 tokens use eager
+- speed without changing the loss: each row's last token (which predicts nothing) is not fed, the
+  log-softmax is taken at the loss positions only, and on CPU rows of at most 128 tokens use eager
   attention (``rlcore.runtime.prefer_eager_attention``: sdpa's CPU kernel is slower on short rows);
 - evaluation reports the held-out loss and, when the evaluation rows have prompts, greedy exact-match
   accuracy (``rlcore.evaluation.toy_accuracy``: the answer column, or the reference completion).

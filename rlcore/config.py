@@ -37,6 +37,11 @@ ConfigT = TypeVar("ConfigT")
 
 RUN_CONFIG_NAME = "run_config.json"  # config.json in OUTPUT_DIR is the model's (from_pretrained reads it)
 
+# recipes/sft.py flags of an SFT run "stopped mid-schedule": the cosine ends at half the peak learning rate
+# instead of annealing to 0. The online recipes' warm start (rlcore.online.warm_start) and the quickstart's
+# SFT stage use it: RL and DPO improved such checkpoints on the toy task, not fully annealed ones.
+ONLINE_WARM_START_FLAGS = ("--lr", "1e-3", "--warmup_steps", "100", "--lr_schedule", "cosine", "--min_lr_ratio", "0.5")
+
 
 @dataclass
 class TrainConfig:

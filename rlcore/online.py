@@ -34,7 +34,7 @@ from typing import Iterator
 import datasets
 import torch
 
-from rlcore.config import TrainConfig
+from rlcore.config import ONLINE_WARM_START_FLAGS, TrainConfig  # noqa: F401 (ONLINE_WARM_START_FLAGS: re-exported)
 from rlcore.data import collate_left, load_rows, tokenize_prompts
 from rlcore.evaluation import toy_accuracy
 from rlcore.logprobs import entropy_from_logits, gather_logprobs
@@ -72,9 +72,6 @@ class OnlineConfig(TrainConfig):
 
 # ----------------------------------------------------------------------------------------------------------
 # the embedded default: an SFT warm start
-
-
-ONLINE_WARM_START_FLAGS = ("--lr", "1e-3", "--warmup_steps", "100", "--lr_schedule", "cosine", "--min_lr_ratio", "0.5")
 
 
 def warm_start(model: str, steps: int, seed: int, sft_script: str | os.PathLike, sft_flags: tuple[str, ...] = ()) -> str:

@@ -45,7 +45,7 @@ preparation, logits processors and stopping criteria; transformers' forward adds
 attention interface and rotary recomputation per layer. The native step removes both: on the tiny model
 2.5x ``model.generate`` at batch 1, 1.9x at 16, 1.5x at 64; on a 19M-parameter one 1.3x, 1.15x, 1.1x.
 What remains at batch 64 is the arithmetic: matmuls (~42% of a tiny-model step, ~77% of a 19M one; they
-run at 60-80 GFLOP/s on one core, near its peak) and ``scaled_dot_product_attention`` over the cache
+run at 60-80 GFLOP/s on one core, near its peak) and attention's read of the KV cache
 (~33% / ~15%), which no rewrite of the step in eager PyTorch removes; sampling is ~0.1 ms per step.
 
 Sampling (:func:`sample_tokens`) applies, in the order transformers' ``generate`` does, temperature, then
