@@ -28,9 +28,10 @@ Where the ops go:
   ``flip_halves(x) * sin_signed`` with the sign folded into the table.
 - **Grouped-query attention without repeating keys.** The H query heads of a token are laid out as
   ``[kv_heads, H / kv_heads]``: the queries that share a key/value head become that head's query rows, so one
-  attention call attends ``[N, kv_heads, H / kv_heads, D]`` queries to the ``[N, kv_heads, L, D]`` cache
-  (the same head pairing as transformers' ``repeat_kv``): on CPU in float32 two batched matmuls and a
-  softmax (:func:`_attend`), elsewhere ``scaled_dot_product_attention``.
+  ``scaled_dot_product_attention`` call attends ``[N, kv_heads, H / kv_heads, D]`` queries to the
+  ``[N, kv_heads, L, D]`` cache (the same head pairing as transformers' ``repeat_kv``). (Two batched
+  matmuls and a softmax instead of sdpa ran isolated calls of these shapes faster at two threads on CPU,
+  but ``benchmarks/generate.py --batch-sizes 64`` measured no difference end to end, so sdpa stays.)
 - **Fused q/k/v.** The q/k/v weights are concatenated once per :class:`LlamaDecodeStep` (a temporary for
   one ``generate`` call; the model's parameters are read, never changed): one matmul instead of three,
   and RoPE rotates queries and keys in one go. (Fusing gate and up was measured slower: a ``[2 I, E]``
@@ -136,10 +137,7 @@ class _Shape(NamedTuple):
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' RMSNorm: normalise in float32, cast back, then scale (for float32 one fused call, the
-    same bits)."""
-    if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps=eps)
+    """transformers' RMSNorm: normalise in float32, cast back, then scale."""
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
@@ -147,21 +145,6 @@ def _rotate(heads: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) ->
     """RoPE on ``[N, heads, D]`` with ``[N, 1, D]`` tables: ``x cos + rotate_half(x) sin``."""
     flipped = heads.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # [N, heads, D] = cat(x2, x1)
     return heads * cos + flipped * sin_signed
-
-
-def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attention_mask: torch.Tensor,
-            scale: float) -> torch.Tensor:
-    """``softmax(q K^T scale + mask) V``: ``[N, K, G, D]`` queries over ``[N, K, L, D]`` cached keys/values.
-
-    On CPU in float32, two batched matmuls and a softmax: with one query token per row the work is reading
-    the cache, and PyTorch's CPU flash-attention kernel (tiled for long queries) took 1.5-2.6x as long at
-    two threads ([64 rows, L = 40-160], tiny and 20M shapes) and about as long at one. Elsewhere (CUDA;
-    bfloat16, where sdpa keeps the forward pass's rounding) ``scaled_dot_product_attention``.
-    """
-    if query.device.type != "cpu" or query.dtype != torch.float32:
-        return F.scaled_dot_product_attention(query, keys, values, attn_mask=attention_mask, scale=scale)
-    scores = torch.matmul(query, keys.transpose(-1, -2)).mul_(scale).add_(attention_mask)  # [N, K, G, L]
-    return torch.matmul(scores.softmax(dim=-1), values)
 
 
 def _decode_token(layers, final, tokens, positions, attention_mask, keys, values, shape: _Shape):
@@ -179,7 +162,10 @@ def _decode_token(layers, final, tokens, positions, attention_mask, keys, values
         layer_keys[:, :, slot] = query_key[:, -shape.kv_heads :]  # [N, K, D]
         layer_values[:, :, slot] = heads[:, -shape.kv_heads :]
         query = query_key[:, : -shape.kv_heads].unflatten(1, (shape.kv_heads, shape.group))  # [N, K, H/K, D]
-        attended = _attend(query, layer_keys[:, :, : slot + 1], layer_values[:, :, : slot + 1], attention_mask, shape.scaling)
+        attended = F.scaled_dot_product_attention(
+            query, layer_keys[:, :, : slot + 1], layer_values[:, :, : slot + 1], attn_mask=attention_mask,
+            scale=shape.scaling,
+        )  # [N, K, H/K, D]
         x = x + F.linear(attended.reshape(num_rows, query_width), layer.o_weight, layer.o_bias)
         normed = _rms_norm(x, layer.norm_post, shape.eps)
         gate, up = F.linear(normed, layer.gate_weight, layer.gate_bias), F.linear(normed, layer.up_weight, layer.up_bias)
