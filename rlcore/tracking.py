@@ -1,8 +1,9 @@
 """Metrics: a progress bar, OUTPUT_DIR/metrics.jsonl and a PNG of the curves.
 
 Recipes hand :meth:`Tracker.update` the detached tensors their losses return, every step; the tracker sums
-them on the device and converts to python numbers (the only host sync) when a step is logged, writing the
-mean over the steps since the previous log. Evaluations are written with ``eval/`` keys on their own lines.
+them on the device and converts to python numbers (the only host sync) when a step is logged, writing for
+each key the mean over the steps since the previous log that produced that key (a key that some steps did
+not report, such as a ratio of a step with nothing to learn, is averaged over the steps that did). Evaluations are written with ``eval/`` keys on their own lines.
 
 metrics.jsonl holds one JSON object per line: ``{"step": 10, "loss": 1.23, "lr": 0.001, ...}`` or
 ``{"step": 50, "eval/accuracy": 0.61}``. ``step`` counts optimizer steps completed (1-based).
@@ -46,7 +47,7 @@ class Tracker:
         self.metrics_path = self.output_dir / METRICS_NAME
         self.bar_keys = bar_keys
         self._sums: dict[str, torch.Tensor | float] = {}
-        self._count = 0
+        self._counts: dict[str, int] = {}  # steps of the window that reported each key
         self._bar_values: dict[str, float] = {}
         _truncate_metrics(self.metrics_path, start_step)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
@@ -56,15 +57,15 @@ class Tracker:
         for key, value in stats.items():
             value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
             self._sums[key] = self._sums[key] + value if key in self._sums else value
-        self._count += 1
+            self._counts[key] = self._counts.get(key, 0) + 1
         self.bar.update(1)
 
     def log(self, step: int) -> dict[str, float]:
         """Write the window's means at ``step`` to metrics.jsonl and the bar; start a new window."""
-        if self._count == 0:
+        if not self._counts:
             return {}
-        means = {key: _to_float(total) / self._count for key, total in self._sums.items()}
-        self._sums, self._count = {}, 0
+        means = {key: _to_float(total) / self._counts[key] for key, total in self._sums.items()}
+        self._sums, self._counts = {}, {}
         self._write({"step": step, **means})
         return means
 

@@ -310,3 +310,17 @@ def test_tracker_logs_window_means_and_truncates_on_resume(tmp_path):
     assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 2, "loss": 2.0, "lr": pytest.approx(0.1)}]
     Tracker(tmp_path, total_steps=4).close()  # a fresh run starts a fresh file
     assert read_metrics(tmp_path / "metrics.jsonl") == []
+
+
+def test_tracker_means_count_each_key_over_the_steps_that_reported_it(tmp_path):
+    # Three steps; "ratio" is missing from step 2 (a step with nothing to learn reports no ratio).
+    # ratio mean = (1.0 + 1.2) / 2 = 1.1, not (1.0 + 1.2) / 3 = 0.733; loss mean = (3 + 0 + 6) / 3 = 3.
+    tracker = Tracker(tmp_path, total_steps=3)
+    tracker.update({"loss": torch.tensor(3.0), "ratio": torch.tensor(1.0)})
+    tracker.update({"loss": 0.0})
+    tracker.update({"loss": torch.tensor(6.0), "ratio": torch.tensor(1.2)})
+    means = tracker.log(3)
+    tracker.close()
+    assert means["loss"] == pytest.approx(3.0)
+    assert means["ratio"] == pytest.approx(1.1)
+    assert read_metrics(tmp_path / "metrics.jsonl")[-1]["ratio"] == pytest.approx(1.1)
