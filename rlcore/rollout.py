@@ -327,15 +327,21 @@ def _attention_dtype(cache: Cache) -> torch.dtype:
     return cache.layers[0].keys.dtype
 
 
+def _cache_argument(model: nn.Module) -> str:
+    """The keyword under which ``model.forward`` takes its KV cache: ``cache``, or ``past_key_values`` for a
+    forward that names only that (transformers before the rename, where ``cache=`` would be swallowed by
+    ``**kwargs``; transformers 5.24 still accepts ``past_key_values`` but warns that it is deprecated)."""
+    parameters = inspect.signature(model.forward).parameters
+    return "past_key_values" if "past_key_values" in parameters and "cache" not in parameters else "cache"
+
+
 def _prefill(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, DynamicCache]:
     """Forward the prompts once: (logits of the next token [B, V], the filled cache)."""
     position_ids = (prompt_mask.long().cumsum(dim=-1) - 1).clamp(min=0)  # [B, P] 0 at the first real token
     cache = DynamicCache()  # plain full-length layers, whatever the config says
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    output = model(
-        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, past_key_values=cache,
-        use_cache=True, **extra,
-    )
+    extra[_cache_argument(model)] = cache
+    output = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True, **extra)
     return output.logits[:, -1], cache
 
 
@@ -349,11 +355,12 @@ def _use_native_step(model: nn.Module, native_step: bool | None, static_cache: b
     return reason is None
 
 
-def _decode_step(model, input_ids, position_ids, attention_mask, cache) -> torch.Tensor:
-    """One token per row through the model: [N, 1] ids and positions -> next-token logits [N, V]."""
+def _decode_step(model, input_ids, position_ids, attention_mask, cache, cache_argument: str) -> torch.Tensor:
+    """One token per row through the model: [N, 1] ids and positions -> next-token logits [N, V].
+    ``cache_argument``: the forward's keyword for the cache (:func:`_cache_argument`)."""
     output = model(
-        input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, past_key_values=cache,
-        use_cache=True,
+        input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=True,
+        **{cache_argument: cache},
     )
     return output.logits[:, -1]
 
@@ -526,8 +533,11 @@ def _step_function(model, cache, native_step: bool, compile: bool):
     if native_step:
         native = LlamaDecodeStep(model, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
         return lambda tokens, positions, mask: native(tokens[:, 0], positions[:, 0], mask), True
-    model_step = _compiled_step if compile else _decode_step
-    return lambda tokens, positions, mask: model_step(model, tokens, positions, mask, cache), _takes_ready_mask(model)
+    model_step, cache_argument = _compiled_step if compile else _decode_step, _cache_argument(model)
+    return (
+        lambda tokens, positions, mask: model_step(model, tokens, positions, mask, cache, cache_argument),
+        _takes_ready_mask(model),
+    )
 
 
 def _decode(step, ready_mask, attention_dtype, all_slots, logits, prompt_mask_rows, max_len, max_new_tokens, eos, stop_check_interval, **sampling):

@@ -6,6 +6,7 @@ both the sdpa fast path (a ready 4-D mask) and the 2-D mask path (eager attentio
 
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -260,6 +261,53 @@ def test_runs_inside_no_grad_and_inference_mode(llama):
     for context in (torch.no_grad, torch.inference_mode):
         with context():
             assert torch.equal(sample(llama, ids, mask).sequences, expected.sequences)
+
+
+STEPS = {
+    "growing-cache": dict(static_cache=False),  # the native step where the model allows it
+    "growing-cache-model-forward": dict(static_cache=False, native_step=False),
+    "static-cache": dict(static_cache=True),
+}
+
+
+@pytest.mark.parametrize("settings", STEPS.values(), ids=STEPS.keys())
+def test_no_deprecation_warnings(model, settings):
+    """Every call into transformers uses its current API: sampling emits no FutureWarning or DeprecationWarning
+    (e.g. transformers 5.24's "`past_key_values` is deprecated ... Use `cache` instead")."""
+    ids, mask = ragged_prompts()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sample(model, ids, mask, num_samples=2, max_new_tokens=4, **settings)
+    deprecated = (FutureWarning, DeprecationWarning)
+    deprecations = [f"{w.category.__name__}: {w.message}" for w in caught if issubclass(w.category, deprecated)]
+    assert deprecations == []
+
+
+class PastKeyValuesForward(nn.Module):
+    """A causal LM whose forward names its cache ``past_key_values`` only, as before transformers renamed it
+    ``cache`` (its ``**kwargs``, if it had them, would swallow a ``cache=`` argument)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.inner.get_input_embeddings()
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values, use_cache):
+        return self.inner(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=past_key_values,
+            use_cache=use_cache,
+        )
+
+
+@pytest.mark.parametrize("static_cache", [False, True], ids=["growing-cache", "static-cache"])
+def test_a_forward_that_names_the_cache_past_key_values_gets_it_under_that_name(llama, static_cache):
+    ids, mask = ragged_prompts()
+    expected = sample(llama, ids, mask, num_samples=2, native_step=False, static_cache=static_cache)
+    rollout = sample(PastKeyValuesForward(llama), ids, mask, num_samples=2, static_cache=static_cache)
+    assert torch.equal(rollout.sequences, expected.sequences)
+    torch.testing.assert_close(rollout.logprobs, expected.logprobs, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------------
