@@ -88,6 +88,8 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if _is_4bit(base):
+            _keep_standard_4bit_path(base)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False  # the update is currently added into base.weight
         self.adapters_enabled = True  # False inside disable_adapters(): forward = base(x)
@@ -426,6 +428,26 @@ def _is_4bit(module: nn.Module) -> bool:
     return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
 
+def _keep_standard_4bit_path(linear: nn.Module) -> None:
+    """Keep a ``Linear4bit`` on bitsandbytes' standard path: dequantise, then one matmul in ``compute_dtype``.
+
+    On CPUs with AVX512-BF16 (``bitsandbytes.functional.has_avx512bf16()``), bitsandbytes 0.50 repacks a
+    4-bit weight the first time its layer runs in eval mode on an input that needs no gradient (rollouts,
+    reference and evaluation passes): the absmax values are rounded to bfloat16 and the matmul runs in bfloat16 whatever
+    ``compute_dtype`` says, so logits move by ~2^-9 relative and no longer match a training-mode forward or
+    the float model ``export_merged`` writes. ``state_dict()`` repacks back, but not exactly: the bfloat16
+    absmax stays, stored transposed when not double-quantised, which scrambles the block scales of any layer
+    with more than 64 inputs. This per-layer flag (set from that CPU check in ``Linear4bit.__init__``) turns
+    the repacking off, so the stored bytes and quant_state never change.
+    """
+    if getattr(linear.weight.quant_state, "packing_format_for_cpu", False):
+        raise ValueError(
+            "this 4-bit layer was already repacked by bitsandbytes' bfloat16 CPU path (an eval-mode forward on an "
+            "AVX512-BF16 CPU), which rounded its quantisation constants; quantise the float weights again"
+        )
+    linear.support_avx512bf16_for_cpu = False
+
+
 def _dense_weight(linear: nn.Linear) -> torch.Tensor:
     """The weight as a float tensor: dequantised for a 4-bit layer, else the weight itself (detached)."""
     if _is_4bit(linear):
@@ -437,7 +459,7 @@ def _dense_weight(linear: nn.Linear) -> torch.Tensor:
 
 def _merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model.state_dict()`` with every LoRA layer merged and every 4-bit layer dequantised, under base names."""
-    # state_dict() first: it also turns any CPU-packed 4-bit weight back into bitsandbytes' standard layout.
+    # 4-bit layers are in bitsandbytes' standard layout: _keep_standard_4bit_path keeps its CPU repacking off.
     state = model.state_dict()
     dense_layers = [
         (name, module) for name, module in model.named_modules()
@@ -491,7 +513,8 @@ def quantize_4bit(
     Args:
         model: modified in place and returned; other parameters (embeddings, norms) are left as they are.
         double_quant: quantise the quantisation constants too.
-        compute_dtype: dtype of the matmul; default bfloat16 for weights on CUDA, float32 on CPU.
+        compute_dtype: dtype of the matmul; default bfloat16 for weights on CUDA, float32 on CPU (also on
+            AVX512-BF16 CPUs in eval mode: ``_keep_standard_4bit_path``).
         skip: name suffixes (or one regex) of layers kept in full precision; default the LM head.
     """
     import bitsandbytes as bnb  # imported here: ~0.3 GiB and seconds of start-up that only 4-bit runs need
@@ -516,6 +539,7 @@ def quantize_4bit(
         ).to(device)
         if linear.bias is not None:
             quantized.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+        _keep_standard_4bit_path(quantized)
         _replace_module(model, name, quantized)
     return model
 

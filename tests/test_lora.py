@@ -338,9 +338,33 @@ def test_qlora_training_step_on_cpu(tmp_path, input_ids):
     assert all(not torch.equal(p, lora_before[n]) for n, p in model.named_parameters() if n.endswith("lora_B"))
 
     # Merging into 4-bit is refused; export writes the dequantised base plus the update as a float model.
+    # An eval-mode forward without gradients first (as a rollout does): on AVX512-BF16 CPUs bitsandbytes
+    # would repack the weights there and compute in bfloat16 (logits ~2e-3 off); rlcore keeps that off.
     with pytest.raises(ValueError, match="4-bit base"):
         merge_lora(model)
     model.eval()
+    quantized_logits = logits_of(model, input_ids)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     export_merged(model, None, str(tmp_path))
     exported = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
-    torch.testing.assert_close(logits_of(exported, input_ids), logits_of(model, input_ids), rtol=1e-5, atol=1e-5)
+    # Both are float32: W x + s B (A x) against (W + s B A) x differ by rounding alone.
+    torch.testing.assert_close(logits_of(exported, input_ids), quantized_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_4bit_layers_keep_float32_and_their_bytes_in_eval_mode(input_ids, monkeypatch):
+    # bitsandbytes decides in Linear4bit.__init__, from has_avx512bf16(), whether an eval-mode forward without
+    # gradients repacks the weight for its bfloat16 CPU kernel: pretend this CPU has AVX512-BF16.
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
+    model = quantize_4bit(qwen_model()).eval()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    before = {n: (m.weight.data.clone(), m.weight.quant_state.absmax.clone()) for n, m in layers.items()}
+    quantized_logits = logits_of(model, input_ids)
+    for name, module in layers.items():
+        assert torch.equal(module.weight.data, before[name][0]), name
+        assert torch.equal(module.weight.quant_state.absmax, before[name][1]), name
+    torch.testing.assert_close(quantized_logits, logits_of(dequantized_copy(model), input_ids), rtol=1e-5, atol=1e-5)
+
+    layer = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, quant_type="nf4")  # made outside rlcore
+    assert layer.support_avx512bf16_for_cpu
+    LoRALinear(layer, r=2, alpha=4)
+    assert not layer.support_avx512bf16_for_cpu
