@@ -13,7 +13,8 @@ mini-batch (Schulman et al. 2017, https://arxiv.org/abs/1707.06347; Ziegler et a
 https://arxiv.org/abs/1909.08593; Ouyang et al. 2022, https://arxiv.org/abs/2203.02155; the layout
 follows Huang et al. 2024, "The N+ implementation details of RLHF with PPO", https://arxiv.org/abs/2403.17031).
 
-V_t is the value of the state *before* completion token t (read at the position of the previous token).
+V_t is the value of the state *before* completion token t (read at the position of the previous token:
+``rlcore.models.completion_values``).
 The value model is a separate backbone with a linear head (rlcore.models.ValueModel), initialised from
 --value_model (default: the policy's starting checkpoint; a reward model directory is the classic choice)
 with a zero head; policy and value model share one AdamW. Departures: one sample per prompt and no
@@ -26,7 +27,8 @@ Run it:
     python recipes/ppo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset prompts.jsonl \
         --reward_model my-rm-dir --reward_funcs none --max_new_tokens 256 --batch_size 8 --grad_accum_steps 4
 Single process for now (one CPU or GPU). With --model tiny (the default) the recipe starts from a cached
-SFT warm start (see recipes/grpo.py and rlcore.online.warm_start).
+SFT warm start (see recipes/grpo.py and rlcore.toy.warm_start). Evaluation as in recipes/grpo.py: held-out
+mean sampled reward per source, and the greedy metric (``--eval_metric``). Measured results: docs/results.md.
 """
 
 from __future__ import annotations
@@ -37,20 +39,17 @@ from pathlib import Path
 import torch
 
 from rlcore import gae, kl_estimate, kl_shaped_rewards, masked_mean, masked_sum, masked_whiten, policy_loss, value_loss
-from rlcore.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_final_model
-from rlcore.config import parse_config, save_config
+from rlcore.config import ONLINE_WARM_START_FLAGS, OnlineConfig, parse_config
+from rlcore.data import prompt_batch
 from rlcore.lora import prepare_model, reference_context
-from rlcore.models import ValueModel, eos_token_ids, load_policy
-from rlcore.online import (
-    ONLINE_WARM_START_FLAGS, OnlineConfig, completion_logprobs, evaluate_policy, frozen_copy, load_prompts, position_ids_from_mask, prompt_batch, rollout_stats, score_rollout,
-    timed, warm_start,
-)
+from rlcore.models import ValueModel, completion_values, eos_token_ids, frozen_copy, load_policy, load_tokenizer, token_logprobs
 from rlcore.optim import build_optimizer, build_scheduler, optimizer_step
-from rlcore.rewards import build_reward_scorer
+from rlcore.rewards import rollout_stats, score_rollout
 from rlcore.rollout import generate
-from rlcore.runtime import (autocast, maybe_compile, prefer_eager_attention, resolve_device, seed_everything, step_batches,
-                            use_bf16)
-from rlcore.tracking import Tracker
+from rlcore.run import Run, cli
+from rlcore.runtime import autocast, maybe_compile, prefer_eager_attention, setup, step_batches
+from rlcore.task import evaluate_policy, load_prompt_task
+from rlcore.toy import warm_start
 
 
 @dataclass
@@ -66,15 +65,14 @@ class PPOConfig(OnlineConfig):
     kl_estimator: str = "k1"  # "k1" or "k3", the per-token KL in the reward
     gamma: float = 1.0  # discount
     lam: float = 0.95  # GAE lambda
-    cliprange: float = 0.2  # policy ratio clip
-    cliprange_value: float = 0.2  # value clip, in reward units
+    cliprange: float = 0.2  # policy ratio clip (policy_loss clip_low)
+    cliprange_value: float = 0.2  # value clip, in reward units (value_loss clip)
     vf_coef: float = 0.1  # weight of the value loss
     whiten_rewards: bool = False  # scale the per-token rewards to unit variance before GAE
     missing_eos_penalty: float = 1.0  # subtracted from the score of completions that never stopped
-    max_steps: int = 100_000  # sampling steps
-    max_seconds: float | None = 300.0  # stop (evaluate, save) after this much training time
+    max_steps: int = 250  # sampling steps
     logging_steps: int = 5  # log the mean of the metrics over this many steps
-    eval_steps: int = 50  # evaluate toy accuracy every N steps (0 = only at the start and end)
+    eval_steps: int = 50  # evaluate every N steps (0 = only at the start and end)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -86,11 +84,10 @@ class PPOConfig(OnlineConfig):
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     config = parse_config(PPOConfig, argv)
-    seed_everything(config.seed)
-    device = resolve_device(config.device)
-    bf16 = use_bf16(device, config.bf16)
+    device, bf16 = setup(config)
 
-    # ---------------------------------------------------------------- models, data, rewards
+    # ---------------------------------------------------------------- task (checked first), models
+    task = load_prompt_task(config, load_tokenizer(config.model), device)
     start_model = warm_start(config.model, config.warm_start_steps, config.seed, Path(__file__).with_name("sft.py"), ONLINE_WARM_START_FLAGS)
     policy, tokenizer = load_policy(start_model, device=device)
     policy = prepare_model(policy, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.load_in_4bit)
@@ -98,11 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     value_model = ValueModel.from_pretrained(config.value_model or start_model, device=device)  # trained in full
     forward_policy, forward_value = maybe_compile(policy, device, config.compile), maybe_compile(value_model, device, config.compile)
     stop_ids = eos_token_ids(tokenizer, policy.generation_config)
-    scorer = build_reward_scorer(config.reward_funcs, config.reward_model, config.reward_weights, tokenizer, device)
-    prompts = load_prompts(config.dataset, config.train_split, tokenizer, config.max_prompt_length, config.num_train_rows)
-    eval_prompts = None
-    if config.eval_split != "none":
-        eval_prompts = load_prompts(config.dataset, config.eval_split, tokenizer, config.max_prompt_length, config.num_eval_rows)
+    prompts, scorer = task.prompts, task.scorer
     longest = max(map(len, prompts["prompt_ids"])) + config.max_new_tokens
     for model in filter(None, (policy, reference, value_model.backbone)):
         prefer_eager_attention(model, device, longest)  # CPU, short rows
@@ -114,30 +107,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     updates_per_step = config.num_ppo_epochs * config.num_mini_batches
     scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=config.max_steps * updates_per_step,
                                 schedule=config.lr_schedule, min_lr_ratio=config.min_lr_ratio)
-    step, training_seconds = 0, 0.0
-    resume_from = resolve_resume(config.resume, config.output_dir)
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, policy, optimizer, scheduler, seed=config.seed, extra_modules={"value_model": value_model})
-        step, training_seconds = state["step"], state["extra"]["training_seconds"]
-    save_config(config, config.output_dir)
-    tracker = Tracker(config.output_dir, config.max_steps, step, bar_keys=("reward",))
-
-    def evaluate(at_step: int) -> dict[str, float]:
-        if eval_prompts is None:
-            return {}
-        return tracker.log_eval(at_step, evaluate_policy(policy, tokenizer, eval_prompts, scorer, config))
-
-    if step == 0:
-        evaluate(0)
+    evaluate = (lambda: evaluate_policy(policy, tokenizer, task, config)) if task.eval_prompts is not None else None
+    run = Run(config, policy, tokenizer, optimizer, scheduler, evaluate=evaluate, bar_keys=("reward",),
+              extra_modules={"value_model": value_model},
+              save_extra=lambda directory: value_model.save_pretrained(str(Path(directory) / "value_model")))
 
     # ---------------------------------------------------------------- training loop
-    while step < config.max_steps and (config.max_seconds is None or training_seconds < config.max_seconds):
-        seconds: dict[str, float] = {}
-        rows = step_batches(len(prompts), rows_per_step, 1, config.seed, step)[0]
+    while run.running():
+        rows = step_batches(len(prompts), rows_per_step, 1, config.seed, run.step)[0]
         batch = prompt_batch(prompts, rows, tokenizer.pad_token_id)
 
         # -- one completion per prompt
-        with timed(seconds, "generation", device):
+        with run.timed("generation"):
             rollout = generate(
                 policy, batch.prompt_ids.to(device), batch.prompt_mask.to(device), max_new_tokens=config.max_new_tokens,
                 eos_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id, temperature=config.temperature,
@@ -145,35 +126,34 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             )
 
         # -- scores, log-probs under the sampling policy and the reference, values, advantages
-        with timed(seconds, "scoring", device):
+        with run.timed("scoring"):
             scores, per_source = score_rollout(scorer, tokenizer, batch, rollout, config.missing_eos_penalty)  # [B] each
             sequences, attention_mask, mask = rollout.sequences, rollout.attention_mask, rollout.completion_mask.to(device)
             length = rollout.completion_ids.shape[1]
             with torch.no_grad(), autocast(device, bf16):
-                old_logp, _ = completion_logprobs(forward_policy, sequences, attention_mask, length, config.temperature)
-                old_values = forward_value(sequences, attention_mask, position_ids_from_mask(attention_mask))[:, -length - 1 : -1].float()
+                old_logp, _ = token_logprobs(forward_policy, sequences, attention_mask, length, config.temperature)
+                old_values = completion_values(forward_value, sequences, attention_mask, length)  # [B, T]
                 with reference_context(policy, reference) as ref_model:
-                    ref_logp, _ = completion_logprobs(ref_model, sequences, attention_mask, length, config.temperature)
+                    ref_logp, _ = token_logprobs(ref_model, sequences, attention_mask, length, config.temperature)
             rewards = kl_shaped_rewards(scores.to(device), old_logp, ref_logp, mask, config.kl_coef, kind=config.kl_estimator)  # [B, T]
             if config.whiten_rewards:
                 rewards = masked_whiten(rewards, mask, shift_mean=False)
             advantages, returns = gae(rewards, old_values, mask, gamma=config.gamma, lam=config.lam)  # [B, T] each
             advantages = masked_whiten(advantages, mask)
             sequence_kl = masked_sum(kl_estimate(old_logp, ref_logp, kind=config.kl_estimator), mask, dim=1)  # [B]
-            stats = {**rollout_stats(rollout, scores, per_source, scorer), "kl": sequence_kl.mean(), "non_score_reward": -config.kl_coef * sequence_kl.mean()}
+            stats = {**rollout_stats(rollout, scores, per_source, scorer), "kl": sequence_kl.mean(),
+                     "non_score_reward": -config.kl_coef * sequence_kl.mean(), "lr": scheduler.get_last_lr()[0]}
 
         # -- PPO epochs over shuffled mini-batches
-        lr = scheduler.get_last_lr()[0]
-        with timed(seconds, "training", device):
+        with run.timed("training"):
             for _ in range(config.num_ppo_epochs):
                 for mini_batch in torch.randperm(rows_per_step, device=device).split(mini_batch_rows):
                     normalizer = mask[mini_batch].sum().clamp(min=1)  # token mean over the mini-batch
                     for micro in mini_batch.split(config.batch_size):
                         with autocast(device, bf16):
-                            logp, entropy = completion_logprobs(forward_policy, sequences[micro], attention_mask[micro], length,
-                                                                config.temperature, with_entropy=True)
-                            values = forward_value(sequences[micro], attention_mask[micro],
-                                                   position_ids_from_mask(attention_mask[micro]))[:, -length - 1 : -1].float()
+                            logp, entropy = token_logprobs(forward_policy, sequences[micro], attention_mask[micro], length,
+                                                           config.temperature, with_entropy=True)
+                            values = completion_values(forward_value, sequences[micro], attention_mask[micro], length)
                         pg_loss, pg_stats = policy_loss(logp, old_logp[micro], advantages[micro], mask[micro],
                                                         clip_low=config.cliprange, normalizer=normalizer)
                         vf_loss, vf_stats = value_loss(values, old_values[micro], returns[micro], mask[micro],
@@ -186,29 +166,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                             stats[key] = stats.get(key, 0.0) + value / (updates_per_step * config.grad_accum_steps)
                     stats["grad_norm"] = stats.get("grad_norm", 0.0) + optimizer_step(trained.parameters(), optimizer, scheduler,
                                                                                      config.max_grad_norm) / updates_per_step
-
-        step += 1
-        training_seconds += sum(seconds.values())
-        stats.update({f"time/{name}": value for name, value in seconds.items()})
-        stats.update({"time/step": sum(seconds.values()), "lr": lr})
-        tracker.update(stats)
-        if step % config.logging_steps == 0:
-            tracker.log(step)
-        if config.eval_steps and step % config.eval_steps == 0:
-            evaluate(step)
-        if config.save_steps and step % config.save_steps == 0:
-            save_checkpoint(config.output_dir, step, policy, tokenizer, optimizer, scheduler, seed=config.seed,
-                            extra_modules={"value_model": value_model}, extra_state={"training_seconds": training_seconds},
-                            keep_last=config.save_total_limit)
-
-    # ---------------------------------------------------------------- final evaluation and models
-    tracker.log(step)
-    results = evaluate(step) if not (config.eval_steps and step % config.eval_steps == 0) else {}
-    save_final_model(policy, tokenizer, config.output_dir)
-    value_model.save_pretrained(str(Path(config.output_dir) / "value_model"))
-    tracker.close()
-    return results
+        run.end_step(stats)
+    return run.finish()
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

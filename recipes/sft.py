@@ -15,37 +15,39 @@ Departures from the common setup (TRL's SFTTrainer):
 - speed without changing the loss: each row's last token (which predicts nothing) is not fed, the
   log-softmax is taken at the loss positions only, and on CPU rows of at most 128 tokens use eager
   attention (``rlcore.runtime.prefer_eager_attention``: sdpa's CPU kernel is slower on short rows);
-- evaluation reports the held-out loss and, when the evaluation rows have prompts, greedy exact-match
-  accuracy (``rlcore.evaluation.toy_accuracy``: the answer column, or the reference completion).
+- evaluation (before the first step, every --eval_steps, at the end) reports the held-out loss and token
+  accuracy on any format, and a greedy-generation metric only when one is given (``--eval_metric``; on
+  the toy task ``auto`` is its exact match). A single data file has no held-out split: pass
+  ``--eval_dataset`` (nothing is evaluated otherwise, and the run says so).
 
 Run:
-    python recipes/sft.py                                   # tiny model, toy addition task, ~2.5 min on 2 CPU cores
+    python recipes/sft.py                                   # tiny model, toy addition task, 3000 steps (~2 min on 2 CPU cores)
     python recipes/sft.py --model Qwen/Qwen2.5-0.5B --dataset trl-lib/Capybara --lr 2e-5 --batch_size 4 \\
         --grad_accum_steps 8 --max_length 1024 --max_steps 1000 --eval_split none --output_dir outputs/qwen-sft
     python recipes/sft.py --model ./my-model --dataset data.jsonl --eval_dataset heldout.jsonl --lora_r 16
     python recipes/sft.py --resume                          # continue the latest checkpoint of --output_dir
-Several GPUs: single process for now. The output directory is a transformers model directory
+Several GPUs: single process for now. Measured results: docs/results.md. The output directory is a transformers model directory
 (``--model OUTPUT_DIR`` in the next recipe); run settings in OUTPUT_DIR/run_config.json.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
 from rlcore import sft_loss
-from rlcore.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_final_model
-from rlcore.config import TrainConfig, parse_config, save_config
-from rlcore.data import collate_right, load_rows, pack_sequences, tokenize_sft
-from rlcore.evaluation import mean_token_nll, toy_accuracy
+from rlcore.config import TrainConfig, parse_config
+from rlcore.data import collate_right, pack_sequences, tokenize_prompts, tokenize_sft
+from rlcore.evaluation import sft_metrics
 from rlcore.lora import prepare_model
 from rlcore.models import load_policy
 from rlcore.optim import build_optimizer, build_scheduler, loss_tokens, optimizer_step
-from rlcore.runtime import (autocast, maybe_compile, prefer_eager_attention, resolve_device, seed_everything, step_batches,
-                            use_bf16)
-from rlcore.tracking import Tracker
+from rlcore.run import Run, cli
+from rlcore.runtime import autocast, maybe_compile, prefer_eager_attention, setup, step_batches
+from rlcore.task import load_task_rows, metric_value
+
+SFT_FORMATS = ("language_modeling", "prompt_completion")
 
 
 @dataclass
@@ -59,56 +61,39 @@ class SFTConfig(TrainConfig):
     warmup_steps: int = 100  # linear warmup steps
     batch_size: int = 32  # rows per micro-batch (bins with --packing)
     max_steps: int = 3000  # optimizer steps
-    max_seconds: float | None = 170.0  # stop early (evaluate and save) after this much training time
     logging_steps: int = 25  # log the mean of the metrics over this many steps
-    eval_steps: int = 500  # evaluate every N steps (0 = only at the end)
-    max_new_tokens: int = 8  # completion length limit of the accuracy evaluation
+    eval_steps: int = 500  # evaluate every N steps (0 = only at the start and end)
+    max_new_tokens: int = 8  # completion length limit of the greedy-generation metric
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     config = parse_config(SFTConfig, argv)
-    seed_everything(config.seed)
-    device = resolve_device(config.device)
-    bf16 = use_bf16(device, config.bf16)
+    device, bf16 = setup(config)
 
-    # ---------------------------------------------------------------- model and data
+    # ---------------------------------------------------------------- data (checked first), model
+    rows, eval_rows, metric = load_task_rows(config, SFT_FORMATS)
     model, tokenizer = load_policy(config.model, device=device)
     model = prepare_model(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.load_in_4bit)
     model.train()
     pad_id = tokenizer.pad_token_id
-
-    rows = load_rows(config.dataset, config.train_split, config.num_train_rows)
     train = tokenize_sft(rows, tokenizer, config.max_length, config.completion_only)
     train_ids, train_masks = list(train["input_ids"]), list(train["completion_mask"])  # python lists of token lists
     packed = pack_sequences(train, config.max_length, pad_id) if config.packing else None  # each [bins, max_length]
     prefer_eager_attention(model, device, config.max_length if config.packing else max(map(len, train_ids)))
     forward = maybe_compile(model, device, config.compile)
     num_samples = len(packed["input_ids"]) if config.packing else len(train)
-    eval_rows = eval_tokens = None
-    if config.eval_split != "none":
-        eval_rows = load_rows(config.eval_dataset or config.dataset, config.eval_split, config.num_eval_rows)
+    if eval_rows is not None:
         eval_tokens = tokenize_sft(eval_rows, tokenizer, config.max_length, config.completion_only)
+        eval_prompts = tokenize_prompts(eval_rows, tokenizer, config.max_length) if metric else None
 
-    # ---------------------------------------------------------------- optimizer, resume, tracking
+    def evaluate() -> dict[str, float]:
+        return {**sft_metrics(model, eval_tokens, pad_id, config.eval_batch_size),
+                **metric_value(model, tokenizer, eval_prompts, metric, config)}
+
     optimizer = build_optimizer(model, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2))
     scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=config.max_steps,
                                 schedule=config.lr_schedule, min_lr_ratio=config.min_lr_ratio)
-    start_step, training_seconds = 0, 0.0
-    resume_from = resolve_resume(config.resume, config.output_dir)
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, scheduler, seed=config.seed)
-        start_step, training_seconds = state["step"], state["extra"].get("training_seconds", 0.0)
-        print(f"resumed from {resume_from} at step {start_step}")
-    save_config(config, config.output_dir)
-    tracker = Tracker(config.output_dir, config.max_steps, start_step, bar_keys=("loss",))
-
-    def evaluate(step: int) -> dict[str, float]:
-        if eval_rows is None:
-            return {}
-        metrics = {"loss": mean_token_nll(model, eval_tokens, pad_id, config.eval_batch_size)}
-        if "prompt" in eval_rows.column_names:
-            metrics["accuracy"] = toy_accuracy(model, tokenizer, eval_rows, config.eval_batch_size, config.max_new_tokens)
-        return tracker.log_eval(step, metrics)
+    run = Run(config, model, tokenizer, optimizer, scheduler, evaluate=evaluate if eval_rows is not None else None)
 
     def micro_batch(indices: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """(model inputs [B, T-1], loss positions [N, 2], loss tokens [N]), all built on the host (no device sync).
@@ -127,10 +112,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return inputs, loss_mask.nonzero().to(device), labels.to(device)
 
     # ---------------------------------------------------------------- training loop
-    step, results, evaluated_at = start_step, {}, None
-    while step < config.max_steps and (config.max_seconds is None or training_seconds < config.max_seconds):
-        started = time.perf_counter()
-        micro_batches = step_batches(num_samples, config.batch_size, config.grad_accum_steps, config.seed, step)
+    while run.running():
+        micro_batches = step_batches(num_samples, config.batch_size, config.grad_accum_steps, config.seed, run.step)
         window = [index for indices in micro_batches for index in indices]
         if config.packing:  # loss tokens of the whole step: the normaliser of every micro-batch's token sum
             normalizer = max(1, int(packed["completion_mask"][window].sum()))
@@ -142,34 +125,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             with autocast(device, bf16):
                 logits = forward(**inputs, use_cache=False).logits  # [B, T-1, V]
             rows, columns = loss_positions.unbind(1)  # [N] each
-            loss, loss_stats = sft_loss(logits[rows, columns].unsqueeze(0), labels.unsqueeze(0),  # [1, N, V], [1, N]
-                                        torch.ones_like(labels).unsqueeze(0), normalizer=normalizer)
+            loss, loss_stats = sft_loss(logits[rows, columns], labels, normalizer=normalizer)  # [N, V], [N]
             loss.backward()
             stats["loss"] = stats.get("loss", 0.0) + loss.detach()  # sums to the step's token mean
             stats["token_accuracy"] = stats.get("token_accuracy", 0.0) + loss_stats["token_accuracy"] / len(micro_batches)
         stats["lr"] = scheduler.get_last_lr()[0]
         stats["grad_norm"] = optimizer_step(model.parameters(), optimizer, scheduler, config.max_grad_norm)
-        step += 1
-        training_seconds += time.perf_counter() - started
-        tracker.update(stats)
-        if step % config.logging_steps == 0:
-            tracker.log(step)
-        if config.eval_steps and step % config.eval_steps == 0:
-            results, evaluated_at = evaluate(step), step
-        if config.save_steps and step % config.save_steps == 0:
-            save_checkpoint(config.output_dir, step, model, tokenizer, optimizer, scheduler, seed=config.seed,
-                            extra_state={"training_seconds": training_seconds}, keep_last=config.save_total_limit)
-
-    # ---------------------------------------------------------------- final evaluation and model
-    tracker.log(step)
-    print(f"trained {step} steps in {training_seconds:.0f} s ({(step - start_step) / max(training_seconds, 1e-9):.1f} steps/s)")
-    if evaluated_at != step:
-        results = evaluate(step)
-    save_final_model(model, tokenizer, config.output_dir)
-    tracker.close()
-    print(f"final model: {config.output_dir}")
-    return results
+        run.end_step(stats)
+    return run.finish()
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -38,7 +38,7 @@ ConfigT = TypeVar("ConfigT")
 RUN_CONFIG_NAME = "run_config.json"  # config.json in OUTPUT_DIR is the model's (from_pretrained reads it)
 
 # recipes/sft.py flags of an SFT run "stopped mid-schedule": the cosine ends at half the peak learning rate
-# instead of annealing to 0. The online recipes' warm start (rlcore.online.warm_start) and the quickstart's
+# instead of annealing to 0. The online recipes' warm start (rlcore.toy.warm_start) and the quickstart's
 # SFT stage use it: RL and DPO improved such checkpoints on the toy task, not fully annealed ones.
 ONLINE_WARM_START_FLAGS = ("--lr", "1e-3", "--warmup_steps", "100", "--lr_schedule", "cosine", "--min_lr_ratio", "0.5")
 
@@ -51,8 +51,9 @@ class TrainConfig:
     model: str = "tiny"  # "tiny" (embedded default), a local directory or a hub id
     dataset: str = "toy:prompt_completion"  # "toy:<kind>", a .json/.jsonl/.parquet/.csv file, a dataset dir or a hub name
     train_split: str = "train"  # split of --dataset used for training
-    eval_split: str = "test"  # split used for evaluation ("none" to skip evaluation)
+    eval_split: str = "test"  # split of --dataset (or --eval_dataset) to evaluate on; a single file has none ("none" = no evaluation)
     eval_dataset: str | None = None  # evaluation rows from another source (a file, ...); None = --dataset's --eval_split
+    eval_metric: str | None = "auto"  # greedy-generation metric: a reward-function name/spec (rlcore.rewards), "auto" (exact_match on the toy task, else none) or none
     num_train_rows: int | None = None  # keep only the first N training rows (None = all)
     num_eval_rows: int | None = 500  # rows used for evaluation (None = all)
     max_length: int = 256  # longest tokenized sequence, in tokens
@@ -71,7 +72,7 @@ class TrainConfig:
     batch_size: int = 8  # rows per micro-batch (one forward/backward)
     grad_accum_steps: int = 1  # micro-batches per optimizer step; rows per step = batch_size * grad_accum_steps
     max_steps: int = 100  # optimizer steps; the schedule is laid out over this many
-    max_seconds: float | None = None  # stop early (evaluate and save) once training has run this long
+    max_seconds: float | None = None  # safety stop: end early (save, evaluate, say so) after this much training time (None = off)
 
     # --- logging, evaluation, checkpoints
     logging_steps: int = 10  # log the mean of the metrics over this many steps
@@ -83,6 +84,7 @@ class TrainConfig:
 
     # --- hardware
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    threads: int | None = None  # torch CPU threads (None = $OMP_NUM_THREADS if set, else half the cores, at least 1)
     bf16: bool | None = None  # bf16 autocast (None = on for CUDA, off for CPU)
     compile: bool | None = None  # torch.compile the model (None = on for CUDA, off for CPU)
 
@@ -95,6 +97,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         positive = ("lr", "batch_size", "grad_accum_steps", "max_steps", "logging_steps", "eval_batch_size")
+        if self.threads is not None and self.threads <= 0:
+            raise ValueError(f"--threads must be > 0 or none, got {self.threads}")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ValueError(f"--max_seconds must be > 0 or none, got {self.max_seconds}")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
@@ -108,6 +114,34 @@ class TrainConfig:
             raise ValueError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.load_in_4bit and self.lora_r == 0:
             raise ValueError("--load_in_4bit trains adapters on a frozen 4-bit base: it needs --lora_r > 0")
+
+
+@dataclass
+class OnlineConfig(TrainConfig):
+    """Flags shared by the online recipes: prompts, sampling, rewards, and the warm start of the default."""
+
+    dataset: str = "toy:prompt_only"  # prompts (a "prompt" column; other columns reach the reward functions)
+    warm_start_steps: int = 1500  # with --model tiny only: start from `recipes/sft.py --max_steps N` (run once, cached); 0 = the untrained tiny model
+    max_prompt_length: int = 128  # prompts longer than this many tokens are dropped
+    max_new_tokens: int = 8  # completion length limit, in tokens
+    temperature: float = 1.0  # sampling temperature (log-probs in the loss use the same temperature)
+    top_k: int = 0  # sample among the k most likely tokens (0 = all)
+    top_p: float = 1.0  # nucleus sampling (1 = off)
+    reward_funcs: str | None = "accuracy"  # comma-separated reward functions: accuracy, format, pkg.module:fn, file.py:fn
+    reward_model: str | None = None  # a reward-model directory (recipes/reward_model.py output), added to the functions
+    reward_weights: str | None = None  # comma-separated weights, one per reward function then the reward model (None = all 1)
+    missing_eos_penalty: float = 0.0  # subtracted from the reward of completions cut at --max_new_tokens
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.warm_start_steps < 0 or self.max_prompt_length <= 0 or self.max_new_tokens <= 0:
+            raise ValueError("--warm_start_steps must be >= 0, --max_prompt_length and --max_new_tokens > 0")
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be > 0 for sampling, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
+            raise ValueError(f"--top_p must be in (0, 1] and --top_k >= 0, got {self.top_p} and {self.top_k}")
+        if self.reward_funcs is None and self.reward_model is None:
+            raise ValueError("no reward: give --reward_funcs or --reward_model")
 
 
 def parse_config(config_class: type[ConfigT], argv: list[str] | None = None) -> ConfigT:

@@ -34,14 +34,15 @@ expected and the first row), missing (None) or empty values, non-string content,
 """
 
 import os
+from dataclasses import dataclass
 
 import datasets
 import jinja2
 import torch
 
 from rlcore.models import eos_token_ids
-from rlcore.toy import CHAT_ROLES, toy_dataset
 
+CHAT_ROLES = ("system", "user", "assistant")
 FORMAT_COLUMNS = {
     "language_modeling": ("text",),  # or ("messages",)
     "prompt_only": ("prompt",),
@@ -51,6 +52,7 @@ FORMAT_COLUMNS = {
     "unpaired_preference": ("prompt", "completion", "label"),
 }
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+PROMPT_FORMATS = ("prompt_only", "prompt_completion", "preference", "unpaired_preference")  # rows with a prompt
 TRUNCATION_POLICIES = ("drop", "truncate")
 
 
@@ -72,10 +74,13 @@ def load_rows(source: str, split: str = "train", n: int | None = None, **load_kw
             ``features=datasets.Features({"prompt": datasets.Value("string"), ...})`` for a CSV file whose
             answers are numbers, as CSV columns are type-inferred).
     """
-    if source == "toy" or source.startswith("toy:"):
-        kind = source.partition(":")[2] or "prompt_completion"
-        return toy_dataset(kind, split=split, n=n)
+    if is_toy_source(source):
+        from rlcore.toy import toy_dataset  # the name "toy:<kind>" asks for the embedded default
+
+        return toy_dataset(source.partition(":")[2] or "prompt_completion", split=split, n=n)
     extension = os.path.splitext(source)[1].lower()
+    if not os.path.exists(source) and (extension in FILE_BUILDERS or source.startswith((".", "/", "~"))):
+        raise FileNotFoundError(f"dataset {source!r}: no such file or directory")
     if os.path.isfile(source):
         if extension not in FILE_BUILDERS:
             raise ValueError(f"cannot read {source!r}: expected a file ending in {', '.join(FILE_BUILDERS)}")
@@ -87,6 +92,58 @@ def load_rows(source: str, split: str = "train", n: int | None = None, **load_kw
     else:  # a directory of data files, or a hub name
         rows = datasets.load_dataset(source, split=split, **load_kwargs)
     return rows if n is None else rows.select(range(min(n, len(rows))))
+
+
+def load_checked_rows(source: str, split: str, n: int | None, accepted: tuple[str, ...], flag: str = "--dataset") -> datasets.Dataset:
+    """:func:`load_rows`, then a one-line ``ValueError`` naming the flag unless the rows have an ``accepted``
+    format: recipes call it before any training or warm start, so bad data is reported at once."""
+    rows = load_rows(source, split, n)
+    _require_format(rows, f"{flag} {source} ({split} split)", accepted)
+    return rows
+
+
+def load_eval_rows(dataset: str, eval_dataset: str | None, eval_split: str, n: int | None,
+                   accepted: tuple[str, ...]) -> datasets.Dataset | None:
+    """The held-out rows of a run, or None (and a printed reason): never the training rows in disguise.
+
+    ``eval_split == "none"``: no evaluation. ``eval_dataset`` given: its ``eval_split``, or all its rows when
+    it is a single file. Otherwise ``dataset``'s ``eval_split`` when it has one; a single file has only
+    training rows, so then nothing is evaluated and the message says how to give held-out rows.
+    """
+    if eval_split == "none":
+        return None
+    if eval_dataset is not None:
+        split = eval_split if has_split(eval_dataset, eval_split) else "train"
+        return load_checked_rows(eval_dataset, split, n, accepted, flag="--eval_dataset")
+    if not has_split(dataset, eval_split):
+        print(f"no evaluation: {dataset} has no {eval_split!r} split (a single file holds training rows only); "
+              "pass --eval_dataset FILE for held-out rows")
+        return None
+    return load_checked_rows(dataset, eval_split, n, accepted)
+
+
+def is_toy_source(source: str) -> bool:
+    """Whether ``source`` names the toy task (``"toy"`` or ``"toy:<kind>"``)."""
+    return source == "toy" or source.startswith("toy:")
+
+
+def has_split(source: str, split: str) -> bool:
+    """Whether ``load_rows(source, split)`` can read ``split`` without falling back to other rows.
+
+    A single data file holds one split (its rows are the ``"train"`` split), so any other split of a file
+    does not exist; the toy task has ``train`` and ``test``; a directory or hub dataset is asked.
+    """
+    if is_toy_source(source):
+        return split.split("[")[0] in ("train", "test")
+    if os.path.isfile(source):
+        return split.split("[")[0] == "train"
+    if os.path.isdir(source) and _is_saved_dataset(source):
+        saved = datasets.load_from_disk(source)
+        return not isinstance(saved, datasets.DatasetDict) or split.split("[")[0] in saved
+    try:
+        return split.split("[")[0] in datasets.get_dataset_split_names(source)
+    except Exception:  # noqa: BLE001 - an unreadable source fails with its own error when loaded
+        return True
 
 
 def _is_saved_dataset(directory: str) -> bool:
@@ -476,6 +533,44 @@ def tokenize_prompts(
         prompt_ids = [all_ids[index] for index in kept]
     _report("tokenize_prompts", len(too_long), len(all_ids) - len(kept), len(all_ids), max_length, truncation)
     return dataset.select(kept).add_column("prompt_ids", prompt_ids)
+
+
+def load_prompts(source: str, split: str, tokenizer, max_prompt_length: int, n: int | None = None) -> datasets.Dataset:
+    """Rows of ``source`` (:func:`load_rows`) with a ``prompt_ids`` column; over-long prompts dropped."""
+    rows = load_rows(source, split=split, n=n)
+    return tokenize_prompts(rows, tokenizer, max_length=max_prompt_length, truncation="drop")
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """P prompts of a :func:`load_prompts` dataset, collated for generation.
+
+    Attributes:
+        prompts: the ``prompt`` column (text or message lists), P entries.
+        columns: every other column except ``prompt_ids`` (reward functions read them), P entries each.
+        prompt_ids, prompt_mask: [P, Lp] left-padded ids and 1-on-real-token mask.
+        conversational: whether the prompts are message lists.
+    """
+
+    prompts: list
+    columns: dict[str, list]
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    conversational: bool
+
+
+def prompt_batch(dataset: datasets.Dataset, rows, pad_id: int) -> PromptBatch:
+    """The prompts at ``rows`` of a :func:`load_prompts` dataset, collated for generation."""
+    selected = dataset[list(rows)]  # {column: [P values]}
+    columns = {name: values for name, values in selected.items() if name not in ("prompt", "prompt_ids")}
+    tensors = collate_left(selected["prompt_ids"], pad_id)
+    conversational = isinstance(selected["prompt"][0], list)
+    return PromptBatch(selected["prompt"], columns, tensors["prompt_ids"], tensors["prompt_mask"], conversational)
+
+
+def repeat_each(values: list, times: int) -> list:
+    """``[a, b]`` -> ``[a, a, b, b]`` for ``times=2``: per-prompt values aligned with grouped completions."""
+    return [value for value in values for _ in range(times)]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,31 +1,39 @@
-"""Evaluation shared by the recipes: greedy exact-match accuracy of a policy, pairwise accuracy of a reward model.
+"""Held-out evaluation for every row format the recipes take; task knowledge only through metric functions.
 
-Both put the model in eval mode for the measurement and restore its previous mode afterwards; both run
-under ``torch.no_grad`` and return python floats (they are called at evaluation steps only).
+What each recipe measures, with no knowledge of the task:
+
+==================  ======================================================================================
+recipe              held-out metrics
+==================  ======================================================================================
+SFT                 :func:`sft_metrics`: loss (NLL per loss token) and token accuracy (argmax = target)
+reward model        :func:`reward_model_metrics`: pairwise accuracy (r_c > r_r), mean margin, BT loss
+DPO                 :func:`dpo_metrics`: pairwise accuracy of the implicit reward, its margin, the DPO loss
+online recipes      :func:`sampled_rewards`: mean reward of one sampled completion per prompt, per source
+==================  ======================================================================================
+
+A task metric (the toy task's exact match, a unit test's pass rate, ...) is a *metric function* with the
+signature of a reward function (``rlcore.rewards``: ``fn(prompts, completions, completion_ids, **columns)
+-> list[float | None]``), applied to greedy completions of the held-out prompts by :func:`greedy_metric`.
+The recipes take it by name (``--eval_metric``); the toy task supplies its own (``rlcore.toy.exact_match``).
+
+Every function puts the model in eval mode with gradients off and restores its mode afterwards; all return
+python floats (they run at evaluation steps only).
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator
-
 import datasets
 import torch
 
-from rlcore import gather_logprobs, masked_sum
-from rlcore.data import collate_left, collate_preference, collate_right, tokenize_prompts
-from rlcore.models import eos_token_ids, sequence_scores
+from rlcore import dpo_loss, gather_logprobs, masked_sum
+from rlcore.data import collate_left, collate_preference, collate_right, prompt_batch
+from rlcore.models import eos_token_ids, eval_mode, sequence_logprobs, sequence_scores
+from rlcore.rewards import RewardFunction, RewardScorer, decode_completions, score_rollout
 from rlcore.rollout import generate
-from rlcore.toy import accuracy_reward
 
 
 def greedy_completion_ids(
-    model: torch.nn.Module,
-    tokenizer,
-    prompt_ids: list[list[int]],
-    *,
-    batch_size: int = 64,
-    max_new_tokens: int = 8,
+    model: torch.nn.Module, tokenizer, prompt_ids: list[list[int]], *, batch_size: int = 64, max_new_tokens: int = 8
 ) -> list[list[int]]:
     """Greedy (temperature 0) completions of tokenised prompts: token ids up to and including the stop token.
 
@@ -35,7 +43,7 @@ def greedy_completion_ids(
     device = next(model.parameters()).device
     stop_ids = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
     completions = []
-    with _eval_mode(model):
+    with eval_mode(model):
         for start in range(0, len(prompt_ids), batch_size):
             batch = collate_left(prompt_ids[start : start + batch_size], tokenizer.pad_token_id)
             rollout = generate(
@@ -48,103 +56,135 @@ def greedy_completion_ids(
     return completions
 
 
-def toy_accuracy(
-    model: torch.nn.Module,
-    tokenizer,
-    dataset: datasets.Dataset,
-    batch_size: int = 64,
-    max_new_tokens: int = 8,
-    reward_fn: Callable[..., list[float]] = accuracy_reward,
+def greedy_metric(
+    model: torch.nn.Module, tokenizer, prompts: datasets.Dataset, metric: RewardFunction, *,
+    batch_size: int = 64, max_new_tokens: int = 8,
 ) -> float:
-    """Greedy exact-match accuracy: the mean of ``reward_fn`` over greedy completions of the prompts.
+    """Mean of ``metric`` over the greedy completions of held-out prompts (rows where it returns None skipped).
 
     Args:
-        model: a causal LM (any mode; restored afterwards).
-        tokenizer: its tokenizer.
-        dataset: rows with a ``prompt`` (text or chat messages) and the reference in the first of the
-            columns ``answer``, ``completion``, ``chosen`` (text or an assistant message list); a
-            ``prompt_ids`` column is used as is, otherwise the prompts are tokenised with
-            ``rlcore.data.tokenize_prompts``.
-        batch_size: prompts per generation batch.
-        max_new_tokens: completion length limit.
-        reward_fn: ``fn(prompts, completions, answer=..., **columns) -> list[float]``; default the toy
-            task's ``accuracy_reward`` (1 when the completion is exactly the reference integer).
-
-    Returns:
-        The mean reward in [0, 1] for the default, as a python float.
+        prompts: a ``rlcore.data.load_prompts`` dataset (``prompt``, ``prompt_ids`` and the columns the metric
+            reads, e.g. ``answer``).
+        metric: ``fn(prompts, completions, completion_ids, **columns) -> list[float | None]``; completions
+            are decoded as for reward functions (text, or an assistant message list for chat prompts).
     """
-    if "prompt_ids" not in dataset.column_names:
-        dataset = tokenize_prompts(dataset, tokenizer)
-    reference_column = next((c for c in ("answer", "completion", "chosen") if c in dataset.column_names), None)
-    if reference_column is None:
-        raise ValueError(f"toy_accuracy needs an 'answer', 'completion' or 'chosen' column; found {dataset.column_names}")
-    answers = [a if isinstance(a, str) else a[-1]["content"] for a in dataset[reference_column]]
-    completion_ids = greedy_completion_ids(
-        model, tokenizer, list(dataset["prompt_ids"]), batch_size=batch_size, max_new_tokens=max_new_tokens
-    )
-    completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=False)  # stop token kept
-    rewards = reward_fn(list(dataset["prompt"]), completions, answer=answers)
-    return sum(rewards) / max(1, len(rewards))
+    completion_ids = greedy_completion_ids(model, tokenizer, list(prompts["prompt_ids"]), batch_size=batch_size,
+                                           max_new_tokens=max_new_tokens)
+    batch = prompt_batch(prompts, range(len(prompts)), tokenizer.pad_token_id)
+    completions = decode_completions(tokenizer, completion_ids, batch.conversational)
+    scores = metric(prompts=batch.prompts, completions=completions, completion_ids=completion_ids, **batch.columns)
+    values = [value for value in scores if value is not None]
+    return sum(values) / max(1, len(values))
 
 
-def mean_token_nll(model: torch.nn.Module, tokenized_rows: datasets.Dataset, pad_id: int, batch_size: int = 64) -> float:
-    """Held-out loss of supervised data: negative log-likelihood per loss token, over all rows at once.
+def sft_metrics(model: torch.nn.Module, tokenized_rows: datasets.Dataset, pad_id: int, batch_size: int = 64) -> dict[str, float]:
+    """Held-out loss and token accuracy of supervised rows, over all loss tokens at once.
 
-        nll = -sum_{rows, t} m_t log p(x_t | x_<t) / sum_{rows, t} m_t
+        loss           = -sum_{rows, t} m_t log p(x_t | x_<t) / sum m_t
+        token_accuracy =  sum_{rows, t} m_t [argmax_v p(v | x_<t) = x_t] / sum m_t
 
     Args:
-        tokenized_rows: rows with ``input_ids`` and ``completion_mask`` (``rlcore.data.tokenize_sft``).
+        tokenized_rows: rows with ``input_ids`` and ``completion_mask`` (``rlcore.data.tokenize_sft``): any
+            format SFT takes (language modelling, prompt-completion, conversational).
     """
     device = next(model.parameters()).device
-    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-    with _eval_mode(model):
+    nll, correct, count = (torch.zeros((), device=device) for _ in range(3))
+    with eval_mode(model):
         for start in range(0, len(tokenized_rows), batch_size):
             rows = tokenized_rows[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate_right(rows["input_ids"], rows["completion_mask"], pad_id).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            logp = gather_logprobs(logits[:, :-1].float(), batch["input_ids"][:, 1:])  # [B, T-1]
-            mask = batch["completion_mask"][:, 1:]  # [B, T-1]
-            total += -masked_sum(logp, mask)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1]
+            targets, mask = batch["input_ids"][:, 1:], batch["completion_mask"][:, 1:]  # [B, T-1] each
+            nll -= masked_sum(gather_logprobs(logits.float(), targets), mask)
+            correct += masked_sum((logits.argmax(dim=-1) == targets).float(), mask)
             count += mask.sum()
-    return (total / count.clamp(min=1)).item()
+    count = count.clamp(min=1)
+    return {"loss": (nll / count).item(), "token_accuracy": (correct / count).item()}
 
 
-def pairwise_accuracy(
-    model: torch.nn.Module, tokenized_pairs: datasets.Dataset, pad_id: int, batch_size: int = 64
-) -> dict[str, float]:
-    """Fraction of preference pairs a reward model scores the right way round, and the mean score margin.
+def _pair_batches(tokenized_pairs: datasets.Dataset, pad_id: int, batch_size: int, device: torch.device):
+    """``collate_preference`` batches ([2B, T]: chosen rows then rejected rows) of tokenised pairs, on ``device``."""
+    for start in range(0, len(tokenized_pairs), batch_size):
+        rows = tokenized_pairs[start : start + batch_size]
+        batch = collate_preference(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], pad_id)
+        yield {k: v.to(device) for k, v in batch.items()}
+
+
+def reward_model_metrics(model: torch.nn.Module, tokenized_pairs: datasets.Dataset, pad_id: int, batch_size: int = 64) -> dict[str, float]:
+    """Pairwise accuracy, mean margin and Bradley-Terry loss of a reward model on held-out pairs.
+
+        accuracy = mean[r_c > r_r] (ties count as wrong),  margin = mean[r_c - r_r],
+        loss = mean[-log sigmoid(r_c - r_r)]
 
     Args:
         model: a one-output sequence classifier (``rlcore.models.load_reward_model``).
         tokenized_pairs: rows with ``prompt_ids``, ``chosen_ids``, ``rejected_ids``
-            (``rlcore.data.tokenize_preference``).
-        pad_id: the tokenizer's pad id.
-        batch_size: pairs per forward pass (each pass scores 2 * batch_size sequences).
+            (``rlcore.data.tokenize_preference``: explicit or implicit prompts, plain or conversational).
+    """
+    margins = []
+    with eval_mode(model):
+        for batch in _pair_batches(tokenized_pairs, pad_id, batch_size, next(model.parameters()).device):
+            chosen_scores, rejected_scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"]).float().chunk(2)
+            margins.append(chosen_scores - rejected_scores)  # [B]
+    margin = torch.cat(margins)  # [N]
+    return {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item(),
+            "loss": -torch.nn.functional.logsigmoid(margin).mean().item()}
 
-    Returns:
-        ``{"accuracy": mean[r_c > r_r], "margin": mean[r_c - r_r]}`` (ties count as wrong).
+
+def preference_logps(model: torch.nn.Module, tokenized_pairs: datasets.Dataset, pad_id: int, batch_size: int = 64,
+                     average: bool = False) -> torch.Tensor:
+    """[2, N] completion log-probs (row 0 chosen, row 1 rejected) of tokenised pairs, without gradient.
+
+    Sums over each completion's tokens (means with ``average``, as IPO takes them). The DPO recipe computes
+    them once with the starting policy for the reference, and with the current policy at each evaluation.
     """
     device = next(model.parameters()).device
-    margins = []
-    with _eval_mode(model):
-        for start in range(0, len(tokenized_pairs), batch_size):
-            rows = tokenized_pairs[start : start + batch_size]
-            batch = collate_preference(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], pad_id)
-            scores = sequence_scores(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-            chosen_scores, rejected_scores = scores.float().chunk(2)  # [B], [B]
-            margins.append(chosen_scores - rejected_scores)
-    margin = torch.cat(margins)  # [N]
-    return {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()}
+    logps = []
+    with eval_mode(model):
+        for batch in _pair_batches(tokenized_pairs, pad_id, batch_size, device):
+            summed, _ = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"][:, 1:], average)
+            logps.append(summed.float().view(2, -1))  # [2, B]
+    return torch.cat(logps, dim=1)  # [2, N]
 
 
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and no gradients inside the block; the model's previous mode restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
+def dpo_metrics(logps: torch.Tensor, ref_logps: torch.Tensor, beta: float, loss_type: str = "sigmoid",
+                label_smoothing: float = 0.0) -> dict[str, float]:
+    """Held-out DPO metrics from [2, N] policy and reference log-probs (:func:`preference_logps`).
 
+    The implicit reward of a completion is beta * (log pi - log pi_ref); ``accuracy`` is the fraction of
+    pairs whose chosen completion gets the larger one, ``margin`` the mean difference, ``loss`` the DPO loss.
+    """
+    loss, stats = dpo_loss(logps[0], logps[1], ref_logps[0], ref_logps[1], beta=beta, loss_type=loss_type,
+                           label_smoothing=label_smoothing)
+    return {"accuracy": stats["rewards/accuracies"].item(), "margin": stats["rewards/margins"].item(), "loss": loss.item()}
+
+
+@torch.no_grad()
+def sampled_rewards(model, tokenizer, prompts: datasets.Dataset, scorer: RewardScorer, *, batch_size: int = 64,
+                    max_new_tokens: int = 8, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    seed: int = 0) -> dict[str, float]:
+    """Mean reward of one sampled completion per held-out prompt (the quantity RL raises), overall and per source.
+
+    The sampling seed is fixed, so two evaluations differ only by the model. Returns ``{"reward": mean
+    weighted reward, "reward/<source>": mean of each source over the rows it scored}``. Greedy metrics
+    (:func:`greedy_metric`) and this sampled reward can move apart: RL at temperature 1 first sharpens the
+    distribution, which raises the sampled reward before the greedy answer changes.
+    """
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
+    stop_ids = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
+    rewards, per_source = [], []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompt_batch(prompts, range(start, min(start + batch_size, len(prompts))), tokenizer.pad_token_id)
+        rollout = generate(model, batch.prompt_ids.to(device), batch.prompt_mask.to(device), max_new_tokens=max_new_tokens,
+                           eos_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id, temperature=temperature,
+                           top_k=top_k, top_p=top_p, generator=generator)
+        batch_rewards, batch_per_source = score_rollout(scorer, tokenizer, batch, rollout)
+        rewards.append(batch_rewards)
+        per_source.append(batch_per_source)
+    per_source = torch.cat(per_source)  # [N, K]
+    metrics = {"reward": torch.cat(rewards).mean().item()}
+    for index, name in enumerate(scorer.names):
+        values = per_source[:, index]
+        metrics[f"reward/{name}"] = values[~values.isnan()].mean().item()
+    return metrics

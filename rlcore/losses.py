@@ -18,6 +18,8 @@ from .ops import check_choice, check_ndim, check_same_shape, masked_mean, masked
 
 __all__ = [
     "AGGREGATION_MODES",
+    "LOSS_TYPE_AGGREGATION",
+    "loss_normalizer",
     "DPO_LOSS_TYPES",
     "aggregate",
     "policy_loss",
@@ -30,6 +32,15 @@ __all__ = [
 ]
 
 AGGREGATION_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
+
+# TRL's GRPO ``loss_type`` names -> the aggregation each one means. bnpo and dapo are both token means; they
+# differ in the normaliser under gradient accumulation (see loss_normalizer).
+LOSS_TYPE_AGGREGATION = {
+    "grpo": "seq_mean_token_mean",  # every sequence weighs the same (the GRPO paper)
+    "bnpo": "token_mean",  # every token of a micro-batch weighs the same
+    "dr_grpo": "seq_mean_token_sum_norm",  # token sums over a constant: no length bias (Dr. GRPO)
+    "dapo": "token_mean",  # every token of the whole optimizer step weighs the same (DAPO)
+}
 
 
 def aggregate(
@@ -86,6 +97,33 @@ def aggregate(
     if mode == "seq_mean_token_sum_norm":
         seq_losses = seq_losses / (per_token.shape[1] if max_len is None else max_len)
     return seq_losses.mean() if normalizer is None else seq_losses.sum() / normalizer
+
+
+def loss_normalizer(loss_type: str, step_mask: torch.Tensor, micro_mask: torch.Tensor, micro_batches: int) -> torch.Tensor:
+    """The ``normalizer`` of :func:`aggregate` that makes the micro-batch losses of one optimizer step add
+    up to the loss of the whole step, for a ``LOSS_TYPE_AGGREGATION`` loss type:
+
+        dapo     sum of step_mask                     (valid tokens of the whole step)
+        bnpo     sum of micro_mask * micro_batches    (each micro-batch normalised by its own tokens)
+        grpo     rows of step_mask with a valid token
+        dr_grpo  rows of step_mask
+
+    Args:
+        step_mask: [N, T] completion mask of every row of the step.
+        micro_mask: [n, T] the rows of the current micro-batch.
+        micro_batches: micro-batches per optimizer step.
+
+    Returns:
+        0-d float tensor (at least 1 for the token and row counts).
+    """
+    check_choice("loss_type", loss_type, tuple(LOSS_TYPE_AGGREGATION))
+    if loss_type == "bnpo":
+        return micro_mask.sum().clamp(min=1).float() * micro_batches
+    if loss_type == "dapo":
+        return step_mask.sum().clamp(min=1).float()
+    if loss_type == "grpo":
+        return step_mask.bool().any(dim=1).sum().clamp(min=1).float()
+    return torch.tensor(float(step_mask.shape[0]), device=step_mask.device)
 
 
 def _per_token_advantages(advantages: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
@@ -465,7 +503,7 @@ def sft_loss_from_logprobs(
 def sft_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None = None,
     normalizer: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Masked negative log-likelihood (cross-entropy) from logits; see ``sft_loss_from_logprobs``.
@@ -474,18 +512,24 @@ def sft_loss(
 
     ``logits[:, t]`` scores ``labels[:, t]``: shift before calling (``logits[:, :-1]``, ``input_ids[:, 1:]``).
     Labels at masked positions may hold anything, an ignore index such as -100 included. Uses
-    ``gather_logprobs``, so no log-softmax copy of the logits is kept.
+    ``gather_logprobs``, so no log-softmax copy of the logits is kept. The logits of the loss positions
+    alone, gathered beforehand (``logits[rows, columns]``: [N, V] with [N] labels and no mask), give the
+    same loss without computing a log-softmax anywhere else.
 
     Args:
-        logits: [B, T, V].
-        labels: [B, T] target ids.
-        mask: [B, T] 1 on tokens to learn.
+        logits: [B, T, V], or [N, V] at the loss positions only.
+        labels: [B, T] (or [N]) target ids.
+        mask: [B, T] 1 on tokens to learn; None: every position counts.
         normalizer: see ``sft_loss_from_logprobs``.
 
     Returns:
         (loss, stats); stats (detached): ``nll``, ``num_tokens``, ``token_accuracy`` (argmax == label).
     """
+    if logits.dim() == 2:  # [N, V] at the loss positions: one row of N tokens
+        logits, labels = logits.unsqueeze(0), labels.unsqueeze(0)
+        mask = None if mask is None else mask.unsqueeze(0)
     check_ndim("logits", logits, 3, "[B, T, V]")
+    mask = torch.ones_like(labels) if mask is None else mask
     check_same_shape(labels=labels, mask=mask)
     valid = mask.bool()
     safe_labels = torch.where(valid, labels, 0)  # [B, T]; ignore indices become a valid id

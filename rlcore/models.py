@@ -12,15 +12,19 @@ Conventions:
   ids with the pad id, so they stay correct when the pad token is also the EOS token.
 """
 
+import contextlib
+import copy
 import os
 import warnings
+from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from rlcore.toy import tiny_model_dir
+from rlcore.logprobs import entropy_from_logits, gather_logprobs
+from rlcore.ops import last_valid_index
 
 TINY = "tiny"
 # End-of-turn tokens of common chat formats (ChatML/Qwen, Llama 3, Gemma, Phi-3): a completion stops at them.
@@ -35,6 +39,8 @@ def resolve_model(name_or_path: str) -> str:
         raise ValueError(f"a model must be 'tiny', a directory or a hub id, got {name_or_path!r}")
     name_or_path = str(name_or_path)
     if name_or_path == TINY:
+        from rlcore.toy import tiny_model_dir  # the name "tiny" asks for the embedded default
+
         return tiny_model_dir()
     if os.path.isdir(name_or_path):
         return os.path.abspath(name_or_path)
@@ -126,14 +132,6 @@ def load_reward_model(
     return model, tokenizer
 
 
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last position where ``attention_mask`` is 1, per row: [B, T] -> [B] (left or right padding)."""
-    if attention_mask.dim() != 2:
-        raise ValueError(f"attention_mask must be [B, T], got shape {tuple(attention_mask.shape)}")
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)  # [T]
-    return (positions * attention_mask.long()).argmax(dim=1)  # [B]
-
-
 def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Scalar score of each sequence: the one-output head at its last attended token.
 
@@ -152,7 +150,7 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         raise TypeError(f"{type(model).__name__} has no `score` head; expected a *ForSequenceClassification decoder model")
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
-    last = last_token_index(attention_mask)  # [B]
+    last = last_valid_index(attention_mask)  # [B]
     last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, H]
     return model.score(last_hidden).squeeze(-1)  # [B]
 
@@ -207,6 +205,122 @@ class ValueModel(nn.Module):
         """[B, T] ids and mask (and optional [B, T] position ids) -> [B, T] values (the head's dtype)."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state  # [B, T, H]
         return self.value_head(hidden).squeeze(-1)  # [B, T]
+
+
+def completion_values(value_model, sequences: torch.Tensor, attention_mask: torch.Tensor, completion_length: int) -> torch.Tensor:
+    """V(s_t) of each completion token t: the value of the state just before it, float32 [B, T].
+
+    ``value_model(...)`` gives [B, Lp + T] values where column j is the state "up to and including token
+    j"; completion token t (column Lp + t) is chosen in the state of column Lp + t - 1, so the completion's
+    values are the T columns ending one before the last: ``values[:, -T-1:-1]``. Positions count real
+    tokens only (:func:`position_ids_from_mask`), as during generation.
+    """
+    values = value_model(sequences, attention_mask, position_ids_from_mask(attention_mask))  # [B, Lp + T]
+    return values[:, -completion_length - 1 : -1].float()  # [B, T]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# log-probabilities of tokens under a causal LM
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] positions that count real tokens only: left padding does not shift them (as in generation);
+    for right padding they equal ``arange(L)`` on the real tokens."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def token_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    last: int | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs of the next tokens of a batch (and, on request, their entropies).
+
+        logp[b, t] = log softmax(logits(input_ids_b[: t + 1]) / temperature)[input_ids_b[t + 1]]
+
+    for t over the last ``last`` positions that predict a token (all T - 1 of them when ``last`` is None).
+    One forward pass; only the last ``last + 1`` positions go through the LM head (``logits_to_keep``).
+    Position ids count real tokens (:func:`position_ids_from_mask`), so left- and right-padded rows give
+    the log-probs the model gave during generation.
+
+    Args:
+        model: a causal LM (``model(input_ids, attention_mask, position_ids, logits_to_keep)``).
+        input_ids, attention_mask: [B, L] ids and 1-on-real-token mask.
+        last: how many of the final tokens to score (the completion length T of a left-padded prompt
+            followed by a T-column completion), or None for every token after the first.
+        temperature: divides the logits (use the sampling temperature for a sampled completion).
+        with_entropy: also return the per-token entropy, computed without gradient (a metric).
+
+    Returns:
+        (logp [B, n] float32 with the model's gradient, entropy [B, n] detached or None), n = ``last`` or
+        L - 1; column j scores token ``input_ids[:, L - n + j]``. Padding positions hold values for the pad
+        id: mask them.
+    """
+    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both be [B, L]")
+    n = input_ids.shape[1] - 1 if last is None else last
+    if not 0 < n < input_ids.shape[1]:
+        raise ValueError(f"last must be in [1, {input_ids.shape[1] - 1}] (a token precedes the scored ones), got {last}")
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+        logits_to_keep=n + 1, use_cache=False,
+    ).logits[:, :-1]  # [B, n, V]: column j predicts token L - n + j
+    logp = gather_logprobs(logits, input_ids[:, -n:], temperature=temperature)  # [B, n]
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits.detach(), temperature=temperature)  # [B, n]
+    return logp, entropy
+
+
+def sequence_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    average: bool = False,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the completions of a batch: summed (or averaged) over their tokens, and per token.
+
+        logp(y | x) = sum_t m_t log p(y_t | x, y_<t)         (average: divided by sum_t m_t)
+
+    Args:
+        input_ids, attention_mask: [B, L] prompt + completion ids, any padding.
+        completion_mask: [B, n], 1 on the completion tokens among the last n tokens of each row: n = L - 1
+            for a right-padded ``collate_preference`` batch (its ``completion_mask[:, 1:]``), n = T for a
+            left-padded prompt followed by a T-column completion (``Rollout.completion_mask``).
+        average: divide by the completion's token count (IPO's length-averaged log-probs).
+
+    Returns:
+        ([B] sequence log-probs, [B, n] per-token log-probs, zero outside the completion), with gradient.
+    """
+    logp, _ = token_logprobs(model, input_ids, attention_mask, last=completion_mask.shape[1], temperature=temperature)
+    token_logps = logp * completion_mask  # [B, n]
+    summed = token_logps.sum(dim=1)  # [B]
+    return (summed / completion_mask.sum(dim=1).clamp(min=1) if average else summed), token_logps
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen deep copy (eval mode, no gradients): the reference model of full fine-tuning."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode (no dropout) with gradients off inside the block; afterwards every submodule
+    gets its own training flag back (a submodule kept in eval on purpose stays so)."""
+    training = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        for module, flag in training:
+            module.training = flag
 
 
 def eos_token_ids(tokenizer, generation_config=None) -> list[int]:

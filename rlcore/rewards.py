@@ -14,7 +14,7 @@ A **reward function** is a plain callable with TRL's signature::
 
 It returns one float per completion, or ``None`` where it does not apply (a multi-task dataset scores
 each row with the functions that know its task). The toy task's ``accuracy`` and ``format`` rewards
-(``rlcore.toy``) have this signature.
+(``rlcore.toy``) have this signature; they are the built-in names ``accuracy`` and ``format``.
 
 A **reward model** is a directory written by ``recipes/reward_model.py`` (or any one-output
 ``*ForSequenceClassification``): :class:`RewardModelScorer` scores the prompt and completion tokens, up
@@ -29,24 +29,33 @@ vocabulary can be wrapped in a reward function that re-tokenises text.
 
 A row that every source leaves at None has no reward and raises ``ValueError`` (TRL would silently give
 it 0). Per-source rewards are kept in a ``[B, K]`` tensor with NaN for None, for per-source logging.
+
+:func:`score_rollout` is the step every online recipe takes between sampling and the loss: decode the
+completions of a rollout, repeat each prompt's columns over its G completions, and score them.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
 import os
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
+from rlcore.data import PromptBatch, is_toy_source, repeat_each
 from rlcore.models import load_reward_model, sequence_scores
-from rlcore.toy import accuracy_reward, format_reward
+
+if TYPE_CHECKING:
+    from rlcore.rollout import Rollout
 
 RewardFunction = Callable[..., list]
-BUILTIN_REWARDS: dict[str, RewardFunction] = {"accuracy": accuracy_reward, "format": format_reward}
+# the toy task's reward and metric functions (rlcore.toy), by their command-line names
+BUILTIN_REWARDS = {"accuracy": "accuracy_reward", "format": "format_reward", "exact_match": "exact_match"}
 REWARD_MODEL_NAME = "reward_model"
+REWARD_ARGUMENTS = ("prompts", "completions", "completion_ids")  # what every reward function receives
 
 
 def load_reward_function(spec: str) -> tuple[str, RewardFunction]:
@@ -54,7 +63,7 @@ def load_reward_function(spec: str) -> tuple[str, RewardFunction]:
 
     ``spec`` is one of:
 
-    - a built-in name: ``accuracy`` or ``format`` (the toy task's rewards);
+    - a built-in name: ``accuracy``, ``format`` or ``exact_match`` (the toy task's functions);
     - ``package.module:function``: imported (the module must be importable, e.g. installed or on
       ``PYTHONPATH``);
     - ``path/to/file.py:function``: loaded from that file.
@@ -63,7 +72,9 @@ def load_reward_function(spec: str) -> tuple[str, RewardFunction]:
     """
     spec = spec.strip()
     if spec in BUILTIN_REWARDS:
-        return spec, BUILTIN_REWARDS[spec]
+        from rlcore import toy  # the built-in names are the toy task's rewards
+
+        return spec, getattr(toy, BUILTIN_REWARDS[spec])
     location, colon, attribute = spec.rpartition(":")
     if not colon or not location or not attribute:
         raise ValueError(
@@ -82,6 +93,30 @@ def load_reward_function(spec: str) -> tuple[str, RewardFunction]:
     if not callable(function):
         raise ValueError(f"reward function {spec!r}: {location!r} has no callable {attribute!r}")
     return attribute, function
+
+
+def resolve_metric(spec: str | None, dataset: str) -> tuple[str, RewardFunction] | None:
+    """``--eval_metric``: ``"auto"`` is the toy task's ``exact_match`` on a toy dataset and no metric on any
+    other; None or ``"none"`` is no metric; anything else is a :func:`load_reward_function` spec."""
+    if spec is None or spec == "none" or (spec == "auto" and not is_toy_source(dataset)):
+        return None
+    return load_reward_function("exact_match" if spec == "auto" else spec)
+
+
+def required_columns(function: RewardFunction) -> list[str]:
+    """Dataset columns a reward (or metric) function needs: its parameters without a default, other than
+    the prompts, completions and completion ids it always receives (``answer`` for the toy's accuracy)."""
+    parameters = inspect.signature(function).parameters.values()
+    return [p.name for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.name not in REWARD_ARGUMENTS]
+
+
+def check_reward_columns(functions: Sequence[tuple[str, RewardFunction]], columns: Sequence[str], source: str) -> None:
+    """Raise a one-line ``ValueError`` naming the function and the missing column, before any training."""
+    for name, function in functions:
+        missing = [column for column in required_columns(function) if column not in columns]
+        if missing:
+            raise ValueError(f"reward function {name!r} needs column(s) {missing}, which {source} lacks (columns: {list(columns)})")
 
 
 class RewardModelScorer:
@@ -251,3 +286,46 @@ def build_reward_scorer(
         except ValueError:
             raise ValueError(f"--reward_weights must be comma-separated numbers, got {reward_weights!r}") from None
     return RewardScorer(functions, scorer, weights)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# scoring a rollout
+
+
+def decode_completions(tokenizer, id_lists: list[list[int]], conversational: bool) -> list:
+    """Completions as reward functions receive them: text without special tokens, or for a conversational
+    dataset ``[{"role": "assistant", "content": text}]``."""
+    texts = tokenizer.batch_decode(id_lists, skip_special_tokens=True)
+    return [[{"role": "assistant", "content": text}] for text in texts] if conversational else texts
+
+
+def score_rollout(scorer: RewardScorer, tokenizer, batch: PromptBatch, rollout: Rollout, missing_eos_penalty: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of the completions of a rollout of ``batch`` (G consecutive rows per prompt).
+
+    Returns:
+        (rewards [N], per_source [N, K]), float32 on the CPU: the scorer's weighted reward minus
+        ``missing_eos_penalty`` on truncated rows, and each source's own rewards (NaN where None).
+    """
+    group_size = rollout.completion_ids.shape[0] // len(batch.prompts)
+    lengths = rollout.completion_mask.sum(dim=1).tolist()  # [N]: up to and including the stop token
+    id_lists = [ids[: int(length)] for ids, length in zip(rollout.completion_ids.tolist(), lengths)]
+    completions = decode_completions(tokenizer, id_lists, batch.conversational)
+    columns = {name: repeat_each(values, group_size) for name, values in batch.columns.items()}
+    rewards, per_source = scorer(
+        repeat_each(batch.prompts, group_size), completions, id_lists, columns, rollout.sequences, rollout.attention_mask
+    )
+    return rewards - missing_eos_penalty * rollout.truncated.cpu().float(), per_source
+
+
+def rollout_stats(rollout: Rollout, rewards: torch.Tensor, per_source: torch.Tensor, scorer: RewardScorer) -> dict[str, torch.Tensor]:
+    """Reward mean/std (overall and per source), completion length mean/min/max and truncated fraction."""
+    lengths = rollout.completion_mask.sum(dim=1).float()  # [N]
+    return {
+        "reward": rewards.mean(),
+        "reward_std": rewards.std() if rewards.numel() > 1 else torch.tensor(0.0),
+        **scorer.stats(per_source),
+        "completions/mean_length": lengths.mean(),
+        "completions/min_length": lengths.min(),
+        "completions/max_length": lengths.max(),
+        "completions/truncated_frac": rollout.truncated.float().mean(),
+    }

@@ -76,6 +76,7 @@ from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from .decode import LlamaDecodeStep, native_decode_unsupported
+from .models import eval_mode
 from .ops import check_ndim
 
 __all__ = ["Rollout", "generate", "sample_tokens", "filter_logits", "release_static_caches"]
@@ -289,18 +290,6 @@ def release_static_caches() -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) inside; afterwards every submodule gets its own training flag back."""
-    training = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, flag in training:
-            module.training = flag
-
-
 def _check_attention_span(model: nn.Module, total_len: int) -> None:
     """Raise unless every layer attends to the whole sequence (windows at least ``total_len`` long)."""
     config = model.config.get_text_config(decoder=True)
@@ -507,7 +496,7 @@ def generate(
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)
     eos = torch.tensor(eos_token_ids, device=prompt_ids.device, dtype=torch.long)
 
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         first_logits, prefill = _prefill(model, prompt_ids, prompt_mask)  # [B, V]
         if static_cache:
             cache = _static_cache(model, prefill, num_samples, max_len, reuse=compile)

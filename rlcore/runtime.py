@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import random
-from typing import Callable
+import time
+from typing import Callable, Iterator
 
 import torch
 
@@ -22,6 +24,46 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
     return device
+
+
+def setup(config) -> tuple[torch.device, bool]:
+    """What every recipe does first: seed, set the CPU threads, pick the device and precision.
+
+    Returns:
+        (device, bf16): where the run trains and whether forward passes use bf16 autocast.
+    """
+    seed_everything(config.seed)
+    set_threads(config.threads)
+    device = resolve_device(config.device)
+    return device, use_bf16(device, config.bf16)
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Set torch's CPU threads: ``threads``, else ``$OMP_NUM_THREADS`` when set, else half the cores (>= 1).
+
+    Why half: on a 2-core machine the tiny model's steps are small matrix products, for which a second
+    thread adds synchronisation more than speed, and a run that takes every core slows to a crawl as soon
+    as another process needs one (see docs/results.md, "Threads"). Returns the number set.
+    """
+    if threads is None:
+        from_env = os.environ.get("OMP_NUM_THREADS", "")
+        threads = int(from_env) if from_env.isdigit() and int(from_env) > 0 else max(1, (os.cpu_count() or 2) // 2)
+    torch.set_num_threads(threads)
+    return threads
+
+
+@contextlib.contextmanager
+def timed(seconds: dict[str, float], name: str, device: torch.device) -> Iterator[None]:
+    """Add the wall time of the block to ``seconds[name]`` (waiting for CUDA work to finish at both ends)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 def seed_everything(seed: int) -> None:

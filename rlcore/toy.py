@@ -38,11 +38,15 @@ vocabulary; for ``llama`` it keeps the class saved in ``tokenizer_config.json``.
 ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained(path)`` load them offline.
 """
 
+import hashlib
 import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import datasets
 import torch
@@ -237,14 +241,37 @@ def _check_lengths(completions, **columns) -> None:
             raise ValueError(f"{len(completions)} completions but {len(values)} values in {name!r}")
 
 
+def _reference_integer(reference, row: int) -> int:
+    """The toy task's reference answer as an int; a one-line error naming the row for anything else."""
+    text = _completion_text(reference).strip() if not isinstance(reference, int) else str(reference)
+    if not _DIGITS.fullmatch(text):
+        raise ValueError(f"the toy task's accuracy compares integers, but the reference of row {row} is {reference!r}: "
+                         "pass a reward or metric function that knows your task (--reward_funcs / --eval_metric)")
+    return int(text)
+
+
 def accuracy_reward(prompts, completions, answer, **kwargs) -> list[float]:
     """1.0 where the completion is exactly the reference integer ``answer`` (up to EOS / end), else 0.0."""
     _check_lengths(completions, prompts=prompts, answer=answer)
     rewards = []
-    for completion, reference in zip(completions, answer):
-        predicted = extract_answer(completion)
-        rewards.append(1.0 if predicted is not None and int(predicted) == int(reference) else 0.0)
+    for row, (completion, reference) in enumerate(zip(completions, answer)):
+        predicted, expected = extract_answer(completion), _reference_integer(reference, row)
+        rewards.append(1.0 if predicted is not None and int(predicted) == expected else 0.0)
     return rewards
+
+
+def exact_match(prompts, completions, answer=None, completion=None, chosen=None, **kwargs) -> list[float]:
+    """The toy task's evaluation metric: :func:`accuracy_reward` against the reference of any toy row format.
+
+    The reference is the ``answer`` column (prompt-only rows), else the reference ``completion``
+    (prompt-completion rows) or the ``chosen`` answer (preference rows); message lists count by the
+    content of their last message. Recipes apply it to greedy completions (``--eval_metric exact_match``,
+    the default ``auto`` on the toy task).
+    """
+    reference = next((column for column in (answer, completion, chosen) if column is not None), None)
+    if reference is None:
+        raise ValueError("exact_match needs an 'answer', 'completion' or 'chosen' column")
+    return accuracy_reward(prompts, completions, [_completion_text(r) if not isinstance(r, (str, int)) else r for r in reference])
 
 
 def format_reward(prompts, completions, **kwargs) -> list[float]:
@@ -260,7 +287,6 @@ def format_reward(prompts, completions, **kwargs) -> list[float]:
 PAD_TOKEN, EOS_TOKEN, IM_START, IM_END, UNK_TOKEN = "<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|unk|>"
 SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, IM_START, IM_END, UNK_TOKEN)  # ids 0..4, in this order
 CHARACTERS = ("\n",) + tuple(chr(code) for code in range(32, 127))  # ids 5..100
-CHAT_ROLES = ("system", "user", "assistant")
 
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -368,3 +394,50 @@ def tiny_model_dir(cache_dir: str | None = None) -> str:
     finally:
         shutil.rmtree(build_dir, ignore_errors=True)
     return final_dir
+
+
+# ----------------------------------------------------------------------------------------------------
+# The SFT warm start of the recipes that improve a policy (RL, DPO, reward modelling)
+# ----------------------------------------------------------------------------------------------------
+
+
+def warm_start(model: str, steps: int, seed: int, sft_script: str | os.PathLike, sft_flags: tuple[str, ...] = ()) -> str:
+    """The model a recipe starts from: ``model`` itself, or for ``"tiny"`` an SFT checkpoint.
+
+    Reinforcement learning improves a policy that already succeeds sometimes; the untrained tiny model
+    never writes a correct sum, so every reward is 0 and nothing is learnt. With ``model == "tiny"`` and
+    ``steps > 0`` this runs ``python SFT_SCRIPT SFT_FLAGS --max_steps STEPS --seed SEED --max_seconds none``
+    once and returns its output directory, cached as ``<rlcore cache>/tiny-sft-<steps>steps-seed<seed>-<hash
+    of the script and flags>``, so every recipe and every later run reuses it. Any other ``model`` is
+    returned unchanged.
+
+    The online recipes and DPO pass ``rlcore.config.ONLINE_WARM_START_FLAGS``: learning rate 1e-3 after 100 warmup steps, then a
+    cosine that ends at half the peak, so that the checkpoint is like an SFT run stopped mid-schedule by a
+    time budget rather than an annealed one; 1500 steps give 42-46% greedy test accuracy (seed 0, two
+    versions of sft.py). On the toy task RL raised such a checkpoint by several points within minutes,
+    while from a fully annealed SFT checkpoint (cosine to 0) the same runs left greedy accuracy within a
+    few points of where it started.
+    """
+    if model != "tiny" or steps == 0:
+        return model
+    script = Path(sft_script)
+    digest = hashlib.sha256(script.read_bytes() + " ".join(sft_flags).encode()).hexdigest()[:8]
+    directory = Path(default_cache_dir()) / f"tiny-sft-{steps}steps-seed{seed}-{digest}"
+    if (directory / "config.json").exists():
+        return str(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f".{directory.name}-building-", dir=directory.parent))
+    command = [sys.executable, str(script), *sft_flags, "--max_steps", str(steps), "--seed", str(seed),
+               "--output_dir", str(build), "--max_seconds", "none"]
+    print(f"warm start: {' '.join(command)}", flush=True)
+    package_root = str(Path(__file__).resolve().parents[1])  # rlcore importable by the script, installed or not
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    try:
+        subprocess.run(command, check=True, env=env)
+        os.replace(build, directory)
+    except OSError:
+        if not (directory / "config.json").exists():  # a real failure, not another process finishing first
+            raise
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return str(directory)

@@ -4,12 +4,13 @@ import os
 
 import pytest
 import torch
+
+from rlcore import last_valid_index
 from transformers import AutoModel, GenerationConfig
 
 from rlcore.models import (
     ValueModel,
     eos_token_ids,
-    last_token_index,
     load_policy,
     load_reward_model,
     load_tokenizer,
@@ -73,9 +74,9 @@ def test_eos_token_ids():
     assert eos_token_ids(tokenizer, GenerationConfig(eos_token_id=9)) == [1, 3, 9]
 
 
-def test_last_token_index_by_hand():
+def test_last_valid_index_by_hand_left_and_right_padding():
     mask = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 0], [1, 1, 1]])
-    assert last_token_index(mask).tolist() == [1, 2, 0, 2]
+    assert last_valid_index(mask).tolist() == [1, 2, 0, 2]
 
 
 def test_reward_model_scores_last_attended_token(reward_model):

@@ -67,9 +67,9 @@ def test_sft_end_to_end(tmp_path):
     records = read_metrics(tmp_path / "metrics.jsonl")
     losses = train_losses(tmp_path)
     assert len(losses) == 40 and sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
-    assert {"step", "loss", "token_accuracy", "grad_norm", "lr"} <= records[0].keys()
-    evaluations = [r for r in records if "eval/accuracy" in r]
-    assert [r["step"] for r in evaluations] == [20, 40] and all("eval/loss" in r for r in evaluations)
+    assert {"step", "loss", "token_accuracy", "grad_norm", "lr", "time/step"} <= records[1].keys()
+    evaluations = [r for r in records if "eval/exact_match" in r]  # the toy task's metric, with loss and token accuracy
+    assert [r["step"] for r in evaluations] == [0, 20, 40] and all({"eval/loss", "eval/token_accuracy"} <= r.keys() for r in evaluations)
     assert evaluations[-1]["eval/loss"] < evaluations[0]["eval/loss"]
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "run_config.json").exists()
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
@@ -82,8 +82,9 @@ def test_reward_model_end_to_end(tmp_path):
     records = read_metrics(tmp_path / "metrics.jsonl")
     losses = train_losses(tmp_path)
     assert len(losses) == 40 and sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
-    assert {"loss", "accuracy", "margin_mean", "chosen_mean", "rejected_mean"} <= records[0].keys()
-    assert {"eval/accuracy", "eval/margin"} <= records[-1].keys()
+    assert {"loss", "accuracy", "margin_mean", "chosen_mean", "rejected_mean"} <= records[1].keys()
+    assert [r["step"] for r in records if "eval/accuracy" in r] == [0, 40]
+    assert {"eval/accuracy", "eval/margin", "eval/loss"} <= records[-1].keys()
     assert (tmp_path / "curves.png").exists()
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path)
     assert model.config.num_labels == 1 and model.config.pad_token_id is not None
@@ -136,7 +137,7 @@ def test_accumulation_gives_the_large_batch_update(tmp_path, recipe, extra):
     common = ["--max_steps", "1", "--lr", "1e-2", "--warmup_steps", "0", "--eval_split", "none", *SMALL_RUN, *extra]
     main(["--output_dir", str(tmp_path / "large"), "--batch_size", "8", "--grad_accum_steps", "1", *common])
     main(["--output_dir", str(tmp_path / "small"), "--batch_size", "2", "--grad_accum_steps", "4", *common])
-    large, small = (read_metrics(tmp_path / name / "metrics.jsonl")[0] for name in ("large", "small"))
+    large, small = (read_metrics(tmp_path / name / "metrics.jsonl")[0] for name in ("large", "small"))  # step 1
     assert small["loss"] == pytest.approx(large["loss"], rel=1e-6)
     assert small["grad_norm"] == pytest.approx(large["grad_norm"], rel=1e-5)  # the same gradient, before clipping
     # Adam's first step is lr * g / (|g| + eps), about lr * sign(g): float noise flips the few weights whose
@@ -198,7 +199,7 @@ def test_dpo_with_lora_and_policy_rejections(tmp_path, capsys):
     results = load_recipe("dpo").main(["--output_dir", str(tmp_path), "--lora_r", "4", "--max_steps", "2",
                                        "--batch_size", "4", "--warm_start_steps", "0", "--rejected_from_policy", *SMALL_RUN])
     assert "the starting policy is wrong on 64 of 64 training prompts" in capsys.readouterr().out
-    assert set(results) == {"eval/accuracy"}
+    assert set(results) == {"eval/accuracy", "eval/margin", "eval/loss", "eval/exact_match"}
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     AutoModelForCausalLM.from_pretrained(tmp_path)  # the merged model
 
@@ -212,7 +213,8 @@ def test_sft_data_variants(tmp_path, dataset, extra):
     results = load_recipe("sft").main(["--output_dir", str(tmp_path), "--dataset", dataset, "--max_steps", "3",
                                        "--batch_size", "4", *SMALL_RUN, *extra])
     assert len(train_losses(tmp_path)) == 3 and "eval/loss" in results
-    assert ("eval/accuracy" in results) == (dataset != "toy:language_modeling")  # text rows have no prompt
+    assert "eval/token_accuracy" in results
+    assert ("eval/exact_match" in results) == (dataset != "toy:language_modeling")  # text rows have no prompt
 
 
 # ---------------------------------------------------------------- the embedded defaults (minutes each)
@@ -220,16 +222,16 @@ def test_sft_data_variants(tmp_path, dataset, extra):
 
 @pytest.mark.slow
 def test_sft_default_learns_addition(tmp_path):
-    run_script("sft", "--output_dir", str(tmp_path), "--max_seconds", "none")  # all 3000 steps, however busy the CPU
-    final = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "eval/accuracy" in r][-1]
-    assert final["eval/accuracy"] >= 0.5
+    run_script("sft", "--output_dir", str(tmp_path))  # all 3000 steps, however busy the CPU
+    final = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "eval/exact_match" in r][-1]
+    assert final["eval/exact_match"] >= 0.5
 
 
 @pytest.mark.slow
 def test_dpo_default_improves_its_sft_start(tmp_path):
     # From the ~42-50% mid-schedule SFT checkpoint, 300 steps of plain DPO gained 3-6 points (see dpo.py).
-    run_script("dpo", "--output_dir", str(tmp_path), "--max_seconds", "none")
-    accuracy = [r["eval/accuracy"] for r in read_metrics(tmp_path / "metrics.jsonl") if "eval/accuracy" in r]
+    run_script("dpo", "--output_dir", str(tmp_path))
+    accuracy = [r["eval/exact_match"] for r in read_metrics(tmp_path / "metrics.jsonl") if "eval/exact_match" in r]
     assert accuracy[0] > 0.3 and accuracy[-1] >= accuracy[0] + 0.02
 
 

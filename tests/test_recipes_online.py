@@ -1,4 +1,4 @@
-"""The online recipes (GRPO/RLOO/REINFORCE++, PPO, online DPO) and what they share (rlcore.online)."""
+"""The online recipes (GRPO/RLOO/REINFORCE++, PPO, online DPO) and what they share (data, rewards, models, toy)."""
 
 import importlib.util
 import json
@@ -13,20 +13,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlcore import policy_loss
+from rlcore import LOSS_TYPE_AGGREGATION, loss_normalizer, policy_loss
 from rlcore.models import load_policy, load_reward_model, load_tokenizer
-from rlcore.online import (
-    completion_logprobs,
-    decode_completions,
-    load_prompts,
-    position_ids_from_mask,
-    prompt_batch,
-    repeat_each,
-    score_rollout,
-    warm_start,
-)
-from rlcore.rewards import RewardScorer
-from rlcore.toy import accuracy_reward
+from rlcore.data import load_prompts, prompt_batch, repeat_each
+from rlcore.models import position_ids_from_mask, token_logprobs
+from rlcore.rewards import RewardScorer, decode_completions, score_rollout
+from rlcore.toy import accuracy_reward, warm_start
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,14 +54,12 @@ def test_prompt_batch_keeps_columns_and_left_pads():
     assert repeat_each(["a", "b"], 3) == ["a", "a", "a", "b", "b", "b"]
 
 
-def test_decode_completions_stops_after_the_stop_token():
+def test_decode_completions_skips_special_tokens():
     tokenizer = load_tokenizer("tiny")
-    eos, pad, one, two = tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("1"), tokenizer.convert_tokens_to_ids("2")
-    ids = torch.tensor([[one, two, eos, pad], [two, two, two, two]])
-    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
-    texts, id_lists = decode_completions(tokenizer, ids, mask, conversational=False)
-    assert texts == ["12", "2222"] and id_lists == [[one, two, eos], [two] * 4]
-    messages, _ = decode_completions(tokenizer, ids, mask, conversational=True)
+    eos, one, two = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("1"), tokenizer.convert_tokens_to_ids("2")
+    id_lists = [[one, two, eos], [two] * 4]
+    assert decode_completions(tokenizer, id_lists, conversational=False) == ["12", "2222"]
+    messages = decode_completions(tokenizer, id_lists, conversational=True)
     assert messages[0] == [{"role": "assistant", "content": "12"}]
 
 
@@ -89,7 +79,7 @@ def test_score_rollout_groups_rows_and_penalises_missing_eos():
     torch.testing.assert_close(per_source, torch.tensor([[1.0], [0.0], [1.0], [0.0]]))
 
 
-def test_completion_logprobs_match_unpadded_forward():
+def test_token_logprobs_of_a_left_padded_completion_match_unpadded_forward():
     torch.manual_seed(0)
     model, _ = load_policy("tiny")
     prompts, completions = [[10, 11, 12], [13, 14, 15, 16, 17]], [[20, 21], [22, 23]]
@@ -97,7 +87,7 @@ def test_completion_logprobs_match_unpadded_forward():
     sequences = torch.tensor([[0, 0] + prompts[0] + completions[0], prompts[1] + completions[1]])
     attention_mask = (torch.arange(7) >= torch.tensor([[2], [0]])).long()
     assert position_ids_from_mask(attention_mask)[0].tolist() == [0, 0, 0, 1, 2, 3, 4]
-    logp, entropy = completion_logprobs(model, sequences, attention_mask, completion_length=2, temperature=0.7, with_entropy=True)
+    logp, entropy = token_logprobs(model, sequences, attention_mask, last=2, temperature=0.7, with_entropy=True)
     for row, (prompt, completion) in enumerate(zip(prompts, completions)):
         ids = torch.tensor([prompt + completion])
         logits = model(ids).logits[0, len(prompt) - 1 : -1] / 0.7  # [2, V]: the positions predicting the completion
@@ -106,8 +96,8 @@ def test_completion_logprobs_match_unpadded_forward():
         probs = torch.softmax(logits, dim=-1)
         torch.testing.assert_close(entropy[row], -(probs * probs.log()).sum(-1).detach(), atol=1e-5, rtol=1e-5)
     assert logp.requires_grad and not entropy.requires_grad
-    with pytest.raises(ValueError, match="completion_length must be in"):
-        completion_logprobs(model, sequences, attention_mask, completion_length=7)
+    with pytest.raises(ValueError, match="last must be in"):
+        token_logprobs(model, sequences, attention_mask, last=7)
 
 
 # ---------------------------------------------------------------- warm start
@@ -138,8 +128,7 @@ def test_warm_start_runs_the_script_once_and_caches(tmp_path, tiny_cache):
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 def test_grpo_micro_batches_add_up_to_the_step_loss(loss_type):
-    grpo = load_recipe("grpo")
-    aggregation = grpo.LOSS_AGGREGATIONS[loss_type]
+    aggregation = LOSS_TYPE_AGGREGATION[loss_type]
     torch.manual_seed(0)
     logp = torch.randn(8, 5, dtype=torch.float64)
     advantages = torch.randn(8, dtype=torch.float64)
@@ -149,7 +138,7 @@ def test_grpo_micro_batches_add_up_to_the_step_loss(loss_type):
     micro_batches = torch.arange(8).split(4)
     summed = sum(
         policy_loss(logp[m], logp[m].detach(), advantages[m], mask[m], agg=aggregation, max_len=5,
-                    normalizer=grpo.loss_normalizer(loss_type, mask, mask[m], len(micro_batches)))[0]
+                    normalizer=loss_normalizer(loss_type, mask, mask[m], len(micro_batches)))[0]
         for m in micro_batches
     )
     if loss_type == "bnpo":  # bnpo: the mean of the micro-batches' own token means
@@ -219,7 +208,7 @@ def check_run(output_dir: Path, steps: int, keys: tuple[str, ...], reward_range:
     for record in train:
         for key in keys:
             assert math.isfinite(record[key]), (key, record)
-    evals = [r for r in records if "eval/accuracy" in r]
+    evals = [r for r in records if "eval/exact_match" in r]
     assert [r["step"] for r in evals] == [0, steps] and all(reward_range[0] <= r["eval/reward"] <= reward_range[1] for r in evals)
     assert (output_dir / "curves.png").exists()
     AutoModelForCausalLM.from_pretrained(output_dir)  # the final model loads

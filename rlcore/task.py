@@ -1,0 +1,91 @@
+"""A run's task: the rows it learns from, the held-out rows it is judged on, its rewards and its metric.
+
+Every recipe starts the same way, and this module holds that start so that it is written once and checked
+before any training or warm start (a bad ``--dataset``, a missing column or an unknown reward function is
+one line at once, not an error after minutes of work)::
+
+    rows, eval_rows, metric = load_task_rows(config, formats)     # offline recipes (SFT, DPO, reward model)
+    task = load_prompt_task(config, tokenizer, device)            # online recipes: + prompts and rewards
+
+Held-out rows are never the training rows in disguise (``rlcore.data.load_eval_rows``); the greedy metric
+(``--eval_metric``) is a reward-function spec, ``auto`` meaning the toy task's exact match on the toy
+task and nothing elsewhere (``rlcore.rewards.resolve_metric``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import datasets
+import torch
+
+from rlcore.config import OnlineConfig, TrainConfig
+from rlcore.data import PROMPT_FORMATS, load_checked_rows, load_eval_rows, tokenize_prompts
+from rlcore.evaluation import greedy_metric, sampled_rewards
+from rlcore.rewards import RewardFunction, RewardScorer, build_reward_scorer, check_reward_columns, resolve_metric
+
+Metric = tuple[str, RewardFunction]  # (name, function)
+
+
+def load_task_rows(config: TrainConfig, formats: tuple[str, ...]) -> tuple[datasets.Dataset, datasets.Dataset | None, Metric | None]:
+    """(training rows, held-out rows or None, greedy metric or None), each checked.
+
+    The metric is dropped, with a message, when the held-out rows have no ``prompt`` to generate from
+    (language-modelling text, implicit-prompt preferences).
+    """
+    rows = load_checked_rows(config.dataset, config.train_split, config.num_train_rows, formats)
+    eval_rows = load_eval_rows(config.dataset, config.eval_dataset, config.eval_split, config.num_eval_rows, formats)
+    metric = None if eval_rows is None else resolve_metric(config.eval_metric, config.eval_dataset or config.dataset)
+    if metric is not None and "prompt" not in eval_rows.column_names:
+        print(f"--eval_metric {metric[0]}: the evaluation rows have no 'prompt' column to generate from; skipped")
+        metric = None
+    if metric is not None:
+        check_reward_columns([metric], eval_rows.column_names, "the evaluation rows")
+    return rows, eval_rows, metric
+
+
+def metric_value(model: torch.nn.Module, tokenizer, eval_prompts: datasets.Dataset | None, metric: Metric | None,
+                 config: TrainConfig) -> dict[str, float]:
+    """``{metric name: mean over greedy completions}`` of the held-out prompts, or {} without a metric."""
+    if metric is None or eval_prompts is None:
+        return {}
+    return {metric[0]: greedy_metric(model, tokenizer, eval_prompts, metric[1], batch_size=config.eval_batch_size,
+                                     max_new_tokens=getattr(config, "max_new_tokens", 8))}
+
+
+@dataclass
+class PromptTask:
+    """What an online recipe samples from and is rewarded and judged by.
+
+    Attributes:
+        prompts: training rows with a ``prompt_ids`` column (``rlcore.data.tokenize_prompts``).
+        eval_prompts: held-out rows likewise, or None (no evaluation).
+        scorer: the reward functions and reward model, weighted (``rlcore.rewards.RewardScorer``).
+        metric: the greedy metric, or None.
+    """
+
+    prompts: datasets.Dataset
+    eval_prompts: datasets.Dataset | None
+    scorer: RewardScorer
+    metric: Metric | None
+
+
+def load_prompt_task(config: OnlineConfig, tokenizer, device: torch.device) -> PromptTask:
+    """The :class:`PromptTask` of an online recipe's flags; every reward function's columns are checked."""
+    rows, eval_rows, metric = load_task_rows(config, PROMPT_FORMATS)
+    scorer = build_reward_scorer(config.reward_funcs, config.reward_model, config.reward_weights, tokenizer, device)
+    check_reward_columns(scorer.functions, rows.column_names, f"--dataset {config.dataset}")
+    eval_prompts = None
+    if eval_rows is not None:
+        check_reward_columns(scorer.functions, eval_rows.column_names, "the evaluation rows")
+        eval_prompts = tokenize_prompts(eval_rows, tokenizer, config.max_prompt_length)
+    return PromptTask(tokenize_prompts(rows, tokenizer, config.max_prompt_length), eval_prompts, scorer, metric)
+
+
+def evaluate_policy(policy: torch.nn.Module, tokenizer, task: PromptTask, config: OnlineConfig) -> dict[str, float]:
+    """Held-out mean sampled reward (overall and per source) with the run's sampling settings, and the
+    greedy metric when there is one."""
+    metrics = sampled_rewards(policy, tokenizer, task.eval_prompts, task.scorer, batch_size=config.eval_batch_size,
+                              max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
+                              top_p=config.top_p, seed=config.seed)
+    return {**metrics, **metric_value(policy, tokenizer, task.eval_prompts, task.metric, config)}
