@@ -67,8 +67,12 @@ class QuickstartConfig:
 
 def run_stage(recipe: str, flags: dict, config: QuickstartConfig) -> Path:
     """Run ``python recipes/<recipe>.py --flag value ...`` (printed first); return its output directory."""
-    flags = {**flags, "num_train_rows": config.num_train_rows, "num_eval_rows": config.num_eval_rows,
-             "max_seconds": config.max_seconds}
+    flags = {
+        **flags,
+        "num_train_rows": config.num_train_rows,
+        "num_eval_rows": config.num_eval_rows,
+        "max_seconds": config.max_seconds,
+    }
     argv = [f"recipes/{recipe}.py"]
     for name, value in flags.items():
         if value is not None:
@@ -111,6 +115,7 @@ def verdict(result: dict) -> str:
 
 def print_table(stages: dict[str, tuple[str, Path]]) -> bool:
     """Print the before -> after table; return whether every stage learnt something."""
+
     def percent(value: float | None) -> str:
         return "-" if value is None else f"{100 * value:.1f}%"
 
@@ -120,7 +125,9 @@ def print_table(stages: dict[str, tuple[str, Path]]) -> bool:
         result = accuracies(stage_dir)
         note = verdict(result)
         all_learnt &= note.endswith("points")
-        print(f"{stage:<6} {start:<15} {result['steps']:>6} {percent(result['start']):>16} {percent(result['end']):>7}  {note}")
+        print(
+            f"{stage:<6} {start:<15} {result['steps']:>6} {percent(result['start']):>16} {percent(result['end']):>7}  {note}"
+        )
     print("\n(toy test accuracy: greedy answers to held-out addition problems, exact match)")
     print("training curves:")
     for _, stage_dir in stages.values():
@@ -134,7 +141,9 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_config(QuickstartConfig, argv)
     started = time.perf_counter()
     out = Path(config.output_dir).resolve()
-    schedule = dict(zip((flag.removeprefix("--") for flag in ONLINE_WARM_START_FLAGS[::2]), ONLINE_WARM_START_FLAGS[1::2]))
+    schedule = dict(
+        zip((flag.removeprefix("--") for flag in ONLINE_WARM_START_FLAGS[::2]), ONLINE_WARM_START_FLAGS[1::2])
+    )
     sft = run_stage("sft", {"output_dir": out / "sft", **schedule, "max_steps": config.sft_steps}, config)
     grpo = run_stage("grpo", {"model": sft, "output_dir": out / "grpo", "max_steps": config.grpo_steps}, config)
     dpo = run_stage("dpo", {"model": sft, "output_dir": out / "dpo", "max_steps": config.dpo_steps}, config)

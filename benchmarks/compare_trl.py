@@ -13,7 +13,7 @@ Three measurements, each framework in its own subprocess (so that peak memory is
    libraries, models, data, training), or ``torch.cuda.max_memory_allocated`` on CUDA.
 3. **Toy test accuracy after the same wall-clock budget**: SFT for 180 s from the untrained model, GRPO
    for 300 s from one shared SFT checkpoint (times ``--budget_scale``); the final model of each framework
-   is saved, reloaded and scored by the same function, ``rlcore.evaluation.toy_accuracy`` (greedy, the 500
+   is saved, reloaded and scored by the same function, ``rlcore.evaluation.greedy_metric`` with ``rlcore.toy.exact_match`` (greedy, the 500
    held-out problems). rlcore stops with ``--max_seconds``, TRL with a callback on the same clock.
    ``--seeds 0,1,2`` repeats each comparison per seed (the training seed of both frameworks: data order,
    and sampling in GRPO; the starting weights are the same) and adds a mean row: on the toy task one SFT
@@ -37,7 +37,7 @@ architecture and tokenizer), ``qwen0.5b`` (Qwen2.5-0.5B's shape with random weig
 GRPO start from an SFT checkpoint of each model (``recipes/sft.py --max_steps N``, N = ``--start_sft_steps``,
 built once, untimed), as in practice; ``--start_sft_steps 0`` starts them from the raw model. The GRPO
 accuracy comparison on the tiny model starts both frameworks from the checkpoint ``python recipes/grpo.py``
-itself starts from (``rlcore.online.warm_start``: an SFT run stopped mid-schedule, ~40-50% accuracy), and
+itself starts from (``rlcore.toy.warm_start``: an SFT run stopped mid-schedule, ~40-50% accuracy), and
 the table shows its accuracy.
 
 GPU path (``--device cuda``): bf16 autocast, rlcore's defaults (``torch.compile`` on CUDA; the first
@@ -84,15 +84,37 @@ ACCURACY_BUDGETS = {"sft": 180.0, "grpo": 300.0}  # seconds of training before t
 
 MODEL_SHAPES = {  # overrides of rlcore.toy.tiny_config
     "tiny": {},
-    "20m": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4),
-    "qwen0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                     num_key_value_heads=2, vocab_size=151_936, max_position_embeddings=1024),
+    "20m": dict(
+        hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4
+    ),
+    "qwen0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151_936,
+        max_position_embeddings=1024,
+    ),
 }
 
 # The settings given to both frameworks: the defaults of the rlcore recipes' config dataclasses, read at run time.
 RECIPE_CONFIGS = {"sft": "SFTConfig", "dpo": "DPOConfig", "grpo": "GRPOConfig"}
-SHARED_SETTINGS = ("dataset", "lr", "lr_schedule", "warmup_steps", "adam_beta1", "adam_beta2", "weight_decay", "max_grad_norm",
-                   "batch_size", "grad_accum_steps", "max_steps", "logging_steps", "seed")
+SHARED_SETTINGS = (
+    "dataset",
+    "lr",
+    "lr_schedule",
+    "warmup_steps",
+    "adam_beta1",
+    "adam_beta2",
+    "weight_decay",
+    "max_grad_norm",
+    "batch_size",
+    "grad_accum_steps",
+    "max_steps",
+    "logging_steps",
+    "seed",
+)
 PART_SETTINGS = {
     "sft": ("max_length",),
     "dpo": ("max_length", "beta", "loss_type"),
@@ -117,7 +139,9 @@ class CompareConfig:
     timing_steps: int = 20  # optimizer steps timed per run
     rounds: int = 2  # timing runs per framework, alternating (rlcore, TRL, TRL, rlcore, ...)
     start_sft_steps: int = 300  # SFT steps of the checkpoint DPO and GRPO start from (0 = the raw model)
-    grpo_accuracy_start: str = "recipe"  # GRPO accuracy run of tiny: "recipe" (recipes/grpo.py's own SFT warm start) or "shared"
+    grpo_accuracy_start: str = (
+        "recipe"  # GRPO accuracy run of tiny: "recipe" (recipes/grpo.py's own SFT warm start) or "shared"
+    )
     quick: bool = False  # smoke run: 1 warm-up + 3 timed steps, 1 round, budgets x0.05, a 20-step SFT start for all
     device: str = "cpu"  # "cpu" or "cuda"
     threads: int | None = None  # torch threads per subprocess (None = torch's default: every core)
@@ -125,11 +149,18 @@ class CompareConfig:
     output_dir: str = "outputs/compare_trl"  # models, runs, logs and results.json
 
     def __post_init__(self) -> None:
-        for name, valid in (("models", MODEL_SHAPES), ("parts", PARTS), ("dpo_reference", DPO_REFERENCES), ("accuracy", ACCURACY_BUDGETS),
-                            ("accuracy_models", MODEL_SHAPES)):
+        for name, valid in (
+            ("models", MODEL_SHAPES),
+            ("parts", PARTS),
+            ("dpo_reference", DPO_REFERENCES),
+            ("accuracy", ACCURACY_BUDGETS),
+            ("accuracy_models", MODEL_SHAPES),
+        ):
             unknown = set(_names(getattr(self, name))) - set(valid)
             if unknown:
-                raise ValueError(f"--{name}: unknown {sorted(unknown)}; expected a comma-separated subset of {list(valid)}")
+                raise ValueError(
+                    f"--{name}: unknown {sorted(unknown)}; expected a comma-separated subset of {list(valid)}"
+                )
         if self.grpo_accuracy_start not in ("recipe", "shared"):
             raise ValueError(f"--grpo_accuracy_start must be recipe or shared, got {self.grpo_accuracy_start!r}")
         if self.clock not in ("wall", "process") or (self.clock == "process" and self.device == "cuda"):
@@ -159,7 +190,9 @@ def hyperparameters(part: str, device: str) -> dict:
     defaults = dataclasses.asdict(parse_config(getattr(import_recipe(part), RECIPE_CONFIGS[part]), []))
     settings = {name: defaults[name] for name in SHARED_SETTINGS + PART_SETTINGS[part]}
     if not settings["dataset"].startswith("toy:"):
-        raise ValueError(f"recipes/{part}.py's default dataset is {settings['dataset']!r}; this benchmark needs a toy dataset")
+        raise ValueError(
+            f"recipes/{part}.py's default dataset is {settings['dataset']!r}; this benchmark needs a toy dataset"
+        )
     settings["dataset"] = settings["dataset"].removeprefix("toy:")
     return {**settings, **(CUDA_OVERRIDES.get(part, {}) if device == "cuda" else {})}
 
@@ -190,7 +223,10 @@ def main(argv: list[str] | None = None) -> dict:
     for model in dict.fromkeys(model for model, _ in timed + scored):
         model_dir = build_model(model, output_dir / "models")
         needs_sft = any(name == model and part != "sft" for name, part in timed + scored)
-        start_dirs[model] = {"raw": model_dir, "sft": sft_start(model, model_dir, config, output_dir) if needs_sft else None}
+        start_dirs[model] = {
+            "raw": model_dir,
+            "sft": sft_start(model, model_dir, config, output_dir) if needs_sft else None,
+        }
 
     settings = results["settings"]
     for part in dict.fromkeys(part for _, part in timed + scored):
@@ -198,7 +234,9 @@ def main(argv: list[str] | None = None) -> dict:
     for model, part in timed:
         start = start_dirs[model]["raw" if part == "sft" else "sft"]
         for variant, extra in timing_variants(part, config):
-            results["timing"].append(time_part(model, part, variant, start, {**settings[part], **extra}, config, output_dir))
+            results["timing"].append(
+                time_part(model, part, variant, start, {**settings[part], **extra}, config, output_dir)
+            )
     for model, stage in scored:
         start = start_dirs[model]["raw" if stage == "sft" else "sft"]
         if stage == "grpo" and model == "tiny" and config.grpo_accuracy_start == "recipe":
@@ -236,13 +274,16 @@ def sft_start(model: str, model_dir: str, config: CompareConfig, output_dir: Pat
         print(f"[{model}] SFT start checkpoint: {config.start_sft_steps} steps of recipes/sft.py", flush=True)
         argv = rlcore_flags("sft", hyperparameters("sft", config.device), model_dir, str(path), config.device)
         argv += ["--max_steps", str(config.start_sft_steps), "--eval_split", "none"]
-        run_logged([sys.executable, str(REPO / "recipes" / "sft.py"), *argv], output_dir / "logs" / f"{path.name}.log", config)
+        run_logged(
+            [sys.executable, str(REPO / "recipes" / "sft.py"), *argv], output_dir / "logs" / f"{path.name}.log", config
+        )
     return str(path)
 
 
 def recipe_warm_start(config: CompareConfig) -> str:
     """The SFT checkpoint that ``python recipes/grpo.py`` starts from on the tiny model (built once, cached)."""
-    from rlcore.online import ONLINE_WARM_START_FLAGS, warm_start
+    from rlcore.config import ONLINE_WARM_START_FLAGS
+    from rlcore.toy import warm_start
 
     steps = parse_config(import_recipe("grpo").GRPOConfig, []).warm_start_steps
     return warm_start("tiny", steps, 0, REPO / "recipes" / "sft.py", ONLINE_WARM_START_FLAGS)
@@ -255,19 +296,28 @@ def timing_variants(part: str, config: CompareConfig) -> list[tuple[str, dict]]:
     return [(f"ref {name}", DPO_REFERENCES[name]) for name in _names(config.dpo_reference)]
 
 
-def time_part(model: str, part: str, variant: str, model_dir: str, settings: dict, config: CompareConfig,
-              output_dir: Path) -> dict:
+def time_part(
+    model: str, part: str, variant: str, model_dir: str, settings: dict, config: CompareConfig, output_dir: Path
+) -> dict:
     """Seconds per step (median of the pooled timed steps) and peak memory of each framework."""
     step_seconds, peak_mib, rewards = ({name: [] for name in FRAMEWORKS} for _ in range(3))
     for round_index in range(config.rounds):
         for framework in FRAMEWORKS if round_index % 2 == 0 else FRAMEWORKS[::-1]:
             print(f"[{model}] {part}: {framework} timing run {round_index + 1}/{config.rounds}", flush=True)
-            spec = dict(framework=framework, part=part, model_dir=model_dir, device=config.device,
-                        threads=config.threads, clock=config.clock, hyper=settings,
-                        steps=config.timing_warmup + config.timing_steps + 1, budget_seconds=None)
+            spec = dict(
+                framework=framework,
+                part=part,
+                model_dir=model_dir,
+                device=config.device,
+                threads=config.threads,
+                clock=config.clock,
+                hyper=settings,
+                steps=config.timing_warmup + config.timing_steps + 1,
+                budget_seconds=None,
+            )
             run_name = "-".join(filter(None, [model, part, variant.replace(" ", "_"), framework, f"time{round_index}"]))
             result = run_worker(spec, output_dir / "runs" / run_name, config)
-            step_seconds[framework] += result["step_seconds"][config.timing_warmup:]
+            step_seconds[framework] += result["step_seconds"][config.timing_warmup :]
             peak_mib[framework].append(result["peak_mib"])
             if result["mean_reward"] is not None:
                 rewards[framework].append(result["mean_reward"])
@@ -280,15 +330,25 @@ def time_part(model: str, part: str, variant: str, model_dir: str, settings: dic
     return row
 
 
-def compare_accuracy(model: str, stage: str, model_dir: str, settings: dict, config: CompareConfig, output_dir: Path) -> dict:
+def compare_accuracy(
+    model: str, stage: str, model_dir: str, settings: dict, config: CompareConfig, output_dir: Path
+) -> dict:
     """Toy test accuracy of each framework after the same training wall time from the same model."""
     budget, seed = ACCURACY_BUDGETS[stage] * config.budget_scale, settings["seed"]
     row = {"model": model, "stage": stage, "budget_s": budget, "seed": seed}
     order = FRAMEWORKS if config.seed_list.index(seed) % 2 == 0 else FRAMEWORKS[::-1]  # alternate who runs first
     for framework in order:
         print(f"[{model}] {stage}, seed {seed}: {framework} for {budget:.0f} s of training", flush=True)
-        spec = dict(framework=framework, part=stage, model_dir=model_dir, device=config.device, threads=config.threads,
-                    hyper=settings, steps=None, budget_seconds=budget)
+        spec = dict(
+            framework=framework,
+            part=stage,
+            model_dir=model_dir,
+            device=config.device,
+            threads=config.threads,
+            hyper=settings,
+            steps=None,
+            budget_seconds=budget,
+        )
         result = run_worker(spec, output_dir / "runs" / f"{model}-{stage}-{framework}-seed{seed}-budget", config)
         row[f"{framework}_steps"], row[f"{framework}_accuracy"] = result["steps"], result["accuracy"]
     row["start"] = "untrained" if stage == "sft" else Path(model_dir).name
@@ -325,32 +385,46 @@ def print_tables(results: dict, config: CompareConfig) -> None:
 
     threads = config.threads or torch.get_num_threads()
     load = results["load_average"]
-    print(f"\nrlcore vs TRL {trl.__version__} | torch {torch.__version__}, transformers {transformers.__version__} | "
-          f"device {config.device}, {os.cpu_count()} CPUs, {threads} torch threads per run\n"
-          f"load average (1, 5, 15 min): {_numbers(load['start'])} at start, {_numbers(load['end'])} at end")
+    print(
+        f"\nrlcore vs TRL {trl.__version__} | torch {torch.__version__}, transformers {transformers.__version__} | "
+        f"device {config.device}, {os.cpu_count()} CPUs, {threads} torch threads per run\n"
+        f"load average (1, 5, 15 min): {_numbers(load['start'])} at start, {_numbers(load['end'])} at end"
+    )
     if results["timing"]:
         memory = "CUDA MiB" if config.device == "cuda" else "RSS MiB"
-        print(f"\n{config.clock} seconds per training step: median of {config.timing_steps * config.rounds} steps ({config.rounds} "
-              f"run(s) each, interleaved, {config.timing_warmup} warm-up steps left out per run); peak memory\n")
-        print(f"{'model':<9} {'part':<20} {'rlcore s':>9} {'TRL s':>9} {'rlcore/TRL':>10} {'goal':>10}  "
-              f"{'rlcore ' + memory:>15} {'TRL ' + memory:>12} {'reward rlcore/TRL':>18} {'load':>5}")
+        print(
+            f"\n{config.clock} seconds per training step: median of {config.timing_steps * config.rounds} steps ({config.rounds} "
+            f"run(s) each, interleaved, {config.timing_warmup} warm-up steps left out per run); peak memory\n"
+        )
+        print(
+            f"{'model':<9} {'part':<20} {'rlcore s':>9} {'TRL s':>9} {'rlcore/TRL':>10} {'goal':>10}  "
+            f"{'rlcore ' + memory:>15} {'TRL ' + memory:>12} {'reward rlcore/TRL':>18} {'load':>5}"
+        )
         for row in results["timing"]:
             goal = GOALS[row["part"]]
             verdict = f"<={goal} " + ("ok" if row["ratio"] <= goal else "MISS")
-            reward = "/".join("-" if row[f"{name}_reward"] is None else f"{row[f'{name}_reward']:.2f}" for name in FRAMEWORKS)
+            reward = "/".join(
+                "-" if row[f"{name}_reward"] is None else f"{row[f'{name}_reward']:.2f}" for name in FRAMEWORKS
+            )
             part = f"{row['part']} {row.get('variant', '')}".strip()
-            print(f"{row['model']:<9} {part:<20} {row['rlcore_step_s']:>9.4f} {row['trl_step_s']:>9.4f} "
-                  f"{row['ratio']:>10.2f} {verdict:>10}  {row['rlcore_peak_mib']:>15.0f} {row['trl_peak_mib']:>12.0f} "
-                  f"{reward:>18} {row['load_1min']:>5.1f}")
+            print(
+                f"{row['model']:<9} {part:<20} {row['rlcore_step_s']:>9.4f} {row['trl_step_s']:>9.4f} "
+                f"{row['ratio']:>10.2f} {verdict:>10}  {row['rlcore_peak_mib']:>15.0f} {row['trl_peak_mib']:>12.0f} "
+                f"{reward:>18} {row['load_1min']:>5.1f}"
+            )
     if results["accuracy"]:
         print("\ntoy test accuracy (greedy, held-out problems) after the same training time from the same start\n")
-        print(f"{'model':<9} {'stage':<5} {'seed':>5} {'budget s':>8} {'start acc':>9} {'rlcore steps':>12} {'rlcore acc':>10} "
-              f"{'TRL steps':>10} {'TRL acc':>8}  start")
+        print(
+            f"{'model':<9} {'stage':<5} {'seed':>5} {'budget s':>8} {'start acc':>9} {'rlcore steps':>12} {'rlcore acc':>10} "
+            f"{'TRL steps':>10} {'TRL acc':>8}  start"
+        )
         for row in results["accuracy"] + accuracy_means(results["accuracy"]):
             start_accuracy = "-" if row["start_accuracy"] is None else f"{row['start_accuracy']:.3f}"
-            print(f"{row['model']:<9} {row['stage']:<5} {row['seed']:>5} {row['budget_s']:>8.0f} {start_accuracy:>9} "
-                  f"{row['rlcore_steps']:>12.0f} {row['rlcore_accuracy']:>10.3f} {row['trl_steps']:>10.0f} "
-                  f"{row['trl_accuracy']:>8.3f}  {row['start']}")
+            print(
+                f"{row['model']:<9} {row['stage']:<5} {row['seed']:>5} {row['budget_s']:>8.0f} {start_accuracy:>9} "
+                f"{row['rlcore_steps']:>12.0f} {row['rlcore_accuracy']:>10.3f} {row['trl_steps']:>10.0f} "
+                f"{row['trl_accuracy']:>8.3f}  {row['start']}"
+            )
     print()
 
 
@@ -360,8 +434,11 @@ def accuracy_means(rows: list[dict]) -> list[dict]:
     for model, stage in dict.fromkeys((row["model"], row["stage"]) for row in rows):
         group = [row for row in rows if (row["model"], row["stage"]) == (model, stage)]
         if len(group) > 1:
-            mean = {f"{framework}_{key}": statistics.fmean(row[f"{framework}_{key}"] for row in group)
-                    for framework in FRAMEWORKS for key in ("steps", "accuracy")}
+            mean = {
+                f"{framework}_{key}": statistics.fmean(row[f"{framework}_{key}"] for row in group)
+                for framework in FRAMEWORKS
+                for key in ("steps", "accuracy")
+            }
             means.append({**group[0], **mean, "seed": "mean"})
     return means
 
@@ -405,18 +482,28 @@ def worker(run_dir: Path) -> None:
 
 def toy_test_accuracy(model_dir: str, device: str) -> float:
     """The one scoring function for both frameworks: greedy exact match on the toy test split."""
-    from rlcore.evaluation import toy_accuracy
+    from rlcore.data import tokenize_prompts
+    from rlcore.evaluation import greedy_metric
     from rlcore.models import load_policy
-    from rlcore.toy import toy_dataset
+    from rlcore.toy import exact_match, toy_dataset
 
     model, tokenizer = load_policy(model_dir, device=device)
-    return toy_accuracy(model, tokenizer, toy_dataset("prompt_only", "test"), batch_size=64, max_new_tokens=8)
+    prompts = tokenize_prompts(toy_dataset("prompt_only", "test"), tokenizer)
+    return greedy_metric(model, tokenizer, prompts, exact_match, batch_size=64, max_new_tokens=8)
 
 
 def rlcore_flags(part: str, hyper: dict, model_dir: str, output_dir: str, device: str) -> list[str]:
     """The command line of ``recipes/<part>.py`` for these hyperparameters (evaluation off)."""
-    flags = dict(model=model_dir, output_dir=output_dir, device=device, bf16=device == "cuda",
-                 dataset=f"toy:{hyper['dataset']}", eval_split="none", eval_steps=0, max_seconds="none")
+    flags = dict(
+        model=model_dir,
+        output_dir=output_dir,
+        device=device,
+        bf16=device == "cuda",
+        dataset=f"toy:{hyper['dataset']}",
+        eval_split="none",
+        eval_steps=0,
+        max_seconds="none",
+    )
     flags.update((key, value) for key, value in hyper.items() if key != "dataset")
     if part in ("dpo", "grpo"):
         flags["warm_start_steps"] = 0  # the model given is the start
@@ -449,7 +536,9 @@ def train_rlcore(spec: dict, mark_step_end) -> float | None:
     if spec["budget_seconds"] is not None:
         argv += ["--max_seconds", str(spec["budget_seconds"])]
     import_recipe(part).main(argv)
-    rewards = [record["reward"] for record in read_metrics(Path(spec["output_dir"]) / METRICS_NAME) if "reward" in record]
+    rewards = [
+        record["reward"] for record in read_metrics(Path(spec["output_dir"]) / METRICS_NAME) if "reward" in record
+    ]
     return statistics.fmean(rewards) if rewards else None
 
 
@@ -478,12 +567,24 @@ def train_trl(spec: dict, mark_step_end) -> float | None:
                 control.should_training_stop = True  # rlcore's --max_seconds
 
     common = dict(
-        output_dir=spec["output_dir"], max_steps=spec["steps"] or hyper["max_steps"],
-        per_device_train_batch_size=hyper["batch_size"], gradient_accumulation_steps=hyper["grad_accum_steps"],
-        learning_rate=hyper["lr"], lr_scheduler_type=hyper["lr_schedule"], warmup_steps=hyper["warmup_steps"],
-        adam_beta1=hyper["adam_beta1"], adam_beta2=hyper["adam_beta2"], weight_decay=hyper["weight_decay"],
-        max_grad_norm=hyper["max_grad_norm"], logging_steps=hyper["logging_steps"], seed=hyper["seed"],
-        bf16=cuda, use_cpu=not cuda, activation_checkpointing=False, report_to="none", save_strategy="no",
+        output_dir=spec["output_dir"],
+        max_steps=spec["steps"] or hyper["max_steps"],
+        per_device_train_batch_size=hyper["batch_size"],
+        gradient_accumulation_steps=hyper["grad_accum_steps"],
+        learning_rate=hyper["lr"],
+        lr_scheduler_type=hyper["lr_schedule"],
+        warmup_steps=hyper["warmup_steps"],
+        adam_beta1=hyper["adam_beta1"],
+        adam_beta2=hyper["adam_beta2"],
+        weight_decay=hyper["weight_decay"],
+        max_grad_norm=hyper["max_grad_norm"],
+        logging_steps=hyper["logging_steps"],
+        seed=hyper["seed"],
+        bf16=cuda,
+        use_cpu=not cuda,
+        activation_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
         disable_tqdm=True,
     )
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"])
@@ -493,16 +594,33 @@ def train_trl(spec: dict, mark_step_end) -> float | None:
         args = trl.SFTConfig(**common, max_length=hyper["max_length"], completion_only_loss=True, packing=False)
         trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train_rows, processing_class=tokenizer)
     elif part == "dpo":
-        args = trl.DPOConfig(**common, max_length=hyper["max_length"], beta=hyper["beta"], loss_type=[hyper["loss_type"]],
-                             precompute_ref_log_probs=hyper.get("precompute_ref", False))
+        args = trl.DPOConfig(
+            **common,
+            max_length=hyper["max_length"],
+            beta=hyper["beta"],
+            loss_type=[hyper["loss_type"]],
+            precompute_ref_log_probs=hyper.get("precompute_ref", False),
+        )
         reference = AutoModelForCausalLM.from_pretrained(spec["model_dir"])
-        trainer = trl.DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=train_rows, processing_class=tokenizer)
+        trainer = trl.DPOTrainer(
+            model=model, ref_model=reference, args=args, train_dataset=train_rows, processing_class=tokenizer
+        )
     else:
-        args = trl.GRPOConfig(**common, num_generations=hyper["num_generations"], max_completion_length=hyper["max_new_tokens"],
-                              beta=hyper["beta"], temperature=hyper["temperature"], loss_type=hyper["loss_type"],
-                              scale_rewards=hyper["scale_rewards"], num_iterations=1, top_k=0, top_p=1.0)
-        trainer = trl.GRPOTrainer(model=model, reward_funcs=[accuracy_reward], args=args, train_dataset=train_rows,
-                                  processing_class=tokenizer)
+        args = trl.GRPOConfig(
+            **common,
+            num_generations=hyper["num_generations"],
+            max_completion_length=hyper["max_new_tokens"],
+            beta=hyper["beta"],
+            temperature=hyper["temperature"],
+            loss_type=hyper["loss_type"],
+            scale_rewards=hyper["scale_rewards"],
+            num_iterations=1,
+            top_k=0,
+            top_p=1.0,
+        )
+        trainer = trl.GRPOTrainer(
+            model=model, reward_funcs=[accuracy_reward], args=args, train_dataset=train_rows, processing_class=tokenizer
+        )
     trainer.add_callback(StepClock())
     trainer.train()
     if budget is not None:

@@ -42,12 +42,22 @@ def build_model(name: str, device: str) -> torch.nn.Module:
     if name == "tiny":
         model = tiny_model()
     elif name == "20m":
-        model = tiny_model(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4)
+        model = tiny_model(
+            hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4
+        )
     elif name == "qwen2.5-0.5b-shaped":  # Qwen/Qwen2.5-0.5B's config.json, random weights
         config = Qwen2Config(
-            vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-            num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
-            tie_word_embeddings=True, dtype="bfloat16",
+            vocab_size=151936,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            rope_theta=1000000.0,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            dtype="bfloat16",
         )
         torch.manual_seed(0)
         model = Qwen2ForCausalLM(config).to(torch.bfloat16)
@@ -86,14 +96,24 @@ def timed(fn, device: str, clock: str = "wall") -> float:
 
 def contenders(model, ids, mask, new_tokens: int, args) -> dict:
     def hf():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0
+        )
         assert out.shape[1] == ids.shape[1] + new_tokens, "model.generate stopped early"
 
     def rlcore(static_cache: bool, compile: bool, native_step: bool | None = None):
         def run():
             rollout = generate(
-                model, ids, mask, max_new_tokens=new_tokens, eos_token_ids=[], pad_token_id=0, temperature=1.0,
-                static_cache=static_cache, compile=compile, native_step=native_step,
+                model,
+                ids,
+                mask,
+                max_new_tokens=new_tokens,
+                eos_token_ids=[],
+                pad_token_id=0,
+                temperature=1.0,
+                static_cache=static_cache,
+                compile=compile,
+                native_step=native_step,
             )
             assert rollout.completion_ids.shape[1] == new_tokens
 
@@ -140,7 +160,9 @@ def bytes_per_step(model, prompt_len: int, new_tokens: int) -> float:
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * next(model.parameters()).element_size()
+    kv_per_token = (
+        2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * next(model.parameters()).element_size()
+    )
     return weights + kv_per_token * (prompt_len + new_tokens / 2)
 
 
@@ -154,23 +176,29 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also time the compiled static-cache decode step")
     parser.add_argument(
-        "--forward-step", action="store_true",
+        "--forward-step",
+        action="store_true",
         help="also time rlcore decoding through the model's forward (native_step=False)",
     )
     parser.add_argument(
-        "--linear-floor", action="store_true",
+        "--linear-floor",
+        action="store_true",
         help="also print the bound set by the model's matmuls alone (its Linear layers at the batch size)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument(
-        "--clock", default="wall", choices=list(CLOCKS),
+        "--clock",
+        default="wall",
+        choices=list(CLOCKS),
         help="wall time, or this process's CPU time (steadier on a shared machine; meaningful with --threads 1)",
     )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"device={args.device} threads={torch.get_num_threads()} clock={args.clock} torch={torch.__version__} "
-          f"prompt_len={args.prompt_len} new_tokens={args.new_tokens} repeats={args.repeats} (medians)")
+    print(
+        f"device={args.device} threads={torch.get_num_threads()} clock={args.clock} torch={torch.__version__} "
+        f"prompt_len={args.prompt_len} new_tokens={args.new_tokens} repeats={args.repeats} (medians)"
+    )
     bandwidth = copy_bandwidth(args.device) if args.device == "cuda" else None
     header = f"{'model':<22}{'batch':>6}  {'contender':<18}{'tokens/s':>10}{'vs generate':>13}"
     print(header + ("  bandwidth use" if bandwidth else ""))
@@ -190,14 +218,19 @@ def main() -> None:
                 line = f"{name:<22}{batch:>6}  {label:<18}{batch * args.new_tokens / median:>10.0f}{baseline / median:>12.2f}x"
                 if bandwidth and batch == 1:
                     step_seconds = median / args.new_tokens
-                    line += f"  {bytes_per_step(model, args.prompt_len, args.new_tokens) / step_seconds / bandwidth:>6.1%}"
+                    line += (
+                        f"  {bytes_per_step(model, args.prompt_len, args.new_tokens) / step_seconds / bandwidth:>6.1%}"
+                    )
                 if label == "rlcore compiled":
                     line += f"  (warm-up incl. compile {warmup[label]:.1f}s)"
                 print(line, flush=True)
             if args.linear_floor:
                 floor = linear_floor(model, batch, args.device, args.repeats)
-                print(f"{name:<22}{batch:>6}  {'linear layers only':<18}{batch / floor:>10.0f}"
-                      f"{baseline / (floor * args.new_tokens):>12.2f}x", flush=True)
+                print(
+                    f"{name:<22}{batch:>6}  {'linear layers only':<18}{batch / floor:>10.0f}"
+                    f"{baseline / (floor * args.new_tokens):>12.2f}x",
+                    flush=True,
+                )
         release_static_caches()
 
 

@@ -45,8 +45,14 @@ VARIANTS = ("full", "lora", "qlora")
 LORA_R = 16
 
 QWEN25_05B_SHAPE = dict(
-    hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-    intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
+    hidden_size=896,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    intermediate_size=4864,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+    max_position_embeddings=32768,
 )
 
 
@@ -87,7 +93,7 @@ def run_variant(variant: str, device: str, pairs: int, seq_len: int) -> dict:
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, QWEN25_05B_SHAPE["vocab_size"], (2 * pairs, seq_len), generator=generator).to(device)
     completion_mask = torch.zeros_like(input_ids)  # [2P, T]: the second half of each row is the completion
-    completion_mask[:, seq_len // 2:] = 1
+    completion_mask[:, seq_len // 2 :] = 1
 
     if device == "cuda":
         torch.cuda.synchronize()
@@ -115,20 +121,34 @@ def main() -> None:
     environment = dict(os.environ) if args.malloc_defaults else {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     results = []
     for variant in VARIANTS:
-        command = [sys.executable, __file__, "--variant", variant, "--device", args.device,
-                   "--pairs", str(args.pairs), "--seq_len", str(args.seq_len)]
+        command = [
+            sys.executable,
+            __file__,
+            "--variant",
+            variant,
+            "--device",
+            args.device,
+            "--pairs",
+            str(args.pairs),
+            "--seq_len",
+            str(args.seq_len),
+        ]
         output = subprocess.run(command, check=True, capture_output=True, text=True, env=environment).stdout
         results.append(json.loads(output.strip().splitlines()[-1]))
 
     measure = "peak RSS (ru_maxrss)" if args.device == "cpu" else "max_memory_allocated during the step"
     malloc = "glibc defaults" if args.malloc_defaults else "MALLOC_MMAP_THRESHOLD_=131072"
-    print(f"One DPO step, Qwen2.5-0.5B shape, float32, {args.pairs} pairs x {args.seq_len} tokens, "
-          f"device {args.device} ({malloc}), LoRA r={LORA_R} on q,k,v,o,gate,up,down; torch {torch.__version__}")
+    print(
+        f"One DPO step, Qwen2.5-0.5B shape, float32, {args.pairs} pairs x {args.seq_len} tokens, "
+        f"device {args.device} ({malloc}), LoRA r={LORA_R} on q,k,v,o,gate,up,down; torch {torch.__version__}"
+    )
     print(f"{'variant':<8} {'trainable params':>17} {measure:>38} {'ratio to full':>14} {'loss':>8}")
     full_peak = results[0]["peak_bytes"]
     for result in results:
-        print(f"{result['variant']:<8} {result['trainable'] / 1e6:>16.1f}M {result['peak_bytes'] / 2**30:>34.2f} GiB "
-              f"{result['peak_bytes'] / full_peak:>14.2f} {result['loss']:>8.4f}")
+        print(
+            f"{result['variant']:<8} {result['trainable'] / 1e6:>16.1f}M {result['peak_bytes'] / 2**30:>34.2f} GiB "
+            f"{result['peak_bytes'] / full_peak:>14.2f} {result['loss']:>8.4f}"
+        )
 
 
 if __name__ == "__main__":

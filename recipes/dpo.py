@@ -48,19 +48,10 @@ from pathlib import Path
 import datasets
 import torch
 
-from rlcore import DPO_LOSS_TYPES, dpo_loss, sft_loss_from_logprobs
+from rlcore import DPO_LOSS_TYPES, data, dpo_loss, evaluation, lora, models, optim, runtime, sft_loss_from_logprobs, toy
 from rlcore.config import ONLINE_WARM_START_FLAGS, TrainConfig, parse_config
-from rlcore.data import collate_preference, tokenize_preference, tokenize_prompts
-from rlcore.evaluation import dpo_metrics, greedy_completion_ids, preference_logps
-from rlcore.lora import prepare_model, reference_context
-from rlcore.models import frozen_copy, load_policy, sequence_logprobs
-from rlcore.optim import build_optimizer, build_scheduler, optimizer_step
 from rlcore.run import Run, cli
-from rlcore.runtime import autocast, maybe_compile, prefer_eager_attention, setup, step_batches
 from rlcore.task import load_task_rows, metric_value
-from rlcore.toy import warm_start
-
-PREFERENCE_FORMATS = ("preference", "preference_implicit")
 
 
 @dataclass
@@ -71,7 +62,9 @@ class DPOConfig(TrainConfig):
     beta: float = 0.1  # inverse temperature of the implicit reward (KL strength)
     loss_type: str = "sigmoid"  # one of rlcore.DPO_LOSS_TYPES
     label_smoothing: float = 0.0  # conservative DPO / robust / exo_pair epsilon
-    sft_weight: float = 0.0  # add sft_weight * NLL of the chosen tokens (RPO; TRL's loss_type [..., "sft"]); 0 = plain DPO
+    sft_weight: float = (
+        0.0  # add sft_weight * NLL of the chosen tokens (RPO; TRL's loss_type [..., "sft"]); 0 = plain DPO
+    )
     precompute_ref: bool = False  # compute reference log-probs once up front and keep no reference model
     rejected_from_policy: bool = False  # rejected = the starting policy's greedy answer where it differs from chosen
     lr: float = 5e-5  # peak learning rate (AdamW)
@@ -92,89 +85,135 @@ class DPOConfig(TrainConfig):
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     config = parse_config(DPOConfig, argv)
-    device, bf16 = setup(config)
+    device, bf16 = runtime.setup(config)
     average = config.loss_type == "ipo"  # IPO takes length-averaged log-probs
 
     # ---------------------------------------------------------------- data (checked first), model
-    rows, eval_rows, metric = load_task_rows(config, PREFERENCE_FORMATS)
-    start_model = warm_start(config.model, config.warm_start_steps, config.seed, Path(__file__).with_name("sft.py"),
-                             ONLINE_WARM_START_FLAGS)
-    model, tokenizer = load_policy(start_model, device=device)
-    model = prepare_model(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.load_in_4bit)
+    rows, eval_rows, metric = load_task_rows(config, data.PREFERENCE_FORMATS)
+    start_model = toy.warm_start(
+        config.model, config.warm_start_steps, config.seed, Path(__file__).with_name("sft.py"), ONLINE_WARM_START_FLAGS
+    )
+    model, tokenizer = models.load_policy(start_model, device=device)
+    model = lora.prepare_model(
+        model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.load_in_4bit
+    )
     pad_id = tokenizer.pad_token_id
-    train = tokenize_preference(rows, tokenizer, config.max_length)
+    train = data.tokenize_preference(rows, tokenizer, config.max_length)
     pairs = {name: list(train[name]) for name in ("prompt_ids", "chosen_ids", "rejected_ids")}  # python lists
 
     def collate(indices: list[int]) -> dict[str, torch.Tensor]:
-        batch = collate_preference(*([pairs[name][i] for i in indices] for name in ("prompt_ids", "chosen_ids", "rejected_ids")), pad_id)
+        batch = data.collate_preference(
+            *([pairs[name][i] for i in indices] for name in ("prompt_ids", "chosen_ids", "rejected_ids")), pad_id
+        )
         return {k: v.to(device) for k, v in batch.items()}  # each [2B, T]
 
     def completion_logps(forward, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """([2B] completion log-probs, [2B, T-1] per token) of a collate_preference batch, one forward pass."""
-        return sequence_logprobs(forward, batch["input_ids"], batch["attention_mask"], batch["completion_mask"][:, 1:], average)
+        """([2B] completion log-probs, [2B, T-1] per token) of a data.collate_preference batch, one forward pass."""
+        return models.sequence_logprobs(
+            forward, batch["input_ids"], batch["attention_mask"], batch["completion_mask"][:, 1:], average
+        )
 
     # ---------------------------------------------------------------- on-policy rejected answers and the reference
     # Both come from the starting policy, before any checkpoint is loaded, so a resumed run sees the same.
     if config.rejected_from_policy:
-        answers = greedy_completion_ids(model, tokenizer, pairs["prompt_ids"], batch_size=config.eval_batch_size,
-                                        max_new_tokens=config.max_new_tokens)
+        answers = evaluation.greedy_completion_ids(
+            model,
+            tokenizer,
+            pairs["prompt_ids"],
+            batch_size=config.eval_batch_size,
+            max_new_tokens=config.max_new_tokens,
+        )
         mistakes = [i for i, answer in enumerate(answers) if answer and answer != pairs["chosen_ids"][i]]
         for i in mistakes:
             pairs["rejected_ids"][i] = answers[i]
-        print(f"rejected_from_policy: the starting policy is wrong on {len(mistakes)} of {len(answers)} training prompts")
-    longest = max(len(p) + max(len(c), len(r)) for p, c, r in zip(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"]))
-    prefer_eager_attention(model, device, longest)  # CPU, short rows (before the reference is copied)
+        print(
+            f"rejected_from_policy: the starting policy is wrong on {len(mistakes)} of {len(answers)} training prompts"
+        )
+    longest = max(
+        len(p) + max(len(c), len(r)) for p, c, r in zip(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"])
+    )
+    runtime.prefer_eager_attention(model, device, longest)  # CPU, short rows (before the reference is copied)
     reference = ref_logps = None
     if config.precompute_ref:  # the starting policy is the reference: score every pair with it once, now
-        ref_logps = preference_logps(model, datasets.Dataset.from_dict(pairs), pad_id, config.eval_batch_size, average).to(device)  # [2, N]
+        ref_logps = evaluation.preference_logps(
+            model, datasets.Dataset.from_dict(pairs), pad_id, config.eval_batch_size, average
+        ).to(device)  # [2, N]
     elif config.lora_r == 0:  # with LoRA the reference is the model with its adapters off
-        reference = frozen_copy(model)
+        reference = models.frozen_copy(model)
     if eval_rows is not None:
-        eval_pairs = tokenize_preference(eval_rows, tokenizer, config.max_length)
-        eval_ref_logps = preference_logps(model, eval_pairs, pad_id, config.eval_batch_size, average)  # [2, N], starting policy
-        eval_prompts = tokenize_prompts(eval_rows, tokenizer, config.max_length) if metric else None
+        eval_pairs = data.tokenize_preference(eval_rows, tokenizer, config.max_length)
+        eval_ref_logps = evaluation.preference_logps(
+            model, eval_pairs, pad_id, config.eval_batch_size, average
+        )  # [2, N], starting policy
+        eval_prompts = data.tokenize_prompts(eval_rows, tokenizer, config.max_length) if metric else None
 
     def evaluate() -> dict[str, float]:
-        logps = preference_logps(model, eval_pairs, pad_id, config.eval_batch_size, average)
-        return {**dpo_metrics(logps, eval_ref_logps, config.beta, config.loss_type, config.label_smoothing),
-                **metric_value(model, tokenizer, eval_prompts, metric, config)}
+        logps = evaluation.preference_logps(model, eval_pairs, pad_id, config.eval_batch_size, average)
+        return {
+            **evaluation.dpo_metrics(logps, eval_ref_logps, config.beta, config.loss_type, config.label_smoothing),
+            **metric_value(model, tokenizer, eval_prompts, metric, config),
+        }
 
     model.train()
-    forward = maybe_compile(model, device, config.compile)
-    optimizer = build_optimizer(model, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2))
-    scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=config.max_steps,
-                                schedule=config.lr_schedule, min_lr_ratio=config.min_lr_ratio)
-    run = Run(config, model, tokenizer, optimizer, scheduler, evaluate=evaluate if eval_rows is not None else None,
-              bar_keys=("loss", "rewards/accuracies"))
+    forward = runtime.maybe_compile(model, device, config.compile)
+    optimizer = optim.build_optimizer(model, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2))
+    scheduler = optim.build_scheduler(
+        optimizer,
+        warmup_steps=config.warmup_steps,
+        total_steps=config.max_steps,
+        schedule=config.lr_schedule,
+        min_lr_ratio=config.min_lr_ratio,
+    )
+    run = Run(
+        config,
+        model,
+        tokenizer,
+        optimizer,
+        scheduler,
+        evaluate=evaluate if eval_rows is not None else None,
+        bar_keys=("loss", "rewards/accuracies"),
+    )
 
     # ---------------------------------------------------------------- training loop
     while run.running():
         stats: dict[str, torch.Tensor] = {}
-        micro_batches = step_batches(len(pairs["prompt_ids"]), config.batch_size, config.grad_accum_steps, config.seed, run.step)
+        micro_batches = runtime.step_batches(
+            len(pairs["prompt_ids"]), config.batch_size, config.grad_accum_steps, config.seed, run.step
+        )
         chosen_tokens = sum(len(pairs["chosen_ids"][i]) for indices in micro_batches for i in indices)
         for indices in micro_batches:
             batch = collate(indices)
             if ref_logps is not None:
                 ref_chosen, ref_rejected = ref_logps[:, indices]  # [B], [B]
             else:
-                with reference_context(model, reference) as ref_model, torch.no_grad(), autocast(device, bf16):
+                with (
+                    lora.reference_context(model, reference) as ref_model,
+                    torch.no_grad(),
+                    runtime.autocast(device, bf16),
+                ):
                     ref_chosen, ref_rejected = completion_logps(ref_model, batch)[0].float().chunk(2)
-            with autocast(device, bf16):
-                logps, token_logps = completion_logps(forward, batch)
+            with runtime.autocast(device, bf16):
+                logps, token_logp = completion_logps(forward, batch)
             chosen, rejected = logps.float().chunk(2)  # [B], [B]
-            loss, loss_stats = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=config.beta,
-                                        loss_type=config.loss_type, label_smoothing=config.label_smoothing)
+            loss, loss_stats = dpo_loss(
+                chosen,
+                rejected,
+                ref_chosen,
+                ref_rejected,
+                beta=config.beta,
+                loss_type=config.loss_type,
+                label_smoothing=config.label_smoothing,
+            )
             loss = loss / config.grad_accum_steps  # equal-size micro-batches: the sum is the step's mean
             if config.sft_weight:  # NLL of the chosen tokens, normalised by the step's chosen-token count
                 chosen_mask = batch["completion_mask"][:, 1:].chunk(2)[0]
-                nll, _ = sft_loss_from_logprobs(token_logps.chunk(2)[0], chosen_mask, normalizer=chosen_tokens)
+                nll, _ = sft_loss_from_logprobs(token_logp.chunk(2)[0], chosen_mask, normalizer=chosen_tokens)
                 loss = loss + config.sft_weight * nll
                 loss_stats["sft_nll"] = nll.detach() * config.grad_accum_steps
             loss.backward()
             for key, value in {"loss": loss.detach() * config.grad_accum_steps, **loss_stats}.items():
                 stats[key] = stats.get(key, 0.0) + value / config.grad_accum_steps
-        stats["lr"] = scheduler.get_last_lr()[0]
-        stats["grad_norm"] = optimizer_step(model.parameters(), optimizer, scheduler, config.max_grad_norm)
+        stats["grad_norm"] = optim.optimizer_step(model.parameters(), optimizer, scheduler, config.max_grad_norm)
         run.end_step(stats)
     return run.finish()
 

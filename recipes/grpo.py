@@ -52,19 +52,28 @@ from pathlib import Path
 import torch
 from einops import rearrange
 
-from rlcore import (LOSS_TYPE_AGGREGATION, aggregate, group_advantages, kl_estimate, loss_normalizer, masked_mean, policy_loss,
-                    reinforce_pp_advantages, rloo_advantages)
+from rlcore import (
+    LOSS_TYPE_AGGREGATION,
+    aggregate,
+    data,
+    group_advantages,
+    kl_estimate,
+    lora,
+    loss_normalizer,
+    masked_mean,
+    models,
+    optim,
+    policy_loss,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    runtime,
+    toy,
+)
 from rlcore.config import ONLINE_WARM_START_FLAGS, OnlineConfig, parse_config
-from rlcore.data import prompt_batch
-from rlcore.lora import prepare_model, reference_context
-from rlcore.models import eos_token_ids, frozen_copy, load_policy, load_tokenizer, token_logprobs
-from rlcore.optim import build_optimizer, build_scheduler, optimizer_step
 from rlcore.rewards import rollout_stats, score_rollout
 from rlcore.rollout import generate
 from rlcore.run import Run, cli
-from rlcore.runtime import autocast, maybe_compile, prefer_eager_attention, setup, step_batches
-from rlcore.task import evaluate_policy, load_prompt_task
-from rlcore.toy import warm_start
+from rlcore.task import evaluate_policy, load_prompt_task, load_start_policy
 
 ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
 
@@ -72,7 +81,9 @@ ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
 @dataclass
 class GRPOConfig(OnlineConfig):
     output_dir: str = "outputs/grpo"
-    lr: float = 5e-5  # peak learning rate (AdamW); toy task: 1e-4 with 64 completions per step oscillates, 3e-4 diverges
+    lr: float = (
+        5e-5  # peak learning rate (AdamW); toy task: 1e-4 with 64 completions per step oscillates, 3e-4 diverges
+    )
     lr_schedule: str = "constant"  # "cosine", "linear" or "constant"
     batch_size: int = 128  # completions per micro-batch; completions per step = batch_size * grad_accum_steps
     num_generations: int = 8  # G, completions per prompt (prompts per step = completions per step / G)
@@ -91,9 +102,13 @@ class GRPOConfig(OnlineConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.loss_type not in LOSS_TYPE_AGGREGATION or self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"--loss_type must be one of {list(LOSS_TYPE_AGGREGATION)} and --advantage_estimator one of {list(ADVANTAGE_ESTIMATORS)}")
+            raise ValueError(
+                f"--loss_type must be one of {list(LOSS_TYPE_AGGREGATION)} and --advantage_estimator one of {list(ADVANTAGE_ESTIMATORS)}"
+            )
         if self.num_generations < 2 or (self.batch_size * self.grad_accum_steps) % self.num_generations:
-            raise ValueError(f"--num_generations must be >= 2 and divide the completions per step ({self.batch_size} * {self.grad_accum_steps})")
+            raise ValueError(
+                f"--num_generations must be >= 2 and divide the completions per step ({self.batch_size} * {self.grad_accum_steps})"
+            )
         if self.num_iterations < 1 or self.beta < 0:
             raise ValueError("--num_iterations must be >= 1 and --beta >= 0")
 
@@ -109,39 +124,53 @@ def compute_advantages(config: GRPOConfig, rewards: torch.Tensor, mask: torch.Te
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     config = parse_config(GRPOConfig, argv)
-    device, bf16 = setup(config)
+    device, bf16 = runtime.setup(config)
 
     # ---------------------------------------------------------------- task (checked first), models
-    task = load_prompt_task(config, load_tokenizer(config.model), device)
-    start_model = warm_start(config.model, config.warm_start_steps, config.seed, Path(__file__).with_name("sft.py"), ONLINE_WARM_START_FLAGS)
-    policy, tokenizer = load_policy(start_model, device=device)
-    policy = prepare_model(policy, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.load_in_4bit)
-    stop_ids = eos_token_ids(tokenizer, policy.generation_config)
+    task = load_prompt_task(config, models.load_tokenizer(config.model), device)
+    start_model = toy.warm_start(
+        config.model, config.warm_start_steps, config.seed, Path(__file__).with_name("sft.py"), ONLINE_WARM_START_FLAGS
+    )
+    policy, tokenizer, stop_ids = load_start_policy(config, start_model, device)
     prompts, scorer = task.prompts, task.scorer
-    prefer_eager_attention(policy, device, max(map(len, prompts["prompt_ids"])) + config.max_new_tokens)  # CPU, short rows
-    reference = frozen_copy(policy) if config.beta > 0 and config.lora_r == 0 else None  # LoRA: adapters off
-    forward = maybe_compile(policy, device, config.compile)
+    runtime.prefer_eager_attention(
+        policy, device, max(map(len, prompts["prompt_ids"])) + config.max_new_tokens
+    )  # CPU, short rows
+    reference = models.frozen_copy(policy) if config.beta > 0 and config.lora_r == 0 else None  # LoRA: adapters off
+    forward = runtime.maybe_compile(policy, device, config.compile)
     group_size = config.num_generations
     completions_per_step = config.batch_size * config.grad_accum_steps
     aggregation = LOSS_TYPE_AGGREGATION[config.loss_type]
 
-    optimizer = build_optimizer(policy, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2))
-    scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=config.max_steps * config.num_iterations,
-                                schedule=config.lr_schedule, min_lr_ratio=config.min_lr_ratio)
+    optimizer = optim.build_optimizer(policy, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2))
+    scheduler = optim.build_scheduler(
+        optimizer,
+        warmup_steps=config.warmup_steps,
+        total_steps=config.max_steps * config.num_iterations,
+        schedule=config.lr_schedule,
+        min_lr_ratio=config.min_lr_ratio,
+    )
     evaluate = (lambda: evaluate_policy(policy, tokenizer, task, config)) if task.eval_prompts is not None else None
     run = Run(config, policy, tokenizer, optimizer, scheduler, evaluate=evaluate, bar_keys=("reward",))
 
     # ---------------------------------------------------------------- training loop
     while run.running():
-        rows = step_batches(len(prompts), completions_per_step // group_size, 1, config.seed, run.step)[0]
-        batch = prompt_batch(prompts, rows, tokenizer.pad_token_id)
+        rows = runtime.step_batches(len(prompts), completions_per_step // group_size, 1, config.seed, run.step)[0]
+        batch = data.prompt_batch(prompts, rows, tokenizer.pad_token_id)
 
         # -- sample G completions per prompt
         with run.timed("generation"):
             rollout = generate(
-                policy, batch.prompt_ids.to(device), batch.prompt_mask.to(device), max_new_tokens=config.max_new_tokens,
-                eos_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id, temperature=config.temperature,
-                top_k=config.top_k, top_p=config.top_p, num_samples=group_size,
+                policy,
+                batch.prompt_ids.to(device),
+                batch.prompt_mask.to(device),
+                max_new_tokens=config.max_new_tokens,
+                eos_token_ids=stop_ids,
+                pad_token_id=tokenizer.pad_token_id,
+                temperature=config.temperature,
+                top_k=config.top_k,
+                top_p=config.top_p,
+                num_samples=group_size,
             )
 
         # -- rewards, advantages, reference log-probs
@@ -154,46 +183,73 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             completion_length = rollout.completion_ids.shape[1]
             ref_logp = None
             if config.beta > 0:
-                with reference_context(policy, reference) as ref_model, torch.no_grad(), autocast(device, bf16):
-                    ref_logp, _ = token_logprobs(ref_model, rollout.sequences, rollout.attention_mask, completion_length, config.temperature)
+                with (
+                    lora.reference_context(policy, reference) as ref_model,
+                    torch.no_grad(),
+                    runtime.autocast(device, bf16),
+                ):
+                    ref_logp, _ = models.token_logprobs(
+                        ref_model, rollout.sequences, rollout.attention_mask, completion_length, config.temperature
+                    )
             grouped_rewards = rearrange(rewards, "(p g) -> p g", g=group_size)  # [P, G]
-            stats = {**rollout_stats(rollout, rewards, per_source, scorer), "frac_reward_zero_std": (grouped_rewards.std(dim=1) == 0).float().mean()}
+            stats = {
+                **rollout_stats(rollout, rewards, per_source, scorer),
+                "frac_reward_zero_std": (grouped_rewards.std(dim=1) == 0).float().mean(),
+            }
 
         # -- num_iterations clipped policy-gradient updates on these samples. Without a KL term, a row whose
         # advantage is 0 at every token (a group of equal rewards) adds nothing to the loss or its gradient:
         # it is left out of the forward/backward passes (the loss normalisers still count it).
-        stats["lr"] = scheduler.get_last_lr()[0]
         with run.timed("training"):
             learning_rows = torch.arange(completions_per_step, device=device)  # [B]
             if config.beta == 0 and config.loss_type != "bnpo":
-                learning_rows = learning_rows[(advantages.reshape(completions_per_step, -1) != 0).any(dim=1) & mask.bool().any(dim=1)]
+                learning_rows = learning_rows[
+                    (advantages.reshape(completions_per_step, -1) != 0).any(dim=1) & mask.bool().any(dim=1)
+                ]
             stats["learning_rows_frac"] = torch.tensor(len(learning_rows) / completions_per_step)
             old_logp = torch.zeros_like(mask, dtype=torch.float32)  # [B, T], filled on the first pass
             micro_batches = learning_rows.split(config.batch_size) if len(learning_rows) else ()
             for iteration in range(config.num_iterations):
                 for micro in micro_batches:
-                    with autocast(device, bf16):
-                        logp, entropy = token_logprobs(forward, rollout.sequences[micro], rollout.attention_mask[micro],
-                                                       completion_length, config.temperature, with_entropy=True)
+                    with runtime.autocast(device, bf16):
+                        logp, entropy = models.token_logprobs(
+                            forward,
+                            rollout.sequences[micro],
+                            rollout.attention_mask[micro],
+                            completion_length,
+                            config.temperature,
+                            with_entropy=True,
+                        )
                     if iteration == 0:
                         old_logp[micro] = logp.detach()
                     normalizer = loss_normalizer(config.loss_type, mask, mask[micro], config.grad_accum_steps)
                     loss, loss_stats = policy_loss(
-                        logp, old_logp[micro], advantages[micro], mask[micro], clip_low=config.epsilon,
-                        clip_high=config.epsilon_high, agg=aggregation, max_len=config.max_new_tokens, normalizer=normalizer,
+                        logp,
+                        old_logp[micro],
+                        advantages[micro],
+                        mask[micro],
+                        clip_low=config.epsilon,
+                        clip_high=config.epsilon_high,
+                        agg=aggregation,
+                        max_len=config.max_new_tokens,
+                        normalizer=normalizer,
                     )
                     if config.beta > 0:
                         kl = kl_estimate(logp, ref_logp[micro], kind="k3")  # [b, T]
-                        loss = loss + config.beta * aggregate(kl, mask[micro], aggregation, config.max_new_tokens, normalizer)
+                        loss = loss + config.beta * aggregate(
+                            kl, mask[micro], aggregation, config.max_new_tokens, normalizer
+                        )
                         loss_stats["kl"] = masked_mean(kl.detach(), mask[micro])
                     loss.backward()
-                    stats["loss"] = stats.get("loss", 0.0) + loss.detach() / config.num_iterations  # micro-batch losses add up
+                    stats["loss"] = (
+                        stats.get("loss", 0.0) + loss.detach() / config.num_iterations
+                    )  # micro-batch losses add up
                     share = len(micro) / (len(learning_rows) * config.num_iterations)  # other stats: mean over the rows
                     for key, value in {"entropy": masked_mean(entropy, mask[micro]), **loss_stats}.items():
                         stats[key] = stats.get(key, 0.0) + value * share
                 # with nothing to learn (no learning row) no parameter has a gradient: the step changes no
                 # weight, and the schedule still advances in step with the optimizer
-                grad_norm = optimizer_step(policy.parameters(), optimizer, scheduler, config.max_grad_norm)
+                grad_norm = optim.optimizer_step(policy.parameters(), optimizer, scheduler, config.max_grad_norm)
                 stats["grad_norm"] = stats.get("grad_norm", 0.0) + grad_norm / config.num_iterations
             stats.setdefault("loss", 0.0)
         run.end_step(stats)

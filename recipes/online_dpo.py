@@ -34,18 +34,12 @@ from pathlib import Path
 
 import torch
 
-from rlcore import dpo_loss
+from rlcore import data, dpo_loss, lora, models, optim, runtime, toy
 from rlcore.config import ONLINE_WARM_START_FLAGS, OnlineConfig, parse_config
-from rlcore.data import prompt_batch
-from rlcore.lora import prepare_model, reference_context
-from rlcore.models import eos_token_ids, frozen_copy, load_policy, load_tokenizer, sequence_logprobs
-from rlcore.optim import build_optimizer, build_scheduler, optimizer_step
 from rlcore.rewards import rollout_stats, score_rollout
 from rlcore.rollout import generate
 from rlcore.run import Run, cli
-from rlcore.runtime import autocast, maybe_compile, prefer_eager_attention, setup, step_batches
-from rlcore.task import evaluate_policy, load_prompt_task
-from rlcore.toy import warm_start
+from rlcore.task import evaluate_policy, load_prompt_task, load_start_policy
 
 
 @dataclass
@@ -53,7 +47,9 @@ class OnlineDPOConfig(OnlineConfig):
     output_dir: str = "outputs/online_dpo"
     lr: float = 2e-5  # peak learning rate (AdamW); see docs/results.md for the sweep
     lr_schedule: str = "constant"  # "cosine", "linear" or "constant"
-    batch_size: int = 32  # prompts per micro-batch (two completions each); prompts per step = batch_size * grad_accum_steps
+    batch_size: int = (
+        32  # prompts per micro-batch (two completions each); prompts per step = batch_size * grad_accum_steps
+    )
     beta: float = 0.1  # DPO inverse temperature (the strength of the implicit KL)
     loss_type: str = "sigmoid"  # "sigmoid" (DPO) or "ipo"
     max_steps: int = 4000  # sampling steps, one optimizer step each
@@ -63,7 +59,9 @@ class OnlineDPOConfig(OnlineConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.loss_type not in ("sigmoid", "ipo") or self.beta <= 0:
-            raise ValueError(f"--loss_type must be sigmoid or ipo and --beta > 0, got {self.loss_type!r} and {self.beta}")
+            raise ValueError(
+                f"--loss_type must be sigmoid or ipo and --beta > 0, got {self.loss_type!r} and {self.beta}"
+            )
 
 
 def rank_pairs(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,39 +77,53 @@ def rank_pairs(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     config = parse_config(OnlineDPOConfig, argv)
-    device, bf16 = setup(config)
+    device, bf16 = runtime.setup(config)
 
     # ---------------------------------------------------------------- task (checked first), models
-    task = load_prompt_task(config, load_tokenizer(config.model), device)
-    start_model = warm_start(config.model, config.warm_start_steps, config.seed, Path(__file__).with_name("sft.py"), ONLINE_WARM_START_FLAGS)
-    policy, tokenizer = load_policy(start_model, device=device)
-    policy = prepare_model(policy, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.load_in_4bit)
-    reference = frozen_copy(policy) if config.lora_r == 0 else None  # LoRA: the adapters-off policy
-    forward = maybe_compile(policy, device, config.compile)
-    stop_ids = eos_token_ids(tokenizer, policy.generation_config)
+    task = load_prompt_task(config, models.load_tokenizer(config.model), device)
+    start_model = toy.warm_start(
+        config.model, config.warm_start_steps, config.seed, Path(__file__).with_name("sft.py"), ONLINE_WARM_START_FLAGS
+    )
+    policy, tokenizer, stop_ids = load_start_policy(config, start_model, device)
+    reference = models.frozen_copy(policy) if config.lora_r == 0 else None  # LoRA: the adapters-off policy
+    forward = runtime.maybe_compile(policy, device, config.compile)
     prompts, scorer = task.prompts, task.scorer
     for model in filter(None, (policy, reference)):
-        prefer_eager_attention(model, device, max(map(len, prompts["prompt_ids"])) + config.max_new_tokens)  # CPU, short rows
+        runtime.prefer_eager_attention(
+            model, device, max(map(len, prompts["prompt_ids"])) + config.max_new_tokens
+        )  # CPU, short rows
     prompts_per_step = config.batch_size * config.grad_accum_steps
     length_average = config.loss_type == "ipo"
 
-    optimizer = build_optimizer(policy, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2))
-    scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=config.max_steps,
-                                schedule=config.lr_schedule, min_lr_ratio=config.min_lr_ratio)
+    optimizer = optim.build_optimizer(policy, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2))
+    scheduler = optim.build_scheduler(
+        optimizer,
+        warmup_steps=config.warmup_steps,
+        total_steps=config.max_steps,
+        schedule=config.lr_schedule,
+        min_lr_ratio=config.min_lr_ratio,
+    )
     evaluate = (lambda: evaluate_policy(policy, tokenizer, task, config)) if task.eval_prompts is not None else None
     run = Run(config, policy, tokenizer, optimizer, scheduler, evaluate=evaluate, bar_keys=("reward",))
 
     # ---------------------------------------------------------------- training loop
     while run.running():
-        rows = step_batches(len(prompts), prompts_per_step, 1, config.seed, run.step)[0]
-        batch = prompt_batch(prompts, rows, tokenizer.pad_token_id)
+        rows = runtime.step_batches(len(prompts), prompts_per_step, 1, config.seed, run.step)[0]
+        batch = data.prompt_batch(prompts, rows, tokenizer.pad_token_id)
 
         # -- two completions per prompt
         with run.timed("generation"):
             rollout = generate(
-                policy, batch.prompt_ids.to(device), batch.prompt_mask.to(device), max_new_tokens=config.max_new_tokens,
-                eos_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id, temperature=config.temperature,
-                top_k=config.top_k, top_p=config.top_p, num_samples=2,
+                policy,
+                batch.prompt_ids.to(device),
+                batch.prompt_mask.to(device),
+                max_new_tokens=config.max_new_tokens,
+                eos_token_ids=stop_ids,
+                pad_token_id=tokenizer.pad_token_id,
+                temperature=config.temperature,
+                top_k=config.top_k,
+                top_p=config.top_p,
+                num_samples=2,
             )
 
         # -- rank each pair; keep the pairs with a preference; reference log-probs
@@ -122,28 +134,47 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             pair_rows = torch.cat([chosen_rows, rejected_rows]).to(device)  # [2N]: chosen then rejected
             sequences, attention_mask = rollout.sequences[pair_rows], rollout.attention_mask[pair_rows]  # [2N, L]
             if num_pairs:
-                with reference_context(policy, reference) as ref_model, torch.no_grad(), autocast(device, bf16):
-                    ref_logps, _ = sequence_logprobs(ref_model, sequences, attention_mask, mask[pair_rows], length_average)  # [2N]
-            stats = {**rollout_stats(rollout, rewards, per_source, scorer), "pairs/decided_frac": torch.tensor(2 * num_pairs / len(rewards)),
-                     "pairs/chosen_reward": rewards[chosen_rows].mean() if num_pairs else torch.tensor(0.0),
-                     "pairs/rejected_reward": rewards[rejected_rows].mean() if num_pairs else torch.tensor(0.0),
-                     "lr": scheduler.get_last_lr()[0]}
+                with (
+                    lora.reference_context(policy, reference) as ref_model,
+                    torch.no_grad(),
+                    runtime.autocast(device, bf16),
+                ):
+                    ref_logps, _ = models.sequence_logprobs(
+                        ref_model, sequences, attention_mask, mask[pair_rows], length_average
+                    )  # [2N]
+            stats = {
+                **rollout_stats(rollout, rewards, per_source, scorer),
+                "pairs/decided_frac": torch.tensor(2 * num_pairs / len(rewards)),
+                "pairs/chosen_reward": rewards[chosen_rows].mean() if num_pairs else torch.tensor(0.0),
+                "pairs/rejected_reward": rewards[rejected_rows].mean() if num_pairs else torch.tensor(0.0),
+            }
 
         # -- one DPO step over the kept pairs (micro-batches of batch_size pairs); with none kept no parameter
         # has a gradient, so the optimizer step changes nothing and the schedule stays in step
         with run.timed("training"):
             for pairs in torch.arange(num_pairs, device=device).split(config.batch_size) if num_pairs else ():
                 rows_of_pairs = torch.cat([pairs, pairs + num_pairs])  # [2n]: chosen then rejected
-                with autocast(device, bf16):
-                    logps, _ = sequence_logprobs(forward, sequences[rows_of_pairs], attention_mask[rows_of_pairs],
-                                                 mask[pair_rows][rows_of_pairs], length_average)  # [2n]
+                with runtime.autocast(device, bf16):
+                    logps, _ = models.sequence_logprobs(
+                        forward,
+                        sequences[rows_of_pairs],
+                        attention_mask[rows_of_pairs],
+                        mask[pair_rows][rows_of_pairs],
+                        length_average,
+                    )  # [2n]
                 chosen_logps, rejected_logps = logps.float().chunk(2)
-                loss, loss_stats = dpo_loss(chosen_logps, rejected_logps, ref_logps[pairs], ref_logps[pairs + num_pairs],
-                                            beta=config.beta, loss_type=config.loss_type)
+                loss, loss_stats = dpo_loss(
+                    chosen_logps,
+                    rejected_logps,
+                    ref_logps[pairs],
+                    ref_logps[pairs + num_pairs],
+                    beta=config.beta,
+                    loss_type=config.loss_type,
+                )
                 (loss * len(pairs) / num_pairs).backward()  # the micro-batch's share of the mean over all pairs
                 for key, value in {"loss": loss.detach(), **loss_stats}.items():
                     stats[key] = stats.get(key, 0.0) + value * len(pairs) / num_pairs
-            stats["grad_norm"] = optimizer_step(policy.parameters(), optimizer, scheduler, config.max_grad_norm)
+            stats["grad_norm"] = optim.optimizer_step(policy.parameters(), optimizer, scheduler, config.max_grad_norm)
         run.end_step(stats)
     return run.finish()
 

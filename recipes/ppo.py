@@ -38,18 +38,27 @@ from pathlib import Path
 
 import torch
 
-from rlcore import gae, kl_estimate, kl_shaped_rewards, masked_mean, masked_sum, masked_whiten, policy_loss, value_loss
+from rlcore import (
+    data,
+    gae,
+    kl_estimate,
+    kl_shaped_rewards,
+    lora,
+    masked_mean,
+    masked_sum,
+    masked_whiten,
+    models,
+    optim,
+    policy_loss,
+    runtime,
+    toy,
+    value_loss,
+)
 from rlcore.config import ONLINE_WARM_START_FLAGS, OnlineConfig, parse_config
-from rlcore.data import prompt_batch
-from rlcore.lora import prepare_model, reference_context
-from rlcore.models import ValueModel, completion_values, eos_token_ids, frozen_copy, load_policy, load_tokenizer, token_logprobs
-from rlcore.optim import build_optimizer, build_scheduler, optimizer_step
 from rlcore.rewards import rollout_stats, score_rollout
 from rlcore.rollout import generate
 from rlcore.run import Run, cli
-from rlcore.runtime import autocast, maybe_compile, prefer_eager_attention, setup, step_batches
-from rlcore.task import evaluate_policy, load_prompt_task
-from rlcore.toy import warm_start
+from rlcore.task import evaluate_policy, load_prompt_task, load_start_policy
 
 
 @dataclass
@@ -84,65 +93,102 @@ class PPOConfig(OnlineConfig):
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     config = parse_config(PPOConfig, argv)
-    device, bf16 = setup(config)
+    device, bf16 = runtime.setup(config)
 
     # ---------------------------------------------------------------- task (checked first), models
-    task = load_prompt_task(config, load_tokenizer(config.model), device)
-    start_model = warm_start(config.model, config.warm_start_steps, config.seed, Path(__file__).with_name("sft.py"), ONLINE_WARM_START_FLAGS)
-    policy, tokenizer = load_policy(start_model, device=device)
-    policy = prepare_model(policy, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.load_in_4bit)
-    reference = frozen_copy(policy) if config.lora_r == 0 else None  # LoRA: the adapters-off policy
-    value_model = ValueModel.from_pretrained(config.value_model or start_model, device=device)  # trained in full
-    forward_policy, forward_value = maybe_compile(policy, device, config.compile), maybe_compile(value_model, device, config.compile)
-    stop_ids = eos_token_ids(tokenizer, policy.generation_config)
+    task = load_prompt_task(config, models.load_tokenizer(config.model), device)
+    start_model = toy.warm_start(
+        config.model, config.warm_start_steps, config.seed, Path(__file__).with_name("sft.py"), ONLINE_WARM_START_FLAGS
+    )
+    policy, tokenizer, stop_ids = load_start_policy(config, start_model, device)
+    reference = models.frozen_copy(policy) if config.lora_r == 0 else None  # LoRA: the adapters-off policy
+    value_model = models.ValueModel.from_pretrained(config.value_model or start_model, device=device)  # trained in full
+    forward_policy, forward_value = (
+        runtime.maybe_compile(policy, device, config.compile),
+        runtime.maybe_compile(value_model, device, config.compile),
+    )
     prompts, scorer = task.prompts, task.scorer
     longest = max(map(len, prompts["prompt_ids"])) + config.max_new_tokens
     for model in filter(None, (policy, reference, value_model.backbone)):
-        prefer_eager_attention(model, device, longest)  # CPU, short rows
+        runtime.prefer_eager_attention(model, device, longest)  # CPU, short rows
     mini_batch_rows = config.batch_size * config.grad_accum_steps
     rows_per_step = mini_batch_rows * config.num_mini_batches
 
     trained = torch.nn.ModuleDict({"policy": policy, "value_model": value_model})
-    optimizer = build_optimizer(trained, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2))
+    optimizer = optim.build_optimizer(trained, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2))
     updates_per_step = config.num_ppo_epochs * config.num_mini_batches
-    scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=config.max_steps * updates_per_step,
-                                schedule=config.lr_schedule, min_lr_ratio=config.min_lr_ratio)
+    scheduler = optim.build_scheduler(
+        optimizer,
+        warmup_steps=config.warmup_steps,
+        total_steps=config.max_steps * updates_per_step,
+        schedule=config.lr_schedule,
+        min_lr_ratio=config.min_lr_ratio,
+    )
     evaluate = (lambda: evaluate_policy(policy, tokenizer, task, config)) if task.eval_prompts is not None else None
-    run = Run(config, policy, tokenizer, optimizer, scheduler, evaluate=evaluate, bar_keys=("reward",),
-              extra_modules={"value_model": value_model},
-              save_extra=lambda directory: value_model.save_pretrained(str(Path(directory) / "value_model")))
+    run = Run(
+        config,
+        policy,
+        tokenizer,
+        optimizer,
+        scheduler,
+        evaluate=evaluate,
+        bar_keys=("reward",),
+        extra_modules={"value_model": value_model},
+        save_extra=lambda directory: value_model.save_pretrained(str(Path(directory) / "value_model")),
+    )
 
     # ---------------------------------------------------------------- training loop
     while run.running():
-        rows = step_batches(len(prompts), rows_per_step, 1, config.seed, run.step)[0]
-        batch = prompt_batch(prompts, rows, tokenizer.pad_token_id)
+        rows = runtime.step_batches(len(prompts), rows_per_step, 1, config.seed, run.step)[0]
+        batch = data.prompt_batch(prompts, rows, tokenizer.pad_token_id)
 
         # -- one completion per prompt
         with run.timed("generation"):
             rollout = generate(
-                policy, batch.prompt_ids.to(device), batch.prompt_mask.to(device), max_new_tokens=config.max_new_tokens,
-                eos_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id, temperature=config.temperature,
-                top_k=config.top_k, top_p=config.top_p,
+                policy,
+                batch.prompt_ids.to(device),
+                batch.prompt_mask.to(device),
+                max_new_tokens=config.max_new_tokens,
+                eos_token_ids=stop_ids,
+                pad_token_id=tokenizer.pad_token_id,
+                temperature=config.temperature,
+                top_k=config.top_k,
+                top_p=config.top_p,
             )
 
         # -- scores, log-probs under the sampling policy and the reference, values, advantages
         with run.timed("scoring"):
-            scores, per_source = score_rollout(scorer, tokenizer, batch, rollout, config.missing_eos_penalty)  # [B] each
-            sequences, attention_mask, mask = rollout.sequences, rollout.attention_mask, rollout.completion_mask.to(device)
+            scores, per_source = score_rollout(
+                scorer, tokenizer, batch, rollout, config.missing_eos_penalty
+            )  # [B] each
+            sequences, attention_mask, mask = (
+                rollout.sequences,
+                rollout.attention_mask,
+                rollout.completion_mask.to(device),
+            )
             length = rollout.completion_ids.shape[1]
-            with torch.no_grad(), autocast(device, bf16):
-                old_logp, _ = token_logprobs(forward_policy, sequences, attention_mask, length, config.temperature)
-                old_values = completion_values(forward_value, sequences, attention_mask, length)  # [B, T]
-                with reference_context(policy, reference) as ref_model:
-                    ref_logp, _ = token_logprobs(ref_model, sequences, attention_mask, length, config.temperature)
-            rewards = kl_shaped_rewards(scores.to(device), old_logp, ref_logp, mask, config.kl_coef, kind=config.kl_estimator)  # [B, T]
+            with torch.no_grad(), runtime.autocast(device, bf16):
+                old_logp, _ = models.token_logprobs(
+                    forward_policy, sequences, attention_mask, length, config.temperature
+                )
+                old_values = models.completion_values(forward_value, sequences, attention_mask, length)  # [B, T]
+                with lora.reference_context(policy, reference) as ref_model:
+                    ref_logp, _ = models.token_logprobs(
+                        ref_model, sequences, attention_mask, length, config.temperature
+                    )
+            rewards = kl_shaped_rewards(
+                scores.to(device), old_logp, ref_logp, mask, config.kl_coef, kind=config.kl_estimator
+            )  # [B, T]
             if config.whiten_rewards:
                 rewards = masked_whiten(rewards, mask, shift_mean=False)
             advantages, returns = gae(rewards, old_values, mask, gamma=config.gamma, lam=config.lam)  # [B, T] each
             advantages = masked_whiten(advantages, mask)
             sequence_kl = masked_sum(kl_estimate(old_logp, ref_logp, kind=config.kl_estimator), mask, dim=1)  # [B]
-            stats = {**rollout_stats(rollout, scores, per_source, scorer), "kl": sequence_kl.mean(),
-                     "non_score_reward": -config.kl_coef * sequence_kl.mean(), "lr": scheduler.get_last_lr()[0]}
+            stats = {
+                **rollout_stats(rollout, scores, per_source, scorer),
+                "kl": sequence_kl.mean(),
+                "non_score_reward": -config.kl_coef * sequence_kl.mean(),
+            }
 
         # -- PPO epochs over shuffled mini-batches
         with run.timed("training"):
@@ -150,22 +196,49 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 for mini_batch in torch.randperm(rows_per_step, device=device).split(mini_batch_rows):
                     normalizer = mask[mini_batch].sum().clamp(min=1)  # token mean over the mini-batch
                     for micro in mini_batch.split(config.batch_size):
-                        with autocast(device, bf16):
-                            logp, entropy = token_logprobs(forward_policy, sequences[micro], attention_mask[micro], length,
-                                                           config.temperature, with_entropy=True)
-                            values = completion_values(forward_value, sequences[micro], attention_mask[micro], length)
-                        pg_loss, pg_stats = policy_loss(logp, old_logp[micro], advantages[micro], mask[micro],
-                                                        clip_low=config.cliprange, normalizer=normalizer)
-                        vf_loss, vf_stats = value_loss(values, old_values[micro], returns[micro], mask[micro],
-                                                       clip=config.cliprange_value, normalizer=normalizer)
+                        with runtime.autocast(device, bf16):
+                            logp, entropy = models.token_logprobs(
+                                forward_policy,
+                                sequences[micro],
+                                attention_mask[micro],
+                                length,
+                                config.temperature,
+                                with_entropy=True,
+                            )
+                            values = models.completion_values(
+                                forward_value, sequences[micro], attention_mask[micro], length
+                            )
+                        pg_loss, pg_stats = policy_loss(
+                            logp,
+                            old_logp[micro],
+                            advantages[micro],
+                            mask[micro],
+                            clip_low=config.cliprange,
+                            normalizer=normalizer,
+                        )
+                        vf_loss, vf_stats = value_loss(
+                            values,
+                            old_values[micro],
+                            returns[micro],
+                            mask[micro],
+                            clip=config.cliprange_value,
+                            normalizer=normalizer,
+                        )
                         (pg_loss + config.vf_coef * vf_loss).backward()
                         for key, value in {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach()}.items():
                             stats[key] = stats.get(key, 0.0) + value / updates_per_step  # micro-batch losses add up
-                        micro_stats = {"entropy": masked_mean(entropy, mask[micro]), **pg_stats, **{f"value/{k}": v for k, v in vf_stats.items()}}
+                        micro_stats = {
+                            "entropy": masked_mean(entropy, mask[micro]),
+                            **pg_stats,
+                            **{f"value/{k}": v for k, v in vf_stats.items()},
+                        }
                         for key, value in micro_stats.items():
                             stats[key] = stats.get(key, 0.0) + value / (updates_per_step * config.grad_accum_steps)
-                    stats["grad_norm"] = stats.get("grad_norm", 0.0) + optimizer_step(trained.parameters(), optimizer, scheduler,
-                                                                                     config.max_grad_norm) / updates_per_step
+                    stats["grad_norm"] = (
+                        stats.get("grad_norm", 0.0)
+                        + optim.optimizer_step(trained.parameters(), optimizer, scheduler, config.max_grad_norm)
+                        / updates_per_step
+                    )
         run.end_step(stats)
     return run.finish()
 

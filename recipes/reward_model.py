@@ -37,26 +37,19 @@ from pathlib import Path
 
 import torch
 
-from rlcore import last_valid_index, reward_pairwise_loss
+from rlcore import data, evaluation, last_valid_index, lora, models, optim, reward_pairwise_loss, runtime, toy
 from rlcore.config import TrainConfig, parse_config
-from rlcore.data import collate_preference, tokenize_preference
-from rlcore.evaluation import reward_model_metrics
-from rlcore.lora import prepare_model
-from rlcore.models import load_reward_model
-from rlcore.optim import build_optimizer, build_scheduler, optimizer_step
 from rlcore.run import Run, cli
-from rlcore.runtime import autocast, maybe_compile, setup, step_batches
 from rlcore.task import load_task_rows
-from rlcore.toy import warm_start
-
-PREFERENCE_FORMATS = ("preference", "preference_implicit")
 
 
 @dataclass
 class RewardModelConfig(TrainConfig):
     dataset: str = "toy:preference"  # prompt/chosen/rejected (or chosen/rejected) rows, optional margin column
     output_dir: str = "outputs/reward_model"
-    warm_start_steps: int = 3000  # with --model tiny only: start from `recipes/sft.py --max_steps N` (cached); 0 = untrained
+    warm_start_steps: int = (
+        3000  # with --model tiny only: start from `recipes/sft.py --max_steps N` (cached); 0 = untrained
+    )
     center_coef: float = 0.0  # weight of the (r_c + r_r)^2 centering term
     head_lr: float | None = 5e-3  # peak learning rate of the new score head (None = --lr)
     num_train_rows: int | None = 50_000  # training pairs (the toy task draws fresh ones; None = all)
@@ -75,55 +68,80 @@ class RewardModelConfig(TrainConfig):
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     config = parse_config(RewardModelConfig, argv)
-    device, bf16 = setup(config)
+    device, bf16 = runtime.setup(config)
 
     # ---------------------------------------------------------------- data (checked first), model
-    rows, eval_rows, _ = load_task_rows(config, PREFERENCE_FORMATS)
-    start_model = warm_start(config.model, config.warm_start_steps, config.seed, Path(__file__).with_name("sft.py"))
-    model, tokenizer = load_reward_model(start_model, device=device)
-    model = prepare_model(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.load_in_4bit)
+    rows, eval_rows, _ = load_task_rows(config, data.PREFERENCE_FORMATS)  # no greedy metric: nothing is generated
+    if config.eval_metric not in ("auto", "none", None):
+        print(f"--eval_metric {config.eval_metric}: a reward model generates no text; only pairwise metrics")
+    start_model = toy.warm_start(config.model, config.warm_start_steps, config.seed, Path(__file__).with_name("sft.py"))
+    model, tokenizer = models.load_reward_model(start_model, device=device)
+    model = lora.prepare_model(
+        model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.load_in_4bit
+    )
     model.train()
-    backbone = maybe_compile(getattr(model, model.base_model_prefix), device, config.compile)
+    backbone = runtime.maybe_compile(getattr(model, model.base_model_prefix), device, config.compile)
     pad_id = tokenizer.pad_token_id
-    train = tokenize_preference(rows, tokenizer, config.max_length)
+    train = data.tokenize_preference(rows, tokenizer, config.max_length)
     columns = {name: list(train[name]) for name in ("prompt_ids", "chosen_ids", "rejected_ids")}  # python lists
     margins = torch.tensor(train["margin"], dtype=torch.float32) if "margin" in train.column_names else None
     if eval_rows is not None:
-        eval_pairs = tokenize_preference(eval_rows, tokenizer, config.max_length)
+        eval_pairs = data.tokenize_preference(eval_rows, tokenizer, config.max_length)
 
     model.score.requires_grad_(True)  # the head is new: trained in full (also under LoRA), at its own lr
     head_lr = config.lr if config.head_lr is None else config.head_lr
     head_group = {"params": list(model.score.parameters()), "lr": head_lr, "weight_decay": 0.0}
-    optimizer = build_optimizer(model, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2),
-                                extra_groups=[head_group])
-    scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=config.max_steps,
-                                schedule=config.lr_schedule, min_lr_ratio=config.min_lr_ratio)
-    evaluate = (lambda: reward_model_metrics(model, eval_pairs, pad_id, config.eval_batch_size)) if eval_rows is not None else None
-    run = Run(config, model, tokenizer, optimizer, scheduler, evaluate=evaluate, bar_keys=("loss", "accuracy"),
-              extra_modules={"score": model.score} if config.lora_r > 0 else None)  # adapters alone do not hold the head
+    optimizer = optim.build_optimizer(
+        model, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2), extra_groups=[head_group]
+    )
+    scheduler = optim.build_scheduler(
+        optimizer,
+        warmup_steps=config.warmup_steps,
+        total_steps=config.max_steps,
+        schedule=config.lr_schedule,
+        min_lr_ratio=config.min_lr_ratio,
+    )
+    evaluate = (
+        (lambda: evaluation.reward_model_metrics(model, eval_pairs, pad_id, config.eval_batch_size))
+        if eval_rows is not None
+        else None
+    )
+    run = Run(
+        config,
+        model,
+        tokenizer,
+        optimizer,
+        scheduler,
+        evaluate=evaluate,
+        bar_keys=("loss", "accuracy"),
+        extra_modules={"score": model.score} if config.lora_r > 0 else None,
+    )  # adapters alone do not hold the head
 
     def scores(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """[2B] scores at the last real token of each sequence, one forward pass for chosen and rejected."""
-        hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+        hidden = backbone(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).last_hidden_state
         last = last_valid_index(batch["attention_mask"])  # [2B]
         return model.score(hidden[torch.arange(hidden.shape[0], device=device), last]).squeeze(-1).float()  # [2B]
 
     # ---------------------------------------------------------------- training loop
     while run.running():
         stats: dict[str, torch.Tensor] = {}
-        for indices in step_batches(len(train), config.batch_size, config.grad_accum_steps, config.seed, run.step):
+        for indices in runtime.step_batches(
+            len(train), config.batch_size, config.grad_accum_steps, config.seed, run.step
+        ):
             pairs = {name: [values[i] for i in indices] for name, values in columns.items()}
-            batch = collate_preference(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"], pad_id)
+            batch = data.collate_preference(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}  # each [2B, T]
-            with autocast(device, bf16):
+            with runtime.autocast(device, bf16):
                 chosen_scores, rejected_scores = scores(batch).chunk(2)  # [B], [B]
             margin = margins[indices].to(device) if margins is not None else None
             loss, loss_stats = reward_pairwise_loss(chosen_scores, rejected_scores, margin, config.center_coef)
             (loss / config.grad_accum_steps).backward()  # equal-size micro-batches: mean of means = mean
             for key, value in {"loss": loss.detach(), **loss_stats}.items():
                 stats[key] = stats.get(key, 0.0) + value / config.grad_accum_steps
-        stats["lr"] = scheduler.get_last_lr()[0]
-        stats["grad_norm"] = optimizer_step(model.parameters(), optimizer, scheduler, config.max_grad_norm)
+        stats["grad_norm"] = optim.optimizer_step(model.parameters(), optimizer, scheduler, config.max_grad_norm)
         run.end_step(stats)
     return run.finish()
 

@@ -36,18 +36,10 @@ from dataclasses import dataclass
 
 import torch
 
-from rlcore import sft_loss
+from rlcore import data, evaluation, lora, models, optim, runtime, sft_loss
 from rlcore.config import TrainConfig, parse_config
-from rlcore.data import collate_right, pack_sequences, tokenize_prompts, tokenize_sft
-from rlcore.evaluation import sft_metrics
-from rlcore.lora import prepare_model
-from rlcore.models import load_policy
-from rlcore.optim import build_optimizer, build_scheduler, loss_tokens, optimizer_step
 from rlcore.run import Run, cli
-from rlcore.runtime import autocast, maybe_compile, prefer_eager_attention, setup, step_batches
 from rlcore.task import load_task_rows, metric_value
-
-SFT_FORMATS = ("language_modeling", "prompt_completion")
 
 
 @dataclass
@@ -68,31 +60,42 @@ class SFTConfig(TrainConfig):
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     config = parse_config(SFTConfig, argv)
-    device, bf16 = setup(config)
+    device, bf16 = runtime.setup(config)
 
     # ---------------------------------------------------------------- data (checked first), model
-    rows, eval_rows, metric = load_task_rows(config, SFT_FORMATS)
-    model, tokenizer = load_policy(config.model, device=device)
-    model = prepare_model(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.load_in_4bit)
+    rows, eval_rows, metric = load_task_rows(config, data.SFT_FORMATS)
+    model, tokenizer = models.load_policy(config.model, device=device)
+    model = lora.prepare_model(
+        model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.load_in_4bit
+    )
     model.train()
     pad_id = tokenizer.pad_token_id
-    train = tokenize_sft(rows, tokenizer, config.max_length, config.completion_only)
+    train = data.tokenize_sft(rows, tokenizer, config.max_length, config.completion_only)
     train_ids, train_masks = list(train["input_ids"]), list(train["completion_mask"])  # python lists of token lists
-    packed = pack_sequences(train, config.max_length, pad_id) if config.packing else None  # each [bins, max_length]
-    prefer_eager_attention(model, device, config.max_length if config.packing else max(map(len, train_ids)))
-    forward = maybe_compile(model, device, config.compile)
+    packed = (
+        data.pack_sequences(train, config.max_length, pad_id) if config.packing else None
+    )  # each [bins, max_length]
+    runtime.prefer_eager_attention(model, device, config.max_length if config.packing else max(map(len, train_ids)))
+    forward = runtime.maybe_compile(model, device, config.compile)
     num_samples = len(packed["input_ids"]) if config.packing else len(train)
     if eval_rows is not None:
-        eval_tokens = tokenize_sft(eval_rows, tokenizer, config.max_length, config.completion_only)
-        eval_prompts = tokenize_prompts(eval_rows, tokenizer, config.max_length) if metric else None
+        eval_tokens = data.tokenize_sft(eval_rows, tokenizer, config.max_length, config.completion_only)
+        eval_prompts = data.tokenize_prompts(eval_rows, tokenizer, config.max_length) if metric else None
 
     def evaluate() -> dict[str, float]:
-        return {**sft_metrics(model, eval_tokens, pad_id, config.eval_batch_size),
-                **metric_value(model, tokenizer, eval_prompts, metric, config)}
+        return {
+            **evaluation.sft_metrics(model, eval_tokens, pad_id, config.eval_batch_size),
+            **metric_value(model, tokenizer, eval_prompts, metric, config),
+        }
 
-    optimizer = build_optimizer(model, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2))
-    scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=config.max_steps,
-                                schedule=config.lr_schedule, min_lr_ratio=config.min_lr_ratio)
+    optimizer = optim.build_optimizer(model, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2))
+    scheduler = optim.build_scheduler(
+        optimizer,
+        warmup_steps=config.warmup_steps,
+        total_steps=config.max_steps,
+        schedule=config.lr_schedule,
+        min_lr_ratio=config.min_lr_ratio,
+    )
     run = Run(config, model, tokenizer, optimizer, scheduler, evaluate=evaluate if eval_rows is not None else None)
 
     def micro_batch(indices: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if config.packing:  # no attention mask: position ids mark the row boundaries
             batch = {k: packed[k][indices] for k in ("input_ids", "position_ids", "completion_mask")}
         else:
-            batch = collate_right([train_ids[i] for i in indices], [train_masks[i] for i in indices], pad_id)
+            batch = data.collate_right([train_ids[i] for i in indices], [train_masks[i] for i in indices], pad_id)
         loss_mask = batch.pop("completion_mask")[:, 1:].bool()  # [B, T-1]
         labels = batch["input_ids"][:, 1:][loss_mask]  # [N]
         inputs = {k: v[:, :-1].to(device) for k, v in batch.items()}  # [B, T-1] each
@@ -113,24 +116,27 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # ---------------------------------------------------------------- training loop
     while run.running():
-        micro_batches = step_batches(num_samples, config.batch_size, config.grad_accum_steps, config.seed, run.step)
+        micro_batches = runtime.step_batches(
+            num_samples, config.batch_size, config.grad_accum_steps, config.seed, run.step
+        )
         window = [index for indices in micro_batches for index in indices]
         if config.packing:  # loss tokens of the whole step: the normaliser of every micro-batch's token sum
             normalizer = max(1, int(packed["completion_mask"][window].sum()))
         else:
-            normalizer = loss_tokens([train_masks[i] for i in window])
+            normalizer = optim.loss_tokens([train_masks[i] for i in window])
         stats: dict[str, torch.Tensor] = {}
         for indices in micro_batches:
             inputs, loss_positions, labels = micro_batch(indices)
-            with autocast(device, bf16):
+            with runtime.autocast(device, bf16):
                 logits = forward(**inputs, use_cache=False).logits  # [B, T-1, V]
             rows, columns = loss_positions.unbind(1)  # [N] each
             loss, loss_stats = sft_loss(logits[rows, columns], labels, normalizer=normalizer)  # [N, V], [N]
             loss.backward()
             stats["loss"] = stats.get("loss", 0.0) + loss.detach()  # sums to the step's token mean
-            stats["token_accuracy"] = stats.get("token_accuracy", 0.0) + loss_stats["token_accuracy"] / len(micro_batches)
-        stats["lr"] = scheduler.get_last_lr()[0]
-        stats["grad_norm"] = optimizer_step(model.parameters(), optimizer, scheduler, config.max_grad_norm)
+            stats["token_accuracy"] = stats.get("token_accuracy", 0.0) + loss_stats["token_accuracy"] / len(
+                micro_batches
+            )
+        stats["grad_norm"] = optim.optimizer_step(model.parameters(), optimizer, scheduler, config.max_grad_norm)
         run.end_step(stats)
     return run.finish()
 

@@ -72,9 +72,7 @@ def _grouped(rewards: torch.Tensor, group_size: int, min_group_size: int = 1) ->
     return rewards.view(-1, group_size)  # [num_groups, G]
 
 
-def group_advantages(
-    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
-) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
     """GRPO advantages: each reward minus its group's mean, optionally divided by a standard deviation.
 
         A_i = (r_i - mean_group(r)) / (std + eps)

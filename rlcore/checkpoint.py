@@ -30,8 +30,9 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import safetensors.torch
 import torch
@@ -101,7 +102,9 @@ def load_model_weights(model: torch.nn.Module, directory: str | os.PathLike) -> 
     for path in files:
         state.update(safetensors.torch.load_file(path))
     result = model.load_state_dict(state, strict=False)
-    tied = {name for name, p in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    tied = {name for name, p in model.named_parameters(remove_duplicate=False)} - {
+        n for n, _ in model.named_parameters()
+    }
     missing = sorted(set(result.missing_keys) - tied)
     if missing or result.unexpected_keys:
         raise ValueError(

@@ -49,11 +49,19 @@ class TrainConfig:
 
     # --- model and data
     model: str = "tiny"  # "tiny" (embedded default), a local directory or a hub id
-    dataset: str = "toy:prompt_completion"  # "toy:<kind>", a .json/.jsonl/.parquet/.csv file, a dataset dir or a hub name
+    dataset: str = (
+        "toy:prompt_completion"  # "toy:<kind>", a .json/.jsonl/.parquet/.csv file, a dataset dir or a hub name
+    )
     train_split: str = "train"  # split of --dataset used for training
-    eval_split: str = "test"  # split of --dataset (or --eval_dataset) to evaluate on; a single file has none ("none" = no evaluation)
-    eval_dataset: str | None = None  # evaluation rows from another source (a file, ...); None = --dataset's --eval_split
-    eval_metric: str | None = "auto"  # greedy-generation metric: a reward-function name/spec (rlcore.rewards), "auto" (exact_match on the toy task, else none) or none
+    eval_split: str = (
+        "test"  # split of --dataset (or --eval_dataset) to evaluate on; a single file has none ("none" = no evaluation)
+    )
+    eval_dataset: str | None = (
+        None  # evaluation rows from another source (a file, ...); None = --dataset's --eval_split
+    )
+    eval_metric: str | None = (
+        "auto"  # greedy-generation metric: a reward-function name/spec (rlcore.rewards), "auto" (exact_match on the toy task, else none) or none
+    )
     num_train_rows: int | None = None  # keep only the first N training rows (None = all)
     num_eval_rows: int | None = 500  # rows used for evaluation (None = all)
     max_length: int = 256  # longest tokenized sequence, in tokens
@@ -72,7 +80,9 @@ class TrainConfig:
     batch_size: int = 8  # rows per micro-batch (one forward/backward)
     grad_accum_steps: int = 1  # micro-batches per optimizer step; rows per step = batch_size * grad_accum_steps
     max_steps: int = 100  # optimizer steps; the schedule is laid out over this many
-    max_seconds: float | None = None  # safety stop: end early (save, evaluate, say so) after this much training time (None = off)
+    max_seconds: float | None = (
+        None  # safety stop: end early (save, evaluate, say so) after this much training time (None = off)
+    )
 
     # --- logging, evaluation, checkpoints
     logging_steps: int = 10  # log the mean of the metrics over this many steps
@@ -80,7 +90,9 @@ class TrainConfig:
     eval_batch_size: int = 64  # rows per evaluation batch
     save_steps: int = 0  # write OUTPUT_DIR/checkpoint-<step> every N steps (0 = only the final model)
     save_total_limit: int = 2  # keep the last K checkpoints (0 = keep all)
-    resume: str | None = field(default=None, metadata={"flag_const": "auto"})  # "auto" (latest checkpoint in output_dir) or a checkpoint path
+    resume: str | None = field(
+        default=None, metadata={"flag_const": "auto"}
+    )  # "auto" (latest checkpoint in output_dir) or a checkpoint path
 
     # --- hardware
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
@@ -92,7 +104,9 @@ class TrainConfig:
     lora_r: int = 0  # LoRA rank (0 = full fine-tuning)
     lora_alpha: float = 16.0  # LoRA scaling numerator: scale = alpha / r
     lora_dropout: float = 0.0  # dropout on the LoRA branch input
-    lora_targets: str | None = None  # comma-separated module-name suffixes or a regex (None = attention and MLP projections)
+    lora_targets: str | None = (
+        None  # comma-separated module-name suffixes or a regex (None = attention and MLP projections)
+    )
     load_in_4bit: bool = False  # quantise the frozen base to 4-bit nf4 (QLoRA; needs --lora_r > 0)
 
     def __post_init__(self) -> None:
@@ -127,9 +141,13 @@ class OnlineConfig(TrainConfig):
     temperature: float = 1.0  # sampling temperature (log-probs in the loss use the same temperature)
     top_k: int = 0  # sample among the k most likely tokens (0 = all)
     top_p: float = 1.0  # nucleus sampling (1 = off)
-    reward_funcs: str | None = "accuracy"  # comma-separated reward functions: accuracy, format, pkg.module:fn, file.py:fn
+    reward_funcs: str | None = (
+        "accuracy"  # comma-separated reward functions: accuracy, format, pkg.module:fn, file.py:fn
+    )
     reward_model: str | None = None  # a reward-model directory (recipes/reward_model.py output), added to the functions
-    reward_weights: str | None = None  # comma-separated weights, one per reward function then the reward model (None = all 1)
+    reward_weights: str | None = (
+        None  # comma-separated weights, one per reward function then the reward model (None = all 1)
+    )
     missing_eos_penalty: float = 0.0  # subtracted from the reward of completions cut at --max_new_tokens
 
     def __post_init__(self) -> None:

@@ -34,6 +34,7 @@ expected and the first row), missing (None) or empty values, non-string content,
 """
 
 import os
+import re
 from dataclasses import dataclass
 
 import datasets
@@ -52,6 +53,9 @@ FORMAT_COLUMNS = {
     "unpaired_preference": ("prompt", "completion", "label"),
 }
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+# the formats each kind of recipe takes
+SFT_FORMATS = ("language_modeling", "prompt_completion")
+PREFERENCE_FORMATS = ("preference", "preference_implicit")
 PROMPT_FORMATS = ("prompt_only", "prompt_completion", "preference", "unpaired_preference")  # rows with a prompt
 TRUNCATION_POLICIES = ("drop", "truncate")
 
@@ -74,27 +78,66 @@ def load_rows(source: str, split: str = "train", n: int | None = None, **load_kw
             ``features=datasets.Features({"prompt": datasets.Value("string"), ...})`` for a CSV file whose
             answers are numbers, as CSV columns are type-inferred).
     """
+    name = _split_name(split)
     if is_toy_source(source):
         from rlcore.toy import toy_dataset  # the name "toy:<kind>" asks for the embedded default
 
-        return toy_dataset(source.partition(":")[2] or "prompt_completion", split=split, n=n)
-    extension = os.path.splitext(source)[1].lower()
-    if not os.path.exists(source) and (extension in FILE_BUILDERS or source.startswith((".", "/", "~"))):
-        raise FileNotFoundError(f"dataset {source!r}: no such file or directory")
-    if os.path.isfile(source):
-        if extension not in FILE_BUILDERS:
-            raise ValueError(f"cannot read {source!r}: expected a file ending in {', '.join(FILE_BUILDERS)}")
-        rows = datasets.load_dataset(FILE_BUILDERS[extension], data_files=source, split="train", **load_kwargs)
-    elif os.path.isdir(source) and _is_saved_dataset(source):
-        rows = datasets.load_from_disk(source)
-        if isinstance(rows, datasets.DatasetDict):
-            rows = rows[split]
-    else:  # a directory of data files, or a hub name
-        rows = datasets.load_dataset(source, split=split, **load_kwargs)
+        rows = toy_dataset(source.partition(":")[2] or "prompt_completion", split=name, n=n if split == name else None)
+    else:
+        rows = _load_source(source, split, name, **load_kwargs)
+    if split != name and (is_toy_source(source) or os.path.exists(source)):  # hub builders slice themselves
+        rows = _take_slice(rows, split)
     return rows if n is None else rows.select(range(min(n, len(rows))))
 
 
-def load_checked_rows(source: str, split: str, n: int | None, accepted: tuple[str, ...], flag: str = "--dataset") -> datasets.Dataset:
+def _load_source(source: str, split: str, name: str, **load_kwargs) -> datasets.Dataset:
+    """A local file, a ``save_to_disk`` directory, a directory of data files or a hub dataset (split ``name``)."""
+    extension = os.path.splitext(source)[1].lower()
+    if not os.path.exists(source) and (extension in FILE_BUILDERS or source.startswith((".", "/", "~"))):
+        raise FileNotFoundError(f"dataset {source!r}: no such file or directory")
+    single = os.path.isfile(source) or (_is_saved_dataset(source) and not _is_saved_dataset_dict(source))
+    if single and name != "train":
+        raise ValueError(f"dataset {source!r} holds one split, 'train' (its rows); there is no {name!r} split")
+    if os.path.isfile(source):
+        if extension not in FILE_BUILDERS:
+            raise ValueError(f"cannot read {source!r}: expected a file ending in {', '.join(FILE_BUILDERS)}")
+        return datasets.load_dataset(FILE_BUILDERS[extension], data_files=source, split="train", **load_kwargs)
+    if os.path.isdir(source) and _is_saved_dataset(source):
+        rows = datasets.load_from_disk(source)
+        if isinstance(rows, datasets.DatasetDict):
+            if name not in rows:
+                raise ValueError(f"dataset {source!r} has no {name!r} split; it has {list(rows)}")
+            rows = rows[name]
+        return rows
+    return datasets.load_dataset(source, split=split, **load_kwargs)  # a directory of data files, or a hub name
+
+
+_SLICE = re.compile(r"^(\w+)\[(-?\d*)(%?):(-?\d*)(%?)\]$")
+
+
+def _split_name(split: str) -> str:
+    """``"train[:100]"`` -> ``"train"``."""
+    return split.split("[", 1)[0]
+
+
+def _take_slice(rows: datasets.Dataset, split: str) -> datasets.Dataset:
+    """The rows of a sliced split as ``datasets`` reads it: ``name[a:b]`` in rows, or ``name[a%:b%]``."""
+    match = _SLICE.match(split)
+    if match is None:
+        raise ValueError(f"split {split!r}: expected NAME, NAME[a:b] or NAME[a%:b%]")
+    start, start_pct, stop, stop_pct = match.group(2), match.group(3), match.group(4), match.group(5)
+
+    def bound(text: str, percent: str) -> int | None:
+        if not text:
+            return None
+        return round(int(text) * len(rows) / 100) if percent else int(text)
+
+    return rows.select(range(len(rows))[slice(bound(start, start_pct), bound(stop, stop_pct))])
+
+
+def load_checked_rows(
+    source: str, split: str, n: int | None, accepted: tuple[str, ...], flag: str = "--dataset"
+) -> datasets.Dataset:
     """:func:`load_rows`, then a one-line ``ValueError`` naming the flag unless the rows have an ``accepted``
     format: recipes call it before any training or warm start, so bad data is reported at once."""
     rows = load_rows(source, split, n)
@@ -102,8 +145,9 @@ def load_checked_rows(source: str, split: str, n: int | None, accepted: tuple[st
     return rows
 
 
-def load_eval_rows(dataset: str, eval_dataset: str | None, eval_split: str, n: int | None,
-                   accepted: tuple[str, ...]) -> datasets.Dataset | None:
+def load_eval_rows(
+    dataset: str, eval_dataset: str | None, eval_split: str, n: int | None, accepted: tuple[str, ...]
+) -> datasets.Dataset | None:
     """The held-out rows of a run, or None (and a printed reason): never the training rows in disguise.
 
     ``eval_split == "none"``: no evaluation. ``eval_dataset`` given: its ``eval_split``, or all its rows when
@@ -116,8 +160,10 @@ def load_eval_rows(dataset: str, eval_dataset: str | None, eval_split: str, n: i
         split = eval_split if has_split(eval_dataset, eval_split) else "train"
         return load_checked_rows(eval_dataset, split, n, accepted, flag="--eval_dataset")
     if not has_split(dataset, eval_split):
-        print(f"no evaluation: {dataset} has no {eval_split!r} split (a single file holds training rows only); "
-              "pass --eval_dataset FILE for held-out rows")
+        print(
+            f"no evaluation: {dataset} has no {eval_split!r} split (a single file holds training rows only); "
+            "pass --eval_dataset FILE for held-out rows"
+        )
         return None
     return load_checked_rows(dataset, eval_split, n, accepted)
 
@@ -133,17 +179,22 @@ def has_split(source: str, split: str) -> bool:
     A single data file holds one split (its rows are the ``"train"`` split), so any other split of a file
     does not exist; the toy task has ``train`` and ``test``; a directory or hub dataset is asked.
     """
+    name = _split_name(split)
     if is_toy_source(source):
-        return split.split("[")[0] in ("train", "test")
-    if os.path.isfile(source):
-        return split.split("[")[0] == "train"
-    if os.path.isdir(source) and _is_saved_dataset(source):
-        saved = datasets.load_from_disk(source)
-        return not isinstance(saved, datasets.DatasetDict) or split.split("[")[0] in saved
+        return name in ("train", "test")
+    if os.path.isfile(source) or (_is_saved_dataset(source) and not _is_saved_dataset_dict(source)):
+        return name == "train"  # one split: its rows
+    if _is_saved_dataset(source):
+        return name in datasets.load_from_disk(source)
     try:
-        return split.split("[")[0] in datasets.get_dataset_split_names(source)
+        return name in datasets.get_dataset_split_names(source)
     except Exception:  # noqa: BLE001 - an unreadable source fails with its own error when loaded
         return True
+
+
+def _is_saved_dataset_dict(directory: str) -> bool:
+    """Whether ``directory`` was written by ``DatasetDict.save_to_disk`` (several splits)."""
+    return os.path.isfile(os.path.join(directory, "dataset_dict.json"))
 
 
 def _is_saved_dataset(directory: str) -> bool:
@@ -184,7 +235,9 @@ def is_conversational(dataset: datasets.Dataset) -> bool:
     if len(dataset) == 0:
         return False
     first_row = dataset[0]
-    return any(isinstance(first_row.get(column), list) for column in ("messages", "prompt", "completion", "chosen", "rejected"))
+    return any(
+        isinstance(first_row.get(column), list) for column in ("messages", "prompt", "completion", "chosen", "rejected")
+    )
 
 
 def _require_format(dataset: datasets.Dataset, function_name: str, accepted: tuple[str, ...]) -> str:
@@ -208,7 +261,11 @@ def _check_text(value, row: int, field: str) -> str:
     if value is None:
         raise ValueError(f"row {row}: field {field!r} is missing (None)")
     if not isinstance(value, str):
-        hint = " (a CSV column of numbers is read as numbers: pass features= to load_rows to read it as text)" if isinstance(value, (int, float)) else ""
+        hint = (
+            " (a CSV column of numbers is read as numbers: pass features= to load_rows to read it as text)"
+            if isinstance(value, (int, float))
+            else ""
+        )
         raise ValueError(f"row {row}: field {field!r} must be a string, got {type(value).__name__}: {value!r}{hint}")
     if not value:
         raise ValueError(f"row {row}: field {field!r} is empty")
@@ -219,7 +276,9 @@ def _check_messages(value, row: int, field: str, allowed_roles: tuple[str, ...])
     if value is None:
         raise ValueError(f"row {row}: field {field!r} is missing (None)")
     if not isinstance(value, list):
-        raise ValueError(f"row {row}: field {field!r} must be a list of messages (the dataset is conversational), got {type(value).__name__}: {value!r}")
+        raise ValueError(
+            f"row {row}: field {field!r} must be a list of messages (the dataset is conversational), got {type(value).__name__}: {value!r}"
+        )
     if not value:
         raise ValueError(f"row {row}: field {field!r} is empty")
     for index, message in enumerate(value):
@@ -227,9 +286,13 @@ def _check_messages(value, row: int, field: str, allowed_roles: tuple[str, ...])
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise ValueError(f"{where} must be a dict with 'role' and 'content', got {message!r}")
         if message["role"] not in allowed_roles:
-            raise ValueError(f"{where}: role {message['role']!r} is not one the chat template knows; allowed roles: {', '.join(allowed_roles)}")
+            raise ValueError(
+                f"{where}: role {message['role']!r} is not one the chat template knows; allowed roles: {', '.join(allowed_roles)}"
+            )
         if not isinstance(message["content"], str):
-            raise ValueError(f"{where}: content must be a string, got {type(message['content']).__name__}: {message['content']!r}")
+            raise ValueError(
+                f"{where}: content must be a string, got {type(message['content']).__name__}: {message['content']!r}"
+            )
     if field != "prompt" and not any(message["content"] for message in value):
         raise ValueError(f"row {row}: field {field!r} is empty (no message has content)")
     return value
@@ -255,7 +318,9 @@ def _render(tokenizer, conversations: list[list[dict]], rows, add_generation_pro
     if not conversations:
         return []
     try:
-        texts = tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=add_generation_prompt)
+        texts = tokenizer.apply_chat_template(
+            conversations, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     except jinja2.TemplateError:
         for conversation, row in zip(conversations, rows):  # find the row to name in the error
             try:
@@ -272,7 +337,9 @@ def _cut_after_last_stop(ids: list[int], stop_ids: set[int]) -> list[int]:
     return ids[: stops[-1] + 1] if stops else ids
 
 
-def _chat_completions(tokenizer, prompts: list[list[dict]], completions: list[list[dict]], stop_ids: set[int]) -> list[tuple[list[int], list[int]]]:
+def _chat_completions(
+    tokenizer, prompts: list[list[dict]], completions: list[list[dict]], stop_ids: set[int]
+) -> list[tuple[list[int], list[int]]]:
     """(prompt_ids, completion_ids) per conversational row; completion_ids end with the end-of-turn token."""
     rows = range(len(prompts))
     all_prompt_ids = _render(tokenizer, prompts, rows, add_generation_prompt=True)
@@ -280,7 +347,9 @@ def _chat_completions(tokenizer, prompts: list[list[dict]], completions: list[li
     pairs = []
     for row, (prompt_ids, full_ids) in enumerate(zip(all_prompt_ids, all_full_ids)):
         if full_ids[: len(prompt_ids)] != prompt_ids:
-            raise ValueError(f"row {row}: the chat template does not render the prompt with a generation prompt as a prefix of the full conversation")
+            raise ValueError(
+                f"row {row}: the chat template does not render the prompt with a generation prompt as a prefix of the full conversation"
+            )
         pairs.append((prompt_ids, _cut_after_last_stop(full_ids[len(prompt_ids) :], stop_ids)))
     return pairs
 
@@ -294,21 +363,32 @@ def _plain_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=True)["input_ids"]
 
 
-def _chat_turn_masks(tokenizer, conversations: list[list[dict]], stop_ids: set[int]) -> list[tuple[list[int], list[int]]]:
+def _chat_turn_masks(
+    tokenizer, conversations: list[list[dict]], stop_ids: set[int]
+) -> list[tuple[list[int], list[int]]]:
     """(input_ids, mask) per conversation; mask is 1 on each assistant reply and its end-of-turn token.
 
     Reply i spans from the end of ``messages[:i]`` rendered with a generation prompt to the end of
     ``messages[:i + 1]``, cut after its last end-of-turn token.
     """
     all_ids = _render(tokenizer, conversations, range(len(conversations)))
-    turns = [(row, index) for row, messages in enumerate(conversations) for index, message in enumerate(messages) if message["role"] == "assistant"]
+    turns = [
+        (row, index)
+        for row, messages in enumerate(conversations)
+        for index, message in enumerate(messages)
+        if message["role"] == "assistant"
+    ]
     turn_rows = [row for row, _ in turns]
-    befores = _render(tokenizer, [conversations[row][:index] for row, index in turns], turn_rows, add_generation_prompt=True)
+    befores = _render(
+        tokenizer, [conversations[row][:index] for row, index in turns], turn_rows, add_generation_prompt=True
+    )
     throughs = _render(tokenizer, [conversations[row][: index + 1] for row, index in turns], turn_rows)
     masks = [[0] * len(ids) for ids in all_ids]
     for (row, index), before, through in zip(turns, befores, throughs):
         if all_ids[row][: len(through)] != through or through[: len(before)] != before:
-            raise ValueError(f"row {row}: the chat template does not render message {index} as a prefix of the whole conversation")
+            raise ValueError(
+                f"row {row}: the chat template does not render message {index} as a prefix of the whole conversation"
+            )
         reply = _cut_after_last_stop(through[len(before) :], stop_ids)
         masks[row][len(before) : len(before) + len(reply)] = [1] * len(reply)
     return list(zip(all_ids, masks))
@@ -325,7 +405,9 @@ def _too_long(prompt_ids: list[int], completion_ids: list[int], max_length: int 
     return max_length is not None and len(prompt_ids) + len(completion_ids) > max_length
 
 
-def _fit_completion(prompt_ids: list[int], completion_ids: list[int], max_length: int | None, truncation: str) -> list[int] | None:
+def _fit_completion(
+    prompt_ids: list[int], completion_ids: list[int], max_length: int | None, truncation: str
+) -> list[int] | None:
     """The completion ids that fit after the prompt under the truncation policy, or None to drop the row."""
     if not _too_long(prompt_ids, completion_ids, max_length):
         return completion_ids
@@ -333,15 +415,21 @@ def _fit_completion(prompt_ids: list[int], completion_ids: list[int], max_length
     return completion_ids[:room] if truncation == "truncate" and room > 0 else None
 
 
-def _report(function_name: str, affected: int, dropped: int, total: int, max_length: int | None, truncation: str) -> None:
+def _report(
+    function_name: str, affected: int, dropped: int, total: int, max_length: int | None, truncation: str
+) -> None:
     if affected:
-        print(f"{function_name}: {affected} of {total} rows longer than max_length={max_length} "
-              f"(truncation={truncation!r}: {affected - dropped} truncated, {dropped} dropped)")
+        print(
+            f"{function_name}: {affected} of {total} rows longer than max_length={max_length} "
+            f"(truncation={truncation!r}: {affected - dropped} truncated, {dropped} dropped)"
+        )
     if dropped == total:
         raise ValueError(f"{function_name}: every row is longer than max_length={max_length}")
 
 
-def _apply_max_length(function_name: str, rows, max_length: int | None, truncation: str) -> tuple[list[int], list[list[list[int]]]]:
+def _apply_max_length(
+    function_name: str, rows, max_length: int | None, truncation: str
+) -> tuple[list[int], list[list[list[int]]]]:
     """``rows`` of (prompt_ids, [response_ids, ...]) -> (indices of the rows kept, their fitted responses).
 
     A row is kept when every response fits after its prompt under the truncation policy; the number of
@@ -385,26 +473,42 @@ def tokenize_sft(
         pairs = _tokenize_pairs(dataset, tokenizer, "completion", conversational, allowed_roles, stop_ids)
         pieces = [(prompt_ids, completion_ids, [1] * len(completion_ids)) for prompt_ids, completion_ids in pairs]
     elif "messages" in dataset.column_names and conversational:  # the whole conversation, assistant turns masked
-        conversations = [_check_messages(messages, index, "messages", allowed_roles) for index, messages in enumerate(dataset["messages"])]
+        conversations = [
+            _check_messages(messages, index, "messages", allowed_roles)
+            for index, messages in enumerate(dataset["messages"])
+        ]
         pieces = [([], ids, mask) for ids, mask in _chat_turn_masks(tokenizer, conversations, stop_ids)]
     else:  # plain text, every token trained
         texts = [_check_text(text, index, "text") for index, text in enumerate(dataset["text"])]
         pieces = [([], ids, [1] * len(ids)) for ids in _plain_completions(tokenizer, texts)]
 
-    kept, fitted_rows = _apply_max_length("tokenize_sft", [(prompt_ids, [ids]) for prompt_ids, ids, _ in pieces], max_length, truncation)
+    kept, fitted_rows = _apply_max_length(
+        "tokenize_sft", [(prompt_ids, [ids]) for prompt_ids, ids, _ in pieces], max_length, truncation
+    )
     input_ids, completion_masks = [], []
     for index, (completion_ids,) in zip(kept, fitted_rows):
         prompt_ids, _, mask = pieces[index]
-        loss_mask = [0] * len(prompt_ids) + mask[: len(completion_ids)] if completion_only else [1] * (len(prompt_ids) + len(completion_ids))
+        loss_mask = (
+            [0] * len(prompt_ids) + mask[: len(completion_ids)]
+            if completion_only
+            else [1] * (len(prompt_ids) + len(completion_ids))
+        )
         input_ids.append(prompt_ids + completion_ids)
         completion_masks.append([0] + loss_mask[1:])  # token 0 is never predicted
     return datasets.Dataset.from_dict({"input_ids": input_ids, "completion_mask": completion_masks})
 
 
-def _tokenize_pairs(dataset, tokenizer, field: str, conversational: bool, allowed_roles, stop_ids) -> list[tuple[list[int], list[int]]]:
+def _tokenize_pairs(
+    dataset, tokenizer, field: str, conversational: bool, allowed_roles, stop_ids
+) -> list[tuple[list[int], list[int]]]:
     """(prompt_ids, completion_ids) per row, for the ``field`` column answering the ``prompt`` column."""
-    prompts = [_check_field(prompt, index, "prompt", conversational, allowed_roles) for index, prompt in enumerate(dataset["prompt"])]
-    completions = [_check_field(value, index, field, conversational, allowed_roles) for index, value in enumerate(dataset[field])]
+    prompts = [
+        _check_field(prompt, index, "prompt", conversational, allowed_roles)
+        for index, prompt in enumerate(dataset["prompt"])
+    ]
+    completions = [
+        _check_field(value, index, field, conversational, allowed_roles) for index, value in enumerate(dataset[field])
+    ]
     if conversational:
         return _chat_completions(tokenizer, prompts, completions, stop_ids)
     return list(zip(_plain_prompts(tokenizer, prompts), _plain_completions(tokenizer, completions)))
@@ -424,19 +528,34 @@ def _implicit_prompts(dataset, tokenizer, conversational: bool, allowed_roles, s
     (it may end inside the answer, e.g. "37+85=12" for "122" vs "121": the shared tokens cancel in
     every pairwise loss). Conversational rows: the longest common prefix of the two message lists.
     """
-    chosen = [_check_field(value, index, "chosen", conversational, allowed_roles) for index, value in enumerate(dataset["chosen"])]
-    rejected = [_check_field(value, index, "rejected", conversational, allowed_roles) for index, value in enumerate(dataset["rejected"])]
+    chosen = [
+        _check_field(value, index, "chosen", conversational, allowed_roles)
+        for index, value in enumerate(dataset["chosen"])
+    ]
+    rejected = [
+        _check_field(value, index, "rejected", conversational, allowed_roles)
+        for index, value in enumerate(dataset["rejected"])
+    ]
     identical = next((index for index, pair in enumerate(zip(chosen, rejected)) if pair[0] == pair[1]), None)
     if identical is not None:
         raise ValueError(f"row {identical}: chosen and rejected are identical: {chosen[identical]!r}")
     if conversational:
         shared = [_common_prefix_length(good, bad) for good, bad in zip(chosen, rejected)]
         prompts = [good[:length] for good, length in zip(chosen, shared)]
-        chosen_pairs = _chat_completions(tokenizer, prompts, [good[length:] for good, length in zip(chosen, shared)], stop_ids)
-        rejected_pairs = _chat_completions(tokenizer, prompts, [bad[length:] for bad, length in zip(rejected, shared)], stop_ids)
-        return [(prompt_ids, chosen_ids, rejected_ids) for (prompt_ids, chosen_ids), (_, rejected_ids) in zip(chosen_pairs, rejected_pairs)]
+        chosen_pairs = _chat_completions(
+            tokenizer, prompts, [good[length:] for good, length in zip(chosen, shared)], stop_ids
+        )
+        rejected_pairs = _chat_completions(
+            tokenizer, prompts, [bad[length:] for bad, length in zip(rejected, shared)], stop_ids
+        )
+        return [
+            (prompt_ids, chosen_ids, rejected_ids)
+            for (prompt_ids, chosen_ids), (_, rejected_ids) in zip(chosen_pairs, rejected_pairs)
+        ]
     triples = []
-    for chosen_full, rejected_full in zip(_plain_completions(tokenizer, chosen), _plain_completions(tokenizer, rejected)):
+    for chosen_full, rejected_full in zip(
+        _plain_completions(tokenizer, chosen), _plain_completions(tokenizer, rejected)
+    ):
         shared = _common_prefix_length(chosen_full, rejected_full)
         triples.append((chosen_full[:shared], chosen_full[shared:], rejected_full[shared:]))
     return triples
@@ -463,7 +582,10 @@ def tokenize_preference(
     else:
         chosen = _tokenize_pairs(dataset, tokenizer, "chosen", conversational, allowed_roles, stop_ids)
         rejected = _tokenize_pairs(dataset, tokenizer, "rejected", conversational, allowed_roles, stop_ids)
-        triples = [(prompt_ids, chosen_ids, rejected_ids) for (prompt_ids, chosen_ids), (_, rejected_ids) in zip(chosen, rejected)]
+        triples = [
+            (prompt_ids, chosen_ids, rejected_ids)
+            for (prompt_ids, chosen_ids), (_, rejected_ids) in zip(chosen, rejected)
+        ]
 
     rows = [(prompt_ids, [chosen_ids, rejected_ids]) for prompt_ids, chosen_ids, rejected_ids in triples]
     kept, fitted_rows = _apply_max_length("tokenize_preference", rows, max_length, truncation)
@@ -494,13 +616,19 @@ def tokenize_unpaired(
         if not isinstance(label, bool):
             raise ValueError(f"row {index}: field 'label' must be a bool, got {type(label).__name__}: {label!r}")
     conversational = is_conversational(dataset)
-    pairs = _tokenize_pairs(dataset, tokenizer, "completion", conversational, allowed_roles, set(eos_token_ids(tokenizer)))
-    kept, fitted_rows = _apply_max_length("tokenize_unpaired", [(prompt_ids, [ids]) for prompt_ids, ids in pairs], max_length, truncation)
-    return datasets.Dataset.from_dict({
-        "prompt_ids": [pairs[index][0] for index in kept],
-        "completion_ids": [completion_ids for (completion_ids,) in fitted_rows],
-        "label": [labels[index] for index in kept],
-    })
+    pairs = _tokenize_pairs(
+        dataset, tokenizer, "completion", conversational, allowed_roles, set(eos_token_ids(tokenizer))
+    )
+    kept, fitted_rows = _apply_max_length(
+        "tokenize_unpaired", [(prompt_ids, [ids]) for prompt_ids, ids in pairs], max_length, truncation
+    )
+    return datasets.Dataset.from_dict(
+        {
+            "prompt_ids": [pairs[index][0] for index in kept],
+            "completion_ids": [completion_ids for (completion_ids,) in fitted_rows],
+            "label": [labels[index] for index in kept],
+        }
+    )
 
 
 def tokenize_prompts(
@@ -520,7 +648,10 @@ def tokenize_prompts(
     if "prompt" not in dataset.column_names or len(dataset) == 0:
         raise _format_error(dataset, "tokenize_prompts: missing column 'prompt'", ("prompt_only",))
     conversational = is_conversational(dataset)
-    prompts = [_check_field(prompt, index, "prompt", conversational, allowed_roles) for index, prompt in enumerate(dataset["prompt"])]
+    prompts = [
+        _check_field(prompt, index, "prompt", conversational, allowed_roles)
+        for index, prompt in enumerate(dataset["prompt"])
+    ]
     if conversational:
         all_ids = _render(tokenizer, prompts, range(len(prompts)), add_generation_prompt=True)
     else:
@@ -581,7 +712,10 @@ def repeat_each(values: list, times: int) -> list:
 def _padded(rows: list[list[int]], pad_value: int, left: bool = False) -> torch.Tensor:
     """[B, T] long tensor of ``rows`` padded to the longest with ``pad_value`` on the right (or left)."""
     length = max(len(row) for row in rows)
-    padded = [[pad_value] * (length - len(row)) + list(row) if left else list(row) + [pad_value] * (length - len(row)) for row in rows]
+    padded = [
+        [pad_value] * (length - len(row)) + list(row) if left else list(row) + [pad_value] * (length - len(row))
+        for row in rows
+    ]
     return torch.tensor(padded, dtype=torch.long)
 
 
@@ -638,7 +772,9 @@ def collate_preference(
     _check_batch("chosen_ids", chosen_ids)
     _check_batch("rejected_ids", rejected_ids)
     if not len(prompt_ids) == len(chosen_ids) == len(rejected_ids):
-        raise ValueError(f"batch sizes differ: {len(prompt_ids)} prompts, {len(chosen_ids)} chosen, {len(rejected_ids)} rejected")
+        raise ValueError(
+            f"batch sizes differ: {len(prompt_ids)} prompts, {len(chosen_ids)} chosen, {len(rejected_ids)} rejected"
+        )
     responses = list(chosen_ids) + list(rejected_ids)
     prompts = list(prompt_ids) * 2
     seqs = [list(prompt) + list(response) for prompt, response in zip(prompts, responses)]
@@ -675,7 +811,9 @@ def pack_sequences(rows, max_length: int, pad_id: int = 0) -> dict[str, torch.Te
         if length == 0 or length > max_length:
             raise ValueError(f"row {index} has {length} tokens; every row must have 1..max_length={max_length}")
         if len(row["completion_mask"]) != length:
-            raise ValueError(f"row {index}: completion_mask has {len(row['completion_mask'])} entries for {length} tokens")
+            raise ValueError(
+                f"row {index}: completion_mask has {len(row['completion_mask'])} entries for {length} tokens"
+            )
     bins: list[list[int]] = []  # row indices per bin
     room: list[int] = []
     for index in sorted(range(len(rows)), key=lambda i: -lengths[i]):
@@ -696,7 +834,11 @@ def pack_sequences(rows, max_length: int, pad_id: int = 0) -> dict[str, torch.Te
             columns["position_ids"][-1] += list(range(lengths[index]))
             columns["completion_mask"][-1] += [0] + list(rows[index]["completion_mask"])[1:]
             columns["sample_index"][-1] += [index] * lengths[index]
-        for name, fill in (("input_ids", [pad_id] * free), ("position_ids", list(range(free))),
-                           ("completion_mask", [0] * free), ("sample_index", [-1] * free)):
+        for name, fill in (
+            ("input_ids", [pad_id] * free),
+            ("position_ids", list(range(free))),
+            ("completion_mask", [0] * free),
+            ("sample_index", [-1] * free),
+        ):
             columns[name][-1] += fill
     return {name: torch.tensor(values, dtype=torch.long) for name, values in columns.items()}  # each [B, max_length]

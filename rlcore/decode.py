@@ -107,7 +107,9 @@ def _fused_linear(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | Non
     weight = torch.cat([linear.weight for linear in linears])
     if all(linear.bias is None for linear in linears):
         return weight, None
-    biases = [linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features) for linear in linears]
+    biases = [
+        linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features) for linear in linears
+    ]
     return weight, torch.cat(biases)
 
 
@@ -163,12 +165,18 @@ def _decode_token(layers, final, tokens, positions, attention_mask, keys, values
         layer_values[:, :, slot] = heads[:, -shape.kv_heads :]
         query = query_key[:, : -shape.kv_heads].unflatten(1, (shape.kv_heads, shape.group))  # [N, K, H/K, D]
         attended = F.scaled_dot_product_attention(
-            query, layer_keys[:, :, : slot + 1], layer_values[:, :, : slot + 1], attn_mask=attention_mask,
+            query,
+            layer_keys[:, :, : slot + 1],
+            layer_values[:, :, : slot + 1],
+            attn_mask=attention_mask,
             scale=shape.scaling,
         )  # [N, K, H/K, D]
         x = x + F.linear(attended.reshape(num_rows, query_width), layer.o_weight, layer.o_bias)
         normed = _rms_norm(x, layer.norm_post, shape.eps)
-        gate, up = F.linear(normed, layer.gate_weight, layer.gate_bias), F.linear(normed, layer.up_weight, layer.up_bias)
+        gate, up = (
+            F.linear(normed, layer.gate_weight, layer.gate_bias),
+            F.linear(normed, layer.up_weight, layer.up_bias),
+        )
         x = x + F.linear(F.silu(gate) * up, layer.down_weight, layer.down_bias)  # SwiGLU, [N, I] -> [N, E]
     return F.linear(_rms_norm(x, final_norm, shape.eps), head_weight, head_bias)  # [N, V]
 
@@ -193,8 +201,11 @@ class LlamaDecodeStep:
             raise ValueError(f"{len(keys)} key and {len(values)} value buffers for {len(backbone.layers)} layers")
         attention = backbone.layers[0].self_attn
         self.shape = _Shape(
-            kv_heads=config.num_key_value_heads, group=config.num_attention_heads // config.num_key_value_heads,
-            head_dim=attention.head_dim, scaling=attention.scaling, eps=backbone.norm.variance_epsilon,
+            kv_heads=config.num_key_value_heads,
+            group=config.num_attention_heads // config.num_key_value_heads,
+            head_dim=attention.head_dim,
+            scaling=attention.scaling,
+            eps=backbone.norm.variance_epsilon,
         )
         self.keys, self.values, self.max_len = keys, values, keys[0].shape[2]
         self.layers = [_layer_tensors(layer) for layer in backbone.layers]
@@ -217,29 +228,48 @@ class LlamaDecodeStep:
         num_rows = tokens.shape[0]
         if tokens.ndim != 1 or positions.shape != tokens.shape:
             raise ValueError(f"tokens {tuple(tokens.shape)} and positions {tuple(positions.shape)} must both be [N]")
-        if attention_mask.ndim != 4 or attention_mask.shape[:3] != (num_rows, 1, 1) or attention_mask.shape[-1] > self.max_len:
+        if (
+            attention_mask.ndim != 4
+            or attention_mask.shape[:3] != (num_rows, 1, 1)
+            or attention_mask.shape[-1] > self.max_len
+        ):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected [N={num_rows}, 1, 1, L] with "
                 f"L <= {self.max_len} cache slots"
             )
-        return _decode_token(self.layers, self.final, tokens, positions, attention_mask, self.keys, self.values, self.shape)
+        return _decode_token(
+            self.layers, self.final, tokens, positions, attention_mask, self.keys, self.values, self.shape
+        )
 
 
 def _norms(backbone: nn.Module) -> list[nn.Module]:
-    return [backbone.norm] + [norm for layer in backbone.layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+    return [backbone.norm] + [
+        norm for layer in backbone.layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)
+    ]
 
 
 def _layer_tensors(layer: nn.Module) -> _Layer:
     attention, mlp = layer.self_attn, layer.mlp
     qkv_weight, qkv_bias = _fused_linear(attention.q_proj, attention.k_proj, attention.v_proj)
     return _Layer(
-        layer.input_layernorm.weight, qkv_weight, qkv_bias, attention.o_proj.weight, attention.o_proj.bias,
-        layer.post_attention_layernorm.weight, mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.up_proj.weight,
-        mlp.up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias,
+        layer.input_layernorm.weight,
+        qkv_weight,
+        qkv_bias,
+        attention.o_proj.weight,
+        attention.o_proj.bias,
+        layer.post_attention_layernorm.weight,
+        mlp.gate_proj.weight,
+        mlp.gate_proj.bias,
+        mlp.up_proj.weight,
+        mlp.up_proj.bias,
+        mlp.down_proj.weight,
+        mlp.down_proj.bias,
     )
 
 
-def _rotary_tables(rotary: nn.Module, embedding: torch.Tensor, max_len: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _rotary_tables(
+    rotary: nn.Module, embedding: torch.Tensor, max_len: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos`` and ``sin`` with the first half negated, ``[max_len, head_dim]`` each, from the model's own
     rotary module: ``rotate_half(x) * sin == flip_halves(x) * sin_signed``."""
     positions = torch.arange(max_len, device=embedding.device)[None]  # [1, L]

@@ -47,8 +47,12 @@ def greedy_completion_ids(
         for start in range(0, len(prompt_ids), batch_size):
             batch = collate_left(prompt_ids[start : start + batch_size], tokenizer.pad_token_id)
             rollout = generate(
-                model, batch["prompt_ids"].to(device), batch["prompt_mask"].to(device),
-                max_new_tokens=max_new_tokens, eos_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id,
+                model,
+                batch["prompt_ids"].to(device),
+                batch["prompt_mask"].to(device),
+                max_new_tokens=max_new_tokens,
+                eos_token_ids=stop_ids,
+                pad_token_id=tokenizer.pad_token_id,
                 temperature=0.0,
             )
             lengths = rollout.completion_mask.sum(dim=1).tolist()  # [B]
@@ -57,8 +61,13 @@ def greedy_completion_ids(
 
 
 def greedy_metric(
-    model: torch.nn.Module, tokenizer, prompts: datasets.Dataset, metric: RewardFunction, *,
-    batch_size: int = 64, max_new_tokens: int = 8,
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: datasets.Dataset,
+    metric: RewardFunction,
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int = 8,
 ) -> float:
     """Mean of ``metric`` over the greedy completions of held-out prompts (rows where it returns None skipped).
 
@@ -68,8 +77,9 @@ def greedy_metric(
         metric: ``fn(prompts, completions, completion_ids, **columns) -> list[float | None]``; completions
             are decoded as for reward functions (text, or an assistant message list for chat prompts).
     """
-    completion_ids = greedy_completion_ids(model, tokenizer, list(prompts["prompt_ids"]), batch_size=batch_size,
-                                           max_new_tokens=max_new_tokens)
+    completion_ids = greedy_completion_ids(
+        model, tokenizer, list(prompts["prompt_ids"]), batch_size=batch_size, max_new_tokens=max_new_tokens
+    )
     batch = prompt_batch(prompts, range(len(prompts)), tokenizer.pad_token_id)
     completions = decode_completions(tokenizer, completion_ids, batch.conversational)
     scores = metric(prompts=batch.prompts, completions=completions, completion_ids=completion_ids, **batch.columns)
@@ -77,7 +87,9 @@ def greedy_metric(
     return sum(values) / max(1, len(values))
 
 
-def sft_metrics(model: torch.nn.Module, tokenized_rows: datasets.Dataset, pad_id: int, batch_size: int = 64) -> dict[str, float]:
+def sft_metrics(
+    model: torch.nn.Module, tokenized_rows: datasets.Dataset, pad_id: int, batch_size: int = 64
+) -> dict[str, float]:
     """Held-out loss and token accuracy of supervised rows, over all loss tokens at once.
 
         loss           = -sum_{rows, t} m_t log p(x_t | x_<t) / sum m_t
@@ -92,8 +104,12 @@ def sft_metrics(model: torch.nn.Module, tokenized_rows: datasets.Dataset, pad_id
     with eval_mode(model):
         for start in range(0, len(tokenized_rows), batch_size):
             rows = tokenized_rows[start : start + batch_size]
-            batch = {k: v.to(device) for k, v in collate_right(rows["input_ids"], rows["completion_mask"], pad_id).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1]
+            batch = {
+                k: v.to(device) for k, v in collate_right(rows["input_ids"], rows["completion_mask"], pad_id).items()
+            }
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            ).logits[:, :-1]
             targets, mask = batch["input_ids"][:, 1:], batch["completion_mask"][:, 1:]  # [B, T-1] each
             nll -= masked_sum(gather_logprobs(logits.float(), targets), mask)
             correct += masked_sum((logits.argmax(dim=-1) == targets).float(), mask)
@@ -110,7 +126,9 @@ def _pair_batches(tokenized_pairs: datasets.Dataset, pad_id: int, batch_size: in
         yield {k: v.to(device) for k, v in batch.items()}
 
 
-def reward_model_metrics(model: torch.nn.Module, tokenized_pairs: datasets.Dataset, pad_id: int, batch_size: int = 64) -> dict[str, float]:
+def reward_model_metrics(
+    model: torch.nn.Module, tokenized_pairs: datasets.Dataset, pad_id: int, batch_size: int = 64
+) -> dict[str, float]:
     """Pairwise accuracy, mean margin and Bradley-Terry loss of a reward model on held-out pairs.
 
         accuracy = mean[r_c > r_r] (ties count as wrong),  margin = mean[r_c - r_r],
@@ -124,15 +142,21 @@ def reward_model_metrics(model: torch.nn.Module, tokenized_pairs: datasets.Datas
     margins = []
     with eval_mode(model):
         for batch in _pair_batches(tokenized_pairs, pad_id, batch_size, next(model.parameters()).device):
-            chosen_scores, rejected_scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"]).float().chunk(2)
+            chosen_scores, rejected_scores = (
+                sequence_scores(model, batch["input_ids"], batch["attention_mask"]).float().chunk(2)
+            )
             margins.append(chosen_scores - rejected_scores)  # [B]
     margin = torch.cat(margins)  # [N]
-    return {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item(),
-            "loss": -torch.nn.functional.logsigmoid(margin).mean().item()}
+    return {
+        "accuracy": (margin > 0).float().mean().item(),
+        "margin": margin.mean().item(),
+        "loss": -torch.nn.functional.logsigmoid(margin).mean().item(),
+    }
 
 
-def preference_logps(model: torch.nn.Module, tokenized_pairs: datasets.Dataset, pad_id: int, batch_size: int = 64,
-                     average: bool = False) -> torch.Tensor:
+def preference_logps(
+    model: torch.nn.Module, tokenized_pairs: datasets.Dataset, pad_id: int, batch_size: int = 64, average: bool = False
+) -> torch.Tensor:
     """[2, N] completion log-probs (row 0 chosen, row 1 rejected) of tokenised pairs, without gradient.
 
     Sums over each completion's tokens (means with ``average``, as IPO takes them). The DPO recipe computes
@@ -142,27 +166,45 @@ def preference_logps(model: torch.nn.Module, tokenized_pairs: datasets.Dataset, 
     logps = []
     with eval_mode(model):
         for batch in _pair_batches(tokenized_pairs, pad_id, batch_size, device):
-            summed, _ = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"][:, 1:], average)
+            summed, _ = sequence_logprobs(
+                model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"][:, 1:], average
+            )
             logps.append(summed.float().view(2, -1))  # [2, B]
     return torch.cat(logps, dim=1)  # [2, N]
 
 
-def dpo_metrics(logps: torch.Tensor, ref_logps: torch.Tensor, beta: float, loss_type: str = "sigmoid",
-                label_smoothing: float = 0.0) -> dict[str, float]:
+def dpo_metrics(
+    logps: torch.Tensor, ref_logps: torch.Tensor, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0
+) -> dict[str, float]:
     """Held-out DPO metrics from [2, N] policy and reference log-probs (:func:`preference_logps`).
 
     The implicit reward of a completion is beta * (log pi - log pi_ref); ``accuracy`` is the fraction of
     pairs whose chosen completion gets the larger one, ``margin`` the mean difference, ``loss`` the DPO loss.
     """
-    loss, stats = dpo_loss(logps[0], logps[1], ref_logps[0], ref_logps[1], beta=beta, loss_type=loss_type,
-                           label_smoothing=label_smoothing)
-    return {"accuracy": stats["rewards/accuracies"].item(), "margin": stats["rewards/margins"].item(), "loss": loss.item()}
+    loss, stats = dpo_loss(
+        logps[0], logps[1], ref_logps[0], ref_logps[1], beta=beta, loss_type=loss_type, label_smoothing=label_smoothing
+    )
+    return {
+        "accuracy": stats["rewards/accuracies"].item(),
+        "margin": stats["rewards/margins"].item(),
+        "loss": loss.item(),
+    }
 
 
 @torch.no_grad()
-def sampled_rewards(model, tokenizer, prompts: datasets.Dataset, scorer: RewardScorer, *, batch_size: int = 64,
-                    max_new_tokens: int = 8, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                    seed: int = 0) -> dict[str, float]:
+def sampled_rewards(
+    model,
+    tokenizer,
+    prompts: datasets.Dataset,
+    scorer: RewardScorer,
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int = 8,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> dict[str, float]:
     """Mean reward of one sampled completion per held-out prompt (the quantity RL raises), overall and per source.
 
     The sampling seed is fixed, so two evaluations differ only by the model. Returns ``{"reward": mean
@@ -176,9 +218,18 @@ def sampled_rewards(model, tokenizer, prompts: datasets.Dataset, scorer: RewardS
     rewards, per_source = [], []
     for start in range(0, len(prompts), batch_size):
         batch = prompt_batch(prompts, range(start, min(start + batch_size, len(prompts))), tokenizer.pad_token_id)
-        rollout = generate(model, batch.prompt_ids.to(device), batch.prompt_mask.to(device), max_new_tokens=max_new_tokens,
-                           eos_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id, temperature=temperature,
-                           top_k=top_k, top_p=top_p, generator=generator)
+        rollout = generate(
+            model,
+            batch.prompt_ids.to(device),
+            batch.prompt_mask.to(device),
+            max_new_tokens=max_new_tokens,
+            eos_token_ids=stop_ids,
+            pad_token_id=tokenizer.pad_token_id,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+        )
         batch_rewards, batch_per_source = score_rollout(scorer, tokenizer, batch, rollout)
         rewards.append(batch_rewards)
         per_source.append(batch_per_source)

@@ -165,9 +165,7 @@ def gather_logprobs(
     return _GatherLogprobs.apply(logits, tokens, float(temperature), block_rows)
 
 
-def entropy_from_logits(
-    logits: torch.Tensor, temperature: float = 1.0, block_rows: int | None = None
-) -> torch.Tensor:
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, block_rows: int | None = None) -> torch.Tensor:
     """Entropy of the softmax distribution at each position.
 
         H_t = -sum_v p_t[v] log p_t[v] = logsumexp(z_t) - sum_v p_t[v] z_t[v],   p_t = softmax(z_t),

@@ -313,7 +313,8 @@ def _peft_target_modules(model: nn.Module, layers: list[tuple[str, LoRALinear]])
     wrapped = sorted(name for name, _ in layers)
     suffixes = sorted({name.rpartition(".")[2] for name in wrapped})
     selected = sorted(
-        name for name, module in model.named_modules()
+        name
+        for name, module in model.named_modules()
         if isinstance(module, (nn.Linear, LoRALinear)) and not name.endswith(".base") and _matches(name, suffixes)
     )
     return suffixes if selected == wrapped else wrapped
@@ -351,7 +352,9 @@ def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str 
     }
     tensors = {key: value.cpu().contiguous() for key, value in lora_state_dict(model).items()}
     os.makedirs(directory, exist_ok=True)
-    _atomic_write(os.path.join(directory, ADAPTER_WEIGHTS_NAME), lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+    _atomic_write(
+        os.path.join(directory, ADAPTER_WEIGHTS_NAME), lambda path: save_file(tensors, path, metadata={"format": "pt"})
+    )
     _atomic_write(os.path.join(directory, ADAPTER_CONFIG_NAME), lambda path: _write_json(config, path))
 
 
@@ -462,7 +465,8 @@ def _merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     # 4-bit layers are in bitsandbytes' standard layout: _keep_standard_4bit_path keeps its CPU repacking off.
     state = model.state_dict()
     dense_layers = [
-        (name, module) for name, module in model.named_modules()
+        (name, module)
+        for name, module in model.named_modules()
         if (isinstance(module, LoRALinear) or _is_4bit(module)) and not name.endswith(".base")
     ]
     for name, module in dense_layers:
@@ -520,7 +524,8 @@ def quantize_4bit(
     import bitsandbytes as bnb  # imported here: ~0.3 GiB and seconds of start-up that only 4-bit runs need
 
     linears = [
-        (name, module) for name, module in model.named_modules()
+        (name, module)
+        for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and not _is_4bit(module) and not _matches(name, skip)
     ]
     if not linears:
@@ -530,12 +535,21 @@ def quantize_4bit(
         device = linear.weight.device
         dtype = compute_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         quantized = bnb.nn.Linear4bit(
-            linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=dtype,
-            compress_statistics=double_quant, quant_type="nf4", device="meta",
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=dtype,
+            compress_statistics=double_quant,
+            quant_type="nf4",
+            device="meta",
         )
         # Params4bit quantises when moved to a device: the float weight is released afterwards.
         quantized.weight = bnb.nn.Params4bit(
-            linear.weight.data, requires_grad=False, compress_statistics=double_quant, quant_type="nf4", module=quantized
+            linear.weight.data,
+            requires_grad=False,
+            compress_statistics=double_quant,
+            quant_type="nf4",
+            module=quantized,
         ).to(device)
         if linear.bias is not None:
             quantized.bias = nn.Parameter(linear.bias.data, requires_grad=False)
@@ -580,4 +594,6 @@ def prepare_model(
     if load_in_4bit:
         quantize_4bit(model, double_quant=double_quant)
     alpha = 2 * lora_r if lora_alpha is None else lora_alpha
-    return apply_lora(model, r=lora_r, alpha=alpha, dropout=lora_dropout, targets=_parse_targets(lora_targets), use_rslora=use_rslora)
+    return apply_lora(
+        model, r=lora_r, alpha=alpha, dropout=lora_dropout, targets=_parse_targets(lora_targets), use_rslora=use_rslora
+    )

@@ -99,7 +99,9 @@ def aggregate(
     return seq_losses.mean() if normalizer is None else seq_losses.sum() / normalizer
 
 
-def loss_normalizer(loss_type: str, step_mask: torch.Tensor, micro_mask: torch.Tensor, micro_batches: int) -> torch.Tensor:
+def loss_normalizer(
+    loss_type: str, step_mask: torch.Tensor, micro_mask: torch.Tensor, micro_batches: int
+) -> torch.Tensor:
     """The ``normalizer`` of :func:`aggregate` that makes the micro-batch losses of one optimizer step add
     up to the loss of the whole step, for a ``LOSS_TYPE_AGGREGATION`` loss type:
 
@@ -133,8 +135,7 @@ def _per_token_advantages(advantages: torch.Tensor, logp: torch.Tensor) -> torch
     if advantages.shape == logp.shape[:1]:
         return advantages.unsqueeze(-1)  # [B, 1]
     raise ValueError(
-        f"shape mismatch: advantages must be [B] or [B, T] = {tuple(logp.shape)}, "
-        f"got {tuple(advantages.shape)}"
+        f"shape mismatch: advantages must be [B] or [B, T] = {tuple(logp.shape)}, got {tuple(advantages.shape)}"
     )
 
 
@@ -314,7 +315,10 @@ def _check_pairs(**tensors: torch.Tensor) -> None:
 
 
 def _preference_stats(
-    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
     """Batch means of the implicit rewards, their margin and accuracy, and the log-probs (detached)."""
     with torch.no_grad():

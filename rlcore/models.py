@@ -16,7 +16,7 @@ import contextlib
 import copy
 import os
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -55,7 +55,9 @@ def _dtype_argument(dtype) -> str | torch.dtype:
         return dtype
     if dtype == "auto" or (isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype)):
         return dtype
-    raise ValueError(f"dtype must be None, 'auto', a torch dtype name such as 'bfloat16', or a torch.dtype; got {dtype!r}")
+    raise ValueError(
+        f"dtype must be None, 'auto', a torch dtype name such as 'bfloat16', or a torch.dtype; got {dtype!r}"
+    )
 
 
 def _pretrained_kwargs(dtype, trust_remote_code: bool, attn_implementation: str | None, kwargs: dict) -> dict:
@@ -72,11 +74,16 @@ def load_tokenizer(name_or_path: str = TINY, trust_remote_code: bool = False, **
     masks, so sharing the id is safe in rlcore). Padding side is left as loaded: rlcore's collators pad
     explicitly (right for training, left for generation).
     """
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path), trust_remote_code=trust_remote_code, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model(name_or_path), trust_remote_code=trust_remote_code, **kwargs
+    )
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"the tokenizer of {name_or_path!r} has neither a pad token nor an EOS token to pad with")
-        warnings.warn(f"the tokenizer of {name_or_path!r} has no pad token; using its EOS token {tokenizer.eos_token!r}")
+        warnings.warn(
+            f"the tokenizer of {name_or_path!r} has no pad token; using its EOS token {tokenizer.eos_token!r}",
+            stacklevel=2,
+        )
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -145,9 +152,13 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         [B] scores (the model's dtype), differentiable.
     """
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
-        raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both be [B, T]")
+        raise ValueError(
+            f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both be [B, T]"
+        )
     if not isinstance(getattr(model, "score", None), nn.Module):
-        raise TypeError(f"{type(model).__name__} has no `score` head; expected a *ForSequenceClassification decoder model")
+        raise TypeError(
+            f"{type(model).__name__} has no `score` head; expected a *ForSequenceClassification decoder model"
+        )
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
     last = last_valid_index(attention_mask)  # [B]
@@ -186,7 +197,9 @@ class ValueModel(nn.Module):
         **kwargs,
     ) -> "ValueModel":
         path = resolve_model(name_or_path)
-        backbone = AutoModel.from_pretrained(path, **_pretrained_kwargs(dtype, trust_remote_code, attn_implementation, kwargs))
+        backbone = AutoModel.from_pretrained(
+            path, **_pretrained_kwargs(dtype, trust_remote_code, attn_implementation, kwargs)
+        )
         model = cls(backbone, backbone.config.get_text_config().hidden_size)
         model.value_head.to(dtype=next(backbone.parameters()).dtype)
         head_file = os.path.join(path, VALUE_HEAD_FILE)
@@ -201,13 +214,19 @@ class ValueModel(nn.Module):
         head = {name: tensor.detach().contiguous().cpu() for name, tensor in self.value_head.state_dict().items()}
         save_file(head, os.path.join(path, VALUE_HEAD_FILE))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """[B, T] ids and mask (and optional [B, T] position ids) -> [B, T] values (the head's dtype)."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state  # [B, T, H]
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state  # [B, T, H]
         return self.value_head(hidden).squeeze(-1)  # [B, T]
 
 
-def completion_values(value_model, sequences: torch.Tensor, attention_mask: torch.Tensor, completion_length: int) -> torch.Tensor:
+def completion_values(
+    value_model, sequences: torch.Tensor, attention_mask: torch.Tensor, completion_length: int
+) -> torch.Tensor:
     """V(s_t) of each completion token t: the value of the state just before it, float32 [B, T].
 
     ``value_model(...)`` gives [B, Lp + T] values where column j is the state "up to and including token
@@ -260,13 +279,20 @@ def token_logprobs(
         id: mask them.
     """
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
-        raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both be [B, L]")
+        raise ValueError(
+            f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both be [B, L]"
+        )
     n = input_ids.shape[1] - 1 if last is None else last
     if not 0 < n < input_ids.shape[1]:
-        raise ValueError(f"last must be in [1, {input_ids.shape[1] - 1}] (a token precedes the scored ones), got {last}")
+        raise ValueError(
+            f"last must be in [1, {input_ids.shape[1] - 1}] (a token precedes the scored ones), got {last}"
+        )
     logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-        logits_to_keep=n + 1, use_cache=False,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        logits_to_keep=n + 1,
+        use_cache=False,
     ).logits[:, :-1]  # [B, n, V]: column j predicts token L - n + j
     logp = gather_logprobs(logits, input_ids[:, -n:], temperature=temperature)  # [B, n]
     entropy = None
@@ -299,9 +325,9 @@ def sequence_logprobs(
         ([B] sequence log-probs, [B, n] per-token log-probs, zero outside the completion), with gradient.
     """
     logp, _ = token_logprobs(model, input_ids, attention_mask, last=completion_mask.shape[1], temperature=temperature)
-    token_logps = logp * completion_mask  # [B, n]
-    summed = token_logps.sum(dim=1)  # [B]
-    return (summed / completion_mask.sum(dim=1).clamp(min=1) if average else summed), token_logps
+    token_logp = logp * completion_mask  # [B, n]
+    summed = token_logp.sum(dim=1)  # [B]
+    return (summed / completion_mask.sum(dim=1).clamp(min=1) if average else summed), token_logp
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:

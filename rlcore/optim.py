@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -85,7 +85,10 @@ def build_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR over :func:`lr_multiplier`; call ``scheduler.step()`` once after each ``optimizer.step()``."""
     multiplier = functools.partial(
-        lr_multiplier, warmup_steps=warmup_steps, total_steps=total_steps, schedule=schedule,
+        lr_multiplier,
+        warmup_steps=warmup_steps,
+        total_steps=total_steps,
+        schedule=schedule,
         min_lr_ratio=min_lr_ratio,
     )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)

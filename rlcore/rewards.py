@@ -41,7 +41,8 @@ import importlib.util
 import inspect
 import math
 import os
-from typing import TYPE_CHECKING, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -107,8 +108,13 @@ def required_columns(function: RewardFunction) -> list[str]:
     """Dataset columns a reward (or metric) function needs: its parameters without a default, other than
     the prompts, completions and completion ids it always receives (``answer`` for the toy's accuracy)."""
     parameters = inspect.signature(function).parameters.values()
-    return [p.name for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-            and p.name not in REWARD_ARGUMENTS]
+    return [
+        p.name
+        for p in parameters
+        if p.default is p.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.name not in REWARD_ARGUMENTS
+    ]
 
 
 def check_reward_columns(functions: Sequence[tuple[str, RewardFunction]], columns: Sequence[str], source: str) -> None:
@@ -116,7 +122,9 @@ def check_reward_columns(functions: Sequence[tuple[str, RewardFunction]], column
     for name, function in functions:
         missing = [column for column in required_columns(function) if column not in columns]
         if missing:
-            raise ValueError(f"reward function {name!r} needs column(s) {missing}, which {source} lacks (columns: {list(columns)})")
+            raise ValueError(
+                f"reward function {name!r} needs column(s) {missing}, which {source} lacks (columns: {list(columns)})"
+            )
 
 
 class RewardModelScorer:
@@ -148,7 +156,9 @@ class RewardModelScorer:
         start at 0 as in training, whatever the padding.
         """
         if sequences.shape != attention_mask.shape or sequences.dim() != 2:
-            raise ValueError(f"sequences {tuple(sequences.shape)} and attention_mask {tuple(attention_mask.shape)} must both be [B, L]")
+            raise ValueError(
+                f"sequences {tuple(sequences.shape)} and attention_mask {tuple(attention_mask.shape)} must both be [B, L]"
+            )
         device = next(self.model.parameters()).device
         order = torch.sort(attention_mask.long(), dim=1, descending=True, stable=True).indices  # [B, L]
         ids = sequences.gather(1, order).to(device)  # [B, L]: real tokens first, in order
@@ -212,12 +222,18 @@ class RewardScorer:
         """
         count = len(completions)
         if len(prompts) != count or len(completion_ids) != count:
-            raise ValueError(f"{len(prompts)} prompts, {count} completions and {len(completion_ids)} completion_ids: expected one each per completion")
+            raise ValueError(
+                f"{len(prompts)} prompts, {count} completions and {len(completion_ids)} completion_ids: expected one each per completion"
+            )
         for name, values in columns.items():
             if len(values) != count:
                 raise ValueError(f"column {name!r} has {len(values)} values for {count} completions")
         per_source = [
-            _checked_rewards(name, function(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns), count)
+            _checked_rewards(
+                name,
+                function(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns),
+                count,
+            )
             for name, function in self.functions
         ]
         if self.reward_model is not None:
@@ -228,7 +244,9 @@ class RewardScorer:
         unscored = (~per_source.isnan()).sum(dim=1) == 0  # [B]
         if unscored.any():
             row = int(unscored.nonzero()[0])
-            raise ValueError(f"every reward source returned None for completion {row} (prompt {prompts[row]!r}): its reward is undefined")
+            raise ValueError(
+                f"every reward source returned None for completion {row} (prompt {prompts[row]!r}): its reward is undefined"
+            )
         rewards = (per_source * self.weights).nansum(dim=1)  # [B]
         return rewards, per_source
 
@@ -247,7 +265,9 @@ def _checked_rewards(name: str, values, count: int) -> torch.Tensor:
     """A reward function's output as a [B] float32 tensor (None -> NaN), with a clear error for bad output."""
     if not isinstance(values, (list, tuple)) or len(values) != count:
         got = f"{len(values)} values" if isinstance(values, (list, tuple)) else type(values).__name__
-        raise ValueError(f"reward function {name!r} must return a list of {count} floats or None (one per completion), got {got}")
+        raise ValueError(
+            f"reward function {name!r} must return a list of {count} floats or None (one per completion), got {got}"
+        )
     checked = []
     for row, value in enumerate(values):
         if value is None:
@@ -256,7 +276,9 @@ def _checked_rewards(name: str, values, count: int) -> torch.Tensor:
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"reward function {name!r} returned {value!r} for completion {row}: expected a finite float or None")
+            raise ValueError(
+                f"reward function {name!r} returned {value!r} for completion {row}: expected a finite float or None"
+            )
         checked.append(float(value))
     return torch.tensor(checked, dtype=torch.float32)  # [B]
 
@@ -299,7 +321,9 @@ def decode_completions(tokenizer, id_lists: list[list[int]], conversational: boo
     return [[{"role": "assistant", "content": text}] for text in texts] if conversational else texts
 
 
-def score_rollout(scorer: RewardScorer, tokenizer, batch: PromptBatch, rollout: Rollout, missing_eos_penalty: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def score_rollout(
+    scorer: RewardScorer, tokenizer, batch: PromptBatch, rollout: Rollout, missing_eos_penalty: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of the completions of a rollout of ``batch`` (G consecutive rows per prompt).
 
     Returns:
@@ -312,12 +336,19 @@ def score_rollout(scorer: RewardScorer, tokenizer, batch: PromptBatch, rollout: 
     completions = decode_completions(tokenizer, id_lists, batch.conversational)
     columns = {name: repeat_each(values, group_size) for name, values in batch.columns.items()}
     rewards, per_source = scorer(
-        repeat_each(batch.prompts, group_size), completions, id_lists, columns, rollout.sequences, rollout.attention_mask
+        repeat_each(batch.prompts, group_size),
+        completions,
+        id_lists,
+        columns,
+        rollout.sequences,
+        rollout.attention_mask,
     )
     return rewards - missing_eos_penalty * rollout.truncated.cpu().float(), per_source
 
 
-def rollout_stats(rollout: Rollout, rewards: torch.Tensor, per_source: torch.Tensor, scorer: RewardScorer) -> dict[str, torch.Tensor]:
+def rollout_stats(
+    rollout: Rollout, rewards: torch.Tensor, per_source: torch.Tensor, scorer: RewardScorer
+) -> dict[str, torch.Tensor]:
     """Reward mean/std (overall and per source), completion length mean/min/max and truncated fraction."""
     lengths = rollout.completion_mask.sum(dim=1).float()  # [N]
     return {

@@ -63,11 +63,10 @@ covers the whole sequence (then it is full attention); a rolling cache for longe
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -324,7 +323,9 @@ def _cache_argument(model: nn.Module) -> str:
     return "past_key_values" if "past_key_values" in parameters and "cache" not in parameters else "cache"
 
 
-def _prefill(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, DynamicCache]:
+def _prefill(
+    model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+) -> tuple[torch.Tensor, DynamicCache]:
     """Forward the prompts once: (logits of the next token [B, V], the filled cache)."""
     position_ids = (prompt_mask.long().cumsum(dim=-1) - 1).clamp(min=0)  # [B, P] 0 at the first real token
     cache = DynamicCache()  # plain full-length layers, whatever the config says
@@ -338,7 +339,9 @@ def _use_native_step(model: nn.Module, native_step: bool | None, static_cache: b
     """Resolve ``generate(native_step=...)``: None = whenever possible, True = required."""
     if native_step is False:
         return False
-    reason = "it decodes into the growing cache (static_cache=False)" if static_cache else native_decode_unsupported(model)
+    reason = (
+        "it decodes into the growing cache (static_cache=False)" if static_cache else native_decode_unsupported(model)
+    )
     if reason is not None and native_step:
         raise ValueError(f"native_step=True, but {reason}")
     return reason is None
@@ -348,7 +351,10 @@ def _decode_step(model, input_ids, position_ids, attention_mask, cache, cache_ar
     """One token per row through the model: [N, 1] ids and positions -> next-token logits [N, V].
     ``cache_argument``: the forward's keyword for the cache (:func:`_cache_argument`)."""
     output = model(
-        input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=True,
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        use_cache=True,
         **{cache_argument: cache},
     )
     return output.logits[:, -1]
@@ -481,9 +487,19 @@ def generate(
     if stop_check_interval is None:
         stop_check_interval = 16 if on_cuda else 1
     _check_generate_inputs(
-        model, prompt_ids, prompt_mask, eos_token_ids, generator, max_new_tokens=max_new_tokens,
-        num_samples=num_samples, stop_check_interval=stop_check_interval, top_k=top_k, temperature=temperature,
-        top_p=top_p, min_p=min_p, pad_token_id=pad_token_id,
+        model,
+        prompt_ids,
+        prompt_mask,
+        eos_token_ids,
+        generator,
+        max_new_tokens=max_new_tokens,
+        num_samples=num_samples,
+        stop_check_interval=stop_check_interval,
+        top_k=top_k,
+        temperature=temperature,
+        top_p=top_p,
+        min_p=min_p,
+        pad_token_id=pad_token_id,
     )
     static_cache = on_cuda if static_cache is None else static_cache
     total_len = prompt_ids.shape[1] + max_new_tokens
@@ -506,9 +522,17 @@ def generate(
         prompt_mask_rows = prompt_mask.long().repeat_interleave(num_samples, dim=0)  # [N, P]
         step, ready_mask = _step_function(model, cache, native_step, compile)
         completion_ids, logprobs = _decode(
-            step, ready_mask, _attention_dtype(cache), static_cache,
-            first_logits.repeat_interleave(num_samples, dim=0), prompt_mask_rows, max_len, max_new_tokens, eos,
-            stop_check_interval, **sampling,
+            step,
+            ready_mask,
+            _attention_dtype(cache),
+            static_cache,
+            first_logits.repeat_interleave(num_samples, dim=0),
+            prompt_mask_rows,
+            max_len,
+            max_new_tokens,
+            eos,
+            stop_check_interval,
+            **sampling,
         )
         rollout = _finish(prompt_ids, prompt_mask_rows, completion_ids, logprobs, eos, pad_token_id, num_samples)
     # Tensors made under inference_mode cannot enter autograd later (e.g. as inputs of the training
@@ -520,7 +544,9 @@ def _step_function(model, cache, native_step: bool, compile: bool):
     """The one-token step the decode loop calls, ``step(tokens [N, 1], positions [N, 1], mask) -> logits
     [N, V]``, and whether its mask is the ready ``[N, 1, 1, L]`` float mask (else the 2-D boolean one)."""
     if native_step:
-        native = LlamaDecodeStep(model, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
+        native = LlamaDecodeStep(
+            model, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+        )
         return lambda tokens, positions, mask: native(tokens[:, 0], positions[:, 0], mask), True
     model_step, cache_argument = _compiled_step if compile else _decode_step, _cache_argument(model)
     return (
@@ -529,7 +555,19 @@ def _step_function(model, cache, native_step: bool, compile: bool):
     )
 
 
-def _decode(step, ready_mask, attention_dtype, all_slots, logits, prompt_mask_rows, max_len, max_new_tokens, eos, stop_check_interval, **sampling):
+def _decode(
+    step,
+    ready_mask,
+    attention_dtype,
+    all_slots,
+    logits,
+    prompt_mask_rows,
+    max_len,
+    max_new_tokens,
+    eos,
+    stop_check_interval,
+    **sampling,
+):
     """The decode loop: returns ([N, steps] sampled ids, [N, steps] their log-probs), steps <= max_new_tokens.
     ``all_slots``: the step attends to every cache slot (masked), not only the filled ones."""
     num_rows, prompt_len = prompt_mask_rows.shape

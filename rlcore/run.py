@@ -31,8 +31,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -58,10 +59,19 @@ class Run:
         save_extra: ``(output_dir) -> None``, writes what the final model directory holds beside the model.
     """
 
-    def __init__(self, config, model: torch.nn.Module, tokenizer, optimizer: torch.optim.Optimizer, scheduler, *,
-                 evaluate: Callable[[], Mapping[str, float]] | None = None, bar_keys: tuple[str, ...] = ("loss",),
-                 extra_modules: Mapping[str, torch.nn.Module] | None = None,
-                 save_extra: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        config,
+        model: torch.nn.Module,
+        tokenizer,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        *,
+        evaluate: Callable[[], Mapping[str, float]] | None = None,
+        bar_keys: tuple[str, ...] = ("loss",),
+        extra_modules: Mapping[str, torch.nn.Module] | None = None,
+        save_extra: Callable[[str], None] | None = None,
+    ) -> None:
         self.config, self.model, self.tokenizer = config, model, tokenizer
         self.optimizer, self.scheduler = optimizer, scheduler
         self._evaluate, self._save_extra, self.extra_modules = evaluate, save_extra, extra_modules
@@ -69,7 +79,9 @@ class Run:
         self.step, self.training_seconds = 0, 0.0
         resume_from = resolve_resume(config.resume, config.output_dir)
         if resume_from is not None:
-            state = load_checkpoint(resume_from, model, optimizer, scheduler, seed=config.seed, extra_modules=extra_modules)
+            state = load_checkpoint(
+                resume_from, model, optimizer, scheduler, seed=config.seed, extra_modules=extra_modules
+            )
             self.step, self.training_seconds = state["step"], state["extra"].get("training_seconds", 0.0)
             print(f"resumed from {resume_from} at step {self.step}")
         self.start_step = self.step
@@ -81,6 +93,7 @@ class Run:
         self._evaluated_at: int | None = None
         self._seconds: dict[str, float] = {}
         self._step_started = 0.0
+        self._lr: float | None = None
 
     # ------------------------------------------------------------------------------------------ the loop
     def running(self) -> bool:
@@ -93,6 +106,7 @@ class Run:
             self.stopped_early = True
             return False
         self._seconds = {}
+        self._lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else None  # this step's learning rate
         self._step_started = time.perf_counter()
         return True
 
@@ -101,20 +115,33 @@ class Run:
         return timed(self._seconds, phase, self.device)
 
     def end_step(self, stats: Mapping[str, torch.Tensor | float]) -> None:
-        """Close the step: add its metrics and timings, then log, evaluate and checkpoint on cadence."""
+        """Close the step: add its metrics, timings (``time/<phase>``, ``time/step``) and learning rate
+        (``lr``, the one the step used), then log, evaluate and checkpoint on cadence."""
         seconds = time.perf_counter() - self._step_started
         self.training_seconds += seconds
         self.step += 1
-        self.tracker.update({**stats, **{f"time/{phase}": value for phase, value in self._seconds.items()}, "time/step": seconds})
+        timings = {f"time/{phase}": value for phase, value in self._seconds.items()}
+        self.tracker.update(
+            {**stats, **timings, "time/step": seconds, **({"lr": self._lr} if self._lr is not None else {})}
+        )
         config = self.config
         if self.step % config.logging_steps == 0:
             self.tracker.log(self.step)
         if config.eval_steps and self.step % config.eval_steps == 0:
             self.evaluate()
         if config.save_steps and self.step % config.save_steps == 0:
-            save_checkpoint(config.output_dir, self.step, self.model, self.tokenizer, self.optimizer, self.scheduler,
-                            seed=config.seed, extra_modules=self.extra_modules,
-                            extra_state={"training_seconds": self.training_seconds}, keep_last=config.save_total_limit)
+            save_checkpoint(
+                config.output_dir,
+                self.step,
+                self.model,
+                self.tokenizer,
+                self.optimizer,
+                self.scheduler,
+                seed=config.seed,
+                extra_modules=self.extra_modules,
+                extra_state={"training_seconds": self.training_seconds},
+                keep_last=config.save_total_limit,
+            )
 
     def evaluate(self) -> dict[str, float]:
         """Run the held-out evaluation now and log it at the current step ({} without one)."""
@@ -130,10 +157,15 @@ class Run:
         last evaluation's metrics. An evaluation error is reported after the model is safely written."""
         self.tracker.log(self.step)
         steps = self.step - self.start_step
-        print(f"trained {steps} steps in {self.training_seconds:.0f} s ({steps / max(self.training_seconds, 1e-9):.2f} steps/s)")
+        print(
+            f"trained {steps} steps in {self.training_seconds:.0f} s ({steps / max(self.training_seconds, 1e-9):.2f} steps/s)"
+        )
         if self.stopped_early:
-            print(f"\n*** STOPPED EARLY: --max_seconds {self.config.max_seconds:g} reached after {self.step} of "
-                  f"{self.config.max_steps} steps; the schedule was laid out for {self.config.max_steps} ***\n", flush=True)
+            print(
+                f"\n*** STOPPED EARLY: --max_seconds {self.config.max_seconds:g} reached after {self.step} of "
+                f"{self.config.max_steps} steps; the schedule was laid out for {self.config.max_steps} ***\n",
+                flush=True,
+            )
         save_final_model(self.model, self.tokenizer, self.config.output_dir)
         if self._save_extra is not None:
             self._save_extra(self.config.output_dir)
@@ -142,8 +174,11 @@ class Run:
             if self._evaluated_at != self.step:
                 self.evaluate()
         except Exception as error:
-            print(f"final evaluation failed ({type(error).__name__}: {error}); the trained model is saved in "
-                  f"{self.config.output_dir}", file=sys.stderr)
+            print(
+                f"final evaluation failed ({type(error).__name__}: {error}); the trained model is saved in "
+                f"{self.config.output_dir}",
+                file=sys.stderr,
+            )
             raise
         finally:
             self._write_summary()
@@ -151,8 +186,14 @@ class Run:
         return self.results
 
     def _write_summary(self) -> None:
-        summary = {"steps": self.step, "max_steps": self.config.max_steps, "training_seconds": round(self.training_seconds, 1),
-                   "stopped_early": self.stopped_early, "first_eval": self.first_results, "last_eval": self.results}
+        summary = {
+            "steps": self.step,
+            "max_steps": self.config.max_steps,
+            "training_seconds": round(self.training_seconds, 1),
+            "stopped_early": self.stopped_early,
+            "first_eval": self.first_results,
+            "last_eval": self.results,
+        }
         path = Path(self.config.output_dir) / SUMMARY_NAME
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(summary, indent=2) + "\n")

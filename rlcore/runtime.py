@@ -11,7 +11,7 @@ import functools
 import os
 import random
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 

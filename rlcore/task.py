@@ -22,12 +22,16 @@ import torch
 from rlcore.config import OnlineConfig, TrainConfig
 from rlcore.data import PROMPT_FORMATS, load_checked_rows, load_eval_rows, tokenize_prompts
 from rlcore.evaluation import greedy_metric, sampled_rewards
+from rlcore.lora import prepare_model
+from rlcore.models import eos_token_ids, load_policy
 from rlcore.rewards import RewardFunction, RewardScorer, build_reward_scorer, check_reward_columns, resolve_metric
 
 Metric = tuple[str, RewardFunction]  # (name, function)
 
 
-def load_task_rows(config: TrainConfig, formats: tuple[str, ...]) -> tuple[datasets.Dataset, datasets.Dataset | None, Metric | None]:
+def load_task_rows(
+    config: TrainConfig, formats: tuple[str, ...]
+) -> tuple[datasets.Dataset, datasets.Dataset | None, Metric | None]:
     """(training rows, held-out rows or None, greedy metric or None), each checked.
 
     The metric is dropped, with a message, when the held-out rows have no ``prompt`` to generate from
@@ -44,13 +48,34 @@ def load_task_rows(config: TrainConfig, formats: tuple[str, ...]) -> tuple[datas
     return rows, eval_rows, metric
 
 
-def metric_value(model: torch.nn.Module, tokenizer, eval_prompts: datasets.Dataset | None, metric: Metric | None,
-                 config: TrainConfig) -> dict[str, float]:
+def metric_value(
+    model: torch.nn.Module, tokenizer, eval_prompts: datasets.Dataset | None, metric: Metric | None, config: TrainConfig
+) -> dict[str, float]:
     """``{metric name: mean over greedy completions}`` of the held-out prompts, or {} without a metric."""
     if metric is None or eval_prompts is None:
         return {}
-    return {metric[0]: greedy_metric(model, tokenizer, eval_prompts, metric[1], batch_size=config.eval_batch_size,
-                                     max_new_tokens=getattr(config, "max_new_tokens", 8))}
+    return {
+        metric[0]: greedy_metric(
+            model,
+            tokenizer,
+            eval_prompts,
+            metric[1],
+            batch_size=config.eval_batch_size,
+            max_new_tokens=getattr(config, "max_new_tokens", 8),
+        )
+    }
+
+
+def load_start_policy(
+    config: TrainConfig, start_model: str, device: torch.device
+) -> tuple[torch.nn.Module, object, list[int]]:
+    """(policy, tokenizer, stop token ids): ``start_model`` loaded and made what the flags train (full
+    fine-tuning, LoRA or QLoRA: ``rlcore.lora.prepare_model``), in train mode."""
+    policy, tokenizer = load_policy(start_model, device=device)
+    policy = prepare_model(
+        policy, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.load_in_4bit
+    )
+    return policy.train(), tokenizer, eos_token_ids(tokenizer, policy.generation_config)
 
 
 @dataclass
@@ -85,7 +110,16 @@ def load_prompt_task(config: OnlineConfig, tokenizer, device: torch.device) -> P
 def evaluate_policy(policy: torch.nn.Module, tokenizer, task: PromptTask, config: OnlineConfig) -> dict[str, float]:
     """Held-out mean sampled reward (overall and per source) with the run's sampling settings, and the
     greedy metric when there is one."""
-    metrics = sampled_rewards(policy, tokenizer, task.eval_prompts, task.scorer, batch_size=config.eval_batch_size,
-                              max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
-                              top_p=config.top_p, seed=config.seed)
+    metrics = sampled_rewards(
+        policy,
+        tokenizer,
+        task.eval_prompts,
+        task.scorer,
+        batch_size=config.eval_batch_size,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        seed=config.seed,
+    )
     return {**metrics, **metric_value(policy, tokenizer, task.eval_prompts, task.metric, config)}

@@ -81,7 +81,9 @@ def _test_pair_indices(max_operand: int) -> list[int]:
     return rng.sample(range(num_pairs), size)
 
 
-def toy_problems(split: str = "train", n: int | None = None, seed: int = 0, max_operand: int = 999) -> list[tuple[int, int]]:
+def toy_problems(
+    split: str = "train", n: int | None = None, seed: int = 0, max_operand: int = 999
+) -> list[tuple[int, int]]:
     """Operand pairs (a, b) of the addition task, deterministic in (split, n, seed, max_operand).
 
     The test split is the same fixed set for every seed (its first ``n`` pairs when ``n`` is given); the
@@ -174,7 +176,9 @@ def _toy_row(kind: str, a: int, b: int, index: int, rng: random.Random) -> dict:
     raise ValueError(f"unknown toy kind {kind!r}; expected one of {', '.join(TOY_KINDS)}")
 
 
-def toy_dataset(kind: str, split: str = "train", n: int | None = None, seed: int = 0, max_operand: int = 999) -> datasets.Dataset:
+def toy_dataset(
+    kind: str, split: str = "train", n: int | None = None, seed: int = 0, max_operand: int = 999
+) -> datasets.Dataset:
     """The addition task as a ``datasets.Dataset`` in one of TRL's row formats.
 
     Columns by kind (prompt ``"37+85="``, answer ``"122"``; message lists are ``[{"role", "content"}]``):
@@ -245,8 +249,10 @@ def _reference_integer(reference, row: int) -> int:
     """The toy task's reference answer as an int; a one-line error naming the row for anything else."""
     text = _completion_text(reference).strip() if not isinstance(reference, int) else str(reference)
     if not _DIGITS.fullmatch(text):
-        raise ValueError(f"the toy task's accuracy compares integers, but the reference of row {row} is {reference!r}: "
-                         "pass a reward or metric function that knows your task (--reward_funcs / --eval_metric)")
+        raise ValueError(
+            f"the toy task's accuracy compares integers, but the reference of row {row} is {reference!r}: "
+            "pass a reward or metric function that knows your task (--reward_funcs / --eval_metric)"
+        )
     return int(text)
 
 
@@ -271,7 +277,9 @@ def exact_match(prompts, completions, answer=None, completion=None, chosen=None,
     reference = next((column for column in (answer, completion, chosen) if column is not None), None)
     if reference is None:
         raise ValueError("exact_match needs an 'answer', 'completion' or 'chosen' column")
-    return accuracy_reward(prompts, completions, [_completion_text(r) if not isinstance(r, (str, int)) else r for r in reference])
+    return accuracy_reward(
+        prompts, completions, [_completion_text(r) if not isinstance(r, (str, int)) else r for r in reference]
+    )
 
 
 def format_reward(prompts, completions, **kwargs) -> list[float]:
@@ -401,7 +409,9 @@ def tiny_model_dir(cache_dir: str | None = None) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
-def warm_start(model: str, steps: int, seed: int, sft_script: str | os.PathLike, sft_flags: tuple[str, ...] = ()) -> str:
+def warm_start(
+    model: str, steps: int, seed: int, sft_script: str | os.PathLike, sft_flags: tuple[str, ...] = ()
+) -> str:
     """The model a recipe starts from: ``model`` itself, or for ``"tiny"`` an SFT checkpoint.
 
     Reinforcement learning improves a policy that already succeeds sometimes; the untrained tiny model
@@ -411,12 +421,10 @@ def warm_start(model: str, steps: int, seed: int, sft_script: str | os.PathLike,
     of the script and flags>``, so every recipe and every later run reuses it. Any other ``model`` is
     returned unchanged.
 
-    The online recipes and DPO pass ``rlcore.config.ONLINE_WARM_START_FLAGS``: learning rate 1e-3 after 100 warmup steps, then a
-    cosine that ends at half the peak, so that the checkpoint is like an SFT run stopped mid-schedule by a
-    time budget rather than an annealed one; 1500 steps give 42-46% greedy test accuracy (seed 0, two
-    versions of sft.py). On the toy task RL raised such a checkpoint by several points within minutes,
-    while from a fully annealed SFT checkpoint (cosine to 0) the same runs left greedy accuracy within a
-    few points of where it started.
+    The online recipes and DPO pass ``rlcore.config.ONLINE_WARM_START_FLAGS``: learning rate 1e-3 after 100
+    warmup steps, then a cosine that ends at half the peak, so that the checkpoint is like an SFT run stopped
+    mid-schedule rather than an annealed one: on the toy task RL and DPO improved such checkpoints, and not
+    fully annealed ones (docs/results.md, "SFT warm start").
     """
     if model != "tiny" or steps == 0:
         return model
@@ -427,8 +435,19 @@ def warm_start(model: str, steps: int, seed: int, sft_script: str | os.PathLike,
         return str(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=f".{directory.name}-building-", dir=directory.parent))
-    command = [sys.executable, str(script), *sft_flags, "--max_steps", str(steps), "--seed", str(seed),
-               "--output_dir", str(build), "--max_seconds", "none"]
+    command = [
+        sys.executable,
+        str(script),
+        *sft_flags,
+        "--max_steps",
+        str(steps),
+        "--seed",
+        str(seed),
+        "--output_dir",
+        str(build),
+        "--max_seconds",
+        "none",
+    ]
     print(f"warm start: {' '.join(command)}", flush=True)
     package_root = str(Path(__file__).resolve().parents[1])  # rlcore importable by the script, installed or not
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}

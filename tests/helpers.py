@@ -9,8 +9,15 @@ PAD = 0
 
 def small_qwen2_config(**overrides) -> Qwen2Config:
     """A 2-layer Qwen2 with grouped-query attention (4 heads, 2 key/value heads) over VOCAB tokens."""
-    settings = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=128)
+    settings = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     return Qwen2Config(**{**settings, **overrides})
 
 

@@ -58,15 +58,59 @@ def assistant(text):
 # Two rows per format, as a user would write them to a file.
 FORMAT_ROWS = {
     "text": ([{"text": "12+3=15"}, {"text": "1+1=2"}], "language_modeling", False),
-    "messages": ([{"messages": user("12+3=") + assistant("15")}, {"messages": user("1+1=") + assistant("2")}], "language_modeling", True),
+    "messages": (
+        [{"messages": user("12+3=") + assistant("15")}, {"messages": user("1+1=") + assistant("2")}],
+        "language_modeling",
+        True,
+    ),
     "prompt_only": ([{"prompt": "12+3=", "answer": "15"}, {"prompt": "1+1=", "answer": "2"}], "prompt_only", False),
-    "prompt_completion": ([{"prompt": "12+3=", "completion": "15"}, {"prompt": "1+1=", "completion": "2"}], "prompt_completion", False),
-    "conversational": ([{"prompt": user("12+3="), "completion": assistant("15")}, {"prompt": user("1+1="), "completion": assistant("2")}], "prompt_completion", True),
-    "preference": ([{"prompt": "12+3=", "chosen": "15", "rejected": "16", "margin": 0.5}, {"prompt": "1+1=", "chosen": "2", "rejected": "3", "margin": 1.0}], "preference", False),
-    "conversational_preference": ([{"prompt": user("12+3="), "chosen": assistant("15"), "rejected": assistant("16")}, {"prompt": user("1+1="), "chosen": assistant("2"), "rejected": assistant("3")}], "preference", True),
-    "preference_implicit": ([{"chosen": "12+3=15", "rejected": "12+3=25"}, {"chosen": "1+1=2", "rejected": "1+1=3"}], "preference_implicit", False),
-    "conversational_implicit": ([{"chosen": user("12+3=") + assistant("15"), "rejected": user("12+3=") + assistant("16")}, {"chosen": user("1+1=") + assistant("2"), "rejected": user("1+1=") + assistant("3")}], "preference_implicit", True),
-    "unpaired": ([{"prompt": "12+3=", "completion": "15", "label": True}, {"prompt": "1+1=", "completion": "3", "label": False}], "unpaired_preference", False),
+    "prompt_completion": (
+        [{"prompt": "12+3=", "completion": "15"}, {"prompt": "1+1=", "completion": "2"}],
+        "prompt_completion",
+        False,
+    ),
+    "conversational": (
+        [
+            {"prompt": user("12+3="), "completion": assistant("15")},
+            {"prompt": user("1+1="), "completion": assistant("2")},
+        ],
+        "prompt_completion",
+        True,
+    ),
+    "preference": (
+        [
+            {"prompt": "12+3=", "chosen": "15", "rejected": "16", "margin": 0.5},
+            {"prompt": "1+1=", "chosen": "2", "rejected": "3", "margin": 1.0},
+        ],
+        "preference",
+        False,
+    ),
+    "conversational_preference": (
+        [
+            {"prompt": user("12+3="), "chosen": assistant("15"), "rejected": assistant("16")},
+            {"prompt": user("1+1="), "chosen": assistant("2"), "rejected": assistant("3")},
+        ],
+        "preference",
+        True,
+    ),
+    "preference_implicit": (
+        [{"chosen": "12+3=15", "rejected": "12+3=25"}, {"chosen": "1+1=2", "rejected": "1+1=3"}],
+        "preference_implicit",
+        False,
+    ),
+    "conversational_implicit": (
+        [
+            {"chosen": user("12+3=") + assistant("15"), "rejected": user("12+3=") + assistant("16")},
+            {"chosen": user("1+1=") + assistant("2"), "rejected": user("1+1=") + assistant("3")},
+        ],
+        "preference_implicit",
+        True,
+    ),
+    "unpaired": (
+        [{"prompt": "12+3=", "completion": "15", "label": True}, {"prompt": "1+1=", "completion": "3", "label": False}],
+        "unpaired_preference",
+        False,
+    ),
 }
 
 
@@ -81,18 +125,39 @@ def plain_prompt(text):
 # The first row of each format, tokenised by hand.
 EXPECTED_FIRST_ROW = {
     "text": {"input_ids": char_ids("12+3=15") + [EOS], "completion_mask": [0] + [1] * 7},
-    "messages": {"input_ids": chat_prompt("12+3=") + char_ids("15") + [IM_END] + char_ids("\n"),
-                 "completion_mask": [0] * len(chat_prompt("12+3=")) + [1, 1, 1, 0]},
+    "messages": {
+        "input_ids": chat_prompt("12+3=") + char_ids("15") + [IM_END] + char_ids("\n"),
+        "completion_mask": [0] * len(chat_prompt("12+3=")) + [1, 1, 1, 0],
+    },
     "prompt_only": {"prompt": "12+3=", "answer": "15", "prompt_ids": plain_prompt("12+3=")},
     "prompt_completion": {"input_ids": char_ids("12+3=15") + [EOS], "completion_mask": [0] * 5 + [1, 1, 1]},
-    "conversational": {"input_ids": chat_prompt("12+3=") + char_ids("15") + [IM_END],
-                       "completion_mask": [0] * len(chat_prompt("12+3=")) + [1, 1, 1]},
-    "preference": {"prompt_ids": char_ids("12+3="), "chosen_ids": char_ids("15") + [EOS], "rejected_ids": char_ids("16") + [EOS], "margin": 0.5},
-    "conversational_preference": {"prompt_ids": chat_prompt("12+3="), "chosen_ids": char_ids("15") + [IM_END], "rejected_ids": char_ids("16") + [IM_END]},
+    "conversational": {
+        "input_ids": chat_prompt("12+3=") + char_ids("15") + [IM_END],
+        "completion_mask": [0] * len(chat_prompt("12+3=")) + [1, 1, 1],
+    },
+    "preference": {
+        "prompt_ids": char_ids("12+3="),
+        "chosen_ids": char_ids("15") + [EOS],
+        "rejected_ids": char_ids("16") + [EOS],
+        "margin": 0.5,
+    },
+    "conversational_preference": {
+        "prompt_ids": chat_prompt("12+3="),
+        "chosen_ids": char_ids("15") + [IM_END],
+        "rejected_ids": char_ids("16") + [IM_END],
+    },
     # the common prefix of "12+3=15" and "12+3=25" is "12+3="
-    "preference_implicit": {"prompt_ids": char_ids("12+3="), "chosen_ids": char_ids("15") + [EOS], "rejected_ids": char_ids("25") + [EOS]},
+    "preference_implicit": {
+        "prompt_ids": char_ids("12+3="),
+        "chosen_ids": char_ids("15") + [EOS],
+        "rejected_ids": char_ids("25") + [EOS],
+    },
     # the common prefix of the two message lists is the user turn
-    "conversational_implicit": {"prompt_ids": chat_prompt("12+3="), "chosen_ids": char_ids("15") + [IM_END], "rejected_ids": char_ids("16") + [IM_END]},
+    "conversational_implicit": {
+        "prompt_ids": chat_prompt("12+3="),
+        "chosen_ids": char_ids("15") + [IM_END],
+        "rejected_ids": char_ids("16") + [IM_END],
+    },
     "unpaired": {"prompt_ids": char_ids("12+3="), "completion_ids": char_ids("15") + [EOS], "label": True},
 }
 
@@ -146,7 +211,11 @@ def test_every_toy_kind_tokenises(kind, tokenizer):
 def test_load_rows_sources(tmp_path):
     assert load_rows("toy", n=3).column_names == ["prompt", "completion"]
     assert len(load_rows("toy:preference", split="test")) == toy.TEST_SIZE
-    rows = [{"prompt": "1+1=", "completion": "2"}, {"prompt": "2+2=", "completion": "4"}, {"prompt": "3+3=", "completion": "6"}]
+    rows = [
+        {"prompt": "1+1=", "completion": "2"},
+        {"prompt": "2+2=", "completion": "4"},
+        {"prompt": "3+3=", "completion": "6"},
+    ]
     expected = datasets.Dataset.from_list(rows)
     (tmp_path / "rows.json").write_text(json.dumps(rows))
     expected.to_csv(str(tmp_path / "rows.csv"), index=False)
@@ -170,8 +239,10 @@ def test_load_rows_sources(tmp_path):
 def test_assistant_mask_matches_the_template_generation_markers(tokenizer):
     conversation = [
         {"role": "system", "content": "add"},
-        *user("1+2="), *assistant("3"),
-        *user("4+5="), *assistant("9"),
+        *user("1+2="),
+        *assistant("3"),
+        *user("4+5="),
+        *assistant("9"),
     ]
     tokenized = tokenize_sft(datasets.Dataset.from_list([{"messages": conversation}]), tokenizer)[0]
     reference = tokenizer.apply_chat_template(conversation, return_dict=True, return_assistant_tokens_mask=True)
@@ -189,10 +260,15 @@ def test_completion_only_false_trains_on_every_token_but_the_first(tokenizer):
 
 
 def test_truncation_drop_and_truncate(tokenizer, capsys):
-    rows = datasets.Dataset.from_list([{"prompt": "1+1=", "completion": "2"}, {"prompt": "12+3=", "completion": "1500"}])
+    rows = datasets.Dataset.from_list(
+        [{"prompt": "1+1=", "completion": "2"}, {"prompt": "12+3=", "completion": "1500"}]
+    )
     dropped = tokenize_sft(rows, tokenizer, max_length=8)  # row 1 is 5 + 5 = 10 tokens
     assert dropped["input_ids"] == [char_ids("1+1=2") + [EOS]]
-    assert "tokenize_sft: 1 of 2 rows longer than max_length=8 (truncation='drop': 0 truncated, 1 dropped)" in capsys.readouterr().out
+    assert (
+        "tokenize_sft: 1 of 2 rows longer than max_length=8 (truncation='drop': 0 truncated, 1 dropped)"
+        in capsys.readouterr().out
+    )
     truncated = tokenize_sft(rows, tokenizer, max_length=8, truncation="truncate")
     assert truncated[1] == {"input_ids": char_ids("12+3=150"), "completion_mask": [0] * 5 + [1] * 3}  # no EOS left
     assert "1 truncated, 0 dropped" in capsys.readouterr().out
@@ -262,11 +338,16 @@ def test_non_string_content_names_row_field_and_type(tokenizer):
 
 
 def test_unknown_role_names_row_role_and_allowed_roles(tokenizer):
-    rows = datasets.Dataset.from_list([
-        {"messages": user("1+1=") + assistant("2")},
-        {"messages": user("1+1=") + [{"role": "tool", "content": "2"}]},
-    ])
-    with pytest.raises(ValueError, match="row 1: field 'messages', message 1: role 'tool' is not one the chat template knows; allowed roles: system, user, assistant"):
+    rows = datasets.Dataset.from_list(
+        [
+            {"messages": user("1+1=") + assistant("2")},
+            {"messages": user("1+1=") + [{"role": "tool", "content": "2"}]},
+        ]
+    )
+    with pytest.raises(
+        ValueError,
+        match="row 1: field 'messages', message 1: role 'tool' is not one the chat template knows; allowed roles: system, user, assistant",
+    ):
         tokenize_sft(rows, tokenizer)
 
 
@@ -336,7 +417,9 @@ def test_packed_samples_stay_apart(attn_implementation, tiny_dir, tokenizer):
     packed = pack_sequences(rows, max_length=32, pad_id=PAD)
     assert packed["input_ids"].shape == (1, 32)
     with torch.no_grad():
-        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits[0]  # [32, V]
+        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits[
+            0
+        ]  # [32, V]
         for index, text in enumerate(texts):
             alone = model(input_ids=torch.tensor([char_ids(text)])).logits[0]  # [len, V]
             torch.testing.assert_close(logits[packed["sample_index"][0] == index], alone, atol=1e-5, rtol=1e-5)

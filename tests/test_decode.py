@@ -9,6 +9,7 @@ dropped or misplaced them would decode different tokens.
 
 import pytest
 import torch
+from helpers import PAD, VOCAB, ragged_prompts, small_qwen2_config
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2ForCausalLM
 
 from rlcore import gather_logprobs
@@ -16,8 +17,6 @@ from rlcore.decode import native_decode_unsupported
 from rlcore.lora import apply_lora
 from rlcore.rollout import generate
 from rlcore.toy import tiny_model
-
-from helpers import PAD, VOCAB, ragged_prompts, small_qwen2_config
 
 
 def randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -36,8 +35,15 @@ def randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def llama_wide_groups() -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, mlp_bias=True,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        mlp_bias=True,
         rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
     )
     return randomised(LlamaForCausalLM(config))
@@ -62,7 +68,9 @@ def model(request):
 
 def sample(model, native_step, seed=0, **kwargs):
     ids, mask = ragged_prompts(batch=6)
-    settings = dict(max_new_tokens=14, eos_token_ids=[], pad_token_id=PAD, generator=torch.Generator().manual_seed(seed))
+    settings = dict(
+        max_new_tokens=14, eos_token_ids=[], pad_token_id=PAD, generator=torch.Generator().manual_seed(seed)
+    )
     return generate(model, ids, mask, native_step=native_step, **{**settings, **kwargs})
 
 
@@ -74,7 +82,9 @@ def test_greedy_equals_transformers_generate_and_the_forward_path(model):
     ids, mask = ragged_prompts(batch=6)
     native = sample(model, True, temperature=0.0, num_samples=2)
     forward_path = sample(model, False, temperature=0.0, num_samples=2)
-    expected = model.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False, eos_token_id=None, pad_token_id=PAD)
+    expected = model.generate(
+        ids, attention_mask=mask, max_new_tokens=14, do_sample=False, eos_token_id=None, pad_token_id=PAD
+    )
     assert torch.equal(native.sequences, expected.repeat_interleave(2, dim=0))
     assert torch.equal(native.sequences, forward_path.sequences)
     torch.testing.assert_close(native.logprobs, forward_path.logprobs, rtol=0, atol=1e-5)
@@ -85,9 +95,13 @@ def test_logprobs_equal_teacher_forced_forward(model, temperature):
     rollout = sample(model, True, temperature=temperature, num_samples=2)
     mask = rollout.attention_mask
     with torch.no_grad():
-        logits = model(input_ids=rollout.sequences, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+        logits = model(
+            input_ids=rollout.sequences, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)
+        ).logits
     prompt_len = rollout.prompt_mask.shape[1]
-    expected = gather_logprobs(logits[:, prompt_len - 1 : -1], rollout.completion_ids, temperature=temperature)  # [N, T]
+    expected = gather_logprobs(
+        logits[:, prompt_len - 1 : -1], rollout.completion_ids, temperature=temperature
+    )  # [N, T]
     torch.testing.assert_close(rollout.logprobs, expected, rtol=0, atol=1e-5)
 
 
@@ -118,7 +132,9 @@ def test_lora_wrapped_model_falls_back_to_its_forward():
     assert reason is not None and "LoRALinear" in reason and "q_proj" in reason
     ids, mask = ragged_prompts(batch=6)
     rollout = sample(model, None, temperature=0.0)  # auto: the forward path
-    expected = model.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False, eos_token_id=None, pad_token_id=PAD)
+    expected = model.generate(
+        ids, attention_mask=mask, max_new_tokens=14, do_sample=False, eos_token_id=None, pad_token_id=PAD
+    )
     assert torch.equal(rollout.sequences, expected)
     base_model_tokens = sample(randomised(tiny_model(seed=0)), True, temperature=0.0).completion_ids
     assert not torch.equal(rollout.completion_ids, base_model_tokens)  # the adapters were used
@@ -141,6 +157,9 @@ def test_bfloat16_model_decodes_like_its_forward():
     """The step keeps transformers' dtype rules (RMSNorm in float32, rotary tables cast to the model dtype),
     so a bfloat16 model gives the forward path's tokens and log-probs."""
     model = randomised(tiny_model(seed=0)).to(torch.bfloat16)
-    native, forward_path = sample(model, True, temperature=0.0, num_samples=2), sample(model, False, temperature=0.0, num_samples=2)
+    native, forward_path = (
+        sample(model, True, temperature=0.0, num_samples=2),
+        sample(model, False, temperature=0.0, num_samples=2),
+    )
     assert torch.equal(native.sequences, forward_path.sequences)
     torch.testing.assert_close(native.logprobs, forward_path.logprobs, rtol=0, atol=1e-6)

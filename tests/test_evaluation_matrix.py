@@ -32,8 +32,22 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_RUN = ["--max_steps", "1", "--num_train_rows", "16", "--num_eval_rows", "8", "--batch_size", "4",
-            "--eval_batch_size", "4", "--logging_steps", "1", "--max_seconds", "none"]
+TINY_RUN = [
+    "--max_steps",
+    "1",
+    "--num_train_rows",
+    "16",
+    "--num_eval_rows",
+    "8",
+    "--batch_size",
+    "4",
+    "--eval_batch_size",
+    "4",
+    "--logging_steps",
+    "1",
+    "--max_seconds",
+    "none",
+]
 ONLINE = ("grpo", "ppo", "online_dpo")
 ONLINE_FLAGS = {"grpo": ["--num_generations", "2"], "ppo": ["--num_ppo_epochs", "1"], "online_dpo": []}
 EVAL_KEYS = {
@@ -42,10 +56,10 @@ EVAL_KEYS = {
     "reward_model": {"eval/accuracy", "eval/margin", "eval/loss"},
     **{name: {"eval/reward", "eval/reward/length_reward"} for name in ONLINE},
 }
-REWARDS_FILE = '''
+REWARDS_FILE = """
 def length_reward(prompts, completions, **kwargs):
     return [len(c if isinstance(c, str) else c[-1]["content"]) / 10 for c in completions]
-'''
+"""
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -66,8 +80,14 @@ def load_recipe(name: str):
 
 # ---------------------------------------------------------------- the data: real-looking text, never an integer answer
 
-PROMPTS = ("Name a colour:", "Describe the sky in a few words:", "What is on the kitchen table?",
-           "Suggest a name for a small boat:", "Which fruit is sour?", "Say something about rain:")
+PROMPTS = (
+    "Name a colour:",
+    "Describe the sky in a few words:",
+    "What is on the kitchen table?",
+    "Suggest a name for a small boat:",
+    "Which fruit is sour?",
+    "Say something about rain:",
+)
 COLOURS = ("blue", "green", "amber", "violet", "teal", "ochre", "crimson", "silver")
 
 
@@ -104,7 +124,11 @@ def make_row(kind: str, conversational: bool, index: int) -> dict:
     if kind == "preference":
         return {"prompt": user, "chosen": good, "rejected": bad}
     if kind == "preference_implicit":  # the prompt is the common prefix
-        return {"chosen": user + good, "rejected": user + bad} if conversational else {"chosen": prompt + good, "rejected": prompt + bad}
+        return (
+            {"chosen": user + good, "rejected": user + bad}
+            if conversational
+            else {"chosen": prompt + good, "rejected": prompt + bad}
+        )
     if kind == "unpaired_preference":
         return {"prompt": user, "completion": good if index % 2 == 0 else bad, "label": index % 2 == 0}
     raise ValueError(kind)
@@ -141,8 +165,12 @@ def write_dataset(directory: Path, kind: str, conversational: bool, storage: str
         write_rows(directory / "files" / "train.jsonl", train)
         write_rows(directory / "files" / "test.jsonl", heldout)
         return ["--dataset", str(directory / "files")]
-    return ["--dataset", str(write_rows(directory / f"train.{storage}", train)),
-            "--eval_dataset", str(write_rows(directory / f"heldout.{storage}", heldout))]
+    return [
+        "--dataset",
+        str(write_rows(directory / f"train.{storage}", train)),
+        "--eval_dataset",
+        str(write_rows(directory / f"heldout.{storage}", heldout)),
+    ]
 
 
 def recipe_flags(recipe: str, tmp_path: Path) -> list[str]:
@@ -152,7 +180,13 @@ def recipe_flags(recipe: str, tmp_path: Path) -> list[str]:
         flags += ["--warm_start_steps", "0"]
     if recipe in ONLINE:
         (tmp_path / "rewards.py").write_text(REWARDS_FILE)
-        flags += ["--reward_funcs", f"{tmp_path / 'rewards.py'}:length_reward", "--max_new_tokens", "4", *ONLINE_FLAGS[recipe]]
+        flags += [
+            "--reward_funcs",
+            f"{tmp_path / 'rewards.py'}:length_reward",
+            "--max_new_tokens",
+            "4",
+            *ONLINE_FLAGS[recipe],
+        ]
     return flags
 
 
@@ -169,30 +203,57 @@ def eval_records(output_dir: Path) -> list[dict]:
 PLAIN_AND_CHAT = (False, True)
 CASES = (
     [("sft", kind, chat) for kind in ("language_modeling", "prompt_completion") for chat in PLAIN_AND_CHAT]
-    + [(recipe, kind, chat) for recipe in ("dpo", "reward_model") for kind in ("preference", "preference_implicit")
-       for chat in PLAIN_AND_CHAT]
-    + [(recipe, kind, chat) for recipe in ONLINE for kind in ("prompt_only", "prompt_completion", "preference", "unpaired_preference")
-       for chat in PLAIN_AND_CHAT]
+    + [
+        (recipe, kind, chat)
+        for recipe in ("dpo", "reward_model")
+        for kind in ("preference", "preference_implicit")
+        for chat in PLAIN_AND_CHAT
+    ]
+    + [
+        (recipe, kind, chat)
+        for recipe in ONLINE
+        for kind in ("prompt_only", "prompt_completion", "preference", "unpaired_preference")
+        for chat in PLAIN_AND_CHAT
+    ]
 )
 # The online recipes take the four prompt formats alike (rlcore.data.PROMPT_FORMATS, through rlcore.task): by
 # default every format runs plain and chat with some online recipe, every online recipe at least once; the
 # rest of the cross product is marked slow.
-FAST_ONLINE = {("grpo", "prompt_only", False), ("ppo", "prompt_only", True), ("online_dpo", "prompt_completion", False),
-               ("grpo", "prompt_completion", True), ("grpo", "preference", False), ("online_dpo", "preference", True),
-               ("online_dpo", "unpaired_preference", False), ("grpo", "unpaired_preference", True)}
+FAST_ONLINE = {
+    ("grpo", "prompt_only", False),
+    ("ppo", "prompt_only", True),
+    ("online_dpo", "prompt_completion", False),
+    ("grpo", "prompt_completion", True),
+    ("grpo", "preference", False),
+    ("online_dpo", "preference", True),
+    ("online_dpo", "unpaired_preference", False),
+    ("grpo", "unpaired_preference", True),
+}
 # a few cases read other storage than jsonl: parquet files, or a save_to_disk directory with a test split
-STORAGE = {("sft", "prompt_completion", False): "parquet", ("sft", "language_modeling", True): "disk",
-           ("sft", "language_modeling", False): "csv", ("reward_model", "preference", False): "files",
-           ("dpo", "preference", False): "disk", ("dpo", "preference_implicit", True): "parquet",
-           ("reward_model", "preference", True): "disk", ("reward_model", "preference_implicit", False): "parquet",
-           ("grpo", "prompt_only", False): "disk", ("ppo", "prompt_only", True): "parquet",
-           ("online_dpo", "preference", True): "disk"}
+STORAGE = {
+    ("sft", "prompt_completion", False): "parquet",
+    ("sft", "language_modeling", True): "disk",
+    ("sft", "language_modeling", False): "csv",
+    ("reward_model", "preference", False): "files",
+    ("dpo", "preference", False): "disk",
+    ("dpo", "preference_implicit", True): "parquet",
+    ("reward_model", "preference", True): "disk",
+    ("reward_model", "preference_implicit", False): "parquet",
+    ("grpo", "prompt_only", False): "disk",
+    ("ppo", "prompt_only", True): "parquet",
+    ("online_dpo", "preference", True): "disk",
+}
 
 
 def _case(recipe: str, kind: str, chat: bool):
     slow = recipe in ONLINE and (recipe, kind, chat) not in FAST_ONLINE
-    return pytest.param(recipe, kind, chat, marks=[pytest.mark.slow] if slow else [],
-                        id=f"{recipe}-{kind}-{'chat' if chat else 'plain'}-{STORAGE.get((recipe, kind, chat), 'jsonl')}")
+    return pytest.param(
+        recipe,
+        kind,
+        chat,
+        marks=[pytest.mark.slow] if slow else [],
+        id=f"{recipe}-{kind}-{'chat' if chat else 'plain'}-{STORAGE.get((recipe, kind, chat), 'jsonl')}",
+    )
 
 
 @pytest.mark.parametrize("recipe, kind, conversational", [_case(*case) for case in CASES])
@@ -219,7 +280,10 @@ def test_recipe_evaluates_format(tmp_path, recipe, kind, conversational):
     if recipe in ("dpo", "reward_model"):
         assert 0 <= results["eval/accuracy"] <= 1
     if recipe in ONLINE:  # every completion has a length: the per-function mean is the overall reward (weight 1)
-        assert results["eval/reward"] == pytest.approx(results["eval/reward/length_reward"]) and results["eval/reward"] >= 0
+        assert (
+            results["eval/reward"] == pytest.approx(results["eval/reward/length_reward"])
+            and results["eval/reward"] >= 0
+        )
 
 
 # ---------------------------------------------------------------- where the held-out rows come from
@@ -265,15 +329,16 @@ def test_evaluation_is_on_the_held_out_rows(tmp_path, capsys, storage):
     load_recipe("sft").main([*data_flags, *recipe_flags("sft", tmp_path)])
     assert "no evaluation" not in capsys.readouterr().out
     first = eval_records(tmp_path / "out")[0]
-    heldout, train = _sft_heldout_metrics(make_rows("prompt_completion", False, 100, 8)), _sft_heldout_metrics(make_rows("prompt_completion", False, 0, 8))
+    heldout, train = (
+        _sft_heldout_metrics(make_rows("prompt_completion", False, 100, 8)),
+        _sft_heldout_metrics(make_rows("prompt_completion", False, 0, 8)),
+    )
     assert first["step"] == 0
     for key, value in heldout.items():
         assert first[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
     assert first["eval/loss"] != pytest.approx(train["eval/loss"], rel=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: rlcore.data.has_split says a save_to_disk'd single Dataset has every split, "
-                   "so load_eval_rows evaluates on its (training) rows")
 def test_saved_single_dataset_is_not_evaluated_on_its_training_rows(tmp_path, capsys):
     make_rows("prompt_completion", False, 0, 16).save_to_disk(str(tmp_path / "saved"))  # a Dataset, not a DatasetDict
     results = load_recipe("sft").main(["--dataset", str(tmp_path / "saved"), *recipe_flags("sft", tmp_path)])
@@ -281,8 +346,6 @@ def test_saved_single_dataset_is_not_evaluated_on_its_training_rows(tmp_path, ca
     assert results == {} and eval_records(tmp_path / "out") == []
 
 
-@pytest.mark.xfail(strict=True, reason="bug: has_split accepts a sliced split ('test[:4]') of the toy task and of a "
-                   "save_to_disk DatasetDict, but load_rows cannot read one (ValueError / KeyError)")
 @pytest.mark.parametrize("source", ["toy:prompt_completion", "disk"])
 def test_sliced_eval_split_of_a_split_source(tmp_path, source):
     from rlcore.data import load_eval_rows
@@ -306,7 +369,7 @@ def word_overlap(prompts, completions, completion_ids, completion, **columns):
     return scores
 '''
 
-FAILING_METRIC_FILE = '''
+FAILING_METRIC_FILE = """
 from pathlib import Path
 
 COUNTER = Path(__file__).with_name("calls.txt")
@@ -318,38 +381,57 @@ def second_call_fails(prompts, completions, completion_ids, **columns):
     if calls >= 2:
         raise RuntimeError("metric failure on call %d" % calls)
     return [0.5] * len(completions)
-'''
+"""
 
 
 def test_eval_metric_file_is_reported_by_sft(tmp_path):
     (tmp_path / "metric.py").write_text(METRIC_FILE)
     data_flags = write_dataset(tmp_path / "data", "prompt_completion", False)
-    results = load_recipe("sft").main([*data_flags, *recipe_flags("sft", tmp_path), "--eval_metric",
-                                       f"{tmp_path / 'metric.py'}:word_overlap", "--max_new_tokens", "6"])
+    results = load_recipe("sft").main(
+        [
+            *data_flags,
+            *recipe_flags("sft", tmp_path),
+            "--eval_metric",
+            f"{tmp_path / 'metric.py'}:word_overlap",
+            "--max_new_tokens",
+            "6",
+        ]
+    )
     assert set(results) == {"eval/loss", "eval/token_accuracy", "eval/word_overlap"}
     assert 0 <= results["eval/word_overlap"] <= 1
     assert [record["step"] for record in eval_records(tmp_path / "out") if "eval/word_overlap" in record] == [0, 1]
 
 
-WORDS_METRIC_FILE = '''
+WORDS_METRIC_FILE = """
 def completion_words(prompts, completions, completion_ids, **columns):
     texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
     return [float(len(text.split())) for text in texts]
-'''
+"""
 
 
-@pytest.mark.parametrize("recipe, kind, conversational, reported", [
-    ("sft", "prompt_completion", True, True),
-    ("dpo", "preference", False, True),
-    ("grpo", "prompt_only", True, True),
-    ("sft", "language_modeling", False, False),  # no prompt to generate from: skipped, and the run says so
-    ("dpo", "preference_implicit", True, False),
-])
+@pytest.mark.parametrize(
+    "recipe, kind, conversational, reported",
+    [
+        ("sft", "prompt_completion", True, True),
+        ("dpo", "preference", False, True),
+        ("grpo", "prompt_only", True, True),
+        ("sft", "language_modeling", False, False),  # no prompt to generate from: skipped, and the run says so
+        ("dpo", "preference_implicit", True, False),
+    ],
+)
 def test_eval_metric_file_in_every_recipe_that_generates(tmp_path, capsys, recipe, kind, conversational, reported):
     (tmp_path / "metric.py").write_text(WORDS_METRIC_FILE)
     data_flags = write_dataset(tmp_path / "data", kind, conversational)
-    results = load_recipe(recipe).main([*data_flags, *recipe_flags(recipe, tmp_path), "--eval_metric",
-                                        f"{tmp_path / 'metric.py'}:completion_words", "--max_new_tokens", "4"])
+    results = load_recipe(recipe).main(
+        [
+            *data_flags,
+            *recipe_flags(recipe, tmp_path),
+            "--eval_metric",
+            f"{tmp_path / 'metric.py'}:completion_words",
+            "--max_new_tokens",
+            "4",
+        ]
+    )
     if reported:
         assert set(results) == EVAL_KEYS[recipe] | {"eval/completion_words"}
         assert 0 <= results["eval/completion_words"] <= 4
@@ -363,8 +445,14 @@ def test_final_model_is_saved_before_the_final_evaluation(tmp_path, capsys):
     (tmp_path / "metric.py").write_text(FAILING_METRIC_FILE)
     data_flags = write_dataset(tmp_path / "data", "prompt_completion", False)
     with pytest.raises(RuntimeError, match="metric failure on call 2"):
-        load_recipe("sft").main([*data_flags, *recipe_flags("sft", tmp_path), "--eval_metric",
-                                 f"{tmp_path / 'metric.py'}:second_call_fails"])
+        load_recipe("sft").main(
+            [
+                *data_flags,
+                *recipe_flags("sft", tmp_path),
+                "--eval_metric",
+                f"{tmp_path / 'metric.py'}:second_call_fails",
+            ]
+        )
     output_dir = tmp_path / "out"
     assert (tmp_path / "calls.txt").read_text() == "2"  # step 0 evaluated, the final evaluation failed
     assert (output_dir / "config.json").exists() and (output_dir / "model.safetensors").exists()
@@ -376,14 +464,20 @@ def test_final_model_is_saved_before_the_final_evaluation(tmp_path, capsys):
 # ---------------------------------------------------------------- bad input: one line, before any training or warm start
 
 RECIPES = ("sft", "dpo", "reward_model", *ONLINE)
-FORMAT_OF = {"sft": "prompt_completion", "dpo": "preference", "reward_model": "preference",
-             **{name: "prompt_only" for name in ONLINE}}
+FORMAT_OF = {
+    "sft": "prompt_completion",
+    "dpo": "preference",
+    "reward_model": "preference",
+    **{name: "prompt_only" for name in ONLINE},
+}
 
 
 def _no_warm_start(module):
     """Make the recipe's warm start fail loudly: a bad input must be reported before it."""
+
     def fail(*args, **kwargs):
         raise AssertionError("the warm start ran before the input was checked")
+
     if hasattr(module, "warm_start"):
         module.warm_start = fail
     return module
@@ -393,7 +487,7 @@ def _bad_input_flags(recipe: str, tmp_path: Path) -> list[str]:
     """The recipe's tiny budget, with its default warm start left on (it must not be reached)."""
     flags = recipe_flags(recipe, tmp_path)
     index = flags.index("--warm_start_steps") if "--warm_start_steps" in flags else None
-    return flags if index is None else flags[:index] + flags[index + 2:]
+    return flags if index is None else flags[:index] + flags[index + 2 :]
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -410,14 +504,19 @@ def test_missing_eval_dataset_file_is_named(tmp_path, recipe):
     train = write_rows(tmp_path / "train.jsonl", make_rows(FORMAT_OF[recipe], False, 0, 16))
     missing = tmp_path / "heldout.jsonl"
     with pytest.raises(FileNotFoundError, match="heldout.jsonl"):
-        _no_warm_start(load_recipe(recipe)).main(["--dataset", str(train), "--eval_dataset", str(missing),
-                                                  *_bad_input_flags(recipe, tmp_path)])
+        _no_warm_start(load_recipe(recipe)).main(
+            ["--dataset", str(train), "--eval_dataset", str(missing), *_bad_input_flags(recipe, tmp_path)]
+        )
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_wrong_columns_name_the_flag(tmp_path, recipe):
-    wrong = write_rows(tmp_path / "wrong.jsonl", datasets.Dataset.from_list(
-        [{"question": _texts(index)[0], "response": _texts(index)[1]} for index in range(4)]))
+    wrong = write_rows(
+        tmp_path / "wrong.jsonl",
+        datasets.Dataset.from_list(
+            [{"question": _texts(index)[0], "response": _texts(index)[1]} for index in range(4)]
+        ),
+    )
     with pytest.raises(ValueError) as error:
         _no_warm_start(load_recipe(recipe)).main(["--dataset", str(wrong), *_bad_input_flags(recipe, tmp_path)])
     message = str(error.value)
@@ -439,8 +538,9 @@ def test_wrong_eval_dataset_columns_name_the_flag(tmp_path, recipe):
     train = write_rows(tmp_path / "train.jsonl", make_rows(FORMAT_OF[recipe], False, 0, 16))
     heldout = write_rows(tmp_path / "heldout.jsonl", datasets.Dataset.from_list([{"question": "Name a colour:"}] * 4))
     with pytest.raises(ValueError, match="--eval_dataset"):
-        _no_warm_start(load_recipe(recipe)).main(["--dataset", str(train), "--eval_dataset", str(heldout),
-                                                  *_bad_input_flags(recipe, tmp_path)])
+        _no_warm_start(load_recipe(recipe)).main(
+            ["--dataset", str(train), "--eval_dataset", str(heldout), *_bad_input_flags(recipe, tmp_path)]
+        )
 
 
 @pytest.mark.parametrize("recipe", ONLINE)
@@ -450,8 +550,22 @@ def test_builtin_reward_without_its_column_fails_before_the_warm_start(tmp_path,
     stdout = io.StringIO()
     started = time.perf_counter()
     with pytest.raises(ValueError) as error, contextlib.redirect_stdout(stdout):
-        load_recipe(recipe).main(["--model", "tiny", "--dataset", str(train), "--output_dir", str(tmp_path / "out"),
-                                  "--warm_start_steps", "1500", "--reward_funcs", "accuracy", *TINY_RUN, *ONLINE_FLAGS[recipe]])
+        load_recipe(recipe).main(
+            [
+                "--model",
+                "tiny",
+                "--dataset",
+                str(train),
+                "--output_dir",
+                str(tmp_path / "out"),
+                "--warm_start_steps",
+                "1500",
+                "--reward_funcs",
+                "accuracy",
+                *TINY_RUN,
+                *ONLINE_FLAGS[recipe],
+            ]
+        )
     assert time.perf_counter() - started < 60
     message = str(error.value)
     assert "'accuracy'" in message and "'answer'" in message and "\n" not in message

@@ -53,7 +53,9 @@ class _Collector(ast.NodeVisitor):
 
     def _add(self, node, module: str, names: tuple[str, ...], relative: bool) -> None:
         top_level = not self.functions and not self.type_checking
-        self.imports.append(Import(module, names, relative, top_level, self.functions[-1] if self.functions else None, node.lineno))
+        self.imports.append(
+            Import(module, names, relative, top_level, self.functions[-1] if self.functions else None, node.lineno)
+        )
 
     def visit_Import(self, node: ast.Import) -> None:
         for alias in node.names:
@@ -123,9 +125,14 @@ def test_package_init_imports_only_the_math_modules():
 
 def test_package_all_is_what_it_imports():
     tree = ast.parse((PACKAGE / "__init__.py").read_text())
-    imported = {alias.asname or alias.name for item in tree.body if isinstance(item, ast.ImportFrom) for alias in item.names}
-    exported = next(ast.literal_eval(item.value) for item in tree.body
-                    if isinstance(item, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in item.targets))
+    imported = {
+        alias.asname or alias.name for item in tree.body if isinstance(item, ast.ImportFrom) for alias in item.names
+    }
+    exported = next(
+        ast.literal_eval(item.value)
+        for item in tree.body
+        if isinstance(item, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in item.targets)
+    )
     assert set(exported) == imported and len(exported) == len(set(exported))
 
 
@@ -134,9 +141,16 @@ def test_package_all_is_what_it_imports():
 
 def _exported_by_package() -> set[str]:
     tree = ast.parse((PACKAGE / "__init__.py").read_text())
-    names = {alias.asname or alias.name for item in tree.body if isinstance(item, ast.ImportFrom) for alias in item.names}
-    return names | {target.id for item in tree.body if isinstance(item, ast.Assign) for target in item.targets
-                    if isinstance(target, ast.Name)}
+    names = {
+        alias.asname or alias.name for item in tree.body if isinstance(item, ast.ImportFrom) for alias in item.names
+    }
+    return names | {
+        target.id
+        for item in tree.body
+        if isinstance(item, ast.Assign)
+        for target in item.targets
+        if isinstance(target, ast.Name)
+    }
 
 
 USER_NAMED = {"online", "offline", "recipes", *RECIPE_NAMES}  # modules named after their users, not their contents
@@ -150,7 +164,9 @@ def test_script_imports_existing_rlcore_modules(path):
         assert rlcore_imports, f"{path.name} imports nothing from rlcore?"
     for item in rlcore_imports:
         where = f"{path.name}:{item.line}"
-        assert item.module != "rlcore.online", f"{where}: rlcore.online is gone (its parts live in rlcore.task, rlcore.run, ...)"
+        assert item.module != "rlcore.online", (
+            f"{where}: rlcore.online is gone (its parts live in rlcore.task, rlcore.run, ...)"
+        )
         if item.module == "rlcore":  # from rlcore import name: a math function or a submodule
             missing = [name for name in item.names if name not in exported and not module_path(name).exists()]
             assert not missing, f"{where}: rlcore exports no {missing}"
@@ -182,7 +198,9 @@ def _loads_toy(item: Import) -> bool:
 @pytest.mark.parametrize("name", ENGINE_MODULES)
 def test_engine_does_not_import_toy_at_top_level(name):
     top = [item for item in imports_of(module_path(name)) if item.top_level and _loads_toy(item)]
-    assert not top, f"rlcore/{name}.py:{top[0].line} imports rlcore.toy when imported; import it inside the function that needs it"
+    assert not top, (
+        f"rlcore/{name}.py:{top[0].line} imports rlcore.toy when imported; import it inside the function that needs it"
+    )
 
 
 def _top_level_graph() -> dict[str, set[str]]:
@@ -190,8 +208,16 @@ def _top_level_graph() -> dict[str, set[str]]:
     graph = {}
     for name in [*RLCORE_MODULES, "__init__"]:
         path = PACKAGE / f"{name}.py"
-        targets = {target for item in imports_of(path) if item.top_level for target in item.targets() if top_package(target) == "rlcore"}
-        graph["rlcore" if name == "__init__" else f"rlcore.{name}"] = targets | ({"rlcore"} if name != "__init__" else set())
+        targets = {
+            target
+            for item in imports_of(path)
+            if item.top_level
+            for target in item.targets()
+            if top_package(target) == "rlcore"
+        }
+        graph["rlcore" if name == "__init__" else f"rlcore.{name}"] = targets | (
+            {"rlcore"} if name != "__init__" else set()
+        )
     return graph
 
 
@@ -241,9 +267,21 @@ def test_toy_imports_no_engine():
 
 # ---------------------------------------------------------------- (f) declared dependencies are used, used ones declared
 
-IMPORT_NAMES = {"torch": "torch", "transformers": "transformers", "safetensors": "safetensors", "bitsandbytes": "bitsandbytes",
-                "einops": "einops", "datasets": "datasets", "tqdm": "tqdm", "matplotlib": "matplotlib", "pyyaml": "yaml",
-                "jinja2": "jinja2", "tokenizers": "tokenizers", "peft": "peft", "trl": "trl"}
+IMPORT_NAMES = {
+    "torch": "torch",
+    "transformers": "transformers",
+    "safetensors": "safetensors",
+    "bitsandbytes": "bitsandbytes",
+    "einops": "einops",
+    "datasets": "datasets",
+    "tqdm": "tqdm",
+    "matplotlib": "matplotlib",
+    "pyyaml": "yaml",
+    "jinja2": "jinja2",
+    "tokenizers": "tokenizers",
+    "peft": "peft",
+    "trl": "trl",
+}
 SOURCES = [*sorted(PACKAGE.glob("*.py")), *RECIPES, REPO / "quickstart.py"]
 
 
@@ -277,7 +315,9 @@ def test_einops_is_declared_and_used():
 def test_declared_dependency_is_imported(requirement):
     distribution = _distribution(requirement)
     assert distribution in IMPORT_NAMES, f"add the import name of {distribution!r} to IMPORT_NAMES"
-    assert IMPORT_NAMES[distribution] in _used_packages(), f"{requirement} is declared but imported nowhere in rlcore/, recipes/ or quickstart.py"
+    assert IMPORT_NAMES[distribution] in _used_packages(), (
+        f"{requirement} is declared but imported nowhere in rlcore/, recipes/ or quickstart.py"
+    )
 
 
 def test_third_party_imports_are_declared_or_come_with_a_declared_dependency():
@@ -288,7 +328,11 @@ def test_third_party_imports_are_declared_or_come_with_a_declared_dependency():
     provided = set(declared)
     for distribution in declared:
         try:
-            provided |= {_distribution(requirement) for requirement in metadata.requires(distribution) or () if "extra ==" not in requirement}
+            provided |= {
+                _distribution(requirement)
+                for requirement in metadata.requires(distribution) or ()
+                if "extra ==" not in requirement
+            }
         except metadata.PackageNotFoundError:
             pytest.skip(f"{distribution} is not installed")
     import_to_distribution = {name: distribution for distribution, name in IMPORT_NAMES.items()}
@@ -296,4 +340,6 @@ def test_third_party_imports_are_declared_or_come_with_a_declared_dependency():
         if package in sys.stdlib_module_names or package == "rlcore":
             continue
         distribution = import_to_distribution.get(package, package)
-        assert distribution in provided, f"{package} (imported at {places}) is neither declared nor required by a declared dependency"
+        assert distribution in provided, (
+            f"{package} (imported at {places}) is neither declared nor required by a declared dependency"
+        )

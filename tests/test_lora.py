@@ -37,8 +37,13 @@ VOCAB = 96
 def qwen_model(seed: int = 0) -> Qwen2ForCausalLM:
     """A small random Qwen2 (q/k/v biases, tied embeddings), in eval mode, the same for the same seed."""
     config = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -175,8 +180,10 @@ def test_reference_context(input_ids):
 def test_targets_suffixes_regex_and_errors():
     model = apply_lora(qwen_model(), targets=["q_proj", "mlp.down_proj"])
     assert sorted(n for n, m in model.named_modules() if isinstance(m, LoRALinear)) == [
-        "model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj",
-        "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.mlp.down_proj",
+        "model.layers.1.self_attn.q_proj",
     ]
     model = apply_lora(qwen_model(), targets=r".*layers\.1\..*_proj")
     assert sorted(n for n, m in model.named_modules() if isinstance(m, LoRALinear))[0] == "model.layers.1.mlp.down_proj"
@@ -223,9 +230,11 @@ def test_saved_adapter_loads_in_peft_and_back(tmp_path, input_ids, targets):
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert (config["peft_type"], config["r"], config["lora_alpha"], config["use_rslora"]) == ("LORA", 4, 16, True)
-    expected_targets = sorted(DEFAULT_TARGETS) if targets is None else [
-        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"
-    ]  # a regex that picks only some layers is saved as the full names it picked
+    expected_targets = (
+        sorted(DEFAULT_TARGETS)
+        if targets is None
+        else ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    )  # a regex that picks only some layers is saved as the full names it picked
     assert config["target_modules"] == expected_targets
 
     peft_model = peft.PeftModel.from_pretrained(qwen_model(), str(tmp_path)).eval()
@@ -237,7 +246,11 @@ def test_saved_adapter_loads_in_peft_and_back(tmp_path, input_ids, targets):
 
 def test_load_adapter_saved_by_peft(tmp_path, input_ids):
     peft_config = peft.LoraConfig(
-        r=2, lora_alpha=6, lora_dropout=0.1, target_modules=["q_proj", "down_proj"], use_rslora=True,
+        r=2,
+        lora_alpha=6,
+        lora_dropout=0.1,
+        target_modules=["q_proj", "down_proj"],
+        use_rslora=True,
         init_lora_weights=False,  # random B, so the adapter changes the logits
     )
     peft_model = peft.get_peft_model(qwen_model(), peft_config).eval()

@@ -4,10 +4,9 @@ import os
 
 import pytest
 import torch
-
-from rlcore import last_valid_index
 from transformers import AutoModel, GenerationConfig
 
+from rlcore import last_valid_index
 from rlcore.models import (
     ValueModel,
     eos_token_ids,

@@ -44,7 +44,8 @@ def test_a_stage_that_learnt_nothing_or_was_cut_says_so():
     verdict = load_quickstart().verdict
     assert verdict({"start": 0.5, "end": 0.5, "stopped_early": False}) == "LEARNT NOTHING (no gain over its start)"
     assert verdict({"start": 0.4, "end": 0.3, "stopped_early": True}) == (
-        "LEARNT NOTHING (no gain over its start); CUT SHORT by --max_seconds")
+        "LEARNT NOTHING (no gain over its start); CUT SHORT by --max_seconds"
+    )
 
 
 def test_a_non_positive_budget_is_refused_by_name():
@@ -54,8 +55,20 @@ def test_a_non_positive_budget_is_refused_by_name():
 
 def test_quickstart_runs_sft_then_grpo_and_dpo_and_prints_the_table(tmp_path):
     command = [
-        sys.executable, "quickstart.py", "--sft_steps", "5", "--grpo_steps", "2", "--dpo_steps", "2",
-        "--num_train_rows", "64", "--num_eval_rows", "8", "--output_dir", str(tmp_path),
+        sys.executable,
+        "quickstart.py",
+        "--sft_steps",
+        "5",
+        "--grpo_steps",
+        "2",
+        "--dpo_steps",
+        "2",
+        "--num_train_rows",
+        "64",
+        "--num_eval_rows",
+        "8",
+        "--output_dir",
+        str(tmp_path),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a 1M-parameter model gains nothing from more threads
     finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -64,7 +77,9 @@ def test_quickstart_runs_sft_then_grpo_and_dpo_and_prints_the_table(tmp_path):
 
     for recipe in ("sft", "grpo", "dpo"):
         assert f"$ python recipes/{recipe}.py" in output  # each stage is a command the reader can copy
-    rows = {match[0]: match[1:] for match in re.findall(r"^(sft|grpo|dpo) .*?(\S+%|-)\s+(\S+%)  ", output, re.MULTILINE)}
+    rows = {
+        match[0]: match[1:] for match in re.findall(r"^(sft|grpo|dpo) .*?(\S+%|-)\s+(\S+%)  ", output, re.MULTILINE)
+    }
     assert set(rows) == {"sft", "grpo", "dpo"}
     sft_end = rows["sft"][1]
     assert re.fullmatch(r"\d+\.\d%", sft_end)

@@ -38,8 +38,13 @@ def load_recipe(name: str):
 
 def run_script(name: str, *args: str, timeout: float = 600) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, str(REPO / "recipes" / f"{name}.py"), *args], env=env,
-                            capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "recipes" / f"{name}.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -62,14 +67,30 @@ def assert_same_weights(first: Path, second: Path, atol: float) -> None:
 
 
 def test_sft_end_to_end(tmp_path):
-    run_script("sft", "--output_dir", str(tmp_path), "--max_steps", "40", "--batch_size", "16", "--lr", "1e-3",
-               "--warmup_steps", "5", "--eval_steps", "20", *SMALL_RUN)
+    run_script(
+        "sft",
+        "--output_dir",
+        str(tmp_path),
+        "--max_steps",
+        "40",
+        "--batch_size",
+        "16",
+        "--lr",
+        "1e-3",
+        "--warmup_steps",
+        "5",
+        "--eval_steps",
+        "20",
+        *SMALL_RUN,
+    )
     records = read_metrics(tmp_path / "metrics.jsonl")
     losses = train_losses(tmp_path)
     assert len(losses) == 40 and sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
     assert {"step", "loss", "token_accuracy", "grad_norm", "lr", "time/step"} <= records[1].keys()
     evaluations = [r for r in records if "eval/exact_match" in r]  # the toy task's metric, with loss and token accuracy
-    assert [r["step"] for r in evaluations] == [0, 20, 40] and all({"eval/loss", "eval/token_accuracy"} <= r.keys() for r in evaluations)
+    assert [r["step"] for r in evaluations] == [0, 20, 40] and all(
+        {"eval/loss", "eval/token_accuracy"} <= r.keys() for r in evaluations
+    )
     assert evaluations[-1]["eval/loss"] < evaluations[0]["eval/loss"]
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "run_config.json").exists()
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
@@ -77,8 +98,20 @@ def test_sft_end_to_end(tmp_path):
 
 
 def test_reward_model_end_to_end(tmp_path):
-    run_script("reward_model", "--output_dir", str(tmp_path), "--warm_start_steps", "0", "--max_steps", "40",
-               "--batch_size", "16", "--eval_steps", "0", *SMALL_RUN)
+    run_script(
+        "reward_model",
+        "--output_dir",
+        str(tmp_path),
+        "--warm_start_steps",
+        "0",
+        "--max_steps",
+        "40",
+        "--batch_size",
+        "16",
+        "--eval_steps",
+        "0",
+        *SMALL_RUN,
+    )
     records = read_metrics(tmp_path / "metrics.jsonl")
     losses = train_losses(tmp_path)
     assert len(losses) == 40 and sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
@@ -92,8 +125,23 @@ def test_reward_model_end_to_end(tmp_path):
 
 def test_dpo_end_to_end(tmp_path):
     # The untrained model's own answers as the rejected ones: far from the chosen, separable within 20 steps.
-    run_script("dpo", "--output_dir", str(tmp_path), "--warm_start_steps", "0", "--max_steps", "20", "--rejected_from_policy",
-               "--batch_size", "16", "--lr", "1e-3", "--eval_steps", "0", *SMALL_RUN)
+    run_script(
+        "dpo",
+        "--output_dir",
+        str(tmp_path),
+        "--warm_start_steps",
+        "0",
+        "--max_steps",
+        "20",
+        "--rejected_from_policy",
+        "--batch_size",
+        "16",
+        "--lr",
+        "1e-3",
+        "--eval_steps",
+        "0",
+        *SMALL_RUN,
+    )
     records = read_metrics(tmp_path / "metrics.jsonl")
     losses = train_losses(tmp_path)
     assert losses[0] == pytest.approx(0.6931, abs=0.01)  # log 2: policy == reference at step 1
@@ -110,11 +158,28 @@ def test_reward_model_head_has_its_own_learning_rate(tmp_path):
     # Adam's first update of a weight with a non-zero gradient g is lr * g / (|g| + eps) = lr * sign(g) (no
     # weight decay here): with --lr 1e-12 the body stays put, and every head weight moves by --head_lr.
     main = load_recipe("reward_model").main
-    common = ["--warm_start_steps", "0", "--max_steps", "1", "--warmup_steps", "0", "--batch_size", "4", "--lr", "1e-12",
-              "--eval_split", "none", *SMALL_RUN]
+    common = [
+        "--warm_start_steps",
+        "0",
+        "--max_steps",
+        "1",
+        "--warmup_steps",
+        "0",
+        "--batch_size",
+        "4",
+        "--lr",
+        "1e-12",
+        "--eval_split",
+        "none",
+        *SMALL_RUN,
+    ]
     main(["--output_dir", str(tmp_path / "still"), "--head_lr", "1e-12", *common])
     main(["--output_dir", str(tmp_path / "head"), "--head_lr", "1e-2", *common])
-    start, still, head = load_file(Path(tiny_model_dir()) / "model.safetensors"), weights(tmp_path / "still"), weights(tmp_path / "head")
+    start, still, head = (
+        load_file(Path(tiny_model_dir()) / "model.safetensors"),
+        weights(tmp_path / "still"),
+        weights(tmp_path / "head"),
+    )
     body = [name for name in head if name != "score.weight"]
     assert body
     for name in body:
@@ -127,11 +192,14 @@ def test_reward_model_head_has_its_own_learning_rate(tmp_path):
 # ---------------------------------------------------------------- gradient accumulation
 
 
-@pytest.mark.parametrize("recipe, extra", [
-    ("sft", []),
-    ("dpo", ["--warm_start_steps", "0", "--sft_weight", "1.0"]),  # + token-mean NLL
-    ("reward_model", ["--warm_start_steps", "0"]),
-])
+@pytest.mark.parametrize(
+    "recipe, extra",
+    [
+        ("sft", []),
+        ("dpo", ["--warm_start_steps", "0", "--sft_weight", "1.0"]),  # + token-mean NLL
+        ("reward_model", ["--warm_start_steps", "0"]),
+    ],
+)
 def test_accumulation_gives_the_large_batch_update(tmp_path, recipe, extra):
     main = load_recipe(recipe).main
     common = ["--max_steps", "1", "--lr", "1e-2", "--warmup_steps", "0", "--eval_split", "none", *SMALL_RUN, *extra]
@@ -152,15 +220,32 @@ def test_accumulation_gives_the_large_batch_update(tmp_path, recipe, extra):
 # ---------------------------------------------------------------- resume
 
 
-@pytest.mark.parametrize("recipe, extra", [
-    ("sft", ["--lora_r", "4", "--lora_dropout", "0.2"]),  # dropout draws random numbers: the RNG state matters
-    ("dpo", ["--warm_start_steps", "0"]),  # the reference stays the starting policy
-])
+@pytest.mark.parametrize(
+    "recipe, extra",
+    [
+        ("sft", ["--lora_r", "4", "--lora_dropout", "0.2"]),  # dropout draws random numbers: the RNG state matters
+        ("dpo", ["--warm_start_steps", "0"]),  # the reference stays the starting policy
+    ],
+)
 def test_resume_equals_uninterrupted(tmp_path, recipe, extra):
     main = load_recipe(recipe).main
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = ["--max_steps", "6", "--batch_size", "4", "--lr", "1e-3", "--save_steps", "3", "--save_total_limit", "0",
-              "--eval_split", "none", *SMALL_RUN, *extra]
+    common = [
+        "--max_steps",
+        "6",
+        "--batch_size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--save_steps",
+        "3",
+        "--save_total_limit",
+        "0",
+        "--eval_split",
+        "none",
+        *SMALL_RUN,
+        *extra,
+    ]
     main(["--output_dir", str(straight), *common])
     # The interrupted run: what the straight run had on disk when it wrote checkpoint-3 (plus later records).
     resumed.mkdir()
@@ -180,8 +265,24 @@ def test_resume_equals_uninterrupted(tmp_path, recipe, extra):
 def test_dpo_loss_types_train(tmp_path, loss_type):
     assert loss_type in DPO_LOSS_TYPES  # every type is checked against hand values in test_losses.py
     smoothing = ["--label_smoothing", "0.1"] if loss_type in ("exo_pair", "robust") else []
-    load_recipe("dpo").main(["--output_dir", str(tmp_path), "--loss_type", loss_type, *smoothing, "--max_steps", "2",
-                             "--batch_size", "4", "--warm_start_steps", "0", "--eval_split", "none", *SMALL_RUN])
+    load_recipe("dpo").main(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--loss_type",
+            loss_type,
+            *smoothing,
+            "--max_steps",
+            "2",
+            "--batch_size",
+            "4",
+            "--warm_start_steps",
+            "0",
+            "--eval_split",
+            "none",
+            *SMALL_RUN,
+        ]
+    )
     losses = train_losses(tmp_path)
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
 
@@ -196,22 +297,51 @@ def test_dpo_precomputed_reference_matches_the_live_one(tmp_path):
 
 
 def test_dpo_with_lora_and_policy_rejections(tmp_path, capsys):
-    results = load_recipe("dpo").main(["--output_dir", str(tmp_path), "--lora_r", "4", "--max_steps", "2",
-                                       "--batch_size", "4", "--warm_start_steps", "0", "--rejected_from_policy", *SMALL_RUN])
+    results = load_recipe("dpo").main(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--lora_r",
+            "4",
+            "--max_steps",
+            "2",
+            "--batch_size",
+            "4",
+            "--warm_start_steps",
+            "0",
+            "--rejected_from_policy",
+            *SMALL_RUN,
+        ]
+    )
     assert "the starting policy is wrong on 64 of 64 training prompts" in capsys.readouterr().out
     assert set(results) == {"eval/accuracy", "eval/margin", "eval/loss", "eval/exact_match"}
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     AutoModelForCausalLM.from_pretrained(tmp_path)  # the merged model
 
 
-@pytest.mark.parametrize("dataset, extra", [
-    ("toy:prompt_completion", ["--packing", "--max_length", "64"]),
-    ("toy:conversational", []),
-    ("toy:language_modeling", []),
-])
+@pytest.mark.parametrize(
+    "dataset, extra",
+    [
+        ("toy:prompt_completion", ["--packing", "--max_length", "64"]),
+        ("toy:conversational", []),
+        ("toy:language_modeling", []),
+    ],
+)
 def test_sft_data_variants(tmp_path, dataset, extra):
-    results = load_recipe("sft").main(["--output_dir", str(tmp_path), "--dataset", dataset, "--max_steps", "3",
-                                       "--batch_size", "4", *SMALL_RUN, *extra])
+    results = load_recipe("sft").main(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--dataset",
+            dataset,
+            "--max_steps",
+            "3",
+            "--batch_size",
+            "4",
+            *SMALL_RUN,
+            *extra,
+        ]
+    )
     assert len(train_losses(tmp_path)) == 3 and "eval/loss" in results
     assert "eval/token_accuracy" in results
     assert ("eval/exact_match" in results) == (dataset != "toy:language_modeling")  # text rows have no prompt

@@ -14,9 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlcore import LOSS_TYPE_AGGREGATION, loss_normalizer, policy_loss
-from rlcore.models import load_policy, load_reward_model, load_tokenizer
 from rlcore.data import load_prompts, prompt_batch, repeat_each
-from rlcore.models import position_ids_from_mask, token_logprobs
+from rlcore.models import load_policy, load_reward_model, load_tokenizer, position_ids_from_mask, token_logprobs
 from rlcore.rewards import RewardScorer, decode_completions, score_rollout
 from rlcore.toy import accuracy_reward, warm_start
 
@@ -50,7 +49,9 @@ def test_prompt_batch_keeps_columns_and_left_pads():
     assert batch.columns == {"answer": [prompts[2]["answer"], prompts[0]["answer"]]} and not batch.conversational
     lengths = [len(prompts[2]["prompt_ids"]), len(prompts[0]["prompt_ids"])]
     assert batch.prompt_ids.shape == (2, max(lengths))
-    assert batch.prompt_mask.sum(dim=1).tolist() == lengths and batch.prompt_mask[:, -1].all()  # prompts end at the last column
+    assert (
+        batch.prompt_mask.sum(dim=1).tolist() == lengths and batch.prompt_mask[:, -1].all()
+    )  # prompts end at the last column
     assert repeat_each(["a", "b"], 3) == ["a", "a", "a", "b", "b", "b"]
 
 
@@ -69,12 +70,20 @@ def test_score_rollout_groups_rows_and_penalises_missing_eos():
     digit = tokenizer.convert_tokens_to_ids
     batch = SimpleNamespace(prompts=["1+1=", "2+2="], columns={"answer": ["2", "4"]}, conversational=False)
     # two completions per prompt: "2<eos>" (right), "3<eos>" (wrong), "4<eos>" (right), "444" (never stops)
-    completion_ids = torch.tensor([[digit("2"), eos, pad], [digit("3"), eos, pad], [digit("4"), eos, pad], [digit("4")] * 3])
+    completion_ids = torch.tensor(
+        [[digit("2"), eos, pad], [digit("3"), eos, pad], [digit("4"), eos, pad], [digit("4")] * 3]
+    )
     completion_mask = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 0], [1, 1, 1]])
-    rollout = SimpleNamespace(completion_ids=completion_ids, completion_mask=completion_mask, sequences=torch.zeros(4, 7, dtype=torch.long),
-                              attention_mask=torch.cat([torch.ones(4, 4, dtype=torch.long), completion_mask], dim=1),
-                              truncated=torch.tensor([False, False, False, True]))
-    rewards, per_source = score_rollout(RewardScorer([("accuracy", accuracy_reward)]), tokenizer, batch, rollout, missing_eos_penalty=0.5)
+    rollout = SimpleNamespace(
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        sequences=torch.zeros(4, 7, dtype=torch.long),
+        attention_mask=torch.cat([torch.ones(4, 4, dtype=torch.long), completion_mask], dim=1),
+        truncated=torch.tensor([False, False, False, True]),
+    )
+    rewards, per_source = score_rollout(
+        RewardScorer([("accuracy", accuracy_reward)]), tokenizer, batch, rollout, missing_eos_penalty=0.5
+    )
     torch.testing.assert_close(rewards, torch.tensor([1.0, 0.0, 1.0, -0.5]))  # "444" != 4, and -0.5
     torch.testing.assert_close(per_source, torch.tensor([[1.0], [0.0], [1.0], [0.0]]))
 
@@ -120,7 +129,9 @@ def test_warm_start_runs_the_script_once_and_caches(tmp_path, tiny_cache):
     other = warm_start("tiny", 7, 3, script)  # other flags: another checkpoint
     assert other != first
     lines = calls.read_text().splitlines()
-    assert len(lines) == 2 and lines[0].startswith("--lr 0.5 --max_steps 7 --seed 3") and "--max_seconds none" in lines[0]
+    assert (
+        len(lines) == 2 and lines[0].startswith("--lr 0.5 --max_steps 7 --seed 3") and "--max_seconds none" in lines[0]
+    )
 
 
 # ---------------------------------------------------------------- GRPO loss types and online DPO pairs
@@ -137,12 +148,25 @@ def test_grpo_micro_batches_add_up_to_the_step_loss(loss_type):
     full, _ = policy_loss(logp, logp.detach(), advantages, mask, agg=aggregation, max_len=5)
     micro_batches = torch.arange(8).split(4)
     summed = sum(
-        policy_loss(logp[m], logp[m].detach(), advantages[m], mask[m], agg=aggregation, max_len=5,
-                    normalizer=loss_normalizer(loss_type, mask, mask[m], len(micro_batches)))[0]
+        policy_loss(
+            logp[m],
+            logp[m].detach(),
+            advantages[m],
+            mask[m],
+            agg=aggregation,
+            max_len=5,
+            normalizer=loss_normalizer(loss_type, mask, mask[m], len(micro_batches)),
+        )[0]
         for m in micro_batches
     )
     if loss_type == "bnpo":  # bnpo: the mean of the micro-batches' own token means
-        full = sum(policy_loss(logp[m], logp[m].detach(), advantages[m], mask[m], agg="token_mean")[0] for m in micro_batches) / 2
+        full = (
+            sum(
+                policy_loss(logp[m], logp[m].detach(), advantages[m], mask[m], agg="token_mean")[0]
+                for m in micro_batches
+            )
+            / 2
+        )
     torch.testing.assert_close(summed, full)
 
 
@@ -157,7 +181,9 @@ def test_grpo_advantage_estimators_by_name():
     assert advantages[4:].abs().max() == 0
     rloo = grpo.compute_advantages(grpo.GRPOConfig(num_generations=4, advantage_estimator="rloo"), rewards, mask)
     torch.testing.assert_close(rloo[:2], torch.tensor([1.0, -1 / 3]))
-    reinforce = grpo.compute_advantages(grpo.GRPOConfig(num_generations=4, advantage_estimator="reinforce_pp"), rewards, mask)
+    reinforce = grpo.compute_advantages(
+        grpo.GRPOConfig(num_generations=4, advantage_estimator="reinforce_pp"), rewards, mask
+    )
     assert reinforce.shape == (8, 3) and torch.allclose(reinforce, reinforce[:, :1].expand(8, 3))
 
 
@@ -186,9 +212,27 @@ def run_recipe(name: str, tmp_path: Path, *flags: str) -> Path:
     reward_file = tmp_path / "rewards.py"
     reward_file.write_text(REWARD_FILE)
     output_dir = tmp_path / name
-    command = [sys.executable, str(REPO / "recipes" / f"{name}.py"), "--output_dir", str(output_dir), "--warm_start_steps", "0",
-               "--reward_funcs", f"accuracy,{reward_file}:digit_fraction", "--num_train_rows", "64", "--num_eval_rows", "8",
-               "--logging_steps", "1", "--max_new_tokens", "4", "--max_seconds", "none", *flags]
+    command = [
+        sys.executable,
+        str(REPO / "recipes" / f"{name}.py"),
+        "--output_dir",
+        str(output_dir),
+        "--warm_start_steps",
+        "0",
+        "--reward_funcs",
+        f"accuracy,{reward_file}:digit_fraction",
+        "--num_train_rows",
+        "64",
+        "--num_eval_rows",
+        "8",
+        "--logging_steps",
+        "1",
+        "--max_new_tokens",
+        "4",
+        "--max_seconds",
+        "none",
+        *flags,
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -199,7 +243,9 @@ def read_metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def check_run(output_dir: Path, steps: int, keys: tuple[str, ...], reward_range: tuple[float, float] = (0, 2)) -> list[dict]:
+def check_run(
+    output_dir: Path, steps: int, keys: tuple[str, ...], reward_range: tuple[float, float] = (0, 2)
+) -> list[dict]:
     """Training records at steps 1..steps with finite `keys`; evaluations at 0 and the end, eval/reward within
     `reward_range` (accuracy + digit_fraction lie in [0, 2]; a reward model's score is any real number)."""
     records = read_metrics(output_dir)
@@ -209,19 +255,45 @@ def check_run(output_dir: Path, steps: int, keys: tuple[str, ...], reward_range:
         for key in keys:
             assert math.isfinite(record[key]), (key, record)
     evals = [r for r in records if "eval/exact_match" in r]
-    assert [r["step"] for r in evals] == [0, steps] and all(reward_range[0] <= r["eval/reward"] <= reward_range[1] for r in evals)
+    assert [r["step"] for r in evals] == [0, steps] and all(
+        reward_range[0] <= r["eval/reward"] <= reward_range[1] for r in evals
+    )
     assert (output_dir / "curves.png").exists()
     AutoModelForCausalLM.from_pretrained(output_dir)  # the final model loads
     return train
 
 
-GRPO_KEYS = ("reward", "rewards/digit_fraction/mean", "rewards/accuracy/mean", "loss", "kl", "entropy", "clip_frac",
-             "frac_reward_zero_std", "completions/mean_length", "time/generation", "time/scoring", "time/training")
+GRPO_KEYS = (
+    "reward",
+    "rewards/digit_fraction/mean",
+    "rewards/accuracy/mean",
+    "loss",
+    "kl",
+    "entropy",
+    "clip_frac",
+    "frac_reward_zero_std",
+    "completions/mean_length",
+    "time/generation",
+    "time/scoring",
+    "time/training",
+)
 
 
 def test_grpo_end_to_end(tmp_path):
-    output_dir = run_recipe("grpo", tmp_path, "--max_steps", "2", "--batch_size", "8", "--num_generations", "4",
-                            "--save_steps", "2", "--beta", "0.1")
+    output_dir = run_recipe(
+        "grpo",
+        tmp_path,
+        "--max_steps",
+        "2",
+        "--batch_size",
+        "8",
+        "--num_generations",
+        "4",
+        "--save_steps",
+        "2",
+        "--beta",
+        "0.1",
+    )
     train = check_run(output_dir, 2, GRPO_KEYS)
     assert any(r["loss"] != 0 for r in train)
     assert (output_dir / "checkpoint-2" / "training_state.pt").exists()
@@ -247,8 +319,18 @@ def test_grpo_step_without_signal_logs_a_zero_loss_and_no_update(tmp_path):
     """The untrained model never answers correctly: with the accuracy reward alone every group's rewards are
     equal, every advantage is 0, no row is fed to the backward pass, and the step logs loss 0 (its exact
     value when beta = 0) and gradient norm 0, so every step's record has the same keys."""
-    output_dir = run_recipe("grpo", tmp_path, "--max_steps", "2", "--batch_size", "8", "--num_generations", "4",
-                            "--reward_funcs", "accuracy")
+    output_dir = run_recipe(
+        "grpo",
+        tmp_path,
+        "--max_steps",
+        "2",
+        "--batch_size",
+        "8",
+        "--num_generations",
+        "4",
+        "--reward_funcs",
+        "accuracy",
+    )
     for record in check_run(output_dir, 2, ("reward", "loss", "grad_norm", "learning_rows_frac")):
         assert record["reward"] == 0 and record["learning_rows_frac"] == 0
         assert record["loss"] == 0 and record["grad_norm"] == 0
@@ -259,17 +341,60 @@ def test_grpo_step_without_signal_logs_a_zero_loss_and_no_update(tmp_path):
 def test_grpo_other_estimators_run(tmp_path, estimator):
     """With beta > 0 every row takes part in the update, so the policy-loss statistics exist at every step
     even when a step's rewards are all equal (the untrained model often scores 0 on every sample)."""
-    output_dir = run_recipe("grpo", tmp_path, "--max_steps", "2", "--batch_size", "4", "--grad_accum_steps", "2",
-                            "--num_generations", "4", "--advantage_estimator", estimator, "--num_iterations", "2",
-                            "--loss_type", "dr_grpo", "--mask_truncated_completions", "--beta", "0.05")
+    output_dir = run_recipe(
+        "grpo",
+        tmp_path,
+        "--max_steps",
+        "2",
+        "--batch_size",
+        "4",
+        "--grad_accum_steps",
+        "2",
+        "--num_generations",
+        "4",
+        "--advantage_estimator",
+        estimator,
+        "--num_iterations",
+        "2",
+        "--loss_type",
+        "dr_grpo",
+        "--mask_truncated_completions",
+        "--beta",
+        "0.05",
+    )
     check_run(output_dir, 2, ("reward", "loss", "clip_frac", "kl"))
 
 
 def test_ppo_end_to_end(tmp_path):
-    output_dir = run_recipe("ppo", tmp_path, "--max_steps", "2", "--batch_size", "4", "--num_mini_batches", "2",
-                            "--num_ppo_epochs", "2", "--save_steps", "2")
-    check_run(output_dir, 2, ("reward", "kl", "loss/policy", "loss/value", "approx_kl", "clip_frac",
-                              "value/explained_variance", "value/returns_mean", "entropy"))
+    output_dir = run_recipe(
+        "ppo",
+        tmp_path,
+        "--max_steps",
+        "2",
+        "--batch_size",
+        "4",
+        "--num_mini_batches",
+        "2",
+        "--num_ppo_epochs",
+        "2",
+        "--save_steps",
+        "2",
+    )
+    check_run(
+        output_dir,
+        2,
+        (
+            "reward",
+            "kl",
+            "loss/policy",
+            "loss/value",
+            "approx_kl",
+            "clip_frac",
+            "value/explained_variance",
+            "value/returns_mean",
+            "entropy",
+        ),
+    )
     assert (output_dir / "checkpoint-2" / "value_model.safetensors").exists()
     assert (output_dir / "value_model" / "value_head.safetensors").exists()
 
@@ -280,8 +405,22 @@ def test_online_dpo_end_to_end_with_a_reward_model(tmp_path):
     torch.nn.init.normal_(reward_model.score.weight)
     reward_model.save_pretrained(tmp_path / "reward_model")
     tokenizer.save_pretrained(tmp_path / "reward_model")
-    output_dir = run_recipe("online_dpo", tmp_path, "--max_steps", "2", "--batch_size", "4", "--save_steps", "2",
-                            "--reward_funcs", "none", "--reward_model", str(tmp_path / "reward_model"))
-    train = check_run(output_dir, 2, ("reward", "rewards/reward_model/mean", "pairs/decided_frac"), (-math.inf, math.inf))
+    output_dir = run_recipe(
+        "online_dpo",
+        tmp_path,
+        "--max_steps",
+        "2",
+        "--batch_size",
+        "4",
+        "--save_steps",
+        "2",
+        "--reward_funcs",
+        "none",
+        "--reward_model",
+        str(tmp_path / "reward_model"),
+    )
+    train = check_run(
+        output_dir, 2, ("reward", "rewards/reward_model/mean", "pairs/decided_frac"), (-math.inf, math.inf)
+    )
     assert any("rewards/margins" in r and math.isfinite(r["loss"]) for r in train)
     assert (output_dir / "checkpoint-2" / "training_state.pt").exists()

@@ -47,7 +47,9 @@ def test_load_builtin_module_and_file_functions(tmp_path):
     assert load_reward_function(" format ") == ("format", format_reward)
     assert load_reward_function("rlcore.toy:format_reward") == ("format_reward", format_reward)
     path = tmp_path / "my_rewards.py"
-    path.write_text("def length_penalty(prompts, completions, **kwargs):\n    return [-len(c) / 10 for c in completions]\n")
+    path.write_text(
+        "def length_penalty(prompts, completions, **kwargs):\n    return [-len(c) / 10 for c in completions]\n"
+    )
     name, function = load_reward_function(f"{path}:length_penalty")
     assert name == "length_penalty" and function(prompts=["p"], completions=["abcd"]) == [-0.4]
 
@@ -128,11 +130,19 @@ def test_reward_model_scores_ignore_padding(reward_model_dir):
     scorer = RewardModelScorer(reward_model_dir, tokenizer, batch_size=1)  # batch 1: exercise the batching loop
     # Row 0 "1+1=2<eos>" with a left-padded prompt; row 1 "12+3=15<eos>" with a right-padded completion.
     prompts, completions = ["1+1=", "12+3="], ["2", "15"]
-    rows = [tokenizer(p)["input_ids"] + tokenizer(c)["input_ids"] + [tokenizer.eos_token_id] for p, c in zip(prompts, completions)]
+    rows = [
+        tokenizer(p)["input_ids"] + tokenizer(c)["input_ids"] + [tokenizer.eos_token_id]
+        for p, c in zip(prompts, completions)
+    ]
     sequences = torch.tensor([[0] + rows[0] + [0], rows[1]])  # [2, 9]: 0 = pad
     attention_mask = torch.tensor([[0] + [1] * 6 + [0], [1] * 8])
     scores = scorer(sequences, attention_mask)
-    expected = torch.stack([sequence_scores(scorer.model, torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long))[0] for row in rows])
+    expected = torch.stack(
+        [
+            sequence_scores(scorer.model, torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long))[0]
+            for row in rows
+        ]
+    )
     torch.testing.assert_close(scores, expected.detach(), atol=1e-5, rtol=1e-5)
     combined = RewardScorer([], scorer, weights=[2.0])
     rewards, per_source = combined(prompts, completions, [[5], [5]], {}, sequences, attention_mask)

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import PAD, VOCAB, ragged_prompts, small_qwen2_config
 from torch import nn
 from transformers import Qwen2ForCausalLM
 from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -17,8 +18,6 @@ from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsW
 from rlcore import gather_logprobs
 from rlcore.rollout import Rollout, filter_logits, generate, release_static_caches, sample_tokens
 from rlcore.toy import tiny_model
-
-from helpers import PAD, VOCAB, ragged_prompts, small_qwen2_config
 
 
 def small_qwen2(attn_implementation: str = "sdpa") -> Qwen2ForCausalLM:
@@ -44,7 +43,9 @@ def llama():
 
 
 def sample(model, ids, mask, seed=0, **kwargs) -> Rollout:
-    settings = dict(max_new_tokens=12, eos_token_ids=[], pad_token_id=PAD, generator=torch.Generator().manual_seed(seed))
+    settings = dict(
+        max_new_tokens=12, eos_token_ids=[], pad_token_id=PAD, generator=torch.Generator().manual_seed(seed)
+    )
     return generate(model, ids, mask, **{**settings, **kwargs})
 
 
@@ -67,7 +68,9 @@ def teacher_forced_logits(model, rollout: Rollout) -> torch.Tensor:
 def test_greedy_equals_transformers_generate_on_ragged_prompts(model, static_cache):
     ids, mask = ragged_prompts()
     rollout = sample(model, ids, mask, temperature=0.0, max_new_tokens=15, static_cache=static_cache)
-    expected = model.generate(ids, attention_mask=mask, max_new_tokens=15, do_sample=False, eos_token_id=None, pad_token_id=PAD)
+    expected = model.generate(
+        ids, attention_mask=mask, max_new_tokens=15, do_sample=False, eos_token_id=None, pad_token_id=PAD
+    )
     assert torch.equal(rollout.sequences, expected)
     assert rollout.completion_mask.all() and rollout.truncated.all()
 
@@ -132,7 +135,9 @@ def test_shared_prefill_equals_prompts_repeated_g_times(llama, static_cache):
     ids, mask = ragged_prompts(batch=3)
     group_size = 4
     shared = sample(llama, ids, mask, num_samples=group_size, static_cache=static_cache)
-    repeated = sample(llama, ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0), static_cache=static_cache)
+    repeated = sample(
+        llama, ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0), static_cache=static_cache
+    )
     assert shared.sequences.shape[0] == 3 * group_size
     assert torch.equal(shared.sequences, repeated.sequences)
     assert torch.equal(shared.prompt_mask, mask.repeat_interleave(group_size, 0))
@@ -183,7 +188,9 @@ def test_decoding_ends_early_once_every_row_stopped(llama, interval, decode_step
     forward_calls = []
     hook = llama.register_forward_pre_hook(lambda module, args: forward_calls.append(1))
     try:
-        rollout = sample(llama, ids, mask, max_new_tokens=50, eos_token_ids=list(range(VOCAB)), stop_check_interval=interval)
+        rollout = sample(
+            llama, ids, mask, max_new_tokens=50, eos_token_ids=list(range(VOCAB)), stop_check_interval=interval
+        )
     finally:
         hook.remove()
     assert len(forward_calls) == 1 + decode_steps  # the prefill, then the steps before the first check
@@ -227,7 +234,9 @@ def test_wrapped_linear_layers_in_train_mode_sample_without_dropout():
     greedy = sample(model, ids, mask, temperature=0.0)
     sampled = sample(model, ids, mask, temperature=1.0, num_samples=2)
     model.eval()
-    expected = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=PAD)
+    expected = model.generate(
+        ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=PAD
+    )
     assert torch.equal(greedy.sequences, expected)
     expected_logprobs = gather_logprobs(teacher_forced_logits(model, sampled), sampled.completion_ids)
     torch.testing.assert_close(sampled.logprobs, expected_logprobs * sampled.completion_mask, rtol=0, atol=1e-5)
@@ -296,7 +305,10 @@ class PastKeyValuesForward(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values, use_cache):
         return self.inner(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=past_key_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=past_key_values,
             use_cache=use_cache,
         )
 
@@ -411,7 +423,9 @@ def test_sliding_window_only_when_it_covers_the_sequence():
     model = Qwen2ForCausalLM(config).eval()
     ids, mask = ragged_prompts()
     rollout = sample(model, ids, mask, temperature=0.0, max_new_tokens=15)
-    expected = model.generate(ids, attention_mask=mask, max_new_tokens=15, do_sample=False, eos_token_id=None, pad_token_id=PAD)
+    expected = model.generate(
+        ids, attention_mask=mask, max_new_tokens=15, do_sample=False, eos_token_id=None, pad_token_id=PAD
+    )
     assert torch.equal(rollout.sequences, expected)
     with pytest.raises(ValueError, match="layer 0 uses 'sliding_attention' attention \\(window 32\\)"):
         sample(model, ids, mask, max_new_tokens=40)

@@ -92,10 +92,14 @@ def test_every_kind_has_trl_columns_and_correct_answers(kind):
         if expected is not None:
             assert row == expected
         elif kind in ("preference", "conversational_preference", "preference_implicit"):
-            chosen, rejected = (row["chosen"], row["rejected"]) if kind != "conversational_preference" else (row["chosen"][0]["content"], row["rejected"][0]["content"])
+            chosen, rejected = (
+                (row["chosen"], row["rejected"])
+                if kind != "conversational_preference"
+                else (row["chosen"][0]["content"], row["rejected"][0]["content"])
+            )
             start = prompt if kind == "preference_implicit" else ""
             assert chosen == start + answer
-            assert rejected.startswith(start) and int(rejected[len(start):]) in wrong_answers(a, b)
+            assert rejected.startswith(start) and int(rejected[len(start) :]) in wrong_answers(a, b)
         else:  # unpaired: even rows correct, odd rows a wrong answer
             assert row["label"] == (row["completion"] == answer)
 
@@ -165,7 +169,11 @@ def test_tokenizer_is_one_token_per_character():
 
 def test_chat_template_and_generation_mask():
     tokenizer = tiny_tokenizer()
-    messages = [{"role": "system", "content": "add"}, {"role": "user", "content": "1+2="}, {"role": "assistant", "content": "3"}]
+    messages = [
+        {"role": "system", "content": "add"},
+        {"role": "user", "content": "1+2="},
+        {"role": "assistant", "content": "3"},
+    ]
     text = "<|im_start|>system\nadd<|im_end|>\n<|im_start|>user\n1+2=<|im_end|>\n<|im_start|>assistant\n3<|im_end|>\n"
     assert tokenizer.apply_chat_template(messages, tokenize=False) == text
     prompt_text = tokenizer.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
@@ -197,7 +205,9 @@ def test_tiny_model_config_and_seeded_init():
 
 
 def test_tiny_config_scales_to_a_benchmark_model():
-    config = tiny_config(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4)
+    config = tiny_config(
+        hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4
+    )
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     assert config.vocab_size == 101 and 15e6 < sum(p.numel() for p in model.parameters()) < 25e6

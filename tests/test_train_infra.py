@@ -46,8 +46,14 @@ def test_defaults_and_cli_overrides():
 
 @pytest.mark.parametrize(
     "argv, expected",
-    [(["--packing"], True), (["--no-packing"], False), (["--packing", "false"], False), (["--packing", "1"], True),
-     (["--packing", "yes"], True), ([], False)],
+    [
+        (["--packing"], True),
+        (["--no-packing"], False),
+        (["--packing", "false"], False),
+        (["--packing", "1"], True),
+        (["--packing", "yes"], True),
+        ([], False),
+    ],
 )
 def test_bool_flags(argv, expected):
     assert parse_config(ExampleConfig, argv).packing is expected
@@ -186,8 +192,14 @@ def test_step_batches_is_a_pure_function_covering_each_epoch():
 
 
 def small_model(seed: int = 0):
-    return tiny_model(seed=seed, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1)
+    return tiny_model(
+        seed=seed,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
 
 
 def train_a_little(model, optimizer, scheduler, steps: int = 2) -> None:
@@ -204,8 +216,17 @@ def test_checkpoint_round_trip(tmp_path):
     train_a_little(model, optimizer, scheduler)
     value_head = torch.nn.Linear(4, 1)
     torch.manual_seed(123)
-    path = save_checkpoint(tmp_path, 2, model, tokenizer, optimizer, scheduler, seed=7,
-                           extra_modules={"value_head": value_head}, extra_state={"seconds": 1.5})
+    path = save_checkpoint(
+        tmp_path,
+        2,
+        model,
+        tokenizer,
+        optimizer,
+        scheduler,
+        seed=7,
+        extra_modules={"value_head": value_head},
+        extra_state={"seconds": 1.5},
+    )
     expected_draw = torch.rand(3)
 
     assert path == tmp_path / "checkpoint-2" and (path / TRAINING_STATE_NAME).exists()
@@ -218,7 +239,9 @@ def test_checkpoint_round_trip(tmp_path):
     fresh_scheduler = build_scheduler(fresh_optimizer, warmup_steps=1, total_steps=10)
     fresh_head = torch.nn.Linear(4, 1)
     torch.manual_seed(0)
-    state = load_checkpoint(path, fresh, fresh_optimizer, fresh_scheduler, seed=7, extra_modules={"value_head": fresh_head})
+    state = load_checkpoint(
+        path, fresh, fresh_optimizer, fresh_scheduler, seed=7, extra_modules={"value_head": fresh_head}
+    )
     assert state == {"step": 2, "extra": {"seconds": 1.5}}
     torch.testing.assert_close(torch.rand(3), expected_draw, rtol=0, atol=0)  # RNG restored
     for a, b in [*zip(model.parameters(), fresh.parameters()), *zip(value_head.parameters(), fresh_head.parameters())]:
