@@ -135,9 +135,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     runtime.prefer_eager_attention(model, device, longest)  # CPU, short rows (before the reference is copied)
     reference = ref_logps = None
     if config.precompute_ref:  # the starting policy is the reference: score every pair with it once, now
-        ref_logps = evaluation.preference_logps(
-            model, datasets.Dataset.from_dict(pairs), pad_id, config.eval_batch_size, average
-        ).to(device)  # [2, N]
+        with runtime.autocast(device, bf16):  # the precision of the live reference
+            ref_logps = evaluation.preference_logps(
+                model, datasets.Dataset.from_dict(pairs), pad_id, config.eval_batch_size, average
+            ).to(device)  # [2, N]
     elif config.lora_r == 0:  # with LoRA the reference is the model with its adapters off
         reference = models.frozen_copy(model)
     if eval_rows is not None:

@@ -174,7 +174,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 (loss * len(pairs) / num_pairs).backward()  # the micro-batch's share of the mean over all pairs
                 for key, value in {"loss": loss.detach(), **loss_stats}.items():
                     stats[key] = stats.get(key, 0.0) + value * len(pairs) / num_pairs
-            stats["grad_norm"] = optim.optimizer_step(policy.parameters(), optimizer, scheduler, config.max_grad_norm)
+            grad_norm = optim.optimizer_step(policy.parameters(), optimizer, scheduler, config.max_grad_norm)
+            if num_pairs:  # a step without pairs has no gradient to measure
+                stats["grad_norm"] = grad_norm
         run.end_step(stats)
     return run.finish()
 

@@ -83,32 +83,37 @@ def load_rows(source: str, split: str = "train", n: int | None = None, **load_kw
         from rlcore.toy import toy_dataset  # the name "toy:<kind>" asks for the embedded default
 
         rows = toy_dataset(source.partition(":")[2] or "prompt_completion", split=name, n=n if split == name else None)
+        rows = _take_slice(rows, split) if split != name else rows
     else:
         rows = _load_source(source, split, name, **load_kwargs)
-    if split != name and (is_toy_source(source) or os.path.exists(source)):  # hub builders slice themselves
-        rows = _take_slice(rows, split)
     return rows if n is None else rows.select(range(min(n, len(rows))))
 
 
+def is_single_split(source: str) -> bool:
+    """Whether ``source`` holds one split only: a data file, or a ``Dataset.save_to_disk`` directory."""
+    return os.path.isfile(source) or (_is_saved_dataset(source) and not _is_saved_dataset_dict(source))
+
+
 def _load_source(source: str, split: str, name: str, **load_kwargs) -> datasets.Dataset:
-    """A local file, a ``save_to_disk`` directory, a directory of data files or a hub dataset (split ``name``)."""
+    """A local file, a ``save_to_disk`` directory, a directory of data files or a hub dataset (split ``name``,
+    sliced as ``split`` says; ``datasets.load_dataset`` slices by itself)."""
     extension = os.path.splitext(source)[1].lower()
     if not os.path.exists(source) and (extension in FILE_BUILDERS or source.startswith((".", "/", "~"))):
         raise FileNotFoundError(f"dataset {source!r}: no such file or directory")
-    single = os.path.isfile(source) or (_is_saved_dataset(source) and not _is_saved_dataset_dict(source))
-    if single and name != "train":
+    if is_single_split(source) and name != "train":
         raise ValueError(f"dataset {source!r} holds one split, 'train' (its rows); there is no {name!r} split")
     if os.path.isfile(source):
         if extension not in FILE_BUILDERS:
             raise ValueError(f"cannot read {source!r}: expected a file ending in {', '.join(FILE_BUILDERS)}")
-        return datasets.load_dataset(FILE_BUILDERS[extension], data_files=source, split="train", **load_kwargs)
-    if os.path.isdir(source) and _is_saved_dataset(source):
+        rows = datasets.load_dataset(FILE_BUILDERS[extension], data_files=source, split="train", **load_kwargs)
+        return _take_slice(rows, split) if split != name else rows
+    if _is_saved_dataset(source):
         rows = datasets.load_from_disk(source)
         if isinstance(rows, datasets.DatasetDict):
             if name not in rows:
                 raise ValueError(f"dataset {source!r} has no {name!r} split; it has {list(rows)}")
             rows = rows[name]
-        return rows
+        return _take_slice(rows, split) if split != name else rows
     return datasets.load_dataset(source, split=split, **load_kwargs)  # a directory of data files, or a hub name
 
 
@@ -156,8 +161,8 @@ def load_eval_rows(
     """
     if eval_split == "none":
         return None
-    if eval_dataset is not None:
-        split = eval_split if has_split(eval_dataset, eval_split) else "train"
+    if eval_dataset is not None:  # a single file's rows are its "train" split; any other source must have the split
+        split = "train" + eval_split[len(_split_name(eval_split)) :] if is_single_split(eval_dataset) else eval_split
         return load_checked_rows(eval_dataset, split, n, accepted, flag="--eval_dataset")
     if not has_split(dataset, eval_split):
         print(
@@ -182,7 +187,7 @@ def has_split(source: str, split: str) -> bool:
     name = _split_name(split)
     if is_toy_source(source):
         return name in ("train", "test")
-    if os.path.isfile(source) or (_is_saved_dataset(source) and not _is_saved_dataset_dict(source)):
+    if is_single_split(source):
         return name == "train"  # one split: its rows
     if _is_saved_dataset(source):
         return name in datasets.load_from_disk(source)

@@ -237,5 +237,6 @@ def sampled_rewards(
     metrics = {"reward": torch.cat(rewards).mean().item()}
     for index, name in enumerate(scorer.names):
         values = per_source[:, index]
-        metrics[f"reward/{name}"] = values[~values.isnan()].mean().item()
+        if not values.isnan().all():  # a source that scored no held-out row has no mean
+            metrics[f"reward/{name}"] = values[~values.isnan()].mean().item()
     return metrics

@@ -89,7 +89,10 @@ def load_reward_function(spec: str) -> tuple[str, RewardFunction]:
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
     else:
-        module = importlib.import_module(location)
+        try:
+            module = importlib.import_module(location)
+        except ImportError as error:
+            raise ValueError(f"reward function {spec!r}: cannot import {location!r} ({error})") from None
     function = getattr(module, attribute, None)
     if not callable(function):
         raise ValueError(f"reward function {spec!r}: {location!r} has no callable {attribute!r}")

@@ -40,7 +40,7 @@ import torch
 from rlcore.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_final_model
 from rlcore.config import save_config
 from rlcore.runtime import timed
-from rlcore.tracking import Tracker
+from rlcore.tracking import Tracker, read_metrics
 
 SUMMARY_NAME = "summary.json"
 
@@ -84,13 +84,18 @@ class Run:
             )
             self.step, self.training_seconds = state["step"], state["extra"].get("training_seconds", 0.0)
             print(f"resumed from {resume_from} at step {self.step}")
-        self.start_step = self.step
+        self.start_step, self.start_seconds = self.step, self.training_seconds
         save_config(config, config.output_dir)
         self.tracker = Tracker(config.output_dir, config.max_steps, self.step, bar_keys=bar_keys)
-        self.first_results: dict[str, float] = {}
+        records = read_metrics(self.tracker.metrics_path)  # on resume: what the interrupted run logged
+        evaluations = [{k: v for k, v in r.items() if k.startswith("eval/")} for r in records if r.get("step") == 0]
+        self.first_results: dict[str, float] = {k: v for e in evaluations for k, v in e.items()}
         self.results: dict[str, float] = {}
         self.stopped_early = False
-        self._evaluated_at: int | None = None
+        self.final_error: str | None = None
+        # a checkpoint on the evaluation cadence was written after that step's evaluation
+        on_cadence = self.step > 0 and config.eval_steps and self.step % config.eval_steps == 0
+        self._evaluated_at: int | None = self.step if on_cadence else None
         self._seconds: dict[str, float] = {}
         self._step_started = 0.0
         self._lr: float | None = None
@@ -166,19 +171,22 @@ class Run:
                 f"{self.config.max_steps} steps; the schedule was laid out for {self.config.max_steps} ***\n",
                 flush=True,
             )
-        save_final_model(self.model, self.tokenizer, self.config.output_dir)
-        if self._save_extra is not None:
-            self._save_extra(self.config.output_dir)
-        print(f"final model: {self.config.output_dir}")
+        phase = "saving the final model"
         try:
+            save_final_model(self.model, self.tokenizer, self.config.output_dir)
+            if self._save_extra is not None:
+                self._save_extra(self.config.output_dir)
+            print(f"final model: {self.config.output_dir}")
+            phase = "final evaluation"
             if self._evaluated_at != self.step:
                 self.evaluate()
         except Exception as error:
-            print(
-                f"final evaluation failed ({type(error).__name__}: {error}); the trained model is saved in "
-                f"{self.config.output_dir}",
-                file=sys.stderr,
+            self.final_error, self.results = f"{phase}: {type(error).__name__}: {error}", {}
+            saved = phase == "final evaluation"
+            where = (
+                f"the trained model is saved in {self.config.output_dir}" if saved else "the final model was not saved"
             )
+            print(f"{phase} failed ({type(error).__name__}: {error}); {where}", file=sys.stderr)
             raise
         finally:
             self._write_summary()
@@ -193,6 +201,7 @@ class Run:
             "stopped_early": self.stopped_early,
             "first_eval": self.first_results,
             "last_eval": self.results,
+            "final_error": self.final_error,  # the ending's error (saving or the final evaluation), or None
         }
         path = Path(self.config.output_dir) / SUMMARY_NAME
         tmp = path.with_suffix(".json.tmp")
@@ -215,4 +224,5 @@ def cli(main: Callable[[], Any]) -> None:
     except (ValueError, FileNotFoundError) as error:
         if os.environ.get("RLCORE_TRACEBACK"):
             raise
-        sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
+        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import datasets
 import torch
 
+from rlcore.checkpoint import resolve_resume
 from rlcore.config import OnlineConfig, TrainConfig
 from rlcore.data import PROMPT_FORMATS, load_checked_rows, load_eval_rows, tokenize_prompts
 from rlcore.evaluation import greedy_metric, sampled_rewards
@@ -37,6 +38,7 @@ def load_task_rows(
     The metric is dropped, with a message, when the held-out rows have no ``prompt`` to generate from
     (language-modelling text, implicit-prompt preferences).
     """
+    resolve_resume(config.resume, config.output_dir)  # a bad --resume path: one line now, not after a warm start
     rows = load_checked_rows(config.dataset, config.train_split, config.num_train_rows, formats)
     eval_rows = load_eval_rows(config.dataset, config.eval_dataset, config.eval_split, config.num_eval_rows, formats)
     metric = None if eval_rows is None else resolve_metric(config.eval_metric, config.eval_dataset or config.dataset)

@@ -17,6 +17,7 @@ from rlcore.data import (
     collate_right,
     detect_format,
     is_conversational,
+    load_eval_rows,
     load_rows,
     pack_sequences,
     tokenize_preference,
@@ -426,3 +427,35 @@ def test_packed_samples_stay_apart(attn_implementation, tiny_dir, tokenizer):
         # The pitfall the docstring warns about: with the cache on, the later samples see the earlier ones.
         leaky = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=True).logits[0]
     assert not torch.allclose(leaky, logits, atol=1e-3)
+
+
+def test_sliced_splits_of_every_local_source(tmp_path):
+    """``NAME[a:b]`` and ``NAME[a%:b%]`` give the same rows whatever holds them, sliced exactly once:
+    rows 100..199, and the second half (50% of 300 = 150) for the percent slice."""
+    rows = datasets.Dataset.from_list([{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(300)])
+    rows.to_json(str(tmp_path / "rows.jsonl"))
+    (tmp_path / "files").mkdir()
+    rows.to_json(str(tmp_path / "files" / "train.jsonl"))
+    rows.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": rows}).save_to_disk(str(tmp_path / "saved_dict"))
+    for source in ("rows.jsonl", "files", "saved", "saved_dict"):
+        path = str(tmp_path / source)
+        assert load_rows(path, "train[100:200]")["prompt"] == [f"p{i}" for i in range(100, 200)], source
+        assert load_rows(path, "train[50%:]")["prompt"] == [f"p{i}" for i in range(150, 300)], source
+    assert len(load_rows("toy:prompt_only", "test[:4]")) == 4
+
+
+def test_held_out_rows_are_never_the_training_rows(tmp_path, capsys):
+    rows = datasets.Dataset.from_list([{"prompt": "a", "completion": "b"}] * 4)
+    rows.to_json(str(tmp_path / "train.jsonl"))
+    rows.save_to_disk(str(tmp_path / "saved"))
+    accepted = ("prompt_completion",)
+    for source in ("train.jsonl", "saved"):  # one split each: nothing to evaluate on, and it says so
+        assert load_eval_rows(str(tmp_path / source), None, "test", None, accepted) is None
+        assert "no evaluation" in capsys.readouterr().out
+        with pytest.raises(ValueError, match="holds one split, 'train'"):
+            load_rows(str(tmp_path / source), "test")
+    # an --eval_dataset file is read whole; another source must have the split asked for
+    assert len(load_eval_rows("toy:prompt_completion", str(tmp_path / "train.jsonl"), "test", None, accepted)) == 4
+    with pytest.raises(ValueError, match="split must be"):
+        load_eval_rows("toy:prompt_completion", "toy:prompt_completion", "validation", None, accepted)

@@ -1,6 +1,7 @@
 """The offline recipes (SFT, reward model, DPO): end to end on tiny budgets, accumulation, resume, options."""
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -370,3 +371,50 @@ def test_reward_model_default_ranks_held_out_pairs(tmp_path):
     # The default run (2000 steps, no time budget): 0.942 measured (15 min at load ~3, one thread).
     run_script("reward_model", "--output_dir", str(tmp_path), timeout=3600)
     assert [r for r in read_metrics(tmp_path / "metrics.jsonl") if "eval/accuracy" in r][-1]["eval/accuracy"] >= 0.9
+
+
+def test_a_resumed_run_keeps_its_first_evaluation_and_does_not_repeat_the_last(tmp_path):
+    main = load_recipe("sft").main
+    common = [
+        "--max_steps",
+        "4",
+        "--batch_size",
+        "4",
+        "--save_steps",
+        "2",
+        "--eval_steps",
+        "2",
+        "--save_total_limit",
+        "0",
+        *SMALL_RUN,
+    ]
+    main(["--output_dir", str(tmp_path / "straight"), *common])
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", resumed / "checkpoint-2")
+    shutil.copy(tmp_path / "straight" / "metrics.jsonl", resumed / "metrics.jsonl")
+    main(["--output_dir", str(resumed), "--resume", *common])
+    straight_summary, resumed_summary = (
+        json.loads((tmp_path / d / "summary.json").read_text()) for d in ("straight", "resumed")
+    )
+    assert resumed_summary["first_eval"] == straight_summary["first_eval"] != {}
+    assert resumed_summary["steps"] == 4 and resumed_summary["final_error"] is None
+    # evaluations at 0, 2 and 4 once each: resuming at the cadence step 2 does not evaluate step 2 again
+    assert [r["step"] for r in read_metrics(resumed / "metrics.jsonl") if "eval/loss" in r] == [0, 2, 4]
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "recipes" / "sft.py"), "--dataset", str(tmp_path / "missing.jsonl")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == f"sft.py: error: dataset {str(tmp_path / 'missing.jsonl')!r}: no such file or directory"
+    )
+    assert "Traceback" not in result.stderr

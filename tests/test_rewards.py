@@ -157,3 +157,8 @@ def test_reward_model_with_another_vocabulary_is_refused(reward_model_dir):
     other.add_tokens(["<|tool|>"])
     with pytest.raises(ValueError, match="another vocabulary than the policy"):
         RewardModelScorer(reward_model_dir, other)
+
+
+def test_an_unimportable_reward_module_is_one_clear_error():
+    with pytest.raises(ValueError, match="cannot import 'no_such_package.rewards'"):
+        load_reward_function("no_such_package.rewards:correct")
