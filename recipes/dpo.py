@@ -48,7 +48,19 @@ from pathlib import Path
 import datasets
 import torch
 
-from rlcore import DPO_LOSS_TYPES, data, dpo_loss, evaluation, lora, models, optim, runtime, sft_loss_from_logprobs, toy
+from rlcore import (
+    DPO_LOSS_TYPES,
+    data,
+    dpo_loss,
+    evaluation,
+    lora,
+    models,
+    optim,
+    runtime,
+    sft_loss_from_logprobs,
+    toy,
+    tracking,
+)
 from rlcore.config import ONLINE_WARM_START_FLAGS, TrainConfig, parse_config
 from rlcore.run import Run, cli
 from rlcore.task import load_task_rows, metric_value
@@ -157,22 +169,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     model.train()
     forward = runtime.maybe_compile(model, device, config.compile)
-    optimizer = optim.build_optimizer(model, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2))
-    scheduler = optim.build_scheduler(
-        optimizer,
-        warmup_steps=config.warmup_steps,
-        total_steps=config.max_steps,
-        schedule=config.lr_schedule,
-        min_lr_ratio=config.min_lr_ratio,
-    )
+    optimizer, scheduler = optim.from_flags(model, config)
+    evaluate = evaluate if eval_rows is not None else None
     run = Run(
-        config,
-        model,
-        tokenizer,
-        optimizer,
-        scheduler,
-        evaluate=evaluate if eval_rows is not None else None,
-        bar_keys=("loss", "rewards/accuracies"),
+        config, model, tokenizer, optimizer, scheduler, evaluate=evaluate, bar_keys=("loss", "rewards/accuracies")
     )
 
     # ---------------------------------------------------------------- training loop
@@ -212,8 +212,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 loss = loss + config.sft_weight * nll
                 loss_stats["sft_nll"] = nll.detach() * config.grad_accum_steps
             loss.backward()
-            for key, value in {"loss": loss.detach() * config.grad_accum_steps, **loss_stats}.items():
-                stats[key] = stats.get(key, 0.0) + value / config.grad_accum_steps
+            tracking.accumulate(
+                stats, {"loss": loss.detach() * config.grad_accum_steps, **loss_stats}, 1 / config.grad_accum_steps
+            )
         stats["grad_norm"] = optim.optimizer_step(model.parameters(), optimizer, scheduler, config.max_grad_norm)
         run.end_step(stats)
     return run.finish()

@@ -67,9 +67,9 @@ from rlcore import (
     reinforce_pp_advantages,
     rloo_advantages,
     runtime,
-    toy,
+    tracking,
 )
-from rlcore.config import ONLINE_WARM_START_FLAGS, OnlineConfig, parse_config
+from rlcore.config import OnlineConfig, parse_config
 from rlcore.rewards import rollout_stats, score_rollout
 from rlcore.rollout import generate
 from rlcore.run import Run, cli
@@ -127,11 +127,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     device, bf16 = runtime.setup(config)
 
     # ---------------------------------------------------------------- task (checked first), models
-    task = load_prompt_task(config, models.load_tokenizer(config.model), device)
-    start_model = toy.warm_start(
-        config.model, config.warm_start_steps, config.seed, Path(__file__).with_name("sft.py"), ONLINE_WARM_START_FLAGS
-    )
-    policy, tokenizer, stop_ids = load_start_policy(config, start_model, device)
+    task = load_prompt_task(config, device)
+    policy, tokenizer, sampling = load_start_policy(config, device, sft_script=Path(__file__).with_name("sft.py"))
     prompts, scorer = task.prompts, task.scorer
     runtime.prefer_eager_attention(
         policy, device, max(map(len, prompts["prompt_ids"])) + config.max_new_tokens
@@ -142,14 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     completions_per_step = config.batch_size * config.grad_accum_steps
     aggregation = LOSS_TYPE_AGGREGATION[config.loss_type]
 
-    optimizer = optim.build_optimizer(policy, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2))
-    scheduler = optim.build_scheduler(
-        optimizer,
-        warmup_steps=config.warmup_steps,
-        total_steps=config.max_steps * config.num_iterations,
-        schedule=config.lr_schedule,
-        min_lr_ratio=config.min_lr_ratio,
-    )
+    optimizer, scheduler = optim.from_flags(policy, config, updates_per_step=config.num_iterations)
     evaluate = (lambda: evaluate_policy(policy, tokenizer, task, config)) if task.eval_prompts is not None else None
     run = Run(config, policy, tokenizer, optimizer, scheduler, evaluate=evaluate, bar_keys=("reward",))
 
@@ -161,16 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         # -- sample G completions per prompt
         with run.timed("generation"):
             rollout = generate(
-                policy,
-                batch.prompt_ids.to(device),
-                batch.prompt_mask.to(device),
-                max_new_tokens=config.max_new_tokens,
-                eos_token_ids=stop_ids,
-                pad_token_id=tokenizer.pad_token_id,
-                temperature=config.temperature,
-                top_k=config.top_k,
-                top_p=config.top_p,
-                num_samples=group_size,
+                policy, batch.prompt_ids.to(device), batch.prompt_mask.to(device), num_samples=group_size, **sampling
             )
 
         # -- rewards, advantages, reference log-probs
@@ -241,16 +222,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         )
                         loss_stats["kl"] = masked_mean(kl.detach(), mask[micro])
                     loss.backward()
-                    stats["loss"] = (
-                        stats.get("loss", 0.0) + loss.detach() / config.num_iterations
-                    )  # micro-batch losses add up
+                    tracking.accumulate(stats, {"loss": loss.detach()}, 1 / config.num_iterations)  # losses add up
                     share = len(micro) / (len(learning_rows) * config.num_iterations)  # other stats: mean over the rows
-                    for key, value in {"entropy": masked_mean(entropy, mask[micro]), **loss_stats}.items():
-                        stats[key] = stats.get(key, 0.0) + value * share
+                    tracking.accumulate(stats, {"entropy": masked_mean(entropy, mask[micro]), **loss_stats}, share)
                 # with nothing to learn (no learning row) no parameter has a gradient: the step changes no
                 # weight, and the schedule still advances in step with the optimizer
                 grad_norm = optim.optimizer_step(policy.parameters(), optimizer, scheduler, config.max_grad_norm)
-                stats["grad_norm"] = stats.get("grad_norm", 0.0) + grad_norm / config.num_iterations
+                tracking.accumulate(stats, {"grad_norm": grad_norm}, 1 / config.num_iterations)
             stats.setdefault("loss", 0.0)
         run.end_step(stats)
     return run.finish()

@@ -33,9 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from einops import rearrange
 
-from rlcore import data, dpo_loss, lora, models, optim, runtime, toy
-from rlcore.config import ONLINE_WARM_START_FLAGS, OnlineConfig, parse_config
+from rlcore import data, dpo_loss, lora, models, optim, runtime, tracking
+from rlcore.config import OnlineConfig, parse_config
 from rlcore.rewards import rollout_stats, score_rollout
 from rlcore.rollout import generate
 from rlcore.run import Run, cli
@@ -69,7 +70,7 @@ def rank_pairs(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     rewards: [2P], rows 2p and 2p + 1 are the two completions of prompt p. Returns two [N] index tensors.
     """
-    pair_rewards = rewards.view(-1, 2)  # [P, 2]
+    pair_rewards = rearrange(rewards, "(p two) -> p two", two=2)  # [P, 2]
     decided = (pair_rewards[:, 0] != pair_rewards[:, 1]).nonzero().squeeze(1)  # [N]
     second_wins = (pair_rewards[decided, 1] > pair_rewards[decided, 0]).long()  # [N]
     return 2 * decided + second_wins, 2 * decided + 1 - second_wins
@@ -80,11 +81,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     device, bf16 = runtime.setup(config)
 
     # ---------------------------------------------------------------- task (checked first), models
-    task = load_prompt_task(config, models.load_tokenizer(config.model), device)
-    start_model = toy.warm_start(
-        config.model, config.warm_start_steps, config.seed, Path(__file__).with_name("sft.py"), ONLINE_WARM_START_FLAGS
-    )
-    policy, tokenizer, stop_ids = load_start_policy(config, start_model, device)
+    task = load_prompt_task(config, device)
+    policy, tokenizer, sampling = load_start_policy(config, device, sft_script=Path(__file__).with_name("sft.py"))
     reference = models.frozen_copy(policy) if config.lora_r == 0 else None  # LoRA: the adapters-off policy
     forward = runtime.maybe_compile(policy, device, config.compile)
     prompts, scorer = task.prompts, task.scorer
@@ -95,14 +93,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     prompts_per_step = config.batch_size * config.grad_accum_steps
     length_average = config.loss_type == "ipo"
 
-    optimizer = optim.build_optimizer(policy, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2))
-    scheduler = optim.build_scheduler(
-        optimizer,
-        warmup_steps=config.warmup_steps,
-        total_steps=config.max_steps,
-        schedule=config.lr_schedule,
-        min_lr_ratio=config.min_lr_ratio,
-    )
+    optimizer, scheduler = optim.from_flags(policy, config)
     evaluate = (lambda: evaluate_policy(policy, tokenizer, task, config)) if task.eval_prompts is not None else None
     run = Run(config, policy, tokenizer, optimizer, scheduler, evaluate=evaluate, bar_keys=("reward",))
 
@@ -114,16 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         # -- two completions per prompt
         with run.timed("generation"):
             rollout = generate(
-                policy,
-                batch.prompt_ids.to(device),
-                batch.prompt_mask.to(device),
-                max_new_tokens=config.max_new_tokens,
-                eos_token_ids=stop_ids,
-                pad_token_id=tokenizer.pad_token_id,
-                temperature=config.temperature,
-                top_k=config.top_k,
-                top_p=config.top_p,
-                num_samples=2,
+                policy, batch.prompt_ids.to(device), batch.prompt_mask.to(device), num_samples=2, **sampling
             )
 
         # -- rank each pair; keep the pairs with a preference; reference log-probs
@@ -172,8 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     loss_type=config.loss_type,
                 )
                 (loss * len(pairs) / num_pairs).backward()  # the micro-batch's share of the mean over all pairs
-                for key, value in {"loss": loss.detach(), **loss_stats}.items():
-                    stats[key] = stats.get(key, 0.0) + value * len(pairs) / num_pairs
+                tracking.accumulate(stats, {"loss": loss.detach(), **loss_stats}, len(pairs) / num_pairs)
             grad_norm = optim.optimizer_step(policy.parameters(), optimizer, scheduler, config.max_grad_norm)
             if num_pairs:  # a step without pairs has no gradient to measure
                 stats["grad_norm"] = grad_norm

@@ -21,13 +21,13 @@ with a zero head; policy and value model share one AdamW. Departures: one sample
 reward whitening by default (--whiten_rewards); with --lora_r the policy trains adapters (its reference is the
 adapters-off base) while the value model is trained in full (choose a small --value_model to save memory).
 
-Run it:
+Run:
     python recipes/ppo.py                                    # toy task, accuracy reward, SFT warm start
     python recipes/ppo.py --reward_model outputs/reward_model --reward_funcs none
     python recipes/ppo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset prompts.jsonl \
         --reward_model my-rm-dir --reward_funcs none --max_new_tokens 256 --batch_size 8 --grad_accum_steps 4
-Single process for now (one CPU or GPU). With --model tiny (the default) the recipe starts from a cached
-SFT warm start (see recipes/grpo.py and rlcore.toy.warm_start). Evaluation as in recipes/grpo.py: held-out
+One process (one CPU or GPU) for now. --model tiny, the default, starts from the cached SFT warm start
+(recipes/grpo.py, rlcore.toy.warm_start). Evaluation as in recipes/grpo.py: held-out
 mean sampled reward per source, and the greedy metric (``--eval_metric``). Measured results: docs/results.md.
 """
 
@@ -51,10 +51,10 @@ from rlcore import (
     optim,
     policy_loss,
     runtime,
-    toy,
+    tracking,
     value_loss,
 )
-from rlcore.config import ONLINE_WARM_START_FLAGS, OnlineConfig, parse_config
+from rlcore.config import OnlineConfig, parse_config
 from rlcore.rewards import rollout_stats, score_rollout
 from rlcore.rollout import generate
 from rlcore.run import Run, cli
@@ -96,13 +96,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     device, bf16 = runtime.setup(config)
 
     # ---------------------------------------------------------------- task (checked first), models
-    task = load_prompt_task(config, models.load_tokenizer(config.model), device)
-    start_model = toy.warm_start(
-        config.model, config.warm_start_steps, config.seed, Path(__file__).with_name("sft.py"), ONLINE_WARM_START_FLAGS
-    )
-    policy, tokenizer, stop_ids = load_start_policy(config, start_model, device)
+    task = load_prompt_task(config, device)
+    policy, tokenizer, sampling = load_start_policy(config, device, sft_script=Path(__file__).with_name("sft.py"))
+    # the critic: a backbone with a value head (trained in full), from --value_model or where the policy started
+    value_model = models.ValueModel.from_pretrained(config.value_model or policy.name_or_path, device=device)
     reference = models.frozen_copy(policy) if config.lora_r == 0 else None  # LoRA: the adapters-off policy
-    value_model = models.ValueModel.from_pretrained(config.value_model or start_model, device=device)  # trained in full
     forward_policy, forward_value = (
         runtime.maybe_compile(policy, device, config.compile),
         runtime.maybe_compile(value_model, device, config.compile),
@@ -115,15 +113,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     rows_per_step = mini_batch_rows * config.num_mini_batches
 
     trained = torch.nn.ModuleDict({"policy": policy, "value_model": value_model})
-    optimizer = optim.build_optimizer(trained, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2))
     updates_per_step = config.num_ppo_epochs * config.num_mini_batches
-    scheduler = optim.build_scheduler(
-        optimizer,
-        warmup_steps=config.warmup_steps,
-        total_steps=config.max_steps * updates_per_step,
-        schedule=config.lr_schedule,
-        min_lr_ratio=config.min_lr_ratio,
-    )
+    optimizer, scheduler = optim.from_flags(trained, config, updates_per_step=updates_per_step)
     evaluate = (lambda: evaluate_policy(policy, tokenizer, task, config)) if task.eval_prompts is not None else None
     run = Run(
         config,
@@ -144,17 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
         # -- one completion per prompt
         with run.timed("generation"):
-            rollout = generate(
-                policy,
-                batch.prompt_ids.to(device),
-                batch.prompt_mask.to(device),
-                max_new_tokens=config.max_new_tokens,
-                eos_token_ids=stop_ids,
-                pad_token_id=tokenizer.pad_token_id,
-                temperature=config.temperature,
-                top_k=config.top_k,
-                top_p=config.top_p,
-            )
+            rollout = generate(policy, batch.prompt_ids.to(device), batch.prompt_mask.to(device), **sampling)
 
         # -- scores, log-probs under the sampling policy and the reference, values, advantages
         with run.timed("scoring"):
@@ -225,20 +206,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                             normalizer=normalizer,
                         )
                         (pg_loss + config.vf_coef * vf_loss).backward()
-                        for key, value in {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach()}.items():
-                            stats[key] = stats.get(key, 0.0) + value / updates_per_step  # micro-batch losses add up
-                        micro_stats = {
-                            "entropy": masked_mean(entropy, mask[micro]),
-                            **pg_stats,
-                            **{f"value/{k}": v for k, v in vf_stats.items()},
-                        }
-                        for key, value in micro_stats.items():
-                            stats[key] = stats.get(key, 0.0) + value / (updates_per_step * config.grad_accum_steps)
-                    stats["grad_norm"] = (
-                        stats.get("grad_norm", 0.0)
-                        + optim.optimizer_step(trained.parameters(), optimizer, scheduler, config.max_grad_norm)
-                        / updates_per_step
-                    )
+                        losses = {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach()}
+                        tracking.accumulate(stats, losses, 1 / updates_per_step)  # micro-batch losses add up
+                        value_stats = {f"value/{k}": v for k, v in vf_stats.items()}
+                        micro_stats = {"entropy": masked_mean(entropy, mask[micro]), **pg_stats, **value_stats}
+                        tracking.accumulate(stats, micro_stats, 1 / (updates_per_step * config.grad_accum_steps))
+                    grad_norm = optim.optimizer_step(trained.parameters(), optimizer, scheduler, config.max_grad_norm)
+                    tracking.accumulate(stats, {"grad_norm": grad_norm}, 1 / updates_per_step)
         run.end_step(stats)
     return run.finish()
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from rlcore import data, evaluation, last_valid_index, lora, models, optim, reward_pairwise_loss, runtime, toy
+from rlcore import data, evaluation, last_valid_index, lora, models, optim, reward_pairwise_loss, runtime, toy, tracking
 from rlcore.config import TrainConfig, parse_config
 from rlcore.run import Run, cli
 from rlcore.task import load_task_rows
@@ -91,21 +91,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model.score.requires_grad_(True)  # the head is new: trained in full (also under LoRA), at its own lr
     head_lr = config.lr if config.head_lr is None else config.head_lr
     head_group = {"params": list(model.score.parameters()), "lr": head_lr, "weight_decay": 0.0}
-    optimizer = optim.build_optimizer(
-        model, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2), extra_groups=[head_group]
-    )
-    scheduler = optim.build_scheduler(
-        optimizer,
-        warmup_steps=config.warmup_steps,
-        total_steps=config.max_steps,
-        schedule=config.lr_schedule,
-        min_lr_ratio=config.min_lr_ratio,
-    )
+    optimizer, scheduler = optim.from_flags(model, config, extra_groups=[head_group])
     evaluate = (
         (lambda: evaluation.reward_model_metrics(model, eval_pairs, pad_id, config.eval_batch_size))
         if eval_rows is not None
         else None
     )
+    head = {"score": model.score} if config.lora_r > 0 else None  # checkpointed apart: adapters do not hold it
     run = Run(
         config,
         model,
@@ -114,8 +106,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         scheduler,
         evaluate=evaluate,
         bar_keys=("loss", "accuracy"),
-        extra_modules={"score": model.score} if config.lora_r > 0 else None,
-    )  # adapters alone do not hold the head
+        extra_modules=head,
+    )
 
     def scores(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """[2B] scores at the last real token of each sequence, one forward pass for chosen and rejected."""
@@ -139,8 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             margin = margins[indices].to(device) if margins is not None else None
             loss, loss_stats = reward_pairwise_loss(chosen_scores, rejected_scores, margin, config.center_coef)
             (loss / config.grad_accum_steps).backward()  # equal-size micro-batches: mean of means = mean
-            for key, value in {"loss": loss.detach(), **loss_stats}.items():
-                stats[key] = stats.get(key, 0.0) + value / config.grad_accum_steps
+            tracking.accumulate(stats, {"loss": loss.detach(), **loss_stats}, 1 / config.grad_accum_steps)
         stats["grad_norm"] = optim.optimizer_step(model.parameters(), optimizer, scheduler, config.max_grad_norm)
         run.end_step(stats)
     return run.finish()

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlcore import data, evaluation, lora, models, optim, runtime, sft_loss
+from rlcore import data, evaluation, lora, models, optim, runtime, sft_loss, tracking
 from rlcore.config import TrainConfig, parse_config
 from rlcore.run import Run, cli
 from rlcore.task import load_task_rows, metric_value
@@ -88,14 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             **metric_value(model, tokenizer, eval_prompts, metric, config),
         }
 
-    optimizer = optim.build_optimizer(model, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2))
-    scheduler = optim.build_scheduler(
-        optimizer,
-        warmup_steps=config.warmup_steps,
-        total_steps=config.max_steps,
-        schedule=config.lr_schedule,
-        min_lr_ratio=config.min_lr_ratio,
-    )
+    optimizer, scheduler = optim.from_flags(model, config)
     run = Run(config, model, tokenizer, optimizer, scheduler, evaluate=evaluate if eval_rows is not None else None)
 
     def micro_batch(indices: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -132,10 +125,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             rows, columns = loss_positions.unbind(1)  # [N] each
             loss, loss_stats = sft_loss(logits[rows, columns], labels, normalizer=normalizer)  # [N, V], [N]
             loss.backward()
-            stats["loss"] = stats.get("loss", 0.0) + loss.detach()  # sums to the step's token mean
-            stats["token_accuracy"] = stats.get("token_accuracy", 0.0) + loss_stats["token_accuracy"] / len(
-                micro_batches
-            )
+            tracking.accumulate(stats, {"loss": loss.detach()})  # sums to the step's token mean
+            tracking.accumulate(stats, {"token_accuracy": loss_stats["token_accuracy"]}, 1 / len(micro_batches))
         stats["grad_norm"] = optim.optimizer_step(model.parameters(), optimizer, scheduler, config.max_grad_norm)
         run.end_step(stats)
     return run.finish()

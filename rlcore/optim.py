@@ -125,3 +125,21 @@ def loss_tokens(masks: Sequence[Sequence[int]], shift: bool = True) -> int:
     """
     start = 1 if shift else 0
     return max(1, sum(int(sum(mask[start:])) for mask in masks))
+
+
+def from_flags(
+    model: torch.nn.Module, config, updates_per_step: int = 1, extra_groups: Sequence[dict] = ()
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """(AdamW, schedule) as a recipe's flags say: ``--lr --weight_decay --adam_beta1 --adam_beta2`` and
+    ``--warmup_steps --lr_schedule --min_lr_ratio``, the schedule laid out over ``--max_steps`` steps of
+    ``updates_per_step`` optimizer updates each (GRPO's ``--num_iterations``, PPO's epochs x mini-batches)."""
+    betas = (config.adam_beta1, config.adam_beta2)
+    optimizer = build_optimizer(model, config.lr, config.weight_decay, betas, extra_groups=extra_groups)
+    scheduler = build_scheduler(
+        optimizer,
+        warmup_steps=config.warmup_steps,
+        total_steps=config.max_steps * updates_per_step,
+        schedule=config.lr_schedule,
+        min_lr_ratio=config.min_lr_ratio,
+    )
+    return optimizer, scheduler

@@ -75,7 +75,7 @@ from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from .decode import LlamaDecodeStep, native_decode_unsupported
-from .models import eval_mode
+from .models import eval_mode, position_ids_from_mask
 from .ops import check_ndim
 
 __all__ = ["Rollout", "generate", "sample_tokens", "filter_logits", "release_static_caches"]
@@ -327,7 +327,7 @@ def _prefill(
     model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
 ) -> tuple[torch.Tensor, DynamicCache]:
     """Forward the prompts once: (logits of the next token [B, V], the filled cache)."""
-    position_ids = (prompt_mask.long().cumsum(dim=-1) - 1).clamp(min=0)  # [B, P] 0 at the first real token
+    position_ids = position_ids_from_mask(prompt_mask)  # [B, P] 0 at the first real token
     cache = DynamicCache()  # plain full-length layers, whatever the config says
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     extra[_cache_argument(model)] = cache

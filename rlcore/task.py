@@ -14,17 +14,19 @@ task and nothing elsewhere (``rlcore.rewards.resolve_metric``).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Any
 
 import datasets
 import torch
 
 from rlcore.checkpoint import resolve_resume
-from rlcore.config import OnlineConfig, TrainConfig
+from rlcore.config import ONLINE_WARM_START_FLAGS, OnlineConfig, TrainConfig
 from rlcore.data import PROMPT_FORMATS, load_checked_rows, load_eval_rows, tokenize_prompts
 from rlcore.evaluation import greedy_metric, sampled_rewards
 from rlcore.lora import prepare_model
-from rlcore.models import eos_token_ids, load_policy
+from rlcore.models import eos_token_ids, load_policy, load_tokenizer
 from rlcore.rewards import RewardFunction, RewardScorer, build_reward_scorer, check_reward_columns, resolve_metric
 
 Metric = tuple[str, RewardFunction]  # (name, function)
@@ -69,15 +71,37 @@ def metric_value(
 
 
 def load_start_policy(
-    config: TrainConfig, start_model: str, device: torch.device
-) -> tuple[torch.nn.Module, object, list[int]]:
-    """(policy, tokenizer, stop token ids): ``start_model`` loaded and made what the flags train (full
-    fine-tuning, LoRA or QLoRA: ``rlcore.lora.prepare_model``), in train mode."""
+    config: OnlineConfig, device: torch.device, sft_script: str | os.PathLike
+) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """(policy, tokenizer, sampling): the policy an online recipe trains, and how it samples.
+
+    The policy starts from ``--model``; with ``--model tiny`` and ``--warm_start_steps N > 0`` from the toy
+    task's SFT warm start, ``sft_script`` run once for N steps and cached (``rlcore.toy.warm_start``: the
+    untrained tiny model never earns a reward). It is made what the flags train (full fine-tuning, LoRA or
+    QLoRA: ``rlcore.lora.prepare_model``), in train mode; ``policy.name_or_path`` is where it started.
+    ``sampling`` holds the keyword arguments of ``rlcore.rollout.generate`` the flags set (length, stop and
+    pad tokens, temperature, top-k, top-p).
+    """
+    start_model = config.model
+    if config.model == "tiny" and config.warm_start_steps > 0:
+        from rlcore.toy import warm_start  # the toy default's warm start, asked for by --model tiny
+
+        start_model = warm_start(
+            config.model, config.warm_start_steps, config.seed, sft_script, ONLINE_WARM_START_FLAGS
+        )
     policy, tokenizer = load_policy(start_model, device=device)
     policy = prepare_model(
         policy, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.load_in_4bit
     )
-    return policy.train(), tokenizer, eos_token_ids(tokenizer, policy.generation_config)
+    sampling = {
+        "max_new_tokens": config.max_new_tokens,
+        "eos_token_ids": eos_token_ids(tokenizer, policy.generation_config),
+        "pad_token_id": tokenizer.pad_token_id,
+        "temperature": config.temperature,
+        "top_k": config.top_k,
+        "top_p": config.top_p,
+    }
+    return policy.train(), tokenizer, sampling
 
 
 @dataclass
@@ -97,8 +121,10 @@ class PromptTask:
     metric: Metric | None
 
 
-def load_prompt_task(config: OnlineConfig, tokenizer, device: torch.device) -> PromptTask:
-    """The :class:`PromptTask` of an online recipe's flags; every reward function's columns are checked."""
+def load_prompt_task(config: OnlineConfig, device: torch.device) -> PromptTask:
+    """The :class:`PromptTask` of an online recipe's flags, tokenised with ``--model``'s tokenizer (a warm
+    start keeps it); every reward function's columns are checked."""
+    tokenizer = load_tokenizer(config.model)
     rows, eval_rows, metric = load_task_rows(config, PROMPT_FORMATS)
     scorer = build_reward_scorer(config.reward_funcs, config.reward_model, config.reward_weights, tokenizer, device)
     check_reward_columns(scorer.functions, rows.column_names, f"--dataset {config.dataset}")

@@ -92,6 +92,18 @@ class Tracker:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in self._bar_values.items()}, refresh=False)
 
 
+def accumulate(stats: dict, new: Mapping[str, torch.Tensor | float], weight: float = 1.0) -> dict:
+    """``stats[key] += weight * new[key]`` for every key (missing keys start at 0), in place; returns ``stats``.
+
+    How a recipe sums the metrics of its micro-batches into the step's: with weight ``1 / n`` over n equal
+    micro-batches the sum is their mean; with weight 1 a loss already normalised by the whole step's count
+    adds up to the step's loss. Values stay tensors (no host sync).
+    """
+    for key, value in new.items():
+        stats[key] = stats.get(key, 0.0) + value * weight
+    return stats
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The records of a metrics.jsonl file, in order."""
     path = Path(path)

@@ -472,15 +472,19 @@ FORMAT_OF = {
 }
 
 
-def _no_warm_start(module):
-    """Make the recipe's warm start fail loudly: a bad input must be reported before it."""
+@pytest.fixture(autouse=True)
+def _no_warm_start(monkeypatch):
+    """Make the toy's SFT warm start fail loudly in every test here: a bad input must be reported before it,
+    and the other runs here start from the untrained model (--warm_start_steps 0)."""
 
-    def fail(*args, **kwargs):
-        raise AssertionError("the warm start ran before the input was checked")
+    def fail(model, steps, *args, **kwargs):
+        if model == "tiny" and steps > 0:
+            raise AssertionError("the warm start ran")
+        return model
 
-    if hasattr(module, "warm_start"):
-        module.warm_start = fail
-    return module
+    from rlcore import toy
+
+    monkeypatch.setattr(toy, "warm_start", fail)
 
 
 def _bad_input_flags(recipe: str, tmp_path: Path) -> list[str]:
@@ -494,7 +498,7 @@ def _bad_input_flags(recipe: str, tmp_path: Path) -> list[str]:
 def test_missing_dataset_file_is_named(tmp_path, monkeypatch, recipe):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError) as error:
-        _no_warm_start(load_recipe(recipe)).main(["--dataset", "missing.jsonl", *_bad_input_flags(recipe, tmp_path)])
+        load_recipe(recipe).main(["--dataset", "missing.jsonl", *_bad_input_flags(recipe, tmp_path)])
     assert "missing.jsonl" in str(error.value) and "\n" not in str(error.value)
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
@@ -504,7 +508,7 @@ def test_missing_eval_dataset_file_is_named(tmp_path, recipe):
     train = write_rows(tmp_path / "train.jsonl", make_rows(FORMAT_OF[recipe], False, 0, 16))
     missing = tmp_path / "heldout.jsonl"
     with pytest.raises(FileNotFoundError, match="heldout.jsonl"):
-        _no_warm_start(load_recipe(recipe)).main(
+        load_recipe(recipe).main(
             ["--dataset", str(train), "--eval_dataset", str(missing), *_bad_input_flags(recipe, tmp_path)]
         )
 
@@ -518,7 +522,7 @@ def test_wrong_columns_name_the_flag(tmp_path, recipe):
         ),
     )
     with pytest.raises(ValueError) as error:
-        _no_warm_start(load_recipe(recipe)).main(["--dataset", str(wrong), *_bad_input_flags(recipe, tmp_path)])
+        load_recipe(recipe).main(["--dataset", str(wrong), *_bad_input_flags(recipe, tmp_path)])
     message = str(error.value)
     assert "--dataset" in message and str(wrong) in message and "missing columns" in message and "\n" not in message
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
@@ -530,7 +534,7 @@ def test_wrong_format_for_the_recipe_names_the_flag(tmp_path, recipe):
     kind = "preference" if recipe == "sft" else "language_modeling"
     rows = write_rows(tmp_path / "rows.jsonl", make_rows(kind, False, 0, 4))
     with pytest.raises(ValueError, match=f"--dataset .*got a {kind} dataset"):
-        _no_warm_start(load_recipe(recipe)).main(["--dataset", str(rows), *_bad_input_flags(recipe, tmp_path)])
+        load_recipe(recipe).main(["--dataset", str(rows), *_bad_input_flags(recipe, tmp_path)])
 
 
 @pytest.mark.parametrize("recipe", ["sft", "reward_model"])
@@ -538,7 +542,7 @@ def test_wrong_eval_dataset_columns_name_the_flag(tmp_path, recipe):
     train = write_rows(tmp_path / "train.jsonl", make_rows(FORMAT_OF[recipe], False, 0, 16))
     heldout = write_rows(tmp_path / "heldout.jsonl", datasets.Dataset.from_list([{"question": "Name a colour:"}] * 4))
     with pytest.raises(ValueError, match="--eval_dataset"):
-        _no_warm_start(load_recipe(recipe)).main(
+        load_recipe(recipe).main(
             ["--dataset", str(train), "--eval_dataset", str(heldout), *_bad_input_flags(recipe, tmp_path)]
         )
 
