@@ -130,9 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     task = load_prompt_task(config, device)
     policy, tokenizer, sampling = load_start_policy(config, device, sft_script=Path(__file__).with_name("sft.py"))
     prompts, scorer = task.prompts, task.scorer
-    runtime.prefer_eager_attention(
-        policy, device, max(map(len, prompts["prompt_ids"])) + config.max_new_tokens
-    )  # CPU, short rows
+    longest = max(map(len, prompts["prompt_ids"])) + config.max_new_tokens
+    runtime.prefer_eager_attention(policy, device, longest)  # CPU, short rows
     reference = models.frozen_copy(policy) if config.beta > 0 and config.lora_r == 0 else None  # LoRA: adapters off
     forward = runtime.maybe_compile(policy, device, config.compile)
     group_size = config.num_generations

@@ -86,10 +86,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     reference = models.frozen_copy(policy) if config.lora_r == 0 else None  # LoRA: the adapters-off policy
     forward = runtime.maybe_compile(policy, device, config.compile)
     prompts, scorer = task.prompts, task.scorer
+    longest = max(map(len, prompts["prompt_ids"])) + config.max_new_tokens
     for model in filter(None, (policy, reference)):
-        runtime.prefer_eager_attention(
-            model, device, max(map(len, prompts["prompt_ids"])) + config.max_new_tokens
-        )  # CPU, short rows
+        runtime.prefer_eager_attention(model, device, longest)  # CPU, short rows
     prompts_per_step = config.batch_size * config.grad_accum_steps
     length_average = config.loss_type == "ipo"
 
