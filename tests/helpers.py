@@ -1,7 +1,16 @@
-"""Small models and prompts shared by the sampling tests (tests/test_rollout.py, tests/test_decode.py)."""
+"""What several test files share: small models and prompts for the sampling tests, a per-module cache for the
+tiny model, and loading a recipe as a module."""
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
 import torch
 from transformers import Qwen2Config
+
+REPO = Path(__file__).resolve().parents[1]
 
 VOCAB = 101
 PAD = 0
@@ -28,3 +37,21 @@ def ragged_prompts(batch: int = 5, length: int = 9, seed: int = 0) -> tuple[torc
     lengths = torch.linspace(1, length, batch).round().long()
     mask = (torch.arange(length) >= length - lengths[:, None]).long()  # [B, P]
     return ids.masked_fill(mask == 0, PAD), mask
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_cache(tmp_path_factory):
+    """Point the default cache (what "tiny" resolves to) at a temporary directory for the importing module."""
+    with pytest.MonkeyPatch.context() as patch:
+        cache = tmp_path_factory.mktemp("rlcore-cache")
+        patch.setenv("RLCORE_CACHE", str(cache))
+        yield cache
+
+
+def load_recipe(name: str) -> ModuleType:
+    """recipes/<name>.py as a module (its ``main(argv)`` runs in-process)."""
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

@@ -19,16 +19,15 @@ line before any training or warm start.
 """
 
 import contextlib
-import importlib.util
 import io
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import datasets
 import pytest
+from helpers import load_recipe, tiny_cache  # noqa: F401 (tiny_cache: an autouse fixture)
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,22 +59,6 @@ REWARDS_FILE = """
 def length_reward(prompts, completions, **kwargs):
     return [len(c if isinstance(c, str) else c[-1]["content"]) / 10 for c in completions]
 """
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tiny_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        cache = tmp_path_factory.mktemp("rlcore-cache")
-        patch.setenv("RLCORE_CACHE", str(cache))
-        yield cache
-
-
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------- the data: real-looking text, never an integer answer

@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from helpers import tiny_cache  # noqa: F401 (tiny_cache: an autouse fixture)
 from transformers import AutoModel, GenerationConfig
 
 from rlcore import last_valid_index
@@ -17,15 +18,6 @@ from rlcore.models import (
     sequence_scores,
 )
 from rlcore.toy import tiny_tokenizer
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tiny_cache(tmp_path_factory):
-    """Point the default cache (what "tiny" resolves to) at a temporary directory for this module."""
-    with pytest.MonkeyPatch.context() as patch:
-        cache = tmp_path_factory.mktemp("rlcore-cache")
-        patch.setenv("RLCORE_CACHE", str(cache))
-        yield cache
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """The offline recipes (SFT, reward model, DPO): end to end on tiny budgets, accumulation, resume, options."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_recipe, tiny_cache  # noqa: F401 (tiny_cache: an autouse fixture)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -19,22 +19,6 @@ from rlcore.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_RUN = ["--num_train_rows", "64", "--num_eval_rows", "16", "--max_seconds", "none", "--logging_steps", "1"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tiny_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        cache = tmp_path_factory.mktemp("rlcore-cache")
-        patch.setenv("RLCORE_CACHE", str(cache))
-        yield cache
-
-
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_script(name: str, *args: str, timeout: float = 600) -> None:

@@ -1,6 +1,5 @@
 """The online recipes (GRPO/RLOO/REINFORCE++, PPO, online DPO) and what they share (data, rewards, models, toy)."""
 
-import importlib.util
 import json
 import math
 import os
@@ -11,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import load_recipe, tiny_cache  # noqa: F401 (tiny_cache: an autouse fixture)
 from transformers import AutoModelForCausalLM
 
 from rlcore import LOSS_TYPE_AGGREGATION, loss_normalizer, policy_loss
@@ -20,22 +20,6 @@ from rlcore.rewards import RewardScorer, decode_completions, score_rollout
 from rlcore.toy import accuracy_reward, warm_start
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tiny_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        cache = tmp_path_factory.mktemp("rlcore-cache")
-        patch.setenv("RLCORE_CACHE", str(cache))
-        yield cache
-
-
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------- prompts, completions, rewards

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_cache  # noqa: F401 (tiny_cache: an autouse fixture)
 
 from rlcore.models import load_reward_model, load_tokenizer, sequence_scores
 from rlcore.rewards import (
@@ -13,13 +14,6 @@ from rlcore.rewards import (
     load_reward_function,
 )
 from rlcore.toy import accuracy_reward, format_reward
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tiny_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RLCORE_CACHE", str(tmp_path_factory.mktemp("rlcore-cache")))
-        yield
 
 
 def constant(value):
