@@ -80,9 +80,10 @@ def greedy_metric(
     completion_ids = greedy_completion_ids(
         model, tokenizer, list(prompts["prompt_ids"]), batch_size=batch_size, max_new_tokens=max_new_tokens
     )
-    batch = prompt_batch(prompts, range(len(prompts)), tokenizer.pad_token_id)
-    completions = decode_completions(tokenizer, completion_ids, batch.conversational)
-    scores = metric(prompts=batch.prompts, completions=completions, completion_ids=completion_ids, **batch.columns)
+    texts = prompts["prompt"]
+    columns = {name: prompts[name] for name in prompts.column_names if name not in ("prompt", "prompt_ids")}
+    completions = decode_completions(tokenizer, completion_ids, conversational=isinstance(texts[0], list))
+    scores = metric(prompts=texts, completions=completions, completion_ids=completion_ids, **columns)
     values = [value for value in scores if value is not None]
     return sum(values) / max(1, len(values))
 
