@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.load_in_4bit
     )
     pad_id = tokenizer.pad_token_id
-    train = data.tokenize_preference(rows, tokenizer, config.max_length)
+    train = data.tokenize_preference(rows, tokenizer, config.max_length, truncation=config.truncation)
     pairs = {name: list(train[name]) for name in ("prompt_ids", "chosen_ids", "rejected_ids")}  # python lists
 
     def collate(indices: list[int]) -> dict[str, torch.Tensor]:
@@ -154,11 +154,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     elif config.lora_r == 0:  # with LoRA the reference is the model with its adapters off
         reference = models.frozen_copy(model)
     if eval_rows is not None:
-        eval_pairs = data.tokenize_preference(eval_rows, tokenizer, config.max_length)
+        eval_pairs = data.tokenize_preference(eval_rows, tokenizer, config.max_length, truncation=config.truncation)
         eval_ref_logps = evaluation.preference_logps(
             model, eval_pairs, pad_id, config.eval_batch_size, average
         )  # [2, N], starting policy
-        eval_prompts = data.tokenize_prompts(eval_rows, tokenizer, config.max_length) if metric else None
+        eval_prompts = (
+            data.tokenize_prompts(eval_rows, tokenizer, config.max_length, truncation=config.truncation)
+            if metric
+            else None
+        )
 
     def evaluate() -> dict[str, float]:
         logps = evaluation.preference_logps(model, eval_pairs, pad_id, config.eval_batch_size, average)
@@ -169,7 +173,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     model.train()
     forward = runtime.maybe_compile(model, device, config.compile)
-    optimizer, scheduler = optim.from_flags(model, config)
+    optimizer, scheduler = optim.from_flags(
+        model, config, num_rows=len(train), rows_per_step=config.batch_size * config.grad_accum_steps
+    )
     evaluate = evaluate if eval_rows is not None else None
     run = Run(
         config, model, tokenizer, optimizer, scheduler, evaluate=evaluate, bar_keys=("loss", "rewards/accuracies")

@@ -70,7 +70,7 @@ from rlcore import (
     tracking,
 )
 from rlcore.config import OnlineConfig, parse_config
-from rlcore.rewards import rollout_stats, score_rollout
+from rlcore.rewards import TrainerState, rollout_stats, score_rollout
 from rlcore.rollout import generate
 from rlcore.run import Run, cli
 from rlcore.task import evaluate_policy, load_prompt_task, load_start_policy
@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     completions_per_step = config.batch_size * config.grad_accum_steps
     aggregation = LOSS_TYPE_AGGREGATION[config.loss_type]
 
-    optimizer, scheduler = optim.from_flags(policy, config, updates_per_step=config.num_iterations)
+    optimizer, scheduler = optim.from_flags(
+        policy, config, config.num_iterations, num_rows=len(prompts), rows_per_step=completions_per_step // group_size
+    )
     evaluate = (lambda: evaluate_policy(policy, tokenizer, task, config)) if task.eval_prompts is not None else None
     run = Run(config, policy, tokenizer, optimizer, scheduler, evaluate=evaluate, bar_keys=("reward",))
 
@@ -155,7 +157,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
         # -- rewards, advantages, reference log-probs
         with run.timed("scoring"):
-            rewards, per_source = score_rollout(scorer, tokenizer, batch, rollout, config.missing_eos_penalty)
+            state = TrainerState(run.step, run.step * completions_per_step / group_size / len(prompts))
+            rewards, per_source = score_rollout(scorer, tokenizer, batch, rollout, config.missing_eos_penalty, state)
             mask = rollout.completion_mask.to(device)  # [B, T]
             if config.mask_truncated_completions:
                 mask = mask * ~rollout.truncated.to(device).unsqueeze(1)

@@ -37,7 +37,7 @@ from einops import rearrange
 
 from rlcore import data, dpo_loss, lora, models, optim, runtime, tracking
 from rlcore.config import OnlineConfig, parse_config
-from rlcore.rewards import rollout_stats, score_rollout
+from rlcore.rewards import TrainerState, rollout_stats, score_rollout
 from rlcore.rollout import generate
 from rlcore.run import Run, cli
 from rlcore.task import evaluate_policy, load_prompt_task, load_start_policy
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     prompts_per_step = config.batch_size * config.grad_accum_steps
     length_average = config.loss_type == "ipo"
 
-    optimizer, scheduler = optim.from_flags(policy, config)
+    optimizer, scheduler = optim.from_flags(policy, config, num_rows=len(prompts), rows_per_step=prompts_per_step)
     evaluate = (lambda: evaluate_policy(policy, tokenizer, task, config)) if task.eval_prompts is not None else None
     run = Run(config, policy, tokenizer, optimizer, scheduler, evaluate=evaluate, bar_keys=("reward",))
 
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
         # -- rank each pair; keep the pairs with a preference; reference log-probs
         with run.timed("scoring"):
-            rewards, per_source = score_rollout(scorer, tokenizer, batch, rollout, config.missing_eos_penalty)
+            state = TrainerState(run.step, run.step * prompts_per_step / len(prompts))
+            rewards, per_source = score_rollout(scorer, tokenizer, batch, rollout, config.missing_eos_penalty, state)
             chosen_rows, rejected_rows = rank_pairs(rewards)  # [N] each, the pairs with a preference
             num_pairs, mask = len(chosen_rows), rollout.completion_mask.to(device)
             pair_rows = torch.cat([chosen_rows, rejected_rows]).to(device)  # [2N]: chosen then rejected

@@ -55,7 +55,7 @@ from rlcore import (
     value_loss,
 )
 from rlcore.config import OnlineConfig, parse_config
-from rlcore.rewards import rollout_stats, score_rollout
+from rlcore.rewards import TrainerState, rollout_stats, score_rollout
 from rlcore.rollout import generate
 from rlcore.run import Run, cli
 from rlcore.task import evaluate_policy, load_prompt_task, load_start_policy
@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     trained = torch.nn.ModuleDict({"policy": policy, "value_model": value_model})
     updates_per_step = config.num_ppo_epochs * config.num_mini_batches
-    optimizer, scheduler = optim.from_flags(trained, config, updates_per_step=updates_per_step)
+    optimizer, scheduler = optim.from_flags(
+        trained, config, updates_per_step, num_rows=len(prompts), rows_per_step=rows_per_step
+    )
     evaluate = (lambda: evaluate_policy(policy, tokenizer, task, config)) if task.eval_prompts is not None else None
     run = Run(
         config,
@@ -139,8 +141,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
         # -- scores, log-probs under the sampling policy and the reference, values, advantages
         with run.timed("scoring"):
+            state = TrainerState(run.step, run.step * rows_per_step / len(prompts))
             scores, per_source = score_rollout(
-                scorer, tokenizer, batch, rollout, config.missing_eos_penalty
+                scorer, tokenizer, batch, rollout, config.missing_eos_penalty, state
             )  # [B] each
             sequences, attention_mask, mask = (
                 rollout.sequences,

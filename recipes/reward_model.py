@@ -82,16 +82,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model.train()
     backbone = runtime.maybe_compile(getattr(model, model.base_model_prefix), device, config.compile)
     pad_id = tokenizer.pad_token_id
-    train = data.tokenize_preference(rows, tokenizer, config.max_length)
+    train = data.tokenize_preference(rows, tokenizer, config.max_length, truncation=config.truncation)
     columns = {name: list(train[name]) for name in ("prompt_ids", "chosen_ids", "rejected_ids")}  # python lists
     margins = torch.tensor(train["margin"], dtype=torch.float32) if "margin" in train.column_names else None
     if eval_rows is not None:
-        eval_pairs = data.tokenize_preference(eval_rows, tokenizer, config.max_length)
+        eval_pairs = data.tokenize_preference(eval_rows, tokenizer, config.max_length, truncation=config.truncation)
 
     model.score.requires_grad_(True)  # the head is new: trained in full (also under LoRA), at its own lr
     head_lr = config.lr if config.head_lr is None else config.head_lr
     head_group = {"params": list(model.score.parameters()), "lr": head_lr, "weight_decay": 0.0}
-    optimizer, scheduler = optim.from_flags(model, config, extra_groups=[head_group])
+    optimizer, scheduler = optim.from_flags(
+        model,
+        config,
+        extra_groups=[head_group],
+        num_rows=len(train),
+        rows_per_step=config.batch_size * config.grad_accum_steps,
+    )
     evaluate = (
         (lambda: evaluation.reward_model_metrics(model, eval_pairs, pad_id, config.eval_batch_size))
         if eval_rows is not None

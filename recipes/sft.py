@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     model.train()
     pad_id = tokenizer.pad_token_id
-    train = data.tokenize_sft(rows, tokenizer, config.max_length, config.completion_only)
+    train = data.tokenize_sft(rows, tokenizer, config.max_length, config.completion_only, truncation=config.truncation)
     train_ids, train_masks = list(train["input_ids"]), list(train["completion_mask"])  # python lists of token lists
     packed = (
         data.pack_sequences(train, config.max_length, pad_id) if config.packing else None
@@ -79,8 +79,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     forward = runtime.maybe_compile(model, device, config.compile)
     num_samples = len(packed["input_ids"]) if config.packing else len(train)
     if eval_rows is not None:
-        eval_tokens = data.tokenize_sft(eval_rows, tokenizer, config.max_length, config.completion_only)
-        eval_prompts = data.tokenize_prompts(eval_rows, tokenizer, config.max_length) if metric else None
+        eval_tokens = data.tokenize_sft(
+            eval_rows, tokenizer, config.max_length, config.completion_only, truncation=config.truncation
+        )
+        eval_prompts = (
+            data.tokenize_prompts(eval_rows, tokenizer, config.max_length, truncation=config.truncation)
+            if metric
+            else None
+        )
 
     def evaluate() -> dict[str, float]:
         return {
@@ -88,7 +94,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             **metric_value(model, tokenizer, eval_prompts, metric, config),
         }
 
-    optimizer, scheduler = optim.from_flags(model, config)
+    optimizer, scheduler = optim.from_flags(
+        model, config, num_rows=num_samples, rows_per_step=config.batch_size * config.grad_accum_steps
+    )
     run = Run(config, model, tokenizer, optimizer, scheduler, evaluate=evaluate if eval_rows is not None else None)
 
     def micro_batch(indices: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:

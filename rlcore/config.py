@@ -109,7 +109,25 @@ class TrainConfig:
     )
     load_in_4bit: bool = False  # quantise the frozen base to 4-bit nf4 (QLoRA; needs --lora_r > 0)
 
+    # --- real data and trackers (rlcore.data, rlcore.optim, rlcore.tracking)
+    dataset_config: str | None = None  # configuration (subset) name of a hub dataset, e.g. "main" (None = its default)
+    columns: str | None = None  # rename columns before use: "query=prompt,response=completion"
+    formatting_func: str | None = (
+        None  # "file.py:fn" or "pkg.module:fn" mapping a row to its text (a str) or to columns (a dict, e.g. prompt/completion)
+    )
+    truncation: str = (
+        "drop"  # rows longer than --max_length (prompts: --max_prompt_length): "drop", "keep_start" or "keep_end"
+    )
+    warmup_ratio: float = 0.0  # warmup over this fraction of the optimizer steps (used when --warmup_steps is 0)
+    num_train_epochs: float | None = (
+        None  # passes over the training rows; sets --max_steps from the rows per step (None = use --max_steps)
+    )
+    report_to: str = (
+        "none"  # extra trackers beside metrics.jsonl: "none" or comma-separated tensorboard, wandb, trackio
+    )
+
     def __post_init__(self) -> None:
+        _check_data_and_tracker_flags(self)
         positive = ("lr", "batch_size", "grad_accum_steps", "max_steps", "logging_steps", "eval_batch_size")
         if self.threads is not None and self.threads <= 0:
             raise ValueError(f"--threads must be > 0 or none, got {self.threads}")
@@ -136,7 +154,7 @@ class OnlineConfig(TrainConfig):
 
     dataset: str = "toy:prompt_only"  # prompts (a "prompt" column; other columns reach the reward functions)
     warm_start_steps: int = 1500  # with --model tiny only: start from `recipes/sft.py --max_steps N` (run once, cached); 0 = the untrained tiny model
-    max_prompt_length: int = 128  # prompts longer than this many tokens are dropped
+    max_prompt_length: int = 128  # prompts longer than this many tokens are dropped (or cut: --truncation)
     max_new_tokens: int = 8  # completion length limit, in tokens
     temperature: float = 1.0  # sampling temperature (log-probs in the loss use the same temperature)
     top_k: int = 0  # sample among the k most likely tokens (0 = all)
@@ -160,6 +178,26 @@ class OnlineConfig(TrainConfig):
             raise ValueError(f"--top_p must be in (0, 1] and --top_k >= 0, got {self.top_p} and {self.top_k}")
         if self.reward_funcs is None and self.reward_model is None:
             raise ValueError("no reward: give --reward_funcs or --reward_model")
+
+
+def _check_data_and_tracker_flags(config: TrainConfig) -> None:
+    """The checks of the "real data and trackers" block of :class:`TrainConfig`."""
+    if config.truncation not in ("drop", "keep_start", "keep_end"):
+        raise ValueError(f"--truncation must be one of drop, keep_start, keep_end; got {config.truncation!r}")
+    if not 0.0 <= config.warmup_ratio < 1.0:
+        raise ValueError(f"--warmup_ratio must be in [0, 1), got {config.warmup_ratio}")
+    if config.num_train_epochs is not None and config.num_train_epochs <= 0:
+        raise ValueError(f"--num_train_epochs must be > 0 or none, got {config.num_train_epochs}")
+    trackers = [name.strip() for name in config.report_to.split(",") if name.strip()]
+    unknown = [name for name in trackers if name not in ("none", "tensorboard", "wandb", "trackio")]
+    if unknown or not trackers or ("none" in trackers and len(trackers) > 1):
+        raise ValueError(
+            f"--report_to must be none or a comma-separated list of tensorboard, wandb, trackio; got {config.report_to!r}"
+        )
+    if config.formatting_func is not None and not re.fullmatch(r".+:\w+", config.formatting_func):
+        raise ValueError(
+            f"--formatting_func must be 'file.py:function' or 'package.module:function', got {config.formatting_func!r}"
+        )
 
 
 def parse_config(config_class: type[ConfigT], argv: list[str] | None = None) -> ConfigT:

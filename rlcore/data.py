@@ -24,17 +24,33 @@ Tokenisation conventions, the same in every function:
 - ``completion_mask`` is 1 on the tokens a loss trains on: completion tokens including the end token that
   ends them (assistant turns of a ``messages`` conversation; every token of ``text``). Token 0 is never in
   it: nothing precedes it to predict it.
-- Truncation, one policy for all: ``truncation="drop"`` (default) drops rows longer than ``max_length``;
-  ``truncation="truncate"`` keeps the prompt and cuts the completion from the right (it then lacks its end
-  token), and cuts a bare prompt (``tokenize_prompts``) from the left, keeping its end. Rows whose prompt
-  alone fills ``max_length`` are dropped either way. The number of affected rows is printed once per call.
+- Truncation, one policy for all (``--truncation``): ``"drop"`` (default) drops rows longer than
+  ``max_length``; ``"keep_start"`` keeps their first ``max_length`` tokens: the prompt whole, the completion
+  cut from the right (it then lacks its end token), a bare prompt (``tokenize_prompts``) cut from the right;
+  ``"keep_end"`` keeps their last ``max_length`` tokens: the completion whole, the prompt cut from the left
+  (TRL's ``keep_end``), a text row without prompt cut from the left, a bare prompt cut from the left (keeping
+  the question and the generation prompt). A row that cannot keep one prompt token and one completion token is
+  dropped either way. The number of affected rows (truncated, dropped) is printed once per call.
+- Unknown tokens: every tokenising function counts the tokenizer's unknown token (``unk_token_id``) in what
+  it produced; above ``UNKNOWN_TOKEN_WARNING_RATE`` of the tokens it warns once, naming the characters of the
+  rows that the tokenizer maps to it (a byte-level tokenizer has none; a small vocabulary may silently turn
+  every emoji or CJK character into ``<unk>``).
+
+Options applied as rows are loaded (``load_rows``, ``load_checked_rows``): ``config_name`` (a hub dataset's
+configuration, ``--dataset_config``), ``columns`` (renaming, ``--columns query=prompt,response=completion``)
+and ``formatting_func`` (``--formatting_func file.py:fn``: a function of one row returning its text, a
+``str``, or a dict of columns such as ``{"prompt": ..., "completion": ...}``), in that order.
 
 Bad rows raise ``ValueError`` naming the row index and field: missing columns (with the formats that were
 expected and the first row), missing (None) or empty values, non-string content, unknown chat roles.
 """
 
+import importlib
+import importlib.util
 import os
 import re
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import datasets
@@ -57,7 +73,37 @@ FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv
 SFT_FORMATS = ("language_modeling", "prompt_completion")
 PREFERENCE_FORMATS = ("preference", "preference_implicit")
 PROMPT_FORMATS = ("prompt_only", "prompt_completion", "preference", "unpaired_preference")  # rows with a prompt
-TRUNCATION_POLICIES = ("drop", "truncate")
+TRUNCATION_POLICIES = ("drop", "keep_start", "keep_end")
+UNKNOWN_TOKEN_WARNING_RATE = 0.001  # warn when more than this fraction of the tokens is the unknown token
+
+
+# ----------------------------------------------------------------------------------------------------
+# Functions named on the command line
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_function(spec: str, what: str = "function") -> tuple[str, Callable]:
+    """``(name, function)`` of ``"package.module:function"`` (imported) or ``"path/to/file.py:function"``
+    (loaded from that file); ``what`` names the flag in the one-line ``ValueError`` for a bad spec."""
+    spec = spec.strip()
+    location, colon, attribute = spec.rpartition(":")
+    if not colon or not location or not attribute:
+        raise ValueError(f"{what} {spec!r}: expected 'package.module:function' or 'path/to/file.py:function'")
+    if location.endswith(".py"):
+        if not os.path.isfile(location):
+            raise ValueError(f"{what} {spec!r}: file {location!r} does not exist")
+        module_spec = importlib.util.spec_from_file_location(f"rlcore_user_{attribute}", location)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(location)
+        except ImportError as error:
+            raise ValueError(f"{what} {spec!r}: cannot import {location!r} ({error})") from None
+    function = getattr(module, attribute, None)
+    if not callable(function):
+        raise ValueError(f"{what} {spec!r}: {location!r} has no callable {attribute!r}")
+    return attribute, function
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -65,7 +111,16 @@ TRUNCATION_POLICIES = ("drop", "truncate")
 # ----------------------------------------------------------------------------------------------------
 
 
-def load_rows(source: str, split: str = "train", n: int | None = None, **load_kwargs) -> datasets.Dataset:
+def load_rows(
+    source: str,
+    split: str = "train",
+    n: int | None = None,
+    *,
+    config_name: str | None = None,
+    columns: str | dict[str, str] | None = None,
+    formatting_func: str | Callable | None = None,
+    **load_kwargs,
+) -> datasets.Dataset:
     """Rows from the toy task, a local file or directory, or the hub.
 
     Args:
@@ -74,19 +129,98 @@ def load_rows(source: str, split: str = "train", n: int | None = None, **load_kw
             a directory written by ``save_to_disk`` or holding data files; else a hub dataset name.
         split: the split to read ("train", "test", or a slice such as ``"train[:1000]"``).
         n: keep at most the first ``n`` rows.
-        load_kwargs: passed to ``datasets.load_dataset`` (e.g. ``name="main"`` for a hub config, or
+        config_name: the configuration of a hub dataset (or of a local dataset directory whose README.md
+            declares ``configs``), e.g. ``"main"``; not for a file or the toy task.
+        columns: renaming applied to the loaded rows, ``{"query": "prompt"}`` or ``"query=prompt,..."``.
+        formatting_func: a function of one row (or its ``load_function`` spec) returning the row's text (the
+            rows become language_modeling ``text``) or a dict of columns (merged into the row).
+        load_kwargs: passed to ``datasets.load_dataset`` (e.g.
             ``features=datasets.Features({"prompt": datasets.Value("string"), ...})`` for a CSV file whose
             answers are numbers, as CSV columns are type-inferred).
     """
     name = _split_name(split)
+    if config_name is not None and (is_toy_source(source) or os.path.isfile(source) or _is_saved_dataset(source)):
+        raise ValueError(
+            f"--dataset_config {config_name!r}: {source!r} has no configurations (only a hub dataset or a dataset "
+            "directory with a README.md that declares configs has)"
+        )
     if is_toy_source(source):
         from rlcore.toy import toy_dataset  # the name "toy:<kind>" asks for the embedded default
 
         rows = toy_dataset(source.partition(":")[2] or "prompt_completion", split=name, n=n if split == name else None)
         rows = _take_slice(rows, split) if split != name else rows
     else:
+        if config_name is not None:
+            load_kwargs["name"] = config_name
         rows = _load_source(source, split, name, **load_kwargs)
-    return rows if n is None else rows.select(range(min(n, len(rows))))
+    rows = rows if n is None else rows.select(range(min(n, len(rows))))
+    return format_rows(rename_columns(rows, columns), formatting_func)
+
+
+def parse_column_mapping(columns: str | dict[str, str] | None) -> dict[str, str]:
+    """``"query=prompt,response=completion"`` -> ``{"query": "prompt", "response": "completion"}``."""
+    if columns is None or isinstance(columns, dict):
+        return dict(columns or {})
+    mapping = {}
+    for item in columns.split(","):
+        old, equals, new = (part.strip() for part in item.partition("="))
+        if not equals or not old or not new or not re.fullmatch(r"[\w.-]+", old + new):
+            raise ValueError(f"--columns {columns!r}: expected OLD=NEW pairs separated by commas, got {item!r}")
+        mapping[old] = new
+    return mapping
+
+
+def rename_columns(rows: datasets.Dataset, columns: str | dict[str, str] | None) -> datasets.Dataset:
+    """The rows with columns renamed (``--columns``); a missing source column or a clash is one ``ValueError``.
+
+    A target that already exists is replaced when it is renamed too (``a=b,b=a`` swaps), else it is an error:
+    a ``question``/``chosen``/``rejected`` file needs ``--columns question=prompt`` to keep its question.
+    """
+    mapping = parse_column_mapping(columns)
+    if not mapping:
+        return rows
+    missing = [old for old in mapping if old not in rows.column_names]
+    if missing:
+        raise ValueError(f"--columns: no column {missing} in the rows (columns: {rows.column_names})")
+    kept = [name for name in rows.column_names if name not in mapping]
+    clashes = [new for new in mapping.values() if new in kept]
+    if clashes or len(set(mapping.values())) != len(mapping):
+        raise ValueError(f"--columns {mapping}: target column(s) {clashes or list(mapping.values())} already exist")
+    return rows.rename_columns(mapping)
+
+
+def format_rows(rows: datasets.Dataset, formatting_func: str | Callable | None) -> datasets.Dataset:
+    """The rows mapped by a TRL-style ``formatting_func`` (a function of one row, or its spec).
+
+    It returns a ``str`` for every row (the result is a language_modeling dataset of one ``text`` column) or a
+    dict for every row (its keys are added to the row, replacing columns of the same name, e.g. ``prompt`` and
+    ``completion``). A function that raises or returns something else is one ``ValueError`` naming the row.
+    """
+    if formatting_func is None:
+        return rows
+    name, function = (
+        load_function(formatting_func, "--formatting_func")
+        if isinstance(formatting_func, str)
+        else (getattr(formatting_func, "__name__", "formatting_func"), formatting_func)
+    )
+    outputs = []
+    for index, row in enumerate(rows):
+        try:
+            output = function(row)
+        except Exception as error:
+            raise ValueError(
+                f"formatting function {name!r} failed on row {index}: {type(error).__name__}: {error}"
+            ) from error
+        if not isinstance(output, (str, dict)) or (outputs and isinstance(output, str) != isinstance(outputs[0], str)):
+            raise ValueError(
+                f"formatting function {name!r} returned {type(output).__name__} for row {index}: expected a str for "
+                "every row (its text) or a dict for every row (its columns)"
+            )
+        outputs.append(output)
+    if outputs and isinstance(outputs[0], str):
+        return datasets.Dataset.from_dict({"text": outputs})
+    merged = [{**row, **output} for row, output in zip(rows, outputs)]
+    return datasets.Dataset.from_list(merged)
 
 
 def is_single_split(source: str) -> bool:
@@ -141,36 +275,40 @@ def _take_slice(rows: datasets.Dataset, split: str) -> datasets.Dataset:
 
 
 def load_checked_rows(
-    source: str, split: str, n: int | None, accepted: tuple[str, ...], flag: str = "--dataset"
+    source: str, split: str, n: int | None, accepted: tuple[str, ...], flag: str = "--dataset", **options
 ) -> datasets.Dataset:
-    """:func:`load_rows`, then a one-line ``ValueError`` naming the flag unless the rows have an ``accepted``
-    format: recipes call it before any training or warm start, so bad data is reported at once."""
-    rows = load_rows(source, split, n)
+    """:func:`load_rows` (``options``: its ``config_name``, ``columns``, ``formatting_func``), then a one-line
+    ``ValueError`` naming the flag unless the rows have an ``accepted`` format: recipes call it before any
+    training or warm start, so bad data is reported at once."""
+    rows = load_rows(source, split, n, **options)
     _require_format(rows, f"{flag} {source} ({split} split)", accepted)
     return rows
 
 
 def load_eval_rows(
-    dataset: str, eval_dataset: str | None, eval_split: str, n: int | None, accepted: tuple[str, ...]
+    dataset: str, eval_dataset: str | None, eval_split: str, n: int | None, accepted: tuple[str, ...], **options
 ) -> datasets.Dataset | None:
     """The held-out rows of a run, or None (and a printed reason): never the training rows in disguise.
 
     ``eval_split == "none"``: no evaluation. ``eval_dataset`` given: its ``eval_split``, or all its rows when
     it is a single file. Otherwise ``dataset``'s ``eval_split`` when it has one; a single file has only
-    training rows, so then nothing is evaluated and the message says how to give held-out rows.
+    training rows, so then nothing is evaluated and the message says how to give held-out rows. ``options``
+    (:func:`load_rows`' ``config_name``, ``columns``, ``formatting_func``) apply to ``dataset``; an
+    ``eval_dataset`` gets ``columns`` and ``formatting_func`` only.
     """
     if eval_split == "none":
         return None
     if eval_dataset is not None:  # a single file's rows are its "train" split; any other source must have the split
         split = "train" + eval_split[len(_split_name(eval_split)) :] if is_single_split(eval_dataset) else eval_split
-        return load_checked_rows(eval_dataset, split, n, accepted, flag="--eval_dataset")
-    if not has_split(dataset, eval_split):
+        options = {key: value for key, value in options.items() if key != "config_name"}
+        return load_checked_rows(eval_dataset, split, n, accepted, flag="--eval_dataset", **options)
+    if not has_split(dataset, eval_split, options.get("config_name")):
         print(
             f"no evaluation: {dataset} has no {eval_split!r} split (a single file holds training rows only); "
             "pass --eval_dataset FILE for held-out rows"
         )
         return None
-    return load_checked_rows(dataset, eval_split, n, accepted)
+    return load_checked_rows(dataset, eval_split, n, accepted, **options)
 
 
 def is_toy_source(source: str) -> bool:
@@ -178,7 +316,7 @@ def is_toy_source(source: str) -> bool:
     return source == "toy" or source.startswith("toy:")
 
 
-def has_split(source: str, split: str) -> bool:
+def has_split(source: str, split: str, config_name: str | None = None) -> bool:
     """Whether ``load_rows(source, split)`` can read ``split`` without falling back to other rows.
 
     A single data file holds one split (its rows are the ``"train"`` split), so any other split of a file
@@ -192,7 +330,7 @@ def has_split(source: str, split: str) -> bool:
     if _is_saved_dataset(source):
         return name in datasets.load_from_disk(source)
     try:
-        return name in datasets.get_dataset_split_names(source)
+        return name in datasets.get_dataset_split_names(source, config_name)
     except Exception:  # noqa: BLE001 - an unreadable source fails with its own error when loaded
         return True
 
@@ -410,14 +548,25 @@ def _too_long(prompt_ids: list[int], completion_ids: list[int], max_length: int 
     return max_length is not None and len(prompt_ids) + len(completion_ids) > max_length
 
 
-def _fit_completion(
-    prompt_ids: list[int], completion_ids: list[int], max_length: int | None, truncation: str
-) -> list[int] | None:
-    """The completion ids that fit after the prompt under the truncation policy, or None to drop the row."""
-    if not _too_long(prompt_ids, completion_ids, max_length):
-        return completion_ids
-    room = max_length - len(prompt_ids)
-    return completion_ids[:room] if truncation == "truncate" and room > 0 else None
+def _fit_row(
+    prompt_ids: list[int], responses: list[list[int]], max_length: int | None, truncation: str
+) -> tuple[list[int], list[list[int]]] | None:
+    """(prompt_ids, responses) cut to fit ``max_length`` under the truncation policy, or None to drop the row.
+
+    keep_start cuts each response from the right after the whole prompt; keep_end cuts the prompt from the
+    left to make room for the longest whole response (a row without prompt keeps its response's end).
+    """
+    if not any(_too_long(prompt_ids, response, max_length) for response in responses):
+        return prompt_ids, responses
+    if truncation == "keep_start":
+        room = max_length - len(prompt_ids)
+        return (prompt_ids, [response[:room] for response in responses]) if room > 0 else None
+    if truncation == "keep_end":
+        if not prompt_ids:
+            return [], [response[-max_length:] for response in responses]
+        room = max_length - max(len(response) for response in responses)
+        return (prompt_ids[-room:], responses) if room > 0 else None
+    return None
 
 
 def _report(
@@ -434,21 +583,52 @@ def _report(
 
 def _apply_max_length(
     function_name: str, rows, max_length: int | None, truncation: str
-) -> tuple[list[int], list[list[list[int]]]]:
-    """``rows`` of (prompt_ids, [response_ids, ...]) -> (indices of the rows kept, their fitted responses).
-
-    A row is kept when every response fits after its prompt under the truncation policy; the number of
-    rows that were too long is printed once.
-    """
-    kept, fitted_rows, affected = [], [], 0
+) -> tuple[list[int], list[list[int]], list[list[list[int]]]]:
+    """``rows`` of (prompt_ids, [response_ids, ...]) -> (indices of the rows kept, their fitted prompts, their
+    fitted responses), under the truncation policy; the number of rows that were too long is printed once."""
+    kept, prompts, fitted_rows, affected = [], [], [], 0
     for index, (prompt_ids, responses) in enumerate(rows):
         affected += any(_too_long(prompt_ids, response, max_length) for response in responses)
-        fitted = [_fit_completion(prompt_ids, response, max_length, truncation) for response in responses]
-        if all(response is not None for response in fitted):
+        fitted = _fit_row(prompt_ids, responses, max_length, truncation)
+        if fitted is not None:
             kept.append(index)
-            fitted_rows.append(fitted)
+            prompts.append(fitted[0])
+            fitted_rows.append(fitted[1])
     _report(function_name, affected, len(rows) - len(kept), len(rows), max_length, truncation)
-    return kept, fitted_rows
+    return kept, prompts, fitted_rows
+
+
+def _warn_unknown_tokens(function_name: str, tokenizer, id_lists, dataset: datasets.Dataset) -> None:
+    """Warn when more than ``UNKNOWN_TOKEN_WARNING_RATE`` of the tokens in ``id_lists`` are the unknown token,
+    naming the characters of ``dataset``'s text that the tokenizer maps to it (from the first 1000 rows)."""
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    total = sum(len(ids) for ids in id_lists)
+    if unknown is None or not total:
+        return
+    count = sum(ids.count(unknown) for ids in id_lists)
+    if count <= UNKNOWN_TOKEN_WARNING_RATE * total:
+        return
+    characters = sorted({char for text in _row_texts(dataset.select(range(min(1000, len(dataset))))) for char in text})
+    encoded = tokenizer(characters, add_special_tokens=False)["input_ids"] if characters else []
+    culprits = [char for char, ids in zip(characters, encoded) if unknown in ids]
+    warnings.warn(
+        f"{function_name}: {count} of {total} tokens ({count / total:.1%}) are the unknown token "
+        f"{tokenizer.unk_token!r}; the tokenizer has no token for these characters of the rows: "
+        f"{''.join(culprits[:50])!r}{' ...' if len(culprits) > 50 else ''} (their text is lost in training)",
+        stacklevel=3,
+    )
+
+
+def _row_texts(dataset: datasets.Dataset) -> list[str]:
+    """Every string of the rows: text columns and the contents of message lists."""
+    texts = []
+    for row in dataset:
+        for value in row.values():
+            if isinstance(value, str):
+                texts.append(value)
+            elif isinstance(value, list):
+                texts += [m["content"] for m in value if isinstance(m, dict) and isinstance(m.get("content"), str)]
+    return texts
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -487,17 +667,15 @@ def tokenize_sft(
         texts = [_check_text(text, index, "text") for index, text in enumerate(dataset["text"])]
         pieces = [([], ids, [1] * len(ids)) for ids in _plain_completions(tokenizer, texts)]
 
-    kept, fitted_rows = _apply_max_length(
+    _warn_unknown_tokens("tokenize_sft", tokenizer, [p + c for p, c, _ in pieces], dataset)
+    kept, prompts, fitted_rows = _apply_max_length(
         "tokenize_sft", [(prompt_ids, [ids]) for prompt_ids, ids, _ in pieces], max_length, truncation
     )
     input_ids, completion_masks = [], []
-    for index, (completion_ids,) in zip(kept, fitted_rows):
-        prompt_ids, _, mask = pieces[index]
-        loss_mask = (
-            [0] * len(prompt_ids) + mask[: len(completion_ids)]
-            if completion_only
-            else [1] * (len(prompt_ids) + len(completion_ids))
-        )
+    for index, prompt_ids, (completion_ids,) in zip(kept, prompts, fitted_rows):
+        mask = pieces[index][2]
+        mask = mask[len(mask) - len(completion_ids) :] if truncation == "keep_end" else mask[: len(completion_ids)]
+        loss_mask = [0] * len(prompt_ids) + mask if completion_only else [1] * (len(prompt_ids) + len(completion_ids))
         input_ids.append(prompt_ids + completion_ids)
         completion_masks.append([0] + loss_mask[1:])  # token 0 is never predicted
     return datasets.Dataset.from_dict({"input_ids": input_ids, "completion_mask": completion_masks})
@@ -593,9 +771,10 @@ def tokenize_preference(
         ]
 
     rows = [(prompt_ids, [chosen_ids, rejected_ids]) for prompt_ids, chosen_ids, rejected_ids in triples]
-    kept, fitted_rows = _apply_max_length("tokenize_preference", rows, max_length, truncation)
+    _warn_unknown_tokens("tokenize_preference", tokenizer, [p + c + r for p, c, r in triples], dataset)
+    kept, prompts, fitted_rows = _apply_max_length("tokenize_preference", rows, max_length, truncation)
     columns = {
-        "prompt_ids": [triples[index][0] for index in kept],
+        "prompt_ids": prompts,
         "chosen_ids": [chosen_ids for chosen_ids, _ in fitted_rows],
         "rejected_ids": [rejected_ids for _, rejected_ids in fitted_rows],
     }
@@ -624,12 +803,13 @@ def tokenize_unpaired(
     pairs = _tokenize_pairs(
         dataset, tokenizer, "completion", conversational, allowed_roles, set(eos_token_ids(tokenizer))
     )
-    kept, fitted_rows = _apply_max_length(
+    _warn_unknown_tokens("tokenize_unpaired", tokenizer, [p + c for p, c in pairs], dataset)
+    kept, prompts, fitted_rows = _apply_max_length(
         "tokenize_unpaired", [(prompt_ids, [ids]) for prompt_ids, ids in pairs], max_length, truncation
     )
     return datasets.Dataset.from_dict(
         {
-            "prompt_ids": [pairs[index][0] for index in kept],
+            "prompt_ids": prompts,
             "completion_ids": [completion_ids for (completion_ids,) in fitted_rows],
             "label": [labels[index] for index in kept],
         }
@@ -646,8 +826,8 @@ def tokenize_prompts(
     """The dataset with a ``prompt_ids`` column added; every other column is kept (reward functions
     receive them, e.g. ``answer``). Takes any format with a ``prompt`` column.
 
-    A conversational prompt gets the generation prompt. ``truncation="truncate"`` keeps the last
-    ``max_length`` prompt tokens.
+    A conversational prompt gets the generation prompt. ``truncation="keep_end"`` keeps the last
+    ``max_length`` prompt tokens (the question and the generation prompt), ``"keep_start"`` the first.
     """
     _check_truncation(truncation, max_length)
     if "prompt" not in dataset.column_names or len(dataset) == 0:
@@ -661,9 +841,11 @@ def tokenize_prompts(
         all_ids = _render(tokenizer, prompts, range(len(prompts)), add_generation_prompt=True)
     else:
         all_ids = _plain_prompts(tokenizer, prompts)
+    _warn_unknown_tokens("tokenize_prompts", tokenizer, all_ids, dataset)
     too_long = [index for index, ids in enumerate(all_ids) if max_length is not None and len(ids) > max_length]
-    if truncation == "truncate":
-        kept, prompt_ids = range(len(all_ids)), [ids if max_length is None else ids[-max_length:] for ids in all_ids]
+    if truncation != "drop":
+        cut = (lambda ids: ids[-max_length:]) if truncation == "keep_end" else (lambda ids: ids[:max_length])
+        kept, prompt_ids = range(len(all_ids)), [ids if max_length is None else cut(ids) for ids in all_ids]
     else:
         kept = [index for index in range(len(all_ids)) if max_length is None or len(all_ids[index]) <= max_length]
         prompt_ids = [all_ids[index] for index in kept]

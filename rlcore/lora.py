@@ -25,7 +25,11 @@ Typical use, right after loading::
         ref_logits = reference(input_ids).logits
 
 Linear layers are matched by name as PEFT matches them: a list of suffixes (``"q_proj"`` matches
-``model.layers.0.self_attn.q_proj``) or one regular expression that must match the whole name.
+``model.layers.0.self_attn.q_proj``), one regular expression that must match the whole name, or
+``"all-linear"``: every linear layer but the output head (``lm_head``, a classifier's ``score``), for any
+architecture (OPT's ``out_proj``/``fc1``/``fc2``, GPT-NeoX's ``query_key_value``, GPT-2's ``c_attn``...).
+GPT-2's layers are transformers' ``Conv1D`` (a linear layer storing W transposed, [in, out]); they are
+wrapped as well, and their adapters saved with ``fan_in_fan_out`` as PEFT saves them.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -64,6 +69,8 @@ __all__ = [
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The attention and MLP projections of Llama/Qwen/Mistral-style models."""
+ALL_LINEAR = "all-linear"  # PEFT's name for every linear layer but the output head
+HEAD_NAMES = ("lm_head", "score", "classifier")  # top-level output heads that "all-linear" leaves out
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -84,9 +91,11 @@ class LoRALinear(nn.Module):
         self.base = base
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.fan_in_fan_out = isinstance(base, Conv1D)  # GPT-2's Conv1D stores W as [in, out]
+        in_features, out_features = (base.nx, base.nf) if self.fan_in_fan_out else (base.in_features, base.out_features)
         device = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=torch.float32))
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         if _is_4bit(base):
             _keep_standard_4bit_path(base)
@@ -106,18 +115,23 @@ class LoRALinear(nn.Module):
         """The update as a dense matrix, ``scaling * B @ A``: [out, in], float32."""
         return self.scaling * (self.lora_B @ self.lora_A)
 
+    def delta_in_base_layout(self) -> torch.Tensor:
+        """:meth:`delta_weight` laid out as ``base.weight``: [out, in], or [in, out] for a ``Conv1D`` base."""
+        delta = self.delta_weight()
+        return delta.T if self.fan_in_fan_out else delta
+
     def merge(self) -> None:
         """Add the update into ``base.weight`` (forward is then one matmul); a no-op if already merged."""
         if not self.merged:
             with torch.no_grad():
-                self._float_base_weight().add_(self.delta_weight().to(self.base.weight.dtype))
+                self._float_base_weight().add_(self.delta_in_base_layout().to(self.base.weight.dtype))
             self.merged = True
 
     def unmerge(self) -> None:
         """Subtract the update from ``base.weight`` again (exact up to rounding in the base dtype)."""
         if self.merged:
             with torch.no_grad():
-                self._float_base_weight().sub_(self.delta_weight().to(self.base.weight.dtype))
+                self._float_base_weight().sub_(self.delta_in_base_layout().to(self.base.weight.dtype))
             self.merged = False
 
     def _float_base_weight(self) -> torch.Tensor:
@@ -137,6 +151,22 @@ def _matches(name: str, targets: str | Sequence[str]) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == target or name.endswith("." + target) for target in targets)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` (4-bit layers included) or transformers' ``Conv1D`` (GPT-2)."""
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def _all_linear_names(model: nn.Module) -> list[str]:
+    """Names of every linear layer of ``model`` but its output head (the output embeddings, and any top-level
+    ``lm_head``/``score``/``classifier``): the layers PEFT's ``"all-linear"`` picks."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [
+        name
+        for name, module in model.named_modules()
+        if _is_linear(module) and module is not head and name not in HEAD_NAMES
+    ]
 
 
 def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -194,8 +224,9 @@ def apply_lora(
         r: rank of the update (> 0).
         alpha: numerator of the scaling.
         dropout: dropout probability on the adapter's input (the base path has none), in [0, 1).
-        targets: module-name suffixes (``["q_proj", "v_proj"]``) or one regex matched against the whole
-            module name (``r".*\\.layers\\.[0-3]\\..*proj"``); default ``DEFAULT_TARGETS``.
+        targets: module-name suffixes (``["q_proj", "v_proj"]``), one regex matched against the whole
+            module name (``r".*\\.layers\\.[0-3]\\..*proj"``) or ``"all-linear"`` (every linear layer but the
+            output head); default ``DEFAULT_TARGETS``.
         use_rslora: scale by alpha / sqrt(r) instead of alpha / r.
 
     Returns:
@@ -213,8 +244,12 @@ def apply_lora(
     if not isinstance(targets, str) and (not targets or not all(isinstance(t, str) for t in targets)):
         raise ValueError(f"targets must be a regex string or a non-empty list of name suffixes, got {targets!r}")
 
-    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    chosen = [(name, linear) for name, linear in linears if _matches(name, targets)]
+    linears = [(name, module) for name, module in model.named_modules() if _is_linear(module)]
+    if targets == ALL_LINEAR:
+        names = set(_all_linear_names(model))
+        chosen = [(name, linear) for name, linear in linears if name in names]
+    else:
+        chosen = [(name, linear) for name, linear in linears if _matches(name, targets)]
     if not chosen:
         available = [name for name, _ in linears]
         raise ValueError(
@@ -315,7 +350,9 @@ def _peft_target_modules(model: nn.Module, layers: list[tuple[str, LoRALinear]])
     selected = sorted(
         name
         for name, module in model.named_modules()
-        if isinstance(module, (nn.Linear, LoRALinear)) and not name.endswith(".base") and _matches(name, suffixes)
+        if (_is_linear(module) or isinstance(module, LoRALinear))
+        and not name.endswith(".base")
+        and _matches(name, suffixes)
     )
     return suffixes if selected == wrapped else wrapped
 
@@ -329,9 +366,13 @@ def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str 
     """
     layers = _require_lora_layers(model)
     first = layers[0][1]
-    hyperparameters = {(layer.r, layer.alpha, layer.use_rslora, _dropout_p(layer)) for _, layer in layers}
+    hyperparameters = {
+        (layer.r, layer.alpha, layer.use_rslora, _dropout_p(layer), layer.fan_in_fan_out) for _, layer in layers
+    }
     if len(hyperparameters) > 1:
-        raise ValueError(f"layers have different (r, alpha, use_rslora, dropout): {sorted(hyperparameters)}")
+        raise ValueError(
+            f"layers have different (r, alpha, use_rslora, dropout, fan_in_fan_out): {sorted(hyperparameters)}"
+        )
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -342,7 +383,7 @@ def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str 
         "target_modules": _peft_target_modules(model, layers),
         "use_rslora": first.use_rslora,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": first.fan_in_fan_out,
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
@@ -383,7 +424,6 @@ def _read_adapter_config(directory: str) -> dict:
         "modules_to_save": config.get("modules_to_save"),
         "layers_to_transform": config.get("layers_to_transform"),
         "exclude_modules": config.get("exclude_modules"),
-        "fan_in_fan_out": config.get("fan_in_fan_out", False),
     }
     used = {key: value for key, value in unsupported.items() if value}
     if used:
@@ -473,9 +513,9 @@ def _merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for key in [key for key in state if key.startswith(name + ".")]:
             del state[key]
         base = module.base if isinstance(module, LoRALinear) else module
-        weight = _dense_weight(base)  # [out, in]
+        weight = _dense_weight(base)  # [out, in] ([in, out] for a Conv1D base)
         if isinstance(module, LoRALinear) and not module.merged:
-            weight = weight + module.delta_weight().to(weight.dtype)
+            weight = weight + module.delta_in_base_layout().to(weight.dtype)
         state[name + ".weight"] = weight
         if base.bias is not None:
             state[name + ".bias"] = base.bias.detach()

@@ -128,18 +128,43 @@ def loss_tokens(masks: Sequence[Sequence[int]], shift: bool = True) -> int:
 
 
 def from_flags(
-    model: torch.nn.Module, config, updates_per_step: int = 1, extra_groups: Sequence[dict] = ()
+    model: torch.nn.Module,
+    config,
+    updates_per_step: int = 1,
+    extra_groups: Sequence[dict] = (),
+    num_rows: int | None = None,
+    rows_per_step: int | None = None,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """(AdamW, schedule) as a recipe's flags say: ``--lr --weight_decay --adam_beta1 --adam_beta2`` and
     ``--warmup_steps --lr_schedule --min_lr_ratio``, the schedule laid out over ``--max_steps`` steps of
-    ``updates_per_step`` optimizer updates each (GRPO's ``--num_iterations``, PPO's epochs x mini-batches)."""
+    ``updates_per_step`` optimizer updates each (GRPO's ``--num_iterations``, PPO's epochs x mini-batches).
+
+    ``--num_train_epochs E`` first sets ``config.max_steps`` to ``ceil(E * num_rows / rows_per_step)`` (the
+    recipe passes its training rows and the rows each step consumes; ``rlcore.runtime.step_batches`` streams
+    them epoch after epoch), so what run_config.json records is what runs. ``--warmup_ratio R`` (when
+    ``--warmup_steps`` is 0) warms up over ``ceil(R * total updates)``.
+    """
+    if getattr(config, "num_train_epochs", None) is not None:
+        config.max_steps = steps_for_epochs(config.num_train_epochs, num_rows, rows_per_step)
+        print(
+            f"--num_train_epochs {config.num_train_epochs:g}: {num_rows} rows, {rows_per_step} per step -> {config.max_steps} steps"
+        )
+    total_steps = config.max_steps * updates_per_step
     betas = (config.adam_beta1, config.adam_beta2)
     optimizer = build_optimizer(model, config.lr, config.weight_decay, betas, extra_groups=extra_groups)
     scheduler = build_scheduler(
         optimizer,
-        warmup_steps=config.warmup_steps,
-        total_steps=config.max_steps * updates_per_step,
+        warmup_steps=config.warmup_steps or math.ceil(getattr(config, "warmup_ratio", 0.0) * total_steps),
+        total_steps=total_steps,
         schedule=config.lr_schedule,
         min_lr_ratio=config.min_lr_ratio,
     )
     return optimizer, scheduler
+
+
+def steps_for_epochs(epochs: float, num_rows: int | None, rows_per_step: int | None) -> int:
+    """Optimizer steps that consume ``epochs`` passes over ``num_rows`` rows, ``rows_per_step`` per step:
+    ``ceil(epochs * num_rows / rows_per_step)``, at least 1 (the last step may reach into the next pass)."""
+    if not num_rows or not rows_per_step:
+        raise ValueError("--num_train_epochs needs the number of training rows and the rows per step")
+    return max(1, math.ceil(epochs * num_rows / rows_per_step - 1e-9))

@@ -2,26 +2,32 @@
 
 A **reward function** is a plain callable with TRL's signature::
 
-    fn(prompts, completions, completion_ids, **columns) -> list[float | None]
+    fn(prompts, completions, completion_ids, trainer_state, **columns) -> list[float | None]
 
 - ``prompts``: the prompts, one per completion (a prompt sampled G times appears G times in a row), as in
   the dataset: strings, or lists of ``{"role", "content"}`` messages for a conversational dataset;
 - ``completions``: the decoded completions (special tokens skipped): strings, or for a conversational
   dataset ``[{"role": "assistant", "content": text}]``;
 - ``completion_ids``: the completion token ids (python lists, up to and including the stop token);
+- ``trainer_state``: a :class:`TrainerState` (``global_step``, ``epoch``), as TRL passes its own;
 - ``columns``: every other dataset column, repeated like the prompts (e.g. ``answer`` of the toy task);
   accept ``**kwargs`` so that new columns do not break the function.
+
+As TRL calls them, a function is passed only the keyword arguments its signature names, unless it takes
+``**kwargs``: ``def reward_len(prompts, completions)`` works. Values may be python or numpy numbers (or
+one-element tensors). A function that raises is reported as one ``ValueError`` naming the function, the
+step and the first row it fails on (found by calling it again row by row), not a traceback from the loop.
 
 It returns one float per completion, or ``None`` where it does not apply (a multi-task dataset scores
 each row with the functions that know its task). The toy task's ``accuracy`` and ``format`` rewards
 (``rlcore.toy``) have this signature; they are the built-in names ``accuracy`` and ``format``.
 
 A **reward model** is a directory written by ``recipes/reward_model.py`` (or any one-output
-``*ForSequenceClassification``): :class:`RewardModelScorer` scores the prompt and completion tokens, up
-to and including the stop token, at the last token (``rlcore.models.sequence_scores``). It reads the
-policy's token ids directly, so its tokenizer must have the policy's vocabulary (train the reward model
-from the policy's base model, as recipes/reward_model.py does by default); a reward model over another
-vocabulary can be wrapped in a reward function that re-tokenises text.
+``*ForSequenceClassification``, with its own tokenizer): :class:`RewardModelScorer` scores prompt and
+completion at the last token (``rlcore.models.sequence_scores``). When its tokenizer has the policy's
+vocabulary it reads the policy's token ids directly (the fast path); otherwise, as TRL's
+``reward_processing_class``, it re-tokenises the text: the prompt and the decoded completion, through the
+reward model's chat template for conversational data, tokenised as ``rlcore.data`` tokenises training rows.
 
 :class:`RewardScorer` combines the sources with weights:
 
@@ -36,18 +42,18 @@ completions of a rollout, repeat each prompt's columns over its G completions, a
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import math
-import os
+import numbers
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from rlcore import data
 from rlcore.data import PromptBatch, is_toy_source, repeat_each
-from rlcore.models import load_reward_model, sequence_scores
+from rlcore.models import eos_token_ids, load_reward_model, sequence_scores
 
 if TYPE_CHECKING:
     from rlcore.rollout import Rollout
@@ -56,7 +62,20 @@ RewardFunction = Callable[..., list]
 # the toy task's reward and metric functions (rlcore.toy), by their command-line names
 BUILTIN_REWARDS = {"accuracy": "accuracy_reward", "format": "format_reward", "exact_match": "exact_match"}
 REWARD_MODEL_NAME = "reward_model"
-REWARD_ARGUMENTS = ("prompts", "completions", "completion_ids")  # what every reward function receives
+REWARD_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state")  # passed besides the columns
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    """What a reward function learns of the run, under TRL's ``TrainerState`` names.
+
+    Attributes:
+        global_step: optimizer steps completed before this one (0 at the first step; evaluation: the step).
+        epoch: passes over the training prompts so far (fractional).
+    """
+
+    global_step: int = 0
+    epoch: float = 0.0
 
 
 def load_reward_function(spec: str) -> tuple[str, RewardFunction]:
@@ -76,27 +95,12 @@ def load_reward_function(spec: str) -> tuple[str, RewardFunction]:
         from rlcore import toy  # the built-in names are the toy task's rewards
 
         return spec, getattr(toy, BUILTIN_REWARDS[spec])
-    location, colon, attribute = spec.rpartition(":")
-    if not colon or not location or not attribute:
+    if ":" not in spec:
         raise ValueError(
             f"unknown reward function {spec!r}: expected one of {', '.join(BUILTIN_REWARDS)}, "
             "'package.module:function' or 'path/to/file.py:function'"
         )
-    if location.endswith(".py"):
-        if not os.path.isfile(location):
-            raise ValueError(f"reward function {spec!r}: file {location!r} does not exist")
-        module_spec = importlib.util.spec_from_file_location(f"rlcore_reward_{attribute}", location)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(location)
-        except ImportError as error:
-            raise ValueError(f"reward function {spec!r}: cannot import {location!r} ({error})") from None
-    function = getattr(module, attribute, None)
-    if not callable(function):
-        raise ValueError(f"reward function {spec!r}: {location!r} has no callable {attribute!r}")
-    return attribute, function
+    return data.load_function(spec, "reward function")
 
 
 def resolve_metric(spec: str | None, dataset: str) -> tuple[str, RewardFunction] | None:
@@ -131,25 +135,39 @@ def check_reward_columns(functions: Sequence[tuple[str, RewardFunction]], column
 
 
 class RewardModelScorer:
-    """Scores of prompt + completion token sequences under a reward-model directory (no gradient).
+    """Scores of prompt + completion under a reward-model directory (no gradient).
+
+    Two paths, chosen once from the tokenizers:
+
+    - **same vocabulary** (``same_vocabulary``; a reward model trained from the policy's base): ``__call__``
+      scores the policy's token ids as they are, no text involved;
+    - **its own tokenizer** (TRL's ``reward_processing_class``): :meth:`score_text` rebuilds each row as
+      text and tokenises it with the reward model's tokenizer, as ``rlcore.data`` tokenises a preference row
+      for reward-model training: a plain prompt with the tokenizer's special tokens, then the decoded
+      completion and the reward model's EOS when the policy stopped (not after a completion cut at
+      ``max_new_tokens``); a conversational prompt + ``[{"role": "assistant", "content": completion}]``
+      through the reward model's chat template, up to the end of the assistant turn.
+
+    Cost of the second path: decoding the completions (done anyway for reward functions), rendering the
+    chat template and tokenising prompt + completion on the CPU for every row, each step; the reward
+    model's forward pass is the same. Decoding skips special tokens, so text the policy wrote as special
+    tokens is not seen by the reward model.
 
     Args:
-        path: a reward-model directory (``recipes/reward_model.py``'s output) or hub id.
-        policy_tokenizer: the policy's tokenizer; the reward model's must have the same vocabulary.
+        path: a reward-model directory (``recipes/reward_model.py``'s output, or any one-output sequence
+            classifier with its tokenizer) or hub id.
+        policy_tokenizer: the policy's tokenizer (its vocabulary picks the path; its stop tokens say whether
+            a completion stopped).
         device: where the reward model runs.
         batch_size: sequences per forward pass.
     """
 
     def __init__(self, path: str, policy_tokenizer, device: torch.device | str = "cpu", batch_size: int = 64):
-        self.model, tokenizer = load_reward_model(path, device=device)
+        self.model, self.tokenizer = load_reward_model(path, device=device)
         self.model.eval().requires_grad_(False)
-        if tokenizer.get_vocab() != policy_tokenizer.get_vocab():
-            raise ValueError(
-                f"the reward model {path!r} has another vocabulary than the policy: it scores the policy's "
-                "token ids directly, so train it from the policy's base model, or wrap it in a reward "
-                "function that re-tokenises the completion text"
-            )
-        self.batch_size = batch_size
+        self.path, self.batch_size = path, batch_size
+        self.same_vocabulary = self.tokenizer.get_vocab() == policy_tokenizer.get_vocab()
+        self.policy_stop_ids = set(eos_token_ids(policy_tokenizer))
 
     @torch.no_grad()
     def __call__(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -170,6 +188,42 @@ class RewardModelScorer:
             sequence_scores(self.model, ids[start : start + self.batch_size], mask[start : start + self.batch_size])
             for start in range(0, ids.shape[0], self.batch_size)
         ]
+        return torch.cat(scores).float()  # [B]
+
+    def text_ids(self, prompts: list, completions: list, stopped: list[bool]) -> list[list[int]]:
+        """Token ids of each prompt + completion under the reward model's tokenizer (see the class docstring).
+
+        ``prompts``/``completions`` as reward functions receive them (strings, or message lists);
+        ``stopped[i]``: whether completion i ended with a stop token.
+        """
+        tokenizer = self.tokenizer
+        if prompts and isinstance(prompts[0], list):
+            if not tokenizer.chat_template:
+                raise ValueError(
+                    f"the reward model {self.path!r} has another tokenizer than the policy and no chat template: "
+                    "conversational prompts cannot be rendered for it"
+                )
+            stop_ids = set(eos_token_ids(tokenizer, self.model.generation_config))
+            pairs = data._chat_completions(tokenizer, list(prompts), list(completions), stop_ids)
+            return [prompt_ids + completion_ids for prompt_ids, completion_ids in pairs]
+        prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+        completion_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        return [p + c + (eos if stop else []) for p, c, stop in zip(prompt_ids, completion_ids, stopped)]
+
+    @torch.no_grad()
+    def score_text(self, prompts: list, completions: list, completion_ids: list[list[int]]) -> torch.Tensor:
+        """[B] float32 scores of rows given as text (the reward model's own tokenizer): re-tokenise, score."""
+        stopped = [bool(ids) and ids[-1] in self.policy_stop_ids for ids in completion_ids]
+        rows = self.text_ids(prompts, completions, stopped)
+        device = next(self.model.parameters()).device
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        scores = []
+        for start in range(0, len(rows), self.batch_size):
+            batch = data.collate_right(rows[start : start + self.batch_size], None, pad_id)
+            scores.append(
+                sequence_scores(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            )
         return torch.cat(scores).float()  # [B]
 
 
@@ -212,12 +266,15 @@ class RewardScorer:
         columns: dict[str, list],
         sequences: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        state: TrainerState | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Score B completions.
 
         Args:
             prompts, completions, completion_ids, columns: what reward functions receive (module docstring).
-            sequences, attention_mask: [B, L] prompt + completion ids and mask, for the reward model.
+            sequences, attention_mask: [B, L] prompt + completion ids and mask, for a reward model with the
+                policy's vocabulary (one with its own tokenizer reads the text instead).
+            state: the ``trainer_state`` reward functions receive (default: step 0, epoch 0).
 
         Returns:
             (rewards [B], per_source [B, K]): float32 on the CPU; per_source holds NaN where a function
@@ -231,15 +288,16 @@ class RewardScorer:
         for name, values in columns.items():
             if len(values) != count:
                 raise ValueError(f"column {name!r} has {len(values)} values for {count} completions")
+        state = TrainerState() if state is None else state
+        arguments = dict(columns, prompts=prompts, completions=completions, completion_ids=completion_ids)
+        arguments["trainer_state"] = state
         per_source = [
-            _checked_rewards(
-                name,
-                function(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns),
-                count,
-            )
+            _checked_rewards(name, call_reward_function(name, function, arguments, state.global_step), count)
             for name, function in self.functions
         ]
-        if self.reward_model is not None:
+        if self.reward_model is not None and not self.reward_model.same_vocabulary:
+            per_source.append(self.reward_model.score_text(prompts, completions, completion_ids).cpu())
+        elif self.reward_model is not None:
             if sequences is None or attention_mask is None:
                 raise ValueError("a reward model needs the token sequences and their attention mask")
             per_source.append(self.reward_model(sequences, attention_mask).cpu())
@@ -264,6 +322,45 @@ class RewardScorer:
         return stats
 
 
+def call_reward_function(name: str, function: RewardFunction, arguments: dict[str, list], step: int = 0) -> list:
+    """``function(**arguments)`` as TRL calls reward functions: with only the keyword arguments its signature
+    names (all of them when it takes ``**kwargs``).
+
+    ``arguments`` holds ``prompts``, ``completions``, ``completion_ids``, ``trainer_state`` and the columns,
+    one entry per row (``trainer_state`` excepted). An exception becomes one ``ValueError`` naming the
+    function, the step and the first row that fails alone (the function is called again one row at a time
+    to find it), and the original error.
+    """
+    parameters = inspect.signature(function).parameters.values()
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+        names = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        arguments = {key: value for key, value in arguments.items() if key in names}
+    try:
+        return function(**arguments)
+    except Exception as error:
+        row = _first_failing_row(function, arguments)
+        where = "" if row is None else f", first on row {row}"
+        if row is not None and "prompts" in arguments:
+            where += f" (prompt {arguments['prompts'][row]!r})"
+        raise ValueError(
+            f"reward function {name!r} raised at step {step}{where}: {type(error).__name__}: {error}"
+        ) from error
+
+
+def _first_failing_row(function: RewardFunction, arguments: dict) -> int | None:
+    """The first row on which ``function`` raises when called on that row alone (None if none does)."""
+    count = max((len(v) for k, v in arguments.items() if k != "trainer_state" and isinstance(v, list)), default=0)
+    for row in range(count):
+        single = {
+            k: v if k == "trainer_state" or not isinstance(v, list) else v[row : row + 1] for k, v in arguments.items()
+        }
+        try:
+            function(**single)
+        except Exception:  # noqa: BLE001 - any error of the user's function marks the row
+            return row
+    return None
+
+
 def _checked_rewards(name: str, values, count: int) -> torch.Tensor:
     """A reward function's output as a [B] float32 tensor (None -> NaN), with a clear error for bad output."""
     if not isinstance(values, (list, tuple)) or len(values) != count:
@@ -278,7 +375,9 @@ def _checked_rewards(name: str, values, count: int) -> torch.Tensor:
             continue
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if hasattr(value, "item") and getattr(value, "shape", None) == ():  # a numpy scalar (np.float32(1.0))
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise ValueError(
                 f"reward function {name!r} returned {value!r} for completion {row}: expected a finite float or None"
             )
@@ -299,7 +398,7 @@ def build_reward_scorer(
         reward_funcs: comma-separated :func:`load_reward_function` specs (``"accuracy,format"``), or None.
         reward_model: a reward-model directory or hub id, or None.
         reward_weights: comma-separated floats, one per source (functions, then the reward model); None: all 1.
-        policy_tokenizer: the policy's tokenizer (the reward model must share its vocabulary).
+        policy_tokenizer: the policy's tokenizer (a reward model with another vocabulary re-tokenises text).
         device: where the reward model runs.
     """
     functions = [load_reward_function(spec) for spec in (reward_funcs or "").split(",") if spec.strip()]
@@ -325,9 +424,15 @@ def decode_completions(tokenizer, id_lists: list[list[int]], conversational: boo
 
 
 def score_rollout(
-    scorer: RewardScorer, tokenizer, batch: PromptBatch, rollout: Rollout, missing_eos_penalty: float = 0.0
+    scorer: RewardScorer,
+    tokenizer,
+    batch: PromptBatch,
+    rollout: Rollout,
+    missing_eos_penalty: float = 0.0,
+    state: TrainerState | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards of the completions of a rollout of ``batch`` (G consecutive rows per prompt).
+    """Rewards of the completions of a rollout of ``batch`` (G consecutive rows per prompt); ``state`` is the
+    ``trainer_state`` reward functions receive.
 
     Returns:
         (rewards [N], per_source [N, K]), float32 on the CPU: the scorer's weighted reward minus
@@ -345,6 +450,7 @@ def score_rollout(
         columns,
         rollout.sequences,
         rollout.attention_mask,
+        state,
     )
     return rewards - missing_eos_penalty * rollout.truncated.cpu().float(), per_source
 

@@ -27,6 +27,7 @@ What it owns, and nothing else:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -86,7 +87,14 @@ class Run:
             print(f"resumed from {resume_from} at step {self.step}")
         self.start_step, self.start_seconds = self.step, self.training_seconds
         save_config(config, config.output_dir)
-        self.tracker = Tracker(config.output_dir, config.max_steps, self.step, bar_keys=bar_keys)
+        self.tracker = Tracker(
+            config.output_dir,
+            config.max_steps,
+            self.step,
+            bar_keys=bar_keys,
+            report_to=getattr(config, "report_to", "none"),
+            run_config=dataclasses.asdict(config),
+        )
         records = read_metrics(self.tracker.metrics_path)  # on resume: what the interrupted run logged
         evaluations = [{k: v for k, v in r.items() if k.startswith("eval/")} for r in records if r.get("step") == 0]
         self.first_results: dict[str, float] = {k: v for e in evaluations for k, v in e.items()}

@@ -41,8 +41,11 @@ def load_task_rows(
     (language-modelling text, implicit-prompt preferences).
     """
     resolve_resume(config.resume, config.output_dir)  # a bad --resume path: one line now, not after a warm start
-    rows = load_checked_rows(config.dataset, config.train_split, config.num_train_rows, formats)
-    eval_rows = load_eval_rows(config.dataset, config.eval_dataset, config.eval_split, config.num_eval_rows, formats)
+    options = row_options(config)
+    rows = load_checked_rows(config.dataset, config.train_split, config.num_train_rows, formats, **options)
+    eval_rows = load_eval_rows(
+        config.dataset, config.eval_dataset, config.eval_split, config.num_eval_rows, formats, **options
+    )
     metric = None if eval_rows is None else resolve_metric(config.eval_metric, config.eval_dataset or config.dataset)
     if metric is not None and "prompt" not in eval_rows.column_names:
         print(f"--eval_metric {metric[0]}: the evaluation rows have no 'prompt' column to generate from; skipped")
@@ -50,6 +53,15 @@ def load_task_rows(
     if metric is not None:
         check_reward_columns([metric], eval_rows.column_names, "the evaluation rows")
     return rows, eval_rows, metric
+
+
+def row_options(config: TrainConfig) -> dict[str, Any]:
+    """The ``rlcore.data.load_rows`` options of the flags: ``--dataset_config``, ``--columns``, ``--formatting_func``."""
+    return {
+        "config_name": config.dataset_config,
+        "columns": config.columns,
+        "formatting_func": config.formatting_func,
+    }
 
 
 def metric_value(
@@ -131,8 +143,9 @@ def load_prompt_task(config: OnlineConfig, device: torch.device) -> PromptTask:
     eval_prompts = None
     if eval_rows is not None:
         check_reward_columns(scorer.functions, eval_rows.column_names, "the evaluation rows")
-        eval_prompts = tokenize_prompts(eval_rows, tokenizer, config.max_prompt_length)
-    return PromptTask(tokenize_prompts(rows, tokenizer, config.max_prompt_length), eval_prompts, scorer, metric)
+        eval_prompts = tokenize_prompts(eval_rows, tokenizer, config.max_prompt_length, config.truncation)
+    prompts = tokenize_prompts(rows, tokenizer, config.max_prompt_length, config.truncation)
+    return PromptTask(prompts, eval_prompts, scorer, metric)
 
 
 def evaluate_policy(policy: torch.nn.Module, tokenizer, task: PromptTask, config: OnlineConfig) -> dict[str, float]:

@@ -7,6 +7,17 @@ not report, such as a ratio of a step with nothing to learn, is averaged over th
 
 metrics.jsonl holds one JSON object per line: ``{"step": 10, "loss": 1.23, "lr": 0.001, ...}`` or
 ``{"step": 50, "eval/accuracy": 0.61}``. ``step`` counts optimizer steps completed (1-based).
+
+Experiment trackers (``--report_to tensorboard,wandb,trackio``; optional extras: ``pip install
+rlcore[tensorboard]``, ``rlcore[wandb]``, ``rlcore[trackio]``) receive every record written to metrics.jsonl,
+at the same step, beside it:
+
+- ``tensorboard``: event files in OUTPUT_DIR/runs (``tensorboard --logdir OUTPUT_DIR/runs``), through
+  ``torch.utils.tensorboard``;
+- ``wandb``: a run named after OUTPUT_DIR in project ``$WANDB_PROJECT`` (default ``rlcore``), its files
+  under OUTPUT_DIR/wandb, the resolved flags as its config; ``WANDB_MODE=offline`` needs no network
+  (``wandb sync`` uploads later);
+- ``trackio``: ``trackio.init`` / ``log`` / ``finish`` in project ``$TRACKIO_PROJECT`` (default ``rlcore``).
 """
 
 from __future__ import annotations
@@ -14,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -22,6 +33,7 @@ from tqdm.auto import tqdm
 
 METRICS_NAME = "metrics.jsonl"
 CURVES_NAME = "curves.png"
+TRACKERS = ("tensorboard", "wandb", "trackio")
 
 
 class Tracker:
@@ -33,6 +45,8 @@ class Tracker:
         start_step: steps already done (on resume); lines of an existing metrics.jsonl with a larger step
             are dropped, so the file of a resumed run reads like the uninterrupted run's.
         bar_keys: training metrics shown on the progress bar next to the latest evaluation (keep it short).
+        report_to: ``"none"`` or comma-separated tracker names (``TRACKERS``), or a sequence of them.
+        run_config: the resolved flags, given to trackers that record a run's config (wandb, trackio).
     """
 
     def __init__(
@@ -41,6 +55,8 @@ class Tracker:
         total_steps: int,
         start_step: int = 0,
         bar_keys: tuple[str, ...] = ("loss",),
+        report_to: str | Sequence[str] = "none",
+        run_config: Mapping | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -51,6 +67,9 @@ class Tracker:
         self._bar_values: dict[str, float] = {}
         _truncate_metrics(self.metrics_path, start_step)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        self.trackers = [
+            _open_tracker(name, self.output_dir, dict(run_config or {})) for name in parse_report_to(report_to)
+        ]
 
     def update(self, stats: Mapping[str, torch.Tensor | float]) -> None:
         """Add one step's metrics (0-d tensors or numbers) to the running window, without a host sync."""
@@ -79,6 +98,9 @@ class Tracker:
     def close(self) -> Path | None:
         """Close the bar, draw the curves to OUTPUT_DIR/curves.png, print and return its path."""
         self.bar.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
         path = plot_metrics(self.metrics_path, self.output_dir / CURVES_NAME)
         if path is not None:
             print(f"curves: {path}")
@@ -87,9 +109,82 @@ class Tracker:
     def _write(self, record: dict) -> None:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        values = {key: value for key, value in record.items() if key != "step"}
+        for tracker in self.trackers:
+            tracker.log(values, record["step"])
         self._bar_values.update({k: v for k, v in record.items() if k in self.bar_keys or k.startswith("eval/")})
         if self._bar_values:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in self._bar_values.items()}, refresh=False)
+
+
+def parse_report_to(report_to: str | Sequence[str]) -> list[str]:
+    """``"tensorboard,wandb"`` -> ``["tensorboard", "wandb"]``; ``"none"`` -> ``[]``; unknown names raise."""
+    names = [n.strip() for n in report_to.split(",")] if isinstance(report_to, str) else list(report_to)
+    names = [name for name in names if name and name != "none"]
+    unknown = [name for name in names if name not in TRACKERS]
+    if unknown:
+        raise ValueError(f"--report_to: unknown tracker(s) {unknown}; expected none or some of {', '.join(TRACKERS)}")
+    return list(dict.fromkeys(names))
+
+
+class _TensorBoard:
+    def __init__(self, output_dir: Path, run_config: dict) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package (rlcore[tensorboard])
+
+        self.writer = SummaryWriter(log_dir=str(output_dir / "runs"))
+        if run_config:
+            self.writer.add_text("run_config", json.dumps(run_config, indent=2))
+
+    def log(self, values: dict, step: int) -> None:
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _WandB:
+    def __init__(self, output_dir: Path, run_config: dict) -> None:
+        import wandb  # rlcore[wandb]; WANDB_MODE=offline works without a network
+
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "rlcore"),
+            name=output_dir.resolve().name,
+            dir=str(output_dir),
+            config=run_config,
+        )
+
+    def log(self, values: dict, step: int) -> None:
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class _Trackio:
+    def __init__(self, output_dir: Path, run_config: dict) -> None:
+        import trackio  # rlcore[trackio]
+
+        self.trackio = trackio
+        trackio.init(
+            project=os.environ.get("TRACKIO_PROJECT", "rlcore"), name=output_dir.resolve().name, config=run_config
+        )
+
+    def log(self, values: dict, step: int) -> None:
+        self.trackio.log(values, step=step)
+
+    def close(self) -> None:
+        self.trackio.finish()
+
+
+def _open_tracker(name: str, output_dir: Path, run_config: dict):
+    """A tracker with ``log(values, step)`` and ``close()``; a missing package is one clear ``ValueError``."""
+    try:
+        return {"tensorboard": _TensorBoard, "wandb": _WandB, "trackio": _Trackio}[name](output_dir, run_config)
+    except ImportError as error:
+        raise ValueError(f"--report_to {name}: {error}; install it with pip install 'rlcore[{name}]'") from None
 
 
 def accumulate(stats: dict, new: Mapping[str, torch.Tensor | float], weight: float = 1.0) -> dict:

@@ -260,7 +260,7 @@ def test_completion_only_false_trains_on_every_token_but_the_first(tokenizer):
 # ---------------------------------------------------------------- truncation
 
 
-def test_truncation_drop_and_truncate(tokenizer, capsys):
+def test_truncation_drop_and_keep_start(tokenizer, capsys):
     rows = datasets.Dataset.from_list(
         [{"prompt": "1+1=", "completion": "2"}, {"prompt": "12+3=", "completion": "1500"}]
     )
@@ -270,11 +270,11 @@ def test_truncation_drop_and_truncate(tokenizer, capsys):
         "tokenize_sft: 1 of 2 rows longer than max_length=8 (truncation='drop': 0 truncated, 1 dropped)"
         in capsys.readouterr().out
     )
-    truncated = tokenize_sft(rows, tokenizer, max_length=8, truncation="truncate")
+    truncated = tokenize_sft(rows, tokenizer, max_length=8, truncation="keep_start")
     assert truncated[1] == {"input_ids": char_ids("12+3=150"), "completion_mask": [0] * 5 + [1] * 3}  # no EOS left
     assert "1 truncated, 0 dropped" in capsys.readouterr().out
     # A prompt that alone fills max_length is dropped even when truncating.
-    assert len(tokenize_sft(rows, tokenizer, max_length=5, truncation="truncate")) == 1
+    assert len(tokenize_sft(rows, tokenizer, max_length=5, truncation="keep_start")) == 1
     with pytest.raises(ValueError, match="every row is longer than max_length=4"):
         tokenize_sft(rows, tokenizer, max_length=4)
     with pytest.raises(ValueError, match="truncation must be one of"):
@@ -283,17 +283,37 @@ def test_truncation_drop_and_truncate(tokenizer, capsys):
 
 def test_prompt_truncation_keeps_the_end(tokenizer, capsys):
     rows = datasets.Dataset.from_list([{"prompt": "123+456=", "answer": "579"}, {"prompt": "1+1=", "answer": "2"}])
-    truncated = tokenize_prompts(rows, tokenizer, max_length=5, truncation="truncate")
+    truncated = tokenize_prompts(rows, tokenizer, max_length=5, truncation="keep_end")
     assert truncated["prompt_ids"] == [char_ids("+456="), char_ids("1+1=")] and truncated["answer"] == ["579", "2"]
+    assert tokenize_prompts(rows, tokenizer, max_length=5, truncation="keep_start")["prompt_ids"][0] == char_ids("123+4")
     assert tokenize_prompts(rows, tokenizer, max_length=5)["answer"] == ["2"]
-    assert capsys.readouterr().out.count("tokenize_prompts: 1 of 2 rows") == 2
+    assert capsys.readouterr().out.count("tokenize_prompts: 1 of 2 rows") == 3
 
 
 def test_preference_truncation_applies_to_both_responses(tokenizer):
     rows = datasets.Dataset.from_list([{"prompt": "1+1=", "chosen": "2", "rejected": "2222"}])
-    assert len(tokenize_preference(rows, tokenizer, max_length=7, truncation="truncate")) == 1
-    row = tokenize_preference(rows, tokenizer, max_length=7, truncation="truncate")[0]
+    assert len(tokenize_preference(rows, tokenizer, max_length=7, truncation="keep_start")) == 1
+    row = tokenize_preference(rows, tokenizer, max_length=7, truncation="keep_start")[0]
     assert row["chosen_ids"] == char_ids("2") + [EOS] and row["rejected_ids"] == char_ids("222")
+    # keep_end: both responses whole (the longer, "2222" + EOS, is 5 tokens), the prompt cut to its last 2 tokens
+    row = tokenize_preference(rows, tokenizer, max_length=7, truncation="keep_end")[0]
+    assert row["prompt_ids"] == char_ids("1=") and row["rejected_ids"] == char_ids("2222") + [EOS]
+
+
+def test_keep_end_cuts_the_prompt_from_the_left_and_text_keeps_its_end(tokenizer, capsys):
+    rows = datasets.Dataset.from_list([{"prompt": "12+3=", "completion": "1500"}])
+    # 5 prompt + 5 completion tokens (1500 + EOS) into 8: the prompt keeps its last 3 tokens
+    row = tokenize_sft(rows, tokenizer, max_length=8, truncation="keep_end")[0]
+    assert row == {"input_ids": char_ids("+3=1500") + [EOS], "completion_mask": [0] * 3 + [1] * 5}
+    assert "(truncation='keep_end': 1 truncated, 0 dropped)" in capsys.readouterr().out
+    # a completion that alone fills max_length leaves no prompt token: dropped
+    with pytest.raises(ValueError, match="every row is longer than max_length=5"):
+        tokenize_sft(rows, tokenizer, max_length=5, truncation="keep_end")
+    text = datasets.Dataset.from_list([{"text": "1+1=2"}])  # 6 tokens with EOS: the last 4 kept, all trained but 0
+    assert tokenize_sft(text, tokenizer, max_length=4, truncation="keep_end")[0] == {
+        "input_ids": char_ids("1=2") + [EOS],
+        "completion_mask": [0, 1, 1, 1],
+    }
 
 
 # ---------------------------------------------------------------- bad input

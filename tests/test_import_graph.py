@@ -336,10 +336,22 @@ def test_third_party_imports_are_declared_or_come_with_a_declared_dependency():
         except metadata.PackageNotFoundError:
             pytest.skip(f"{distribution} is not installed")
     import_to_distribution = {name: distribution for distribution, name in IMPORT_NAMES.items()}
+    extras = {_distribution(r) for name, group in _project()["optional-dependencies"].items() for r in group}
+    lazy = _lazy_packages()
     for package, places in _used_packages().items():
         if package in sys.stdlib_module_names or package == "rlcore":
             continue
         distribution = import_to_distribution.get(package, package)
+        if distribution in extras and package in lazy and package not in _top_level_packages():
+            continue  # an optional extra (a tracker of --report_to), imported only where it is asked for
         assert distribution in provided, (
             f"{package} (imported at {places}) is neither declared nor required by a declared dependency"
         )
+
+
+def _lazy_packages() -> set[str]:
+    return {top_package(item.module) for path in SOURCES for item in imports_of(path) if not item.top_level}
+
+
+def _top_level_packages() -> set[str]:
+    return {top_package(item.module) for path in SOURCES for item in imports_of(path) if item.top_level}
