@@ -150,9 +150,7 @@ def load_rows(
         rows = toy_dataset(source.partition(":")[2] or "prompt_completion", split=name, n=n if split == name else None)
         rows = _take_slice(rows, split) if split != name else rows
     else:
-        if config_name is not None:
-            load_kwargs["name"] = config_name
-        rows = _load_source(source, split, name, **load_kwargs)
+        rows = _load_source(source, split, name, config_name, **load_kwargs)
     rows = rows if n is None else rows.select(range(min(n, len(rows))))
     return format_rows(rename_columns(rows, columns), formatting_func)
 
@@ -228,9 +226,9 @@ def is_single_split(source: str) -> bool:
     return os.path.isfile(source) or (_is_saved_dataset(source) and not _is_saved_dataset_dict(source))
 
 
-def _load_source(source: str, split: str, name: str, **load_kwargs) -> datasets.Dataset:
+def _load_source(source: str, split: str, name: str, config_name: str | None, **load_kwargs) -> datasets.Dataset:
     """A local file, a ``save_to_disk`` directory, a directory of data files or a hub dataset (split ``name``,
-    sliced as ``split`` says; ``datasets.load_dataset`` slices by itself)."""
+    sliced as ``split`` says; ``datasets.load_dataset`` slices by itself), of configuration ``config_name``."""
     extension = os.path.splitext(source)[1].lower()
     if not os.path.exists(source) and (extension in FILE_BUILDERS or source.startswith((".", "/", "~"))):
         raise FileNotFoundError(f"dataset {source!r}: no such file or directory")
@@ -248,7 +246,12 @@ def _load_source(source: str, split: str, name: str, **load_kwargs) -> datasets.
                 raise ValueError(f"dataset {source!r} has no {name!r} split; it has {list(rows)}")
             rows = rows[name]
         return _take_slice(rows, split) if split != name else rows
-    return datasets.load_dataset(source, split=split, **load_kwargs)  # a directory of data files, or a hub name
+    try:  # a directory of data files, or a hub name
+        return datasets.load_dataset(source, config_name, split=split, **load_kwargs)
+    except ValueError as error:
+        if config_name is not None and "config" in str(error).lower():
+            raise ValueError(f"--dataset_config {config_name!r} of {source!r}: {error}") from None
+        raise
 
 
 _SLICE = re.compile(r"^(\w+)\[(-?\d*)(%?):(-?\d*)(%?)\]$")

@@ -203,7 +203,7 @@ class RewardModelScorer:
                     f"the reward model {self.path!r} has another tokenizer than the policy and no chat template: "
                     "conversational prompts cannot be rendered for it"
                 )
-            stop_ids = set(eos_token_ids(tokenizer, self.model.generation_config))
+            stop_ids = set(eos_token_ids(tokenizer, getattr(self.model, "generation_config", None)))
             pairs = data._chat_completions(tokenizer, list(prompts), list(completions), stop_ids)
             return [prompt_ids + completion_ids for prompt_ids, completion_ids in pairs]
         prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]

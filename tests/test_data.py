@@ -285,7 +285,9 @@ def test_prompt_truncation_keeps_the_end(tokenizer, capsys):
     rows = datasets.Dataset.from_list([{"prompt": "123+456=", "answer": "579"}, {"prompt": "1+1=", "answer": "2"}])
     truncated = tokenize_prompts(rows, tokenizer, max_length=5, truncation="keep_end")
     assert truncated["prompt_ids"] == [char_ids("+456="), char_ids("1+1=")] and truncated["answer"] == ["579", "2"]
-    assert tokenize_prompts(rows, tokenizer, max_length=5, truncation="keep_start")["prompt_ids"][0] == char_ids("123+4")
+    assert tokenize_prompts(rows, tokenizer, max_length=5, truncation="keep_start")["prompt_ids"][0] == char_ids(
+        "123+4"
+    )
     assert tokenize_prompts(rows, tokenizer, max_length=5)["answer"] == ["2"]
     assert capsys.readouterr().out.count("tokenize_prompts: 1 of 2 rows") == 3
 

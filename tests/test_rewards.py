@@ -146,11 +146,18 @@ def test_reward_model_scores_ignore_padding(reward_model_dir):
         combined(prompts, completions, [[5], [5]], {})
 
 
-def test_reward_model_with_another_vocabulary_is_refused(reward_model_dir):
+def test_reward_model_with_another_vocabulary_reads_text(reward_model_dir):
+    """The fast path (the policy's ids) only with the same vocabulary; else the text is re-tokenised
+    (tests/test_real_data.py checks those scores against a reward model with its own tokenizer)."""
+    assert RewardModelScorer(reward_model_dir, load_tokenizer("tiny")).same_vocabulary
     other = load_tokenizer("tiny")
     other.add_tokens(["<|tool|>"])
-    with pytest.raises(ValueError, match="another vocabulary than the policy"):
-        RewardModelScorer(reward_model_dir, other)
+    scorer = RewardModelScorer(reward_model_dir, other)
+    assert not scorer.same_vocabulary
+    rewards, _ = RewardScorer([], scorer)(["1+1="], ["2"], [[5 + 18, other.eos_token_id]], {})  # no token tensors
+    tokens = scorer.tokenizer("1+1=2")["input_ids"] + [scorer.tokenizer.eos_token_id]
+    expected = sequence_scores(scorer.model, torch.tensor([tokens]), torch.ones(1, len(tokens), dtype=torch.long))
+    torch.testing.assert_close(rewards, expected.detach(), atol=1e-5, rtol=1e-5)
 
 
 def test_an_unimportable_reward_module_is_one_clear_error():
