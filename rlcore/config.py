@@ -110,21 +110,13 @@ class TrainConfig:
     load_in_4bit: bool = False  # quantise the frozen base to 4-bit nf4 (QLoRA; needs --lora_r > 0)
 
     # --- real data and trackers (rlcore.data, rlcore.optim, rlcore.tracking)
-    dataset_config: str | None = None  # configuration (subset) name of a hub dataset, e.g. "main" (None = its default)
-    columns: str | None = None  # rename columns before use: "query=prompt,response=completion"
-    formatting_func: str | None = (
-        None  # "file.py:fn" or "pkg.module:fn" mapping a row to its text (a str) or to columns (a dict, e.g. prompt/completion)
-    )
-    truncation: str = (
-        "drop"  # rows longer than --max_length (prompts: --max_prompt_length): "drop", "keep_start" or "keep_end"
-    )
-    warmup_ratio: float = 0.0  # warmup over this fraction of the optimizer steps (used when --warmup_steps is 0)
-    num_train_epochs: float | None = (
-        None  # passes over the training rows; sets --max_steps from the rows per step (None = use --max_steps)
-    )
-    report_to: str = (
-        "none"  # extra trackers beside metrics.jsonl: "none" or comma-separated tensorboard, wandb, trackio
-    )
+    dataset_config: str | None = None  # a hub dataset's configuration name, e.g. "main" (None = its default)
+    columns: str | None = None  # rename columns first: "query=prompt,response=completion"
+    formatting_func: str | None = None  # "file.py:fn" or "pkg.module:fn": row -> text (str) or columns (dict)
+    truncation: str = "drop"  # rows over --max_length/--max_prompt_length: "drop", "keep_start", "keep_end"
+    warmup_ratio: float = 0.0  # warmup over this fraction of the updates (when --warmup_steps is 0)
+    num_train_epochs: float | None = None  # passes over the training rows; sets --max_steps (None = off)
+    report_to: str = "none"  # trackers beside metrics.jsonl: none, or some of tensorboard,wandb,trackio
 
     def __post_init__(self) -> None:
         _check_data_and_tracker_flags(self)
@@ -162,7 +154,7 @@ class OnlineConfig(TrainConfig):
     reward_funcs: str | None = (
         "accuracy"  # comma-separated reward functions: accuracy, format, pkg.module:fn, file.py:fn
     )
-    reward_model: str | None = None  # a reward-model directory (recipes/reward_model.py output), added to the functions
+    reward_model: str | None = None  # a reward-model directory or hub id (its own tokenizer allowed), added to the functions
     reward_weights: str | None = (
         None  # comma-separated weights, one per reward function then the reward model (None = all 1)
     )

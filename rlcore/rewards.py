@@ -150,8 +150,10 @@ class RewardModelScorer:
 
     Cost of the second path: decoding the completions (done anyway for reward functions), rendering the
     chat template and tokenising prompt + completion on the CPU for every row, each step; the reward
-    model's forward pass is the same. Decoding skips special tokens, so text the policy wrote as special
-    tokens is not seen by the reward model.
+    model's forward pass is the same. Measured on the toy task with the tiny reward model on CPU
+    (``benchmarks/reward_tokenizer.py``, docs/results.md): within noise of the fast path for plain prompts,
+    about 15% more time for chat-template prompts (the forward dominates there; not measured on a GPU).
+    Decoding skips special tokens, so text the policy wrote as special tokens is not seen by the reward model.
 
     Args:
         path: a reward-model directory (``recipes/reward_model.py``'s output, or any one-output sequence
