@@ -154,9 +154,7 @@ class OnlineConfig(TrainConfig):
     reward_funcs: str | None = (
         "accuracy"  # comma-separated reward functions: accuracy, format, pkg.module:fn, file.py:fn
     )
-    reward_model: str | None = (
-        None  # a reward-model directory or hub id (its own tokenizer allowed), added to the functions
-    )
+    reward_model: str | None = None  # a reward-model directory (any tokenizer), added to the functions
     reward_weights: str | None = (
         None  # comma-separated weights, one per reward function then the reward model (None = all 1)
     )
