@@ -500,6 +500,14 @@ def _chat_completions(
     return pairs
 
 
+def chat_pair_ids(tokenizer, prompts: list[list[dict]], completions: list[list[dict]]) -> list[list[int]]:
+    """Token ids of each conversational prompt + completion, rendered with ``tokenizer``'s chat template as
+    the tokenising functions render them: the prompt with its generation prompt, then the completion up to
+    and including its end-of-turn token (what a reward model trained on such rows has seen)."""
+    pairs = _chat_completions(tokenizer, prompts, completions, set(eos_token_ids(tokenizer)))
+    return [prompt_ids + completion_ids for prompt_ids, completion_ids in pairs]
+
+
 def _plain_completions(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of plain completions, each followed by the EOS id."""
     return [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]

@@ -205,9 +205,7 @@ class RewardModelScorer:
                     f"the reward model {self.path!r} has another tokenizer than the policy and no chat template: "
                     "conversational prompts cannot be rendered for it"
                 )
-            stop_ids = set(eos_token_ids(tokenizer, getattr(self.model, "generation_config", None)))
-            pairs = data._chat_completions(tokenizer, list(prompts), list(completions), stop_ids)
-            return [prompt_ids + completion_ids for prompt_ids, completion_ids in pairs]
+            return data.chat_pair_ids(tokenizer, list(prompts), list(completions))
         prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
         completion_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
