@@ -408,29 +408,33 @@ def test_a_missing_tracker_is_one_line():
 # ---------------------------------------------------------------- Online DPO with a reward model of its own tokenizer
 
 
-def test_online_dpo_with_policy_reference_and_a_reward_model_with_its_own_tokenizer(
-    own_tokenizer_reward_model, tmp_path
+@pytest.mark.parametrize(
+    "recipe, flags, steps",
+    [
+        ("online_dpo", ["--batch_size", "4", "--max_steps", "2"], 2),  # the articles' setup: policy, reference, RM
+        ("grpo", ["--batch_size", "4", "--num_generations", "2", "--max_steps", "1", "--beta", "0.1"], 1),
+        ("ppo", ["--batch_size", "4", "--num_ppo_epochs", "1", "--max_steps", "1"], 1),
+    ],
+)
+def test_online_recipes_with_a_reward_model_with_its_own_tokenizer(
+    own_tokenizer_reward_model, tmp_path, recipe, flags, steps
 ):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(
-        "".join(
-            json.dumps({"prompt": [{"role": "user", "content": f"{a}+{a}="}], "answer": str(2 * a)}) + "\n"
-            for a in range(12)
-        )
-    )
-    output_dir = tmp_path / "online_dpo"
-    online_dpo = load_recipe("online_dpo")
-    online_dpo.main(
+    rows = [{"prompt": [{"role": "user", "content": f"{a}+{a}="}], "answer": str(2 * a)} for a in range(12)]
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    output_dir = tmp_path / recipe
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    load_recipe(recipe).main(
         [
             "--model", tiny_model_dir(), "--dataset", str(prompts), "--reward_model", own_tokenizer_reward_model,
-            "--reward_funcs", "none", "--max_steps", "2", "--batch_size", "4", "--max_new_tokens", "4",
-            "--logging_steps", "1", "--output_dir", str(output_dir), "--threads", "1", "--eval_split", "none",
-            *(["--report_to", "tensorboard"] if importlib.util.find_spec("tensorboard") else []),
+            "--reward_funcs", "none", "--max_new_tokens", "4", "--logging_steps", "1", "--output_dir", str(output_dir),
+            "--threads", "1", "--eval_split", "none", *flags, *(["--report_to", "tensorboard"] if tensorboard else []),
         ]
     )  # fmt: skip
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "reward" in r]
-    assert [r["step"] for r in train] == [1, 2] and all(math.isfinite(r["rewards/reward_model/mean"]) for r in train)
+    assert [r["step"] for r in train] == list(range(1, steps + 1))
+    assert all(math.isfinite(r["rewards/reward_model/mean"]) and r["rewards/reward_model/std"] > 0 for r in train)
     assert AutoModelForCausalLM.from_pretrained(output_dir) is not None
-    if importlib.util.find_spec("tensorboard"):
-        assert any((output_dir / "runs").iterdir())
+    if tensorboard:
+        assert list((output_dir / "runs").glob("events.out.tfevents.*"))
