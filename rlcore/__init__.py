@@ -7,13 +7,21 @@ torch and the math modules below.
 
 from .advantages import GROUP_SCALES, gae, group_advantages, reinforce_pp_advantages, rloo_advantages
 from .kl import KL_KINDS, kl_estimate, kl_shaped_rewards
-from .logprobs import chunked_logprobs, entropy_from_logits, gather_logprobs
+from .logprobs import (
+    chunked_logprobs,
+    entropy_from_logits,
+    gather_logprobs,
+    length_desensitized_logps,
+    log_sum_squared_probs,
+)
 from .losses import (
     AGGREGATION_MODES,
     DPO_LOSS_TYPES,
+    F_DIVERGENCES,
     LOSS_TYPE_AGGREGATION,
     aggregate,
     dpo_loss,
+    f_divergence_score,
     loss_normalizer,
     policy_loss,
     reward_pairwise_loss,
@@ -21,6 +29,7 @@ from .losses import (
     sft_loss_from_logprobs,
     simpo_loss,
     value_loss,
+    wpo_log_weights,
 )
 from .ops import (
     check_choice,
@@ -38,6 +47,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AGGREGATION_MODES",
     "DPO_LOSS_TYPES",
+    "F_DIVERGENCES",
     "GROUP_SCALES",
     "KL_KINDS",
     "LOSS_TYPE_AGGREGATION",
@@ -48,12 +58,15 @@ __all__ = [
     "chunked_logprobs",
     "dpo_loss",
     "entropy_from_logits",
+    "f_divergence_score",
     "gae",
     "gather_logprobs",
     "group_advantages",
     "kl_estimate",
     "kl_shaped_rewards",
     "last_valid_index",
+    "length_desensitized_logps",
+    "log_sum_squared_probs",
     "loss_normalizer",
     "masked_mean",
     "masked_sum",
@@ -67,4 +80,5 @@ __all__ = [
     "sft_loss_from_logprobs",
     "simpo_loss",
     "value_loss",
+    "wpo_log_weights",
 ]

@@ -24,7 +24,13 @@ import torch.nn.functional as F
 
 from .ops import check_ndim
 
-__all__ = ["gather_logprobs", "entropy_from_logits", "chunked_logprobs"]
+__all__ = [
+    "gather_logprobs",
+    "entropy_from_logits",
+    "log_sum_squared_probs",
+    "chunked_logprobs",
+    "length_desensitized_logps",
+]
 
 # Rows per block when the caller gives none: a float32 block of about 2**24 elements (64 MiB).
 _BLOCK_ELEMENTS = 2**24
@@ -195,6 +201,82 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, block_ro
         entropies.append(torch.logsumexp(z, dim=-1) - (probs * z).sum(-1))  # [n]
         del z, probs  # without autograd, free this block before the next one is made
     return torch.cat(entropies).reshape(logits.shape[:-1])
+
+
+def log_sum_squared_probs(
+    logits: torch.Tensor, temperature: float = 1.0, block_rows: int | None = None
+) -> torch.Tensor:
+    """Log of the squared-probability mass at each position, the normaliser of WPO's weights.
+
+        log sum_v p_t[v]^2 = logsumexp(2 z_t) - 2 logsumexp(z_t),   p_t = softmax(z_t),  z_t = logits_t / temperature
+
+    WPO (Zhou et al. 2024, https://arxiv.org/abs/2406.11827, Eq. 2 as TRL's ``use_weighting`` computes it)
+    weighs a completion by exp(mean_t [log p_t(y_t) - log sum_v p_t[v]^2]): each token's probability
+    relative to the probability that the policy would sample the token it sampled. Computed by blocks in
+    float32 (float64 for float64 logits), without gradient (a weight, never differentiated).
+
+    Args:
+        logits: [B, T, V] (any number of leading dimensions). Not modified.
+        temperature: divides the logits.
+        block_rows: positions per block (default: about 2**24 / V).
+
+    Returns:
+        [B, T], detached, float32 (float64 for float64 logits); always <= 0.
+    """
+    if logits.ndim < 2:
+        raise ValueError(f"logits must be [..., V] with at least 2 dimensions, got shape {tuple(logits.shape)}")
+    dtype = _accumulation_dtype(logits.dtype)
+    block_rows = block_rows or _default_block_rows(logits.shape[-1])
+    logits_3d = _as_rows(logits.detach())  # [R, S, V]
+    values = []
+    for r, s in _blocks_of(logits_3d, block_rows):
+        z = _scaled(logits_3d[r, s], temperature, dtype)  # [n, V]
+        values.append(torch.logsumexp(2 * z, dim=-1) - 2 * torch.logsumexp(z, dim=-1))  # [n]
+        del z
+    return torch.cat(values).reshape(logits.shape[:-1])
+
+
+def length_desensitized_logps(
+    chosen_token_logps: torch.Tensor,
+    chosen_mask: torch.Tensor,
+    rejected_token_logps: torch.Tensor,
+    rejected_mask: torch.Tensor,
+    ld_alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log-probs of LD-DPO: the tokens beyond the shorter completion's length count ``ld_alpha`` times.
+
+        l      = min(|y_c|, |y_r|)                              (completion tokens, per pair)
+        logp_y = sum_{k <= l} log p(y_k) + ld_alpha * sum_{k > l} log p(y_k)
+
+    where k counts the completion's valid tokens (mask 1) from its first one. ld_alpha = 1 gives the plain
+    sums, ld_alpha = 0 truncates both completions to their shared length. LD-DPO (Liu et al. 2024,
+    https://arxiv.org/abs/2409.06411) damps DPO's preference for the longer answer; TRL's ``ld_alpha``
+    computes the same for the policy and the reference.
+
+    Args:
+        chosen_token_logps, rejected_token_logps: [B, T] per-token log-probs (with gradient, if any).
+        chosen_mask, rejected_mask: [B, T] 1 on completion tokens.
+        ld_alpha: weight of the tokens beyond the shared length, in [0, 1].
+
+    Returns:
+        ([B] chosen, [B] rejected) sequence log-probs.
+    """
+    check_ndim("chosen_token_logps", chosen_token_logps, 2, "[B, T]")
+    if not 0.0 <= ld_alpha <= 1.0:
+        raise ValueError(f"ld_alpha must be in [0, 1], got {ld_alpha}")
+    shared_length = torch.minimum(chosen_mask.sum(-1), rejected_mask.sum(-1)).unsqueeze(-1)  # [B, 1]
+    out = []
+    for token_logps, mask in ((chosen_token_logps, chosen_mask), (rejected_token_logps, rejected_mask)):
+        if token_logps.shape != mask.shape or token_logps.shape[0] != shared_length.shape[0]:
+            raise ValueError(
+                f"shape mismatch: token log-probs {tuple(token_logps.shape)} and masks {tuple(mask.shape)} must "
+                f"all be [B, T] with B = {shared_length.shape[0]}"
+            )
+        valid = mask.bool()
+        position = valid.long().cumsum(-1)  # [B, T]: 1 on the first completion token, 2 on the second, ...
+        weight = torch.where(position <= shared_length, 1.0, ld_alpha)  # [B, T]
+        out.append(torch.where(valid, token_logps * weight.to(token_logps.dtype), 0.0).sum(-1))  # [B]
+    return out[0], out[1]
 
 
 class _ChunkedLogprobs(torch.autograd.Function):

@@ -8,6 +8,7 @@ detached tensors for logging (nothing here calls ``.item()``, so nothing forces 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,9 @@ __all__ = [
     "LOSS_TYPE_AGGREGATION",
     "loss_normalizer",
     "DPO_LOSS_TYPES",
+    "F_DIVERGENCES",
+    "f_divergence_score",
+    "wpo_log_weights",
     "aggregate",
     "policy_loss",
     "value_loss",
@@ -272,26 +276,120 @@ def value_loss(
     return loss, stats
 
 
-DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "exo_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down")
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "robust",
+    "ipo",
+    "hinge",
+    "exo_pair",
+    "nca_pair",
+    "sppo_hard",
+    "apo_zero",
+    "apo_down",
+    "bco_pair",
+    "aot",
+    "aot_unpaired",
+    "discopop",
+    "sigmoid_norm",
+    "sft",
+)
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# Loss types that read the policy/reference scores only through their chosen - rejected difference, the only ones
+# the f-DPO reparameterisation holds for (its beta log Z(x) term cancels in that difference alone).
+_F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+
+
+def f_divergence_score(logratios: torch.Tensor, divergence: str = "reverse_kl", alpha: float = 0.5) -> torch.Tensor:
+    """f'(u) at u = pi / pi_ref: the implicit reward of DPO under an f-divergence regulariser (f-DPO).
+
+        reverse_kl        f'(u) = log u                                   (standard DPO)
+        forward_kl        f'(u) = 1 - 1/u          = -expm1(-log u)
+        js_divergence     f'(u) = log (2u / (1 + u)) = log 2 + log sigma(log u)
+        alpha_divergence  f'(u) = (u^(alpha - 1) - 1) / (alpha - 1)  = expm1((alpha - 1) log u) / (alpha - 1)
+                          (alpha = 1 is the limit log u)
+
+    Wang et al. 2023, "Beyond Reverse KL", https://arxiv.org/abs/2309.16240 (Table 1). TRL's
+    ``f_divergence_type``/``f_alpha_divergence_coef``, with one difference: TRL clamps (alpha - 1) log u at 80
+    (float32/bf16) before the exponential and has no float64 case; here nothing is clamped (float32 overflows
+    to inf beyond (alpha - 1) log u = 88).
+
+    Args:
+        logratios: [B] log u = log pi(y|x) - log pi_ref(y|x).
+        divergence: one of ``F_DIVERGENCES``.
+        alpha: the alpha of ``alpha_divergence``.
+
+    Returns:
+        [B] scores, with gradient.
+    """
+    check_choice("f_divergence", divergence, F_DIVERGENCES)
+    if divergence == "forward_kl":
+        return -torch.expm1(-logratios)
+    if divergence == "js_divergence":
+        return math.log(2.0) + F.logsigmoid(logratios)
+    if divergence == "alpha_divergence" and abs(alpha - 1.0) >= 1e-6:
+        return torch.expm1((alpha - 1.0) * logratios) / (alpha - 1.0)
+    return logratios
+
+
+def wpo_log_weights(token_logps: torch.Tensor, log_sum_sq_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence log-weight of WPO: the length-normalised log-probability, aligned to the policy's own sampling.
+
+        log w(y|x) = (1 / |y|) sum_t m_t [log p_t(y_t) - log sum_v p_t[v]^2]
+
+    Zhou et al. 2024, https://arxiv.org/abs/2406.11827 (Eq. 2 with the alignment TRL's ``use_weighting``
+    uses): a pair weighs w(y_c|x) w(y_r|x), so pairs the current policy would likely produce count more.
+    ``log_sum_sq_probs`` comes from ``rlcore.logprobs.log_sum_squared_probs`` of the policy's logits. Detached.
+
+    Args:
+        token_logps: [B, T] the policy's log-probs of the completion tokens.
+        log_sum_sq_probs: [B, T] log sum_v p_t[v]^2 at the same positions.
+        mask: [B, T] 1 on completion tokens (|y| = its row sum, at least 1).
+
+    Returns:
+        [B] log-weights (pass as ``chosen_wpo_logweights`` / ``rejected_wpo_logweights`` of ``dpo_loss``).
+    """
+    check_ndim("token_logps", token_logps, 2, "[B, T]")
+    check_same_shape(token_logps=token_logps, log_sum_sq_probs=log_sum_sq_probs, mask=mask)
+    with torch.no_grad():
+        aligned = masked_sum(token_logps - log_sum_sq_probs, mask, dim=-1)  # [B]
+        return aligned / mask.sum(-1).clamp(min=1).to(aligned.dtype)
+
+
+def _cdpo_sigmoid(delta: torch.Tensor, eps: float) -> torch.Tensor:
+    """Conservative-DPO logistic loss -(1 - eps) log sigma(x) - eps log sigma(-x)."""
+    return -(1 - eps) * F.logsigmoid(delta) - eps * F.logsigmoid(-delta)
 
 
 def _dpo_per_pair_loss(
-    chosen_logratios: torch.Tensor,
-    rejected_logratios: torch.Tensor,
-    beta: float,
     loss_type: str,
-    label_smoothing: float,
+    scores: tuple[torch.Tensor, torch.Tensor],
+    logratios: tuple[torch.Tensor, torch.Tensor],
+    logps: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    lengths: tuple[torch.Tensor, torch.Tensor] | None,
+    chosen_nll: torch.Tensor | None,
+    beta: float,
+    eps: float,
+    cdpo: bool,
+    discopop_tau: float,
 ) -> torch.Tensor:
-    """[B] per-pair loss of ``dpo_loss`` from the log-ratios c = log pi/ref (chosen), r (rejected)."""
-    c, r = chosen_logratios, rejected_logratios
-    h = beta * (c - r)  # [B], the implicit reward margin
-    eps = label_smoothing
+    """[B] per-pair loss of one ``loss_type`` of ``dpo_loss``; see its docstring for the equations.
+
+    scores = the f-divergence scores (s_c, s_r), logratios = (c, r), logps = (policy chosen, policy rejected,
+    ref chosen, ref rejected), lengths = completion token counts (n_c, n_r) or None.
+    """
+    c, r = logratios
+    delta = scores[0] - scores[1]  # [B]
+    h = beta * delta  # [B], the implicit reward margin
     if loss_type == "sigmoid":
-        return -(1 - eps) * F.logsigmoid(h) - eps * F.logsigmoid(-h)
+        return _cdpo_sigmoid(h, eps if cdpo else 0.0)
     if loss_type == "robust":
         return (-(1 - eps) * F.logsigmoid(h) + eps * F.logsigmoid(-h)) / (1 - 2 * eps)
-    if loss_type == "ipo":
-        return (c - r - 1 / (2 * beta)) ** 2
+    if loss_type in ("ipo", "sigmoid_norm"):
+        if lengths is not None:  # length-average the scores (TRL: by the completion token counts)
+            delta = scores[0] / lengths[0] - scores[1] / lengths[1]
+        if loss_type == "ipo":
+            return (delta - 1 / (2 * beta)) ** 2
+        return -F.logsigmoid(beta * delta)
     if loss_type == "hinge":
         return torch.relu(1 - h)
     if loss_type == "exo_pair":
@@ -304,8 +402,22 @@ def _dpo_per_pair_loss(
         return (c - 0.5 / beta) ** 2 + (r + 0.5 / beta) ** 2
     if loss_type == "apo_zero":
         return (1 - torch.sigmoid(beta * c)) + torch.sigmoid(beta * r)
-    # apo_down
-    return torch.sigmoid(beta * c) + (1 - torch.sigmoid(h))
+    if loss_type == "apo_down":
+        return torch.sigmoid(beta * c) + (1 - torch.sigmoid(beta * (c - r)))
+    if loss_type == "bco_pair":
+        return -F.logsigmoid(beta * c) - F.logsigmoid(-beta * r)
+    if loss_type == "aot":  # sorted policy margins against sorted reference margins
+        chosen, rejected, ref_chosen, ref_rejected = logps
+        policy_margins = torch.sort(chosen - rejected).values  # [B], ascending
+        ref_margins = torch.sort(ref_chosen - ref_rejected).values  # [B], ascending
+        return _cdpo_sigmoid(beta * (policy_margins - ref_margins), eps)
+    if loss_type == "aot_unpaired":  # sorted chosen log-ratios against sorted rejected log-ratios
+        return _cdpo_sigmoid(beta * (torch.sort(c).values - torch.sort(r).values), eps)
+    if loss_type == "discopop":
+        mix = torch.sigmoid(h / discopop_tau)  # [B]
+        return -F.logsigmoid(h) * (1 - mix) + torch.exp(-h) * mix
+    # sft: the chosen completions' NLL, the same for every pair
+    return chosen_nll.expand(c.shape)
 
 
 def _check_pairs(**tensors: torch.Tensor) -> None:
@@ -338,13 +450,26 @@ def dpo_loss(
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
     beta: float = 0.1,
-    loss_type: str = "sigmoid",
+    loss_type: str | Sequence[str] = "sigmoid",
     label_smoothing: float = 0.0,
+    *,
+    loss_weights: Sequence[float] | None = None,
+    cdpo: bool = True,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+    discopop_tau: float = 0.05,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    chosen_nll: torch.Tensor | None = None,
+    rpo_alpha: float = 0.0,
+    chosen_wpo_logweights: torch.Tensor | None = None,
+    rejected_wpo_logweights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The DPO family of preference losses, with TRL's ``loss_type`` names.
+    """The DPO family of preference losses, with TRL's ``loss_type`` names, f-divergences, WPO, RPO and MPO.
 
-    With the log-ratios c = chosen_logps - ref_chosen_logps, r = rejected_logps - ref_rejected_logps,
-    h = beta * (c - r), eps = label_smoothing and sigma the logistic function, the per-pair losses are
+    With the log-ratios c = chosen_logps - ref_chosen_logps, r = rejected_logps - ref_rejected_logps, their
+    f-divergence scores s_c = f'(c), s_r = f'(r) (``f_divergence_score``; s = c for the default reverse KL),
+    h = beta * (s_c - s_r), eps = label_smoothing and sigma the logistic function, the per-pair losses are
 
         sigmoid    -(1 - eps) log sigma(h) - eps log sigma(-h)   DPO, Rafailov et al. 2023, arXiv 2305.18290;
                                                                  eps > 0: conservative DPO (cDPO, Mitchell 2023,
@@ -352,9 +477,9 @@ def dpo_loss(
         robust     (-(1 - eps) log sigma(h) + eps log sigma(-h)) / (1 - 2 eps)
                                                                  Chowdhury et al. 2024, arXiv 2403.00409;
                                                                  unbiased under label-flip rate eps < 0.5
-        ipo        (c - r - 1 / (2 beta))^2                      IPO, Azar et al. 2023, arXiv 2310.12036
+        ipo        (s_c / n_c - s_r / n_r - 1 / (2 beta))^2      IPO, Azar et al. 2023, arXiv 2310.12036
         hinge      max(0, 1 - h)                                 SLiC, Zhao et al. 2023, arXiv 2305.10425
-        exo_pair   s(h) (log s(h) - log(1 - eps)) + s(-h) (log s(-h) - log eps),   s = sigma
+        exo_pair   q(h) (log q(h) - log(1 - eps)) + q(-h) (log q(-h) - log eps),   q = sigma
                                                                  EXO, Ji et al. 2024, arXiv 2402.00856;
                                                                  needs eps > 0 (the paper uses 1e-3)
         nca_pair   -log sigma(beta c) - 0.5 log sigma(-beta c) - 0.5 log sigma(-beta r)
@@ -362,25 +487,60 @@ def dpo_loss(
         sppo_hard  (c - 1 / (2 beta))^2 + (r + 1 / (2 beta))^2  SPPO, Wu et al. 2024, arXiv 2405.00675,
                                                                  with hard win probabilities 1 and 0
         apo_zero   (1 - sigma(beta c)) + sigma(beta r)           APO, D'Oosterlinck et al. 2024, arXiv 2408.06266
-        apo_down   sigma(beta c) + (1 - sigma(h))                (the same paper)
+        apo_down   sigma(beta c) + (1 - sigma(beta (c - r)))     (the same paper)
+        bco_pair   -log sigma(beta c) - log sigma(-beta r)       BCO, Jung et al. 2024, arXiv 2404.04656 (the
+                                                                 paired form, without BCO's running reward shift)
+        aot        -(1 - eps) log sigma(beta d_i) - eps log sigma(-beta d_i),
+                   d = sort_B(chosen_logps - rejected_logps) - sort_B(ref_chosen_logps - ref_rejected_logps)
+                                                                 AOT, Melnyk et al. 2024, arXiv 2406.05882: the
+                                                                 i-th smallest policy margin of the batch against
+                                                                 the i-th smallest reference margin
+        aot_unpaired  the same with d = sort_B(c) - sort_B(r)    (AOT for unpaired data)
+        discopop   -log sigma(h) (1 - m) + exp(-h) m,   m = sigma(h / discopop_tau)
+                                                                 DiscoPOP, Chris Lu et al. 2024, arXiv 2406.08414
+        sigmoid_norm  -log sigma(beta (s_c / n_c - s_r / n_r))   the sigmoid loss on length-averaged scores
+        sft        chosen_nll (the same for every pair)          RPO, Pang et al. 2024, arXiv 2404.19733
 
-    and the loss is their mean over the batch. The formulas follow TRL's ``DPOTrainer`` (TRL 1.x applies
-    label smoothing to ``sigmoid`` no more; its 0.x versions did, as here). TRL's ``ipo``
-    divides the summed log-probs by each completion's token count before taking c - r: for ``ipo`` pass
-    length-averaged log-probs (``masked_mean`` over the completion instead of ``masked_sum``). All other
-    types take summed log-probs.
+    with n_c, n_r = ``chosen_lengths``, ``rejected_lengths`` (completion token counts, clamped to >= 1).
+    The loss is sum_k w_k mean_b l_k over the loss types k (one name, or several with ``loss_weights``
+    w_k, default 1 each: MPO, Wang et al. 2024, arXiv 2411.10442, combines sigmoid, bco_pair and sft);
+    ``rpo_alpha`` > 0 appends ("sft", rpo_alpha). With WPO weights (Zhou et al. 2024, arXiv 2406.11827)
+    every per-pair loss, sft included, is multiplied by exp(chosen_wpo_logweights + rejected_wpo_logweights)
+    (detached; ``wpo_log_weights``) before its mean. Only sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust,
+    discopop and sft accept an f-divergence other than reverse_kl; the others read c and r themselves.
+
+    Inputs are summed log-probs over the completion tokens (for LD-DPO, ``length_desensitized_logps``). For
+    ``ipo`` without lengths the inputs are taken as already length-averaged (``masked_mean`` instead of
+    ``masked_sum``); ``sigmoid_norm`` needs the lengths.
+
+    Differences from TRL 1.16's ``DPOTrainer`` (same meaning otherwise; tests/test_trl_parity.py checks it):
+    - TRL's ``sigmoid`` ignores ``label_smoothing`` (it has no cDPO); here ``sigmoid`` applies it, and
+      ``cdpo=False`` gives TRL's. (``robust``, ``exo_pair``, ``aot`` and ``aot_unpaired`` use eps in both.)
+    - TRL's ``sft`` term is the token mean of the chosen NLL over the batch; here the caller computes it
+      (``sft_loss_from_logprobs``), so its normaliser (e.g. the tokens of the whole optimizer step) is the
+      caller's choice.
+    - ``alpha_divergence``: see ``f_divergence_score`` (no clamp).
 
     Args:
         chosen_logps, rejected_logps: [B] sequence log-probs under the policy (with gradient).
         ref_chosen_logps, ref_rejected_logps: [B] the same under the reference model.
         beta: inverse temperature of the implicit reward (the KL strength; tau of IPO).
-        loss_type: one of ``DPO_LOSS_TYPES``.
-        label_smoothing: eps above, used by sigmoid, robust and exo_pair.
+        loss_type: one of ``DPO_LOSS_TYPES``, or a sequence of them (MPO).
+        label_smoothing: eps above, used by sigmoid (with ``cdpo``), robust, exo_pair, aot, aot_unpaired.
+        loss_weights: one weight per loss type (default 1 each).
+        cdpo: apply ``label_smoothing`` to ``sigmoid`` (False: TRL's sigmoid).
+        f_divergence, f_alpha: see ``f_divergence_score``.
+        discopop_tau: the temperature of discopop's mixing (the paper's 0.05).
+        chosen_lengths, rejected_lengths: [B] completion token counts (ipo, sigmoid_norm).
+        chosen_nll: 0-d mean NLL of the chosen completions, with gradient (needed by sft and rpo_alpha).
+        rpo_alpha: weight of an appended sft term (0: none).
+        chosen_wpo_logweights, rejected_wpo_logweights: [B] WPO log-weights, or None (no weighting).
 
     Returns:
         (loss, stats); stats (detached batch means): ``rewards/chosen`` = beta c, ``rewards/rejected`` =
         beta r, ``rewards/margins``, ``rewards/accuracies`` (fraction with beta c > beta r),
-        ``logps/chosen``, ``logps/rejected``.
+        ``logps/chosen``, ``logps/rejected``; with several loss types ``loss/<type>`` (unweighted);
+        with WPO ``wpo_weight`` (mean pair weight).
     """
     _check_pairs(
         chosen_logps=chosen_logps,
@@ -388,16 +548,73 @@ def dpo_loss(
         ref_chosen_logps=ref_chosen_logps,
         ref_rejected_logps=ref_rejected_logps,
     )
-    check_choice("loss_type", loss_type, DPO_LOSS_TYPES)
-    if loss_type == "exo_pair" and not 0.0 < label_smoothing < 1.0:
+    loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = [1.0] * len(loss_types) if loss_weights is None else [float(w) for w in loss_weights]
+    if len(weights) != len(loss_types) or not loss_types:
+        raise ValueError(f"loss_weights has {len(weights)} values for {len(loss_types)} loss types {loss_types}")
+    if rpo_alpha:
+        loss_types, weights = [*loss_types, "sft"], [*weights, rpo_alpha]
+    for name in loss_types:
+        check_choice("loss_type", name, DPO_LOSS_TYPES)
+    check_choice("f_divergence", f_divergence, F_DIVERGENCES)
+    if f_divergence != "reverse_kl" and not set(loss_types) <= set(_F_DIVERGENCE_LOSS_TYPES):
+        raise ValueError(
+            f"f_divergence {f_divergence!r} only works with loss types {', '.join(_F_DIVERGENCE_LOSS_TYPES)}; "
+            f"got {', '.join(loss_types)}"
+        )
+    if "exo_pair" in loss_types and not 0.0 < label_smoothing < 1.0:
         raise ValueError(f"exo_pair needs 0 < label_smoothing < 1 (the paper uses 1e-3), got {label_smoothing}")
-    if loss_type == "robust" and not 0.0 <= label_smoothing < 0.5:
+    if "robust" in loss_types and not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"robust needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
-    chosen_logratios = chosen_logps - ref_chosen_logps.detach()  # [B]
-    rejected_logratios = rejected_logps - ref_rejected_logps.detach()  # [B]
-    losses = _dpo_per_pair_loss(chosen_logratios, rejected_logratios, beta, loss_type, label_smoothing)  # [B]
+    if "sft" in loss_types and (chosen_nll is None or chosen_nll.ndim != 0):
+        raise ValueError("the sft loss type and rpo_alpha need chosen_nll, the 0-d mean NLL of the chosen completions")
+    if (chosen_lengths is None) != (rejected_lengths is None):
+        raise ValueError("pass both chosen_lengths and rejected_lengths, or neither")
+    if "sigmoid_norm" in loss_types and chosen_lengths is None:
+        raise ValueError("sigmoid_norm needs chosen_lengths and rejected_lengths (completion token counts)")
+    wpo = chosen_wpo_logweights is not None or rejected_wpo_logweights is not None
+    if wpo and {"aot", "aot_unpaired"} & set(loss_types):
+        raise ValueError("WPO weights do not apply to aot / aot_unpaired, which sort the pairs of the batch")
+    lengths = None
+    if chosen_lengths is not None:
+        check_same_shape(chosen_logps=chosen_logps, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+        lengths = tuple(n.clamp(min=1).to(chosen_logps.dtype) for n in (chosen_lengths, rejected_lengths))
+    ref_chosen_logps, ref_rejected_logps = ref_chosen_logps.detach(), ref_rejected_logps.detach()
+    chosen_logratios = chosen_logps - ref_chosen_logps  # [B]
+    rejected_logratios = rejected_logps - ref_rejected_logps  # [B]
+    scores = tuple(f_divergence_score(x, f_divergence, f_alpha) for x in (chosen_logratios, rejected_logratios))
+    pair_weights = None
+    if wpo:
+        if chosen_wpo_logweights is None or rejected_wpo_logweights is None:
+            raise ValueError("WPO needs both chosen_wpo_logweights and rejected_wpo_logweights")
+        check_same_shape(chosen_logps=chosen_logps, chosen_wpo_logweights=chosen_wpo_logweights)
+        check_same_shape(chosen_logps=chosen_logps, rejected_wpo_logweights=rejected_wpo_logweights)
+        pair_weights = torch.exp(chosen_wpo_logweights + rejected_wpo_logweights).detach()  # [B]
+    loss = 0.0
+    per_type = {}
+    for name, weight in zip(loss_types, weights):
+        losses = _dpo_per_pair_loss(
+            name,
+            scores,
+            (chosen_logratios, rejected_logratios),
+            (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps),
+            lengths,
+            chosen_nll,
+            beta,
+            label_smoothing,
+            cdpo,
+            discopop_tau,
+        )  # [B]
+        if pair_weights is not None:
+            losses = losses * pair_weights
+        per_type[f"loss/{name}"] = losses.mean()
+        loss = loss + weight * per_type[f"loss/{name}"]
     stats = _preference_stats(beta * chosen_logratios, beta * rejected_logratios, chosen_logps, rejected_logps)
-    return losses.mean(), stats
+    if len(loss_types) > 1:
+        stats.update({key: value.detach() for key, value in per_type.items()})
+    if pair_weights is not None:
+        stats["wpo_weight"] = pair_weights.mean()
+    return loss, stats
 
 
 def simpo_loss(
