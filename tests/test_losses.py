@@ -11,12 +11,16 @@ from rlcore import (
     DPO_LOSS_TYPES,
     aggregate,
     dpo_loss,
+    f_divergence_score,
+    length_desensitized_logps,
+    log_sum_squared_probs,
     policy_loss,
     reward_pairwise_loss,
     sft_loss,
     sft_loss_from_logprobs,
     simpo_loss,
     value_loss,
+    wpo_log_weights,
 )
 
 
@@ -236,13 +240,32 @@ HAND_DPO = {
     "apo_zero": 1 - sigmoid(0.25) + sigmoid(-0.5),
     # s(0.25) + 1 - s(0.75)
     "apo_down": sigmoid(0.25) + 1 - sigmoid(0.75),
+    # -log s(beta c) - log s(-beta r) = softplus(-0.25) + softplus(-0.5)
+    "bco_pair": softplus(-0.25) + softplus(-0.5),
+    # one pair, nothing to sort: d = (chosen - rejected) - (ref_chosen - ref_rejected) = 4 - 1 = c - r = 3, so the
+    # cDPO sigmoid of beta d = 0.75: 0.9 softplus(-0.75) + 0.1 softplus(0.75)
+    "aot": 0.9 * softplus(-0.75) + 0.1 * softplus(0.75),
+    # sort(c) - sort(r) = c - r for one pair: the same
+    "aot_unpaired": 0.9 * softplus(-0.75) + 0.1 * softplus(0.75),
+    # m = s(h / tau) = s(0.75 / 0.05) = s(15);  -log s(h) (1 - m) + e^-h m
+    "discopop": softplus(-0.75) * (1 - sigmoid(15)) + math.exp(-0.75) * sigmoid(15),
+    # lengths n_c = 2, n_r = 4: c / 2 - r / 4 = 0.5 + 0.5 = 1;  -log s(beta * 1) = softplus(-0.25)
+    "sigmoid_norm": softplus(-0.25),
+    # the given chosen NLL, 1.5
+    "sft": 1.5,
+}
+# What a loss type needs beyond the four log-probs (hand values above).
+HAND_DPO_EXTRA = {
+    "sigmoid_norm": {"chosen_lengths": torch.tensor([2]), "rejected_lengths": torch.tensor([4])},
+    "sft": {"chosen_nll": torch.tensor(1.5, dtype=torch.float64)},
 }
 
 
 @pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
 def test_dpo_loss_types_by_hand(loss_type):
     pair = [torch.tensor([value], dtype=torch.float64) for value in (-3.0, -7.0, -4.0, -5.0)]
-    loss, stats = dpo_loss(*pair, beta=0.25, loss_type=loss_type, label_smoothing=0.1)
+    extra = HAND_DPO_EXTRA.get(loss_type, {})
+    loss, stats = dpo_loss(*pair, beta=0.25, loss_type=loss_type, label_smoothing=0.1, **extra)
     assert loss.item() == pytest.approx(HAND_DPO[loss_type], rel=1e-12)
     assert stats["rewards/chosen"].item() == pytest.approx(0.25)
     assert stats["rewards/rejected"].item() == pytest.approx(-0.5)
@@ -274,6 +297,157 @@ def test_dpo_errors():
         dpo_loss(logps, logps, logps, logps, loss_type="exo_pair")
     with pytest.raises(ValueError, match=r"chosen_logps has shape \(3,\) but ref_rejected_logps has shape \(2,\)"):
         dpo_loss(logps, logps, logps, logps[:2])
+
+
+def test_dpo_cdpo_switch_gives_trls_sigmoid():
+    # TRL's sigmoid ignores label smoothing: cdpo=False with eps = 0.1 is the plain sigmoid, softplus(-0.75).
+    pair = [torch.tensor([value], dtype=torch.float64) for value in (-3.0, -7.0, -4.0, -5.0)]
+    loss, _ = dpo_loss(*pair, beta=0.25, label_smoothing=0.1, cdpo=False)
+    assert loss.item() == pytest.approx(softplus(-0.75), rel=1e-12)
+
+
+def test_ipo_with_lengths_averages_the_log_ratios():
+    # c = 1, r = -2 over n_c = 2, n_r = 4 tokens, beta = 0.25: (1/2 + 2/4 - 1/(2 beta))^2 = (1 - 2)^2 = 1;
+    # with n_c = 1, n_r = 3: (1 + 2/3 - 2)^2 = 1/9.
+    pair = [torch.tensor([value], dtype=torch.float64) for value in (-3.0, -7.0, -4.0, -5.0)]
+    for lengths, expected in (((2, 4), 1.0), ((1, 3), 1 / 9)):
+        n_c, n_r = (torch.tensor([n]) for n in lengths)
+        loss, _ = dpo_loss(*pair, beta=0.25, loss_type="ipo", chosen_lengths=n_c, rejected_lengths=n_r)
+        assert loss.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_f_divergence_scores_by_hand():
+    # u = pi / pi_ref: forward KL 1 - 1/u, JS log(2u / (1 + u)), alpha (u^(a-1) - 1) / (a - 1), reverse KL log u.
+    log_u = torch.tensor([math.log(2.0), 0.0, math.log(3.0), math.log(4.0)], dtype=torch.float64)
+    torch.testing.assert_close(f_divergence_score(log_u, "reverse_kl"), log_u)
+    torch.testing.assert_close(
+        f_divergence_score(log_u, "forward_kl"), torch.tensor([0.5, 0.0, 2 / 3, 0.75], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        f_divergence_score(log_u, "js_divergence"),
+        torch.tensor([math.log(4 / 3), 0.0, math.log(1.5), math.log(1.6)], dtype=torch.float64),
+    )
+    # alpha = 0.5 at u = 4: (1/2 - 1) / (-1/2) = 1; at u = 2: (2^-0.5 - 1) / (-0.5) = 2 - sqrt(2)
+    alpha = f_divergence_score(log_u, "alpha_divergence", alpha=0.5)
+    assert alpha[3].item() == pytest.approx(1.0) and alpha[0].item() == pytest.approx(2 - math.sqrt(2))
+    torch.testing.assert_close(f_divergence_score(log_u, "alpha_divergence", alpha=1.0), log_u)  # the limit
+
+
+def test_dpo_forward_kl_by_hand():
+    # c = log 2, r = -log 2: forward-KL scores 1 - 1/2 = 0.5 and 1 - 2 = -1, h = beta * 1.5 = 0.15 (beta 0.1).
+    chosen = torch.tensor([math.log(2.0)], dtype=torch.float64)
+    zero = torch.zeros(1, dtype=torch.float64)
+    loss, stats = dpo_loss(chosen, -chosen, zero, zero, f_divergence="forward_kl")
+    assert loss.item() == pytest.approx(softplus(-0.15), rel=1e-12)
+    assert stats["rewards/chosen"].item() == pytest.approx(0.1 * math.log(2.0))  # rewards stay beta * log ratio
+
+
+def test_wpo_weights_by_hand():
+    # log w = mean over completion tokens of (log p - log sum p^2): row 0 ((-1 + 0.5) + (-2 + 1)) / 2 = -0.75,
+    # row 1 (-0.5 + 0.25) / 1 = -0.25 (its padding holds garbage). The pair weight is w_c w_r = e^-1.
+    token_logps = torch.tensor([[-1.0, -2.0, 9.0], [-0.5, 9.0, 9.0]], dtype=torch.float64)
+    log_sum_sq = torch.tensor([[-0.5, -1.0, 9.0], [-0.25, 9.0, 9.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    log_weights = wpo_log_weights(token_logps, log_sum_sq, mask)
+    torch.testing.assert_close(log_weights, torch.tensor([-0.75, -0.25], dtype=torch.float64))
+    # Pair c = 1, r = -2, beta 0.25: e^-1 * softplus(-0.75); the weight carries no gradient.
+    pair = [torch.tensor([value], dtype=torch.float64, requires_grad=True) for value in (-3.0, -7.0, -4.0, -5.0)]
+    weights = [log_weights[:1].requires_grad_(), log_weights[1:].clone().requires_grad_()]
+    loss, stats = dpo_loss(*pair, beta=0.25, chosen_wpo_logweights=weights[0], rejected_wpo_logweights=weights[1])
+    assert loss.item() == pytest.approx(math.exp(-1) * softplus(-0.75), rel=1e-12)
+    assert stats["wpo_weight"].item() == pytest.approx(math.exp(-1))
+    loss.backward()
+    assert pair[0].grad.item() == pytest.approx(-math.exp(-1) * 0.25 * sigmoid(-0.75))
+    assert weights[0].grad is None
+
+
+def test_log_sum_squared_probs_by_hand_and_against_softmax():
+    # logits log [1, 1, 2]: p = [1/4, 1/4, 1/2], sum p^2 = 1/16 + 1/16 + 1/4 = 3/8.
+    logits = torch.tensor([[[0.0, 0.0, math.log(2.0)]]], dtype=torch.float64)
+    assert log_sum_squared_probs(logits).item() == pytest.approx(math.log(3 / 8))
+    # temperature 2 halves the logits: p ~ [1, 1, sqrt 2], sum p^2 = (1 + 1 + 2) / (2 + sqrt 2)^2
+    assert log_sum_squared_probs(logits, temperature=2.0).item() == pytest.approx(math.log(4 / (2 + math.sqrt(2)) ** 2))
+    generator = torch.Generator().manual_seed(5)
+    logits = 3 * torch.randn(3, 4, 11, generator=generator, dtype=torch.float64)
+    expected = torch.softmax(logits, -1).pow(2).sum(-1).log()
+    torch.testing.assert_close(log_sum_squared_probs(logits, block_rows=5), expected)
+
+
+def test_length_desensitized_logps_by_hand():
+    # Chosen: 3 completion tokens after one prompt position; rejected: 2. Shared length 2, ld_alpha 0.5:
+    #   chosen = -1 - 2 + 0.5 * (-4) = -5;  rejected = -0.5 - 1 = -1.5 (nothing beyond the shared length).
+    # Row 1: chosen 1 token, rejected 3: shared 1, rejected = -1 + 0.5 (-2 - 3) = -3.5.
+    chosen = torch.tensor([[7.0, -1.0, -2.0, -4.0], [-2.0, 7.0, 7.0, 7.0]], dtype=torch.float64)
+    chosen_mask = torch.tensor([[0, 1, 1, 1], [1, 0, 0, 0]])
+    rejected = torch.tensor([[7.0, -0.5, -1.0, 7.0], [-1.0, -2.0, -3.0, 7.0]], dtype=torch.float64)
+    rejected_mask = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 0]])
+    ld_chosen, ld_rejected = length_desensitized_logps(chosen, chosen_mask, rejected, rejected_mask, 0.5)
+    torch.testing.assert_close(ld_chosen, torch.tensor([-5.0, -2.0], dtype=torch.float64))
+    torch.testing.assert_close(ld_rejected, torch.tensor([-1.5, -3.5], dtype=torch.float64))
+    # ld_alpha = 1: the plain sums
+    full = length_desensitized_logps(chosen, chosen_mask, rejected, rejected_mask, 1.0)
+    torch.testing.assert_close(full[0], (chosen * chosen_mask).sum(-1))
+    torch.testing.assert_close(full[1], (rejected * rejected_mask).sum(-1))
+    with pytest.raises(ValueError, match=r"ld_alpha must be in \[0, 1\]"):
+        length_desensitized_logps(chosen, chosen_mask, rejected, rejected_mask, 1.5)
+
+
+def _aot_loop(chosen, rejected, ref_chosen, ref_rejected, beta, eps, unpaired):
+    """AOT by hand: sort in Python, then the cDPO logistic loss of each rank's difference."""
+    if unpaired:
+        first = sorted(c - rc for c, rc in zip(chosen, ref_chosen))
+        second = sorted(r - rr for r, rr in zip(rejected, ref_rejected))
+    else:
+        first = sorted(c - r for c, r in zip(chosen, rejected))
+        second = sorted(rc - rr for rc, rr in zip(ref_chosen, ref_rejected))
+    losses = [(1 - eps) * softplus(-beta * (a - b)) + eps * softplus(beta * (a - b)) for a, b in zip(first, second)]
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("loss_type", ["aot", "aot_unpaired"])
+def test_aot_matches_sorting_loop(loss_type):
+    generator = torch.Generator().manual_seed(6)
+    logps = [torch.randn(7, generator=generator, dtype=torch.float64) * 3 for _ in range(4)]
+    loss, _ = dpo_loss(*logps, beta=0.3, loss_type=loss_type, label_smoothing=0.1)
+    lists = [x.tolist() for x in logps]
+    assert loss.item() == pytest.approx(_aot_loop(*lists, 0.3, 0.1, loss_type == "aot_unpaired"), rel=1e-12)
+
+
+def test_mpo_weighted_sum_and_rpo_alpha():
+    # MPO: 0.8 sigmoid + 0.2 bco_pair + 1.0 sft is the weighted sum of the single-type losses; rpo_alpha = 0.5
+    # appends 0.5 sft.
+    generator = torch.Generator().manual_seed(7)
+    logps = [torch.randn(5, generator=generator, dtype=torch.float64) for _ in range(4)]
+    nll = torch.tensor(2.0, dtype=torch.float64)
+    single = {t: dpo_loss(*logps, loss_type=t, chosen_nll=nll)[0] for t in ("sigmoid", "bco_pair", "sft")}
+    mixed, stats = dpo_loss(
+        *logps, loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0], chosen_nll=nll
+    )
+    torch.testing.assert_close(mixed, 0.8 * single["sigmoid"] + 0.2 * single["bco_pair"] + single["sft"])
+    torch.testing.assert_close(stats["loss/bco_pair"], single["bco_pair"])
+    rpo, _ = dpo_loss(*logps, chosen_nll=nll, rpo_alpha=0.5)
+    torch.testing.assert_close(rpo, single["sigmoid"] + 0.5 * nll)
+
+
+def test_dpo_new_option_errors():
+    logps = torch.zeros(3)
+    lengths = torch.ones(3)
+    with pytest.raises(ValueError, match="sigmoid_norm needs chosen_lengths and rejected_lengths"):
+        dpo_loss(logps, logps, logps, logps, loss_type="sigmoid_norm")
+    with pytest.raises(ValueError, match="need chosen_nll"):
+        dpo_loss(logps, logps, logps, logps, rpo_alpha=1.0)
+    with pytest.raises(ValueError, match="WPO weights do not apply to aot"):
+        dpo_loss(
+            logps, logps, logps, logps, loss_type="aot", chosen_wpo_logweights=logps, rejected_wpo_logweights=logps
+        )
+    with pytest.raises(ValueError, match="f_divergence 'js_divergence' only works with loss types sigmoid"):
+        dpo_loss(logps, logps, logps, logps, loss_type="bco_pair", f_divergence="js_divergence")
+    with pytest.raises(ValueError, match="unknown f_divergence 'kl'"):
+        dpo_loss(logps, logps, logps, logps, f_divergence="kl")
+    with pytest.raises(ValueError, match=r"loss_weights has 1 values for 2 loss types"):
+        dpo_loss(logps, logps, logps, logps, loss_type=["sigmoid", "ipo"], loss_weights=[1.0])
+    with pytest.raises(ValueError, match="pass both chosen_lengths and rejected_lengths"):
+        dpo_loss(logps, logps, logps, logps, chosen_lengths=lengths)
 
 
 def test_simpo_by_hand():
@@ -344,8 +518,11 @@ def test_losses_do_not_modify_inputs():
     aggregate(per_token, mask, "seq_mean_token_mean")
     policy_loss(logp, old_logp, scores[0], mask, dual_clip=3.0)
     value_loss(values, old_logp, logp, mask)
+    lengths = torch.tensor([3, 1, 2, 5, 4])
     for loss_type in DPO_LOSS_TYPES:
-        dpo_loss(*scores, loss_type=loss_type, label_smoothing=0.1)
+        dpo_loss(*scores, loss_type=loss_type, label_smoothing=0.1, chosen_lengths=lengths, rejected_lengths=lengths,
+                 chosen_nll=scores[0].mean(), f_divergence="reverse_kl")  # fmt: skip
+    dpo_loss(*scores, f_divergence="js_divergence", chosen_wpo_logweights=scores[1], rejected_wpo_logweights=scores[2])
     simpo_loss(scores[0], scores[1])
     reward_pairwise_loss(scores[0], scores[1], margin=scores[2], center_coef=0.1)
     sft_loss(logits, labels, mask)
