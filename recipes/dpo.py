@@ -4,17 +4,27 @@
     sigmoid loss (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290):  -log sigmoid(beta * (c - r))
 
 and every other ``--loss_type`` of ``rlcore.dpo_loss`` (robust, ipo, hinge, exo_pair, nca_pair, sppo_hard,
-apo_zero, apo_down; ``--label_smoothing`` for cDPO/robust/exo). Log-probs are sums over the completion
-tokens (length-averaged for ipo, as TRL does). Chosen and rejected sequences go through the policy in ONE
-forward pass ([2B, T]). The reference pi_ref is, by choice:
+apo_zero, apo_down, bco_pair, aot, aot_unpaired, discopop, sigmoid_norm, sft; ``--label_smoothing`` for
+cDPO/robust/exo/aot), or a weighted sum of several (MPO: ``--loss_type sigmoid:0.8,bco_pair:0.2,sft:1``).
+Options as TRL's DPOTrainer names them: ``--f_divergence``/``--f_alpha`` (f-DPO), ``--discopop_tau``,
+``--ld_alpha`` (LD-DPO: tokens beyond the shorter completion's length count ld_alpha times, for the policy and
+the reference), ``--use_weighting`` (WPO pair weights), ``--rpo_alpha`` (RPO: + alpha * NLL of the chosen
+tokens). Log-probs are sums over the completion tokens; ipo and sigmoid_norm divide by the token counts, as
+TRL does. Chosen and rejected sequences go through the policy in ONE forward pass ([2B, T]). The reference
+pi_ref is, by choice:
 - a frozen copy of the starting policy (full fine-tuning, the default);
 - the same model with its adapters switched off (``--lora_r > 0``: no second model in memory);
 - ``--precompute_ref``: reference log-probs of every training pair computed once before training, after
   which no reference model is kept.
 
 Departures from the paper / TRL's DPOTrainer:
-- ``--sft_weight W`` adds W times the token-mean NLL of the chosen completions to the loss (RPO, Pang et
-  al. 2024, https://arxiv.org/abs/2404.19733; TRL: ``loss_type=["sigmoid", "sft"]``); off by default;
+- ``--label_smoothing`` applies to sigmoid too (cDPO); ``--cdpo false`` gives TRL's sigmoid, which ignores it;
+- the NLL of ``--rpo_alpha`` and of the ``sft`` loss type is the token mean over the chosen tokens of the whole
+  optimizer step (TRL: of each micro-batch); with ``--use_weighting`` it is scaled by the micro-batch's mean pair
+  weight (TRL 1.16 fails on that combination), which alone does not add up exactly under accumulation;
+- ``--use_weighting`` takes log sum_v p^2 from one extra no-grad forward pass of the policy per micro-batch
+  (TRL's fused LM head computes it in the training pass);
+- evaluation scores plain summed log-probs (no LD-DPO, no WPO weights), and its loss leaves out the sft term;
 - ``--rejected_from_policy`` (off by default): before training, the starting policy answers every training
   prompt greedily; where its answer differs from the chosen completion, that answer becomes the rejected
   completion (the errors the policy actually makes); elsewhere the dataset's rejected completion is kept;
@@ -53,6 +63,7 @@ from rlcore import (
     data,
     dpo_loss,
     evaluation,
+    length_desensitized_logps,
     lora,
     models,
     optim,
@@ -60,6 +71,7 @@ from rlcore import (
     sft_loss_from_logprobs,
     toy,
     tracking,
+    wpo_log_weights,
 )
 from rlcore.config import ONLINE_WARM_START_FLAGS, TrainConfig, parse_config
 from rlcore.run import Run, cli
@@ -72,11 +84,15 @@ class DPOConfig(TrainConfig):
     output_dir: str = "outputs/dpo"
     warm_start_steps: int = 1500  # with --model tiny only: start from the online recipes' mid-schedule SFT checkpoint of N steps (cached); 0 = untrained
     beta: float = 0.1  # inverse temperature of the implicit reward (KL strength)
-    loss_type: str = "sigmoid"  # one of rlcore.DPO_LOSS_TYPES
-    label_smoothing: float = 0.0  # conservative DPO / robust / exo_pair epsilon
-    sft_weight: float = (
-        0.0  # add sft_weight * NLL of the chosen tokens (RPO; TRL's loss_type [..., "sft"]); 0 = plain DPO
-    )
+    loss_type: str = "sigmoid"  # one of rlcore.DPO_LOSS_TYPES, or a weighted sum "sigmoid:0.8,bco_pair:0.2,sft:1" (MPO)
+    label_smoothing: float = 0.0  # conservative DPO / robust / exo_pair / aot epsilon
+    cdpo: bool = True  # apply --label_smoothing to sigmoid (false: TRL's sigmoid, which ignores it)
+    f_divergence: str = "reverse_kl"  # f-DPO regulariser: reverse_kl, forward_kl, js_divergence, alpha_divergence
+    f_alpha: float = 0.5  # alpha of --f_divergence alpha_divergence
+    discopop_tau: float = 0.05  # temperature of the discopop loss
+    ld_alpha: float = 1.0  # LD-DPO: weight of the tokens beyond the shorter completion's length (1 = plain sums)
+    use_weighting: bool = False  # WPO: weigh each pair by the policy's length-normalised probabilities
+    rpo_alpha: float = 0.0  # RPO: add rpo_alpha * NLL of the chosen tokens (TRL's loss_type [..., "sft"]); 0 = off
     precompute_ref: bool = False  # compute reference log-probs once up front and keep no reference model
     rejected_from_policy: bool = False  # rejected = the starting policy's greedy answer where it differs from chosen
     lr: float = 5e-5  # peak learning rate (AdamW)
@@ -89,16 +105,53 @@ class DPOConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.loss_type not in DPO_LOSS_TYPES:
-            raise ValueError(f"--loss_type must be one of {', '.join(DPO_LOSS_TYPES)}; got {self.loss_type!r}")
+        self.loss_types, self.loss_weights = parse_loss_types(self.loss_type)
         if self.beta <= 0:
             raise ValueError(f"--beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.ld_alpha <= 1.0:
+            raise ValueError(f"--ld_alpha must be in [0, 1], got {self.ld_alpha}")
+        if self.ld_alpha < 1.0 and self.precompute_ref:
+            raise ValueError("--ld_alpha < 1 needs the live reference: drop --precompute_ref")
+        zero = torch.zeros(1)  # dpo_loss's own checks (f-divergence support, smoothing, WPO with aot) on a dummy pair
+        wpo = {"chosen_wpo_logweights": zero, "rejected_wpo_logweights": zero} if self.use_weighting else {}
+        dpo_loss(
+            *[zero] * 4, **self.loss_options(), chosen_lengths=zero, rejected_lengths=zero, chosen_nll=zero[0], **wpo
+        )
+
+    def loss_options(self) -> dict:
+        """The keyword arguments of rlcore.dpo_loss that come straight from the flags."""
+        return {
+            "beta": self.beta,
+            "loss_type": self.loss_types,
+            "loss_weights": self.loss_weights,
+            "label_smoothing": self.label_smoothing,
+            "cdpo": self.cdpo,
+            "f_divergence": self.f_divergence,
+            "f_alpha": self.f_alpha,
+            "discopop_tau": self.discopop_tau,
+            "rpo_alpha": self.rpo_alpha,
+        }
+
+
+def parse_loss_types(text: str) -> tuple[list[str], list[float]]:
+    """``"sigmoid"`` -> (["sigmoid"], [1.0]); ``"sigmoid:0.8,bco_pair:0.2,sft"`` -> the names and weights (MPO)."""
+    names, weights = [], []
+    for name, _, weight in (item.strip().partition(":") for item in text.split(",")):
+        if name not in DPO_LOSS_TYPES:
+            raise ValueError(
+                f"--loss_type: {name!r} is not one of {', '.join(DPO_LOSS_TYPES)} (MPO: sigmoid:0.8,sft:1)"
+            )
+        try:
+            names, weights = [*names, name], [*weights, float(weight or 1.0)]
+        except ValueError:
+            raise ValueError(f"--loss_type: the weight of {name!r} must be a number, got {weight!r}") from None
+    return names, weights
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     config = parse_config(DPOConfig, argv)
     device, bf16 = runtime.setup(config)
-    average = config.loss_type == "ipo"  # IPO takes length-averaged log-probs
+    needs_nll = "sft" in config.loss_types or config.rpo_alpha > 0
 
     # ---------------------------------------------------------------- data (checked first), model
     rows, eval_rows, metric = load_task_rows(config, data.PREFERENCE_FORMATS)
@@ -120,10 +173,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return {k: v.to(device) for k, v in batch.items()}  # each [2B, T]
 
     def completion_logps(forward, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """([2B] completion log-probs, [2B, T-1] per token) of a data.collate_preference batch, one forward pass."""
-        return models.sequence_logprobs(
-            forward, batch["input_ids"], batch["attention_mask"], batch["completion_mask"][:, 1:], average
-        )
+        """([2B] completion log-probs, [2B, T-1] per token) of a data.collate_preference batch, one forward pass;
+        with --ld_alpha < 1 the sums are LD-DPO's (the tail beyond the shorter completion weighted by ld_alpha)."""
+        mask = batch["completion_mask"][:, 1:]  # [2B, T-1]
+        logps, token_logp = models.sequence_logprobs(forward, batch["input_ids"], batch["attention_mask"], mask)
+        if config.ld_alpha < 1.0:
+            chosen_logp, rejected_logp = token_logp.chunk(2)
+            chosen_mask, rejected_mask = mask.chunk(2)
+            logps = torch.cat(
+                length_desensitized_logps(chosen_logp, chosen_mask, rejected_logp, rejected_mask, config.ld_alpha)
+            )  # [2B]
+        return logps, token_logp
 
     # ---------------------------------------------------------------- on-policy rejected answers and the reference
     # Both come from the starting policy, before any checkpoint is loaded, so a resumed run sees the same.
@@ -149,25 +209,31 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if config.precompute_ref:  # the starting policy is the reference: score every pair with it once, now
         with runtime.autocast(device, bf16):  # the precision of the live reference
             ref_logps = evaluation.preference_logps(
-                model, datasets.Dataset.from_dict(pairs), pad_id, config.eval_batch_size, average
+                model, datasets.Dataset.from_dict(pairs), pad_id, config.eval_batch_size
             ).to(device)  # [2, N]
     elif config.lora_r == 0:  # with LoRA the reference is the model with its adapters off
         reference = models.frozen_copy(model)
     if eval_rows is not None:
         eval_pairs = data.tokenize_preference(eval_rows, tokenizer, config.max_length, truncation=config.truncation)
-        eval_ref_logps = evaluation.preference_logps(
-            model, eval_pairs, pad_id, config.eval_batch_size, average
-        )  # [2, N], starting policy
+        eval_ref_logps = evaluation.preference_logps(model, eval_pairs, pad_id, config.eval_batch_size)  # [2, N]
         eval_prompts = (
             data.tokenize_prompts(eval_rows, tokenizer, config.max_length, truncation=config.truncation)
             if metric
             else None
         )
+        # the held-out loss: the preference terms (no sft term, no WPO weights), on plain summed log-probs
+        kept = [(n, w) for n, w in zip(config.loss_types, config.loss_weights) if n != "sft"] or [("sigmoid", 1.0)]
+        eval_options = config.loss_options() | {"rpo_alpha": 0.0, "loss_type": [n for n, _ in kept]}
+        eval_options["loss_weights"] = [w for _, w in kept]
+        for name in ("chosen", "rejected"):  # completion token counts (ipo, sigmoid_norm)
+            eval_options[f"{name}_lengths"] = torch.tensor(
+                [len(ids) for ids in eval_pairs[f"{name}_ids"]], device=device
+            )
 
     def evaluate() -> dict[str, float]:
-        logps = evaluation.preference_logps(model, eval_pairs, pad_id, config.eval_batch_size, average)
+        logps = evaluation.preference_logps(model, eval_pairs, pad_id, config.eval_batch_size)
         return {
-            **evaluation.dpo_metrics(logps, eval_ref_logps, config.beta, config.loss_type, config.label_smoothing),
+            **evaluation.dpo_metrics(logps, eval_ref_logps, **eval_options),
             **metric_value(model, tokenizer, eval_prompts, metric, config),
         }
 
@@ -202,21 +268,32 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             with runtime.autocast(device, bf16):
                 logps, token_logp = completion_logps(forward, batch)
             chosen, rejected = logps.float().chunk(2)  # [B], [B]
+            mask = batch["completion_mask"][:, 1:]  # [2B, T-1]
+            chosen_lengths, rejected_lengths = mask.sum(-1).chunk(2)  # [B], [B] (ipo, sigmoid_norm)
+            extra: dict[str, torch.Tensor] = {}
+            if needs_nll:  # NLL of the chosen tokens over the step's chosen-token count (x accum: / accum below)
+                nll, _ = sft_loss_from_logprobs(token_logp.chunk(2)[0], mask.chunk(2)[0], normalizer=chosen_tokens)
+                extra["chosen_nll"] = nll * config.grad_accum_steps
+            if config.use_weighting:  # WPO: log sum_v p^2 of the policy, one extra no-grad pass
+                with runtime.autocast(device, bf16):
+                    log_sum_sq = models.log_sum_squared_token_probs(
+                        model, batch["input_ids"], batch["attention_mask"], last=mask.shape[1]
+                    )  # [2B, T-1]
+                log_weights = wpo_log_weights(token_logp.float(), log_sum_sq, mask).chunk(2)  # [B], [B]
+                extra["chosen_wpo_logweights"], extra["rejected_wpo_logweights"] = log_weights
             loss, loss_stats = dpo_loss(
                 chosen,
                 rejected,
                 ref_chosen,
                 ref_rejected,
-                beta=config.beta,
-                loss_type=config.loss_type,
-                label_smoothing=config.label_smoothing,
+                **config.loss_options(),
+                chosen_lengths=chosen_lengths,
+                rejected_lengths=rejected_lengths,
+                **extra,
             )
+            if needs_nll:
+                loss_stats["sft_nll"] = extra["chosen_nll"].detach()
             loss = loss / config.grad_accum_steps  # equal-size micro-batches: the sum is the step's mean
-            if config.sft_weight:  # NLL of the chosen tokens, normalised by the step's chosen-token count
-                chosen_mask = batch["completion_mask"][:, 1:].chunk(2)[0]
-                nll, _ = sft_loss_from_logprobs(token_logp.chunk(2)[0], chosen_mask, normalizer=chosen_tokens)
-                loss = loss + config.sft_weight * nll
-                loss_stats["sft_nll"] = nll.detach() * config.grad_accum_steps
             loss.backward()
             tracking.accumulate(
                 stats, {"loss": loss.detach() * config.grad_accum_steps, **loss_stats}, 1 / config.grad_accum_steps

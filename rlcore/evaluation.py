@@ -175,15 +175,28 @@ def preference_logps(
 
 
 def dpo_metrics(
-    logps: torch.Tensor, ref_logps: torch.Tensor, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    **loss_options,
 ) -> dict[str, float]:
     """Held-out DPO metrics from [2, N] policy and reference log-probs (:func:`preference_logps`).
 
     The implicit reward of a completion is beta * (log pi - log pi_ref); ``accuracy`` is the fraction of
-    pairs whose chosen completion gets the larger one, ``margin`` the mean difference, ``loss`` the DPO loss.
+    pairs whose chosen completion gets the larger one, ``margin`` the mean difference, ``loss`` the DPO loss
+    (``loss_options``: further keyword arguments of ``dpo_loss``, e.g. the completion lengths).
     """
     loss, stats = dpo_loss(
-        logps[0], logps[1], ref_logps[0], ref_logps[1], beta=beta, loss_type=loss_type, label_smoothing=label_smoothing
+        logps[0],
+        logps[1],
+        ref_logps[0],
+        ref_logps[1],
+        beta=beta,
+        loss_type=loss_type,
+        label_smoothing=label_smoothing,
+        **loss_options,
     )
     return {
         "accuracy": stats["rewards/accuracies"].item(),

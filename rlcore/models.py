@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from rlcore.logprobs import entropy_from_logits, gather_logprobs
+from rlcore.logprobs import entropy_from_logits, gather_logprobs, log_sum_squared_probs
 from rlcore.ops import last_valid_index
 
 TINY = "tiny"
@@ -328,6 +328,31 @@ def sequence_logprobs(
     token_logp = logp * completion_mask  # [B, n]
     summed = token_logp.sum(dim=1)  # [B]
     return (summed / completion_mask.sum(dim=1).clamp(min=1) if average else summed), token_logp
+
+
+@torch.no_grad()
+def log_sum_squared_token_probs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    last: int | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """log sum_v p_t[v]^2 at the positions :func:`token_logprobs` scores, without gradient (WPO's normaliser,
+    see ``rlcore.logprobs.log_sum_squared_probs`` and ``rlcore.wpo_log_weights``). One forward pass.
+
+    Returns:
+        [B, n] float32, n = ``last`` or L - 1, aligned with ``token_logprobs``' columns.
+    """
+    n = input_ids.shape[1] - 1 if last is None else last
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        logits_to_keep=n + 1,
+        use_cache=False,
+    ).logits[:, :-1]  # [B, n, V]
+    return log_sum_squared_probs(logits, temperature=temperature)  # [B, n]
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -90,7 +90,18 @@ def test_value_loss():
 @pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
 def test_dpo_loss(loss_type):
     pairs = [x.sum(-1) for x in _batch(2)[:2] + _batch(3)[:2]]
-    _check(dpo_loss, *pairs, beta=0.1, loss_type=loss_type, label_smoothing=0.1)
+    lengths = torch.tensor([1, 3, 2, 6], device=DEVICE)
+    extra = {"chosen_lengths": lengths, "rejected_lengths": lengths.flip(0), "chosen_nll": pairs[0].mean().neg()}
+    _check(dpo_loss, *pairs, beta=0.1, loss_type=loss_type, label_smoothing=0.1, **extra)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "js_divergence", "alpha_divergence"])
+def test_dpo_loss_f_divergence_wpo_mpo(divergence):
+    pairs = [x.sum(-1) for x in _batch(4)[:2] + _batch(5)[:2]]
+    weights = {"chosen_wpo_logweights": pairs[0] / 6, "rejected_wpo_logweights": pairs[1] / 6}
+    _check(
+        dpo_loss, *pairs, loss_type=["sigmoid", "hinge"], loss_weights=[0.7, 0.3], f_divergence=divergence, **weights
+    )
 
 
 def test_reward_and_advantages():

@@ -21,6 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL_RUN = ["--num_train_rows", "64", "--num_eval_rows", "16", "--max_seconds", "none", "--logging_steps", "1"]
 
 
+MPO_FLAGS = ["--f_divergence", "js_divergence", "--ld_alpha", "0.5", "--use_weighting"]
+
+
 def run_script(name: str, *args: str, timeout: float = 600) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
@@ -181,7 +184,10 @@ def test_reward_model_head_has_its_own_learning_rate(tmp_path):
     "recipe, extra",
     [
         ("sft", []),
-        ("dpo", ["--warm_start_steps", "0", "--sft_weight", "1.0"]),  # + token-mean NLL
+        ("dpo", ["--warm_start_steps", "0", "--rpo_alpha", "1.0"]),  # + token-mean NLL
+        # a weighted sum of loss types, f-DPO, LD-DPO log-probs and WPO weights: all per pair (the sft term is the
+        # case above; with WPO its weight is the micro-batch's mean pair weight, which does not add up)
+        ("dpo", ["--warm_start_steps", "0", "--loss_type", "sigmoid:0.8,ipo:0.2", *MPO_FLAGS]),
         ("reward_model", ["--warm_start_steps", "0"]),
     ],
 )
@@ -270,6 +276,21 @@ def test_dpo_loss_types_train(tmp_path, loss_type):
     )
     losses = train_losses(tmp_path)
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_dpo_flags_are_checked_in_one_line():
+    config_class = load_recipe("dpo").DPOConfig
+    assert config_class(loss_type="sigmoid:0.8, bco_pair:0.2,sft").loss_weights == [0.8, 0.2, 1.0]
+    with pytest.raises(ValueError, match="--loss_type: 'kto' is not one of sigmoid, robust"):
+        config_class(loss_type="sigmoid,kto")
+    with pytest.raises(ValueError, match="--loss_type: the weight of 'sigmoid' must be a number, got 'x'"):
+        config_class(loss_type="sigmoid:x")
+    with pytest.raises(ValueError, match="f_divergence 'forward_kl' only works with loss types"):
+        config_class(loss_type="nca_pair", f_divergence="forward_kl")
+    with pytest.raises(ValueError, match="--ld_alpha < 1 needs the live reference"):
+        config_class(ld_alpha=0.5, precompute_ref=True)
+    with pytest.raises(ValueError, match="WPO weights do not apply to aot"):
+        config_class(loss_type="aot", use_weighting=True)
 
 
 def test_dpo_precomputed_reference_matches_the_live_one(tmp_path):
