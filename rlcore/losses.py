@@ -8,7 +8,6 @@ detached tensors for logging (nothing here calls ``.item()``, so nothing forces 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -450,10 +449,10 @@ def dpo_loss(
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
     beta: float = 0.1,
-    loss_type: str | Sequence[str] = "sigmoid",
+    loss_type: str | list[str] | tuple[str, ...] = "sigmoid",
     label_smoothing: float = 0.0,
     *,
-    loss_weights: Sequence[float] | None = None,
+    loss_weights: list[float] | tuple[float, ...] | None = None,
     cdpo: bool = True,
     f_divergence: str = "reverse_kl",
     f_alpha: float = 0.5,
