@@ -35,6 +35,7 @@ import torch
 
 from rlcore import (
     DPO_LOSS_TYPES,
+    LOSS_TYPE_AGGREGATION,
     aggregate,
     dpo_loss,
     group_advantages,
@@ -155,14 +156,13 @@ def _rlcore_dpo(inputs, logps, ref_logps, log_sum_sq, loss_type, **options):
     """rlcore's dpo_loss on the same tensors, with the per-sequence quantities a recipe computes."""
     mask = inputs["completion_mask"][:, 1:]  # [2B, T-1]
     chosen_mask, rejected_mask = mask.chunk(2)
-    if options.get("ld_alpha") is None:
-        policy = (logps * mask).sum(-1).chunk(2)
-        reference = (ref_logps * mask).sum(-1).chunk(2)
-    else:
-        policy = length_desensitized_logps(*logps.chunk(2)[:1], chosen_mask, logps.chunk(2)[1], rejected_mask,
-                                           options["ld_alpha"])  # fmt: skip
-        reference = length_desensitized_logps(ref_logps.chunk(2)[0], chosen_mask, ref_logps.chunk(2)[1],
-                                              rejected_mask, options["ld_alpha"])  # fmt: skip
+    ld_alpha = options.get("ld_alpha")
+    policy, reference = (
+        (x * mask).sum(-1).chunk(2)  # [B], [B]
+        if ld_alpha is None
+        else length_desensitized_logps(x.chunk(2)[0], chosen_mask, x.chunk(2)[1], rejected_mask, ld_alpha)
+        for x in (logps, ref_logps)
+    )
     lengths = inputs["completion_mask"].sum(-1).chunk(2)
     chosen_nll, _ = sft_loss_from_logprobs(logps.chunk(2)[0], chosen_mask)
     wpo = {}
@@ -322,15 +322,19 @@ def test_grpo_loss_types_match_trl(loss_type, beta):
     trl_loss = _trl_grpo_loss(loss_type, logps, old_logps, ref_logps, advantages, mask, beta, max_completion_length)
     (trl_grad,) = torch.autograd.grad(trl_loss, logps)
 
-    # rlcore: the named aggregation of TRL's loss type; the KL penalty is a separate k3 term, aggregated alike.
-    agg = {"grpo": "seq_mean_token_mean", "bnpo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm"}
-    agg = agg.get(loss_type, "token_mean")
-    normalizer = loss_normalizer(loss_type, mask, mask, 1) if loss_type == "dapo" else None
-    ours, _ = policy_loss(logps, old_logps, advantages, mask, clip_low=0.2, clip_high=0.28, agg=agg,
-                          max_len=max_completion_length, normalizer=normalizer)  # fmt: skip
+    # rlcore: the aggregation TRL's loss type names (LOSS_TYPE_AGGREGATION) and its normaliser for one micro-batch;
+    # the KL penalty is a separate k3 term, aggregated alike.
+    options = {"agg": LOSS_TYPE_AGGREGATION[loss_type], "max_len": max_completion_length}
+    options["normalizer"] = loss_normalizer(loss_type, mask, mask, 1)
+    ours, _ = policy_loss(logps, old_logps, advantages, mask, clip_low=0.2, clip_high=0.28, **options)
     if beta:
-        kl = kl_estimate(logps, ref_logps, kind="k3")  # [B, T]
-        ours = ours + beta * aggregate(kl, mask, agg, max_len=max_completion_length, normalizer=normalizer)
+        ours = ours + beta * aggregate(
+            kl_estimate(logps, ref_logps, kind="k3"),
+            mask,
+            options["agg"],
+            max_len=max_completion_length,
+            normalizer=options["normalizer"],
+        )
     (our_grad,) = torch.autograd.grad(ours, logps)
     torch.testing.assert_close(ours, trl_loss)
     torch.testing.assert_close(our_grad, trl_grad)
