@@ -55,7 +55,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
 import torch
 
 from rlcore import (
@@ -110,8 +109,6 @@ class DPOConfig(TrainConfig):
             raise ValueError(f"--beta must be > 0, got {self.beta}")
         if not 0.0 <= self.ld_alpha <= 1.0:
             raise ValueError(f"--ld_alpha must be in [0, 1], got {self.ld_alpha}")
-        if self.ld_alpha < 1.0 and self.precompute_ref:
-            raise ValueError("--ld_alpha < 1 needs the live reference: drop --precompute_ref")
         zero = torch.zeros(1)  # dpo_loss's own checks (f-divergence support, smoothing, WPO with aot) on a dummy pair
         wpo = {"chosen_wpo_logweights": zero, "rejected_wpo_logweights": zero} if self.use_weighting else {}
         dpo_loss(
@@ -207,10 +204,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     runtime.prefer_eager_attention(model, device, longest)  # CPU, short rows (before the reference is copied)
     reference = ref_logps = None
     if config.precompute_ref:  # the starting policy is the reference: score every pair with it once, now
-        with runtime.autocast(device, bf16):  # the precision of the live reference
-            ref_logps = evaluation.preference_logps(
-                model, datasets.Dataset.from_dict(pairs), pad_id, config.eval_batch_size
-            ).to(device)  # [2, N]
+        n, size = len(pairs["prompt_ids"]), config.eval_batch_size
+        batches = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+        with models.eval_mode(model), runtime.autocast(device, bf16):  # the precision of the live reference
+            ref_logps = torch.cat([completion_logps(model, collate(b))[0].float().view(2, -1) for b in batches], 1)
     elif config.lora_r == 0:  # with LoRA the reference is the model with its adapters off
         reference = models.frozen_copy(model)
     if eval_rows is not None:
