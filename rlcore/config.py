@@ -94,6 +94,13 @@ class TrainConfig:
         default=None, metadata={"flag_const": "auto"}
     )  # "auto" (latest checkpoint in output_dir) or a checkpoint path
 
+    # --- guards and resume (rlcore.guards, rlcore.run)
+    max_skipped_steps: int = 5  # stop after N steps in a row with a non-finite loss or gradient norm (0 = never)
+    stop_on_collapse: bool = False  # stop (exit 1) on divergence or RL collapse instead of only warning
+    overwrite_output_dir: bool = (
+        False  # start afresh in an --output_dir holding another run's checkpoints (deletes them)
+    )
+
     # --- hardware
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     threads: int | None = None  # torch CPU threads (None = $OMP_NUM_THREADS if set, else half the cores, at least 1)
@@ -128,7 +135,15 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
-        non_negative = ("warmup_steps", "eval_steps", "save_steps", "save_total_limit", "lora_r", "weight_decay")
+        non_negative = (
+            "max_skipped_steps",
+            "warmup_steps",
+            "eval_steps",
+            "save_steps",
+            "save_total_limit",
+            "lora_r",
+            "weight_decay",
+        )
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
@@ -270,13 +285,21 @@ def _build_parser(config_class: type, fields: dict, types_by_name: dict) -> argp
 
 
 def _read_config_file(path: str, fields: dict, types_by_name: dict) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
     text = Path(path).read_text()
     if path.endswith((".yaml", ".yml")):
         import yaml  # a transformers dependency; only needed for YAML configs
 
-        loaded = yaml.safe_load(text) or {}
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"--config {path}: not valid YAML ({str(error).splitlines()[0]})") from None
     else:
-        loaded = json.loads(text)
+        try:
+            loaded = json.loads(text)
+        except ValueError as error:
+            raise ValueError(f"--config {path}: not valid JSON ({error})") from None
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a mapping of field names to values, got {type(loaded).__name__}")
     unknown = sorted(set(loaded) - set(fields))

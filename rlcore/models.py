@@ -34,7 +34,12 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 def resolve_model(name_or_path: str) -> str:
     """``"tiny"`` -> the cached tiny model directory (built on first use); a directory -> its absolute path;
-    anything else is returned unchanged and treated as a hub id by transformers."""
+    anything else is returned unchanged and treated as a hub id by transformers.
+
+    Raises:
+        ValueError: a directory without config.json (not a model directory).
+        FileNotFoundError: a path (starting with ``/``, ``.`` or ``~``) that does not exist.
+    """
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
         raise ValueError(f"a model must be 'tiny', a directory or a hub id, got {name_or_path!r}")
     name_or_path = str(name_or_path)
@@ -43,7 +48,14 @@ def resolve_model(name_or_path: str) -> str:
 
         return tiny_model_dir()
     if os.path.isdir(name_or_path):
+        if not os.path.isfile(os.path.join(name_or_path, "config.json")):
+            raise ValueError(
+                f"model {name_or_path!r} is not a model directory (no config.json): give a directory written by "
+                "save_pretrained (a recipe's --output_dir), 'tiny' or a hub id"
+            )
         return os.path.abspath(name_or_path)
+    if os.path.exists(name_or_path) or name_or_path.startswith(("/", ".", "~")):
+        raise FileNotFoundError(f"model {name_or_path!r}: no such directory")
     return name_or_path
 
 
