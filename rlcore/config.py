@@ -97,6 +97,7 @@ class TrainConfig:
     # --- guards and resume (rlcore.guards, rlcore.run)
     max_skipped_steps: int = 5  # stop after N steps in a row with a non-finite loss or gradient norm (0 = never)
     stop_on_collapse: bool = False  # stop (exit 1) on divergence or RL collapse instead of only warning
+    collapse_patience: int = 20  # steps in a row that make an RL collapse (no signal, no entropy, all truncated)
     overwrite_output_dir: bool = (
         False  # start afresh in an --output_dir holding another run's checkpoints (deletes them)
     )

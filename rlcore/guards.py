@@ -170,9 +170,10 @@ def supervised(config) -> LoopGuard:
     return LoopGuard(max_skipped_steps=config.max_skipped_steps, stop_on_collapse=config.stop_on_collapse)
 
 
-def online(config, patience: int = 20) -> LoopGuard:
-    """The guard of the online recipes (GRPO, online DPO, PPO): non-finite steps, and the collapses of RL:
-    every group without signal, no decided pair, entropy below 0.01 nats, every completion truncated."""
+def online(config, patience: int | None = None) -> LoopGuard:
+    """The guard of the online recipes (GRPO, online DPO, PPO): non-finite steps, and the collapses of RL for
+    ``--collapse_patience`` steps in a row: every group without signal, no decided pair, entropy below 0.01
+    nats, every completion truncated."""
     collapses = (
         Collapse("frac_reward_zero_std", lambda v: v >= 1.0, "every group's rewards are equal (no learning signal)"),
         Collapse("pairs/decided_frac", lambda v: v <= 0.0, "no pair has a preferred completion (no learning signal)"),
@@ -184,7 +185,7 @@ def online(config, patience: int = 20) -> LoopGuard:
         stop_on_collapse=config.stop_on_collapse,
         divergence_key=None,
         collapses=collapses,
-        patience=patience,
+        patience=patience if patience is not None else config.collapse_patience,
     )
 
 
