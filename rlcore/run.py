@@ -289,9 +289,11 @@ class Run:
         if self.guard.warning is not None:
             self.tracker.bar.set_description(f"train [{self.guard.warning}]", refresh=False)
 
-    def _close(self) -> None:
-        """Summary, curves and signal handlers, for a run that ends without its final model."""
-        self.tracker.log(self.step)
+    def _close(self, log_window: bool = True) -> None:
+        """Summary, curves and signal handlers, for a run that ends without its final model. A preempted run
+        does not log its partial window: the resumed run logs it, as the uninterrupted run would."""
+        if log_window:
+            self.tracker.log(self.step)
         self._write_summary()
         self.tracker.close()
         self._restore_signal_handlers()
@@ -371,7 +373,7 @@ class Run:
         name, signum = signal.Signals(self._signal).name, self._signal
         path = self.save_checkpoint()
         self.final_error = f"stopped by {name} after step {self.step}"
-        self._close()
+        self._close(log_window=False)
         raise guards.RunStopped(
             f"stopped by {name} after step {self.step}; checkpoint written to {path}; continue with --resume",
             exit_code=128 + signum,
