@@ -89,7 +89,9 @@ RESUMABLE_FLAGS = frozenset(
         "max_seconds",
         "max_skipped_steps",
         "stop_on_collapse",
+        "collapse_patience",
         "device",
+        "bf16",
         "threads",
         "compile",
     }

@@ -352,3 +352,36 @@ def test_sigterm_writes_a_checkpoint_and_resume_repeats_the_uninterrupted_run(tm
     assert len(losses(straight)) == 16 and losses(stopped) == losses(straight)  # bit for bit
     first, second = load_file(straight / "model.safetensors"), load_file(stopped / "model.safetensors")
     assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_exits_130(tmp_path, sft, capsys, monkeypatch):
+    real_loss, calls = sft.sft_loss, []
+
+    def interrupted_loss(*args, **kwargs):  # Ctrl-C arrives during the third step
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(sft, "sft_loss", interrupted_loss)
+    previous = signal.getsignal(signal.SIGINT)
+    code, out, err = run_cli(sft.main, [*SFT_FLAGS, "--max_steps", "10", "--output_dir", str(tmp_path)], capsys)
+    assert code == 130 and "stopped by SIGINT after step 3" in one_error_line(err)
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-3"] and len(losses(tmp_path)) == 3
+    assert signal.getsignal(signal.SIGINT) is previous  # the handlers are given back
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_exits_at_once(tmp_path):
+    flags = [*SFT_FLAGS, "--max_steps", "200", "--output_dir", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, str(REPO / "recipes" / "sft.py"), *flags]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(read_metrics(tmp_path / "metrics.jsonl")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 143 and "SIGTERM again: exiting now, without a checkpoint" in err
