@@ -2,7 +2,8 @@
 
 A recipe builds its model, data and optimizer, then::
 
-    run = Run(config, model, tokenizer, optimizer, scheduler, evaluate=evaluate)   # resume, run_config.json, tracker
+    run = Run(config, model, tokenizer, optimizer, scheduler, evaluate=evaluate,   # resume, run_config.json, tracker
+              guard=guards.supervised(config))                 # or guards.online(config) (rlcore.guards)
     while run.running():                                    # steps left (and the optional --max_seconds stop)
         with run.timed("generation"):                       # optional: per-phase time, logged as time/<phase>
             ...
