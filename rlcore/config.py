@@ -98,9 +98,7 @@ class TrainConfig:
     max_skipped_steps: int = 5  # stop after N steps in a row with a non-finite loss or gradient norm (0 = never)
     stop_on_collapse: bool = False  # stop (exit 1) on divergence or RL collapse instead of only warning
     collapse_patience: int = 20  # steps in a row that make an RL collapse (no signal, no entropy, all truncated)
-    overwrite_output_dir: bool = (
-        False  # start afresh in an --output_dir holding another run's checkpoints (deletes them)
-    )
+    overwrite_output_dir: bool = False  # start afresh in an --output_dir holding checkpoints (deletes them)
 
     # --- hardware
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
@@ -136,15 +134,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
-        non_negative = (
-            "max_skipped_steps",
-            "warmup_steps",
-            "eval_steps",
-            "save_steps",
-            "save_total_limit",
-            "lora_r",
-            "weight_decay",
-        )
+        non_negative = ("warmup_steps", "eval_steps", "save_steps", "save_total_limit", "lora_r", "weight_decay")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
@@ -154,6 +144,10 @@ class TrainConfig:
             raise ValueError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.load_in_4bit and self.lora_r == 0:
             raise ValueError("--load_in_4bit trains adapters on a frozen 4-bit base: it needs --lora_r > 0")
+        if self.max_skipped_steps < 0:
+            raise ValueError(f"--max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
+        if self.collapse_patience <= 0:
+            raise ValueError(f"--collapse_patience must be > 0, got {self.collapse_patience}")
 
 
 @dataclass
