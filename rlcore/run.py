@@ -87,6 +87,7 @@ RESUMABLE_FLAGS = frozenset(
         "eval_metric",
         "save_steps",
         "save_total_limit",
+        "report_to",
         "max_seconds",
         "max_skipped_steps",
         "stop_on_collapse",
