@@ -62,6 +62,7 @@ from rlcore import (
     data,
     dpo_loss,
     evaluation,
+    guards,
     length_desensitized_logps,
     lora,
     models,
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     pad_id = tokenizer.pad_token_id
     train = data.tokenize_preference(rows, tokenizer, config.max_length, truncation=config.truncation)
     pairs = {name: list(train[name]) for name in ("prompt_ids", "chosen_ids", "rejected_ids")}  # python lists
+    guards.check_pairs(pairs["chosen_ids"], pairs["rejected_ids"])  # identical or empty pairs: counted, refused if all
 
     def collate(indices: list[int]) -> dict[str, torch.Tensor]:
         batch = data.collate_preference(
@@ -241,7 +243,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     evaluate = evaluate if eval_rows is not None else None
     run = Run(
-        config, model, tokenizer, optimizer, scheduler, evaluate=evaluate, bar_keys=("loss", "rewards/accuracies")
+        config,
+        model,
+        tokenizer,
+        optimizer,
+        scheduler,
+        evaluate=evaluate,
+        bar_keys=("loss", "rewards/accuracies"),
+        guard=guards.supervised(config),  # non-finite steps skipped, divergence warned
     )
 
     # ---------------------------------------------------------------- training loop

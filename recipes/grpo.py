@@ -57,6 +57,7 @@ from rlcore import (
     aggregate,
     data,
     group_advantages,
+    guards,
     kl_estimate,
     lora,
     loss_normalizer,
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         policy, config, config.num_iterations, num_rows=len(prompts), rows_per_step=completions_per_step // group_size
     )
     evaluate = (lambda: evaluate_policy(policy, tokenizer, task, config)) if task.eval_prompts is not None else None
-    run = Run(config, policy, tokenizer, optimizer, scheduler, evaluate=evaluate, bar_keys=("reward",))
+    guard = guards.online(config)  # non-finite steps skipped; no signal, entropy collapse, all truncated warned
+    run = Run(config, policy, tokenizer, optimizer, scheduler, evaluate=evaluate, bar_keys=("reward",), guard=guard)
 
     # ---------------------------------------------------------------- training loop
     while run.running():

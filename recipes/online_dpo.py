@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from einops import rearrange
 
-from rlcore import data, dpo_loss, lora, models, optim, runtime, tracking
+from rlcore import data, dpo_loss, guards, lora, models, optim, runtime, tracking
 from rlcore.config import OnlineConfig, parse_config
 from rlcore.rewards import TrainerState, rollout_stats, score_rollout
 from rlcore.rollout import generate
@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     optimizer, scheduler = optim.from_flags(policy, config, num_rows=len(prompts), rows_per_step=prompts_per_step)
     evaluate = (lambda: evaluate_policy(policy, tokenizer, task, config)) if task.eval_prompts is not None else None
-    run = Run(config, policy, tokenizer, optimizer, scheduler, evaluate=evaluate, bar_keys=("reward",))
+    guard = guards.online(config)  # non-finite steps skipped; no decided pair, all truncated warned
+    run = Run(config, policy, tokenizer, optimizer, scheduler, evaluate=evaluate, bar_keys=("reward",), guard=guard)
 
     # ---------------------------------------------------------------- training loop
     while run.running():

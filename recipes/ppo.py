@@ -41,6 +41,7 @@ import torch
 from rlcore import (
     data,
     gae,
+    guards,
     kl_estimate,
     kl_shaped_rewards,
     lora,
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         evaluate=evaluate,
         bar_keys=("reward",),
         extra_modules={"value_model": value_model},
+        guard=guards.online(config),  # non-finite steps skipped; entropy collapse, all truncated warned
         save_extra=lambda directory: value_model.save_pretrained(str(Path(directory) / "value_model")),
     )
 

@@ -37,7 +37,19 @@ from pathlib import Path
 
 import torch
 
-from rlcore import data, evaluation, last_valid_index, lora, models, optim, reward_pairwise_loss, runtime, toy, tracking
+from rlcore import (
+    data,
+    evaluation,
+    guards,
+    last_valid_index,
+    lora,
+    models,
+    optim,
+    reward_pairwise_loss,
+    runtime,
+    toy,
+    tracking,
+)
 from rlcore.config import TrainConfig, parse_config
 from rlcore.run import Run, cli
 from rlcore.task import load_task_rows
@@ -84,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     pad_id = tokenizer.pad_token_id
     train = data.tokenize_preference(rows, tokenizer, config.max_length, truncation=config.truncation)
     columns = {name: list(train[name]) for name in ("prompt_ids", "chosen_ids", "rejected_ids")}  # python lists
+    guards.check_pairs(columns["chosen_ids"], columns["rejected_ids"])  # identical or empty pairs: refused if all
     margins = torch.tensor(train["margin"], dtype=torch.float32) if "margin" in train.column_names else None
     if eval_rows is not None:
         eval_pairs = data.tokenize_preference(eval_rows, tokenizer, config.max_length, truncation=config.truncation)
@@ -113,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         evaluate=evaluate,
         bar_keys=("loss", "accuracy"),
         extra_modules=head,
+        guard=guards.supervised(config),  # non-finite steps skipped, divergence warned
     )
 
     def scores(batch: dict[str, torch.Tensor]) -> torch.Tensor:

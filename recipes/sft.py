@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlcore import data, evaluation, lora, models, optim, runtime, sft_loss, tracking
+from rlcore import data, evaluation, guards, lora, models, optim, runtime, sft_loss, tracking
 from rlcore.config import TrainConfig, parse_config
 from rlcore.run import Run, cli
 from rlcore.task import load_task_rows, metric_value
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     pad_id = tokenizer.pad_token_id
     train = data.tokenize_sft(rows, tokenizer, config.max_length, config.completion_only, truncation=config.truncation)
     train_ids, train_masks = list(train["input_ids"]), list(train["completion_mask"])  # python lists of token lists
+    guards.check_completions(train_masks)  # rows left without a completion token: counted, refused if all
     packed = (
         data.pack_sequences(train, config.max_length, pad_id) if config.packing else None
     )  # each [bins, max_length]
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     optimizer, scheduler = optim.from_flags(
         model, config, num_rows=num_samples, rows_per_step=config.batch_size * config.grad_accum_steps
     )
-    run = Run(config, model, tokenizer, optimizer, scheduler, evaluate=evaluate if eval_rows is not None else None)
+    evaluate = evaluate if eval_rows is not None else None
+    run = Run(config, model, tokenizer, optimizer, scheduler, evaluate=evaluate, guard=guards.supervised(config))
 
     def micro_batch(indices: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """(model inputs [B, T-1], loss positions [N, 2], loss tokens [N]), all built on the host (no device sync).

@@ -12,6 +12,7 @@ Layout of a run's OUTPUT_DIR::
             adapter_model.safetensors, adapter_config.json  with LoRA: the adapters (base = --model)
             <name>.safetensors                            extra modules (e.g. a PPO value model)
             training_state.pt                             step, optimizer, scheduler, RNG, data order
+            checkpoint.json                               run id, step, the run's config, sha256 of every file
 
 Atomicity: a checkpoint is written into ``OUTPUT_DIR/.tmp-checkpoint-<step>`` and moved into place with
 ``os.replace``; a crash mid-write leaves a ``.tmp-*`` directory that is ignored (and cleared by the next
@@ -19,12 +20,22 @@ save), and the previous checkpoints intact. Only directories holding ``training_
 checkpoints. The final model is written into a temporary directory beside OUTPUT_DIR and its files are
 moved in one by one with ``os.replace`` (each file appears whole).
 
+Trust on resume: ``checkpoint.json`` names the run that wrote the checkpoint (a fresh run never shares a
+directory with another run's checkpoints, see ``rlcore.run``) and the sha256 of each file; :func:`verify_checkpoint`
+recomputes them, so a truncated or overwritten file is named before anything is loaded, and weights that load
+but are not finite are refused (:class:`DamagedCheckpoint`; ``rlcore.run`` then falls back to the previous
+checkpoint). A full disk while writing raises an error that says "no space left" and names the path.
+
 Data order needs no saved sampler: it is a pure function of ``(seed, step)`` (rlcore.runtime.step_batches);
 the checkpoint records the seed and refuses to resume under another.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
+import json
 import os
 import random
 import re
@@ -40,6 +51,7 @@ import torch
 from rlcore import lora
 
 TRAINING_STATE_NAME = "training_state.pt"
+MANIFEST_NAME = "checkpoint.json"
 ADAPTER_DIR_NAME = "adapter"
 _CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
@@ -129,6 +141,8 @@ def save_checkpoint(
     extra_modules: Mapping[str, torch.nn.Module] | None = None,
     extra_state: Mapping[str, Any] | None = None,
     keep_last: int = 2,
+    run_id: str | None = None,
+    config: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write OUTPUT_DIR/checkpoint-<step> atomically and delete all but the ``keep_last`` newest (0 = keep all).
 
@@ -137,28 +151,40 @@ def save_checkpoint(
         seed: the run's seed (the data order is a function of (seed, step)).
         extra_modules: other trained modules, saved as ``<name>.safetensors`` (e.g. ``{"value_model": v}``).
         extra_state: small picklable values the recipe needs back (e.g. elapsed seconds).
+        run_id, config: the run's identity and its resolved flags (JSON values), kept in checkpoint.json.
 
     Returns:
         The checkpoint directory.
+
+    Raises:
+        OSError: "no space left on device" naming the path (the partial checkpoint is removed).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in output_dir.glob(".tmp-*checkpoint-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    clear_partial_saves(output_dir)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".tmp-checkpoint-{step}"
-    save_model(model, tokenizer, tmp)
-    for name, module in (extra_modules or {}).items():
-        safetensors.torch.save_model(module, str(tmp / f"{name}.safetensors"))
-    training_state = {
-        "step": step,
-        "seed": seed,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "rng": rng_state(),
-        "extra": dict(extra_state or {}),
-    }
-    torch.save(training_state, tmp / TRAINING_STATE_NAME)  # written last: its presence marks a whole checkpoint
+    with disk_errors(tmp):
+        save_model(model, tokenizer, tmp)
+        for name, module in (extra_modules or {}).items():
+            safetensors.torch.save_model(module, str(tmp / f"{name}.safetensors"))
+        training_state = {
+            "step": step,
+            "seed": seed,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": rng_state(),
+            "extra": dict(extra_state or {}),
+        }
+        torch.save(training_state, tmp / TRAINING_STATE_NAME)  # its presence marks a whole checkpoint
+        manifest = {
+            "run_id": run_id,
+            "step": step,
+            "seed": seed,
+            "config": dict(config or {}),
+            "sha256": file_hashes(tmp),
+        }
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     replaced = output_dir / f".tmp-replaced-checkpoint-{step}"
     if final.exists():  # re-saving a step (e.g. after resuming from it): move the old one aside first
         os.replace(final, replaced)
@@ -185,17 +211,29 @@ def load_checkpoint(
 
     Returns:
         ``{"step": int, "extra": dict}``: resume the loop at ``step``.
+
+    Raises:
+        DamagedCheckpoint: a file does not match its hash, does not load, or the weights are not finite
+            (the model may then hold part of this checkpoint: load another one over it).
     """
     checkpoint_dir = Path(checkpoint_dir)
     state_path = checkpoint_dir / TRAINING_STATE_NAME
     if not state_path.exists():
         raise FileNotFoundError(f"{checkpoint_dir} is not a complete checkpoint (no {TRAINING_STATE_NAME})")
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    verify_checkpoint(checkpoint_dir)
+    with _damaged_if_unreadable(state_path):
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
     if seed is not None and seed != state["seed"]:
         raise ValueError(f"{checkpoint_dir} was written with --seed {state['seed']}, this run has --seed {seed}")
-    load_model_weights(model, checkpoint_dir)
-    for name, module in (extra_modules or {}).items():
-        safetensors.torch.load_model(module, str(checkpoint_dir / f"{name}.safetensors"))
+    with _damaged_if_unreadable(checkpoint_dir):
+        load_model_weights(model, checkpoint_dir)
+        for name, module in (extra_modules or {}).items():
+            safetensors.torch.load_model(module, str(checkpoint_dir / f"{name}.safetensors"))
+    modules = {"model": model, **(extra_modules or {})}
+    for module_name, module in modules.items():
+        broken = next((n for n, p in module.named_parameters() if not torch.isfinite(p).all()), None)
+        if broken is not None:
+            raise DamagedCheckpoint(f"{checkpoint_dir}: the {module_name} weight {broken} is not finite (NaN/inf)")
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:
@@ -230,6 +268,126 @@ def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | 
     return path
 
 
+def read_manifest(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
+    """checkpoint.json of a checkpoint ({} for checkpoints written before it existed).
+
+    Raises:
+        DamagedCheckpoint: the file exists but is not JSON.
+    """
+    path = Path(checkpoint_dir) / MANIFEST_NAME
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise DamagedCheckpoint(f"{path}: not valid JSON ({error})") from None
+
+
+def file_hashes(directory: str | os.PathLike) -> dict[str, str]:
+    """{relative path: sha256 hex} of every file under ``directory`` except checkpoint.json."""
+    directory = Path(directory)
+    hashes = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        hashes[path.relative_to(directory).as_posix()] = digest.hexdigest()
+    return hashes
+
+
+def verify_checkpoint(checkpoint_dir: str | os.PathLike) -> None:
+    """Recompute the sha256 of each file listed in checkpoint.json (no-op without one).
+
+    Raises:
+        DamagedCheckpoint: naming the first file that is missing or whose content changed.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    expected = read_manifest(checkpoint_dir).get("sha256")
+    if not expected:
+        return
+    found = file_hashes(checkpoint_dir)
+    for name, digest in expected.items():
+        if name not in found:
+            raise DamagedCheckpoint(f"{checkpoint_dir / name}: missing")
+        if found[name] != digest:
+            raise DamagedCheckpoint(
+                f"{checkpoint_dir / name}: content does not match its sha256 (truncated or overwritten)"
+            )
+
+
+def resume_candidates(resume: str | None, output_dir: str | os.PathLike) -> list[Path]:
+    """``--resume``: the checkpoints to try, newest first. None -> []; "auto" -> the checkpoints in output_dir
+    written by the run of the newest one (the others are another run's and are never resumed); a path -> [it].
+
+    Raises:
+        FileNotFoundError: a path that is not a complete checkpoint.
+    """
+    if resume is None:
+        return []
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / TRAINING_STATE_NAME).exists():
+            raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (no {TRAINING_STATE_NAME})")
+        return [path]
+    newest_first = list_checkpoints(output_dir)[::-1]
+    if not newest_first:
+        return []
+    run_ids = {}
+    for path in newest_first:
+        try:
+            run_ids[path] = read_manifest(path).get("run_id")
+        except DamagedCheckpoint:
+            run_ids[path] = None
+    run_id = next((run_ids[p] for p in newest_first if run_ids[p] is not None), None)
+    return [p for p in newest_first if run_id is None or run_ids[p] in (run_id, None)]
+
+
+def clear_partial_saves(output_dir: str | os.PathLike) -> list[Path]:
+    """Delete the ``.tmp-*checkpoint-*`` directories a killed save left (they take the space a resume needs)."""
+    stale = sorted(Path(output_dir).glob(".tmp-*checkpoint-*")) if Path(output_dir).is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def delete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Delete every ``checkpoint-<step>`` directory in output_dir, complete or not (``--overwrite_output_dir``)."""
+    output_dir = Path(output_dir)
+    found = [p for p in output_dir.iterdir() if _CHECKPOINT_PATTERN.match(p.name)] if output_dir.is_dir() else []
+    for path in found:
+        shutil.rmtree(path)
+    return found
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint file that is truncated, overwritten, unreadable or holds non-finite weights."""
+
+
+@contextlib.contextmanager
+def disk_errors(path: str | os.PathLike):
+    """Turn a full disk (ENOSPC, EDQUOT) while writing ``path`` into ``OSError("no space left on device ...")``
+    naming it, and delete what was partly written there."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        if Path(path).is_dir() and Path(path).name.startswith(".tmp-"):
+            shutil.rmtree(path, ignore_errors=True)
+        raise OSError(error.errno, f"no space left on device while writing {path}; free space and run again") from None
+
+
+@contextlib.contextmanager
+def _damaged_if_unreadable(path: Path):
+    try:
+        yield
+    except DamagedCheckpoint:
+        raise
+    except Exception as error:  # torch.load / safetensors on truncated or garbage bytes: many error types
+        raise DamagedCheckpoint(f"{path}: does not load ({type(error).__name__}: {str(error)[:200]})") from None
+
+
 def _delete_old_checkpoints(output_dir: Path, keep_last: int) -> None:
     if keep_last <= 0:
         return
@@ -251,7 +409,7 @@ def save_final_model(model: torch.nn.Module, tokenizer: Any, output_dir: str | o
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".tmp-final-", dir=output_dir) as tmp:
+    with disk_errors(output_dir), tempfile.TemporaryDirectory(prefix=".tmp-final-", dir=output_dir) as tmp:
         tmp = Path(tmp)
         if lora.has_lora(model):
             lora.export_merged(model, tokenizer, tmp / "merged")

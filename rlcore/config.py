@@ -94,6 +94,12 @@ class TrainConfig:
         default=None, metadata={"flag_const": "auto"}
     )  # "auto" (latest checkpoint in output_dir) or a checkpoint path
 
+    # --- guards and resume (rlcore.guards, rlcore.run)
+    max_skipped_steps: int = 5  # stop after N steps in a row with a non-finite loss or gradient norm (0 = never)
+    stop_on_collapse: bool = False  # stop (exit 1) on divergence or RL collapse instead of only warning
+    collapse_patience: int = 20  # steps in a row that make an RL collapse (no signal, no entropy, all truncated)
+    overwrite_output_dir: bool = False  # start afresh in an --output_dir holding checkpoints (deletes them)
+
     # --- hardware
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     threads: int | None = None  # torch CPU threads (None = $OMP_NUM_THREADS if set, else half the cores, at least 1)
@@ -138,6 +144,10 @@ class TrainConfig:
             raise ValueError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.load_in_4bit and self.lora_r == 0:
             raise ValueError("--load_in_4bit trains adapters on a frozen 4-bit base: it needs --lora_r > 0")
+        if self.max_skipped_steps < 0:
+            raise ValueError(f"--max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
+        if self.collapse_patience <= 0:
+            raise ValueError(f"--collapse_patience must be > 0, got {self.collapse_patience}")
 
 
 @dataclass
@@ -270,13 +280,21 @@ def _build_parser(config_class: type, fields: dict, types_by_name: dict) -> argp
 
 
 def _read_config_file(path: str, fields: dict, types_by_name: dict) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
     text = Path(path).read_text()
     if path.endswith((".yaml", ".yml")):
         import yaml  # a transformers dependency; only needed for YAML configs
 
-        loaded = yaml.safe_load(text) or {}
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"--config {path}: not valid YAML ({str(error).splitlines()[0]})") from None
     else:
-        loaded = json.loads(text)
+        try:
+            loaded = json.loads(text)
+        except ValueError as error:
+            raise ValueError(f"--config {path}: not valid JSON ({error})") from None
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a mapping of field names to values, got {type(loaded).__name__}")
     unknown = sorted(set(loaded) - set(fields))

@@ -47,6 +47,7 @@ expected and the first row), missing (None) or empty values, non-string content,
 
 import importlib
 import importlib.util
+import json
 import os
 import re
 import warnings
@@ -237,7 +238,16 @@ def _load_source(source: str, split: str, name: str, config_name: str | None, **
     if os.path.isfile(source):
         if extension not in FILE_BUILDERS:
             raise ValueError(f"cannot read {source!r}: expected a file ending in {', '.join(FILE_BUILDERS)}")
-        rows = datasets.load_dataset(FILE_BUILDERS[extension], data_files=source, split="train", **load_kwargs)
+        with open(source, "rb") as f:
+            empty = not f.read(4096).strip()
+        if empty:
+            raise ValueError(f"dataset {source!r} is empty (no rows)")
+        try:
+            rows = datasets.load_dataset(FILE_BUILDERS[extension], data_files=source, split="train", **load_kwargs)
+        except Exception as error:  # datasets wraps a parse error in DatasetGenerationError without the line
+            if FILE_BUILDERS[extension] == "json":
+                _check_json_file(source)
+            raise ValueError(f"dataset {source!r} could not be read: {type(error).__name__}: {error}") from error
         return _take_slice(rows, split) if split != name else rows
     if _is_saved_dataset(source):
         rows = datasets.load_from_disk(source)
@@ -252,6 +262,23 @@ def _load_source(source: str, split: str, name: str, config_name: str | None, **
         if config_name is not None and "config" in str(error).lower():
             raise ValueError(f"--dataset_config {config_name!r} of {source!r}: {error}") from None
         raise
+
+
+def _check_json_file(path: str) -> None:
+    """Raise a ValueError naming the file and the first line that is not JSON (a JSON document or JSON lines)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    try:
+        json.loads(text)
+        return
+    except ValueError:
+        pass
+    for number, line in enumerate(text.splitlines(), start=1):
+        try:
+            if line.strip():
+                json.loads(line)
+        except ValueError as error:
+            raise ValueError(f"dataset {path!r}, line {number}: not valid JSON ({error.msg}): {line[:80]!r}") from None
 
 
 _SLICE = re.compile(r"^(\w+)\[(-?\d*)(%?):(-?\d*)(%?)\]$")
@@ -283,7 +310,10 @@ def load_checked_rows(
     """:func:`load_rows` (``options``: its ``config_name``, ``columns``, ``formatting_func``), then a one-line
     ``ValueError`` naming the flag unless the rows have an ``accepted`` format: recipes call it before any
     training or warm start, so bad data is reported at once."""
-    rows = load_rows(source, split, n, **options)
+    try:
+        rows = load_rows(source, split, n, **options)
+    except ValueError as error:
+        raise ValueError(f"{flag}: {error}") from None
     _require_format(rows, f"{flag} {source} ({split} split)", accepted)
     return rows
 
@@ -381,8 +411,9 @@ def is_conversational(dataset: datasets.Dataset) -> bool:
     if len(dataset) == 0:
         return False
     first_row = dataset[0]
-    return any(
-        isinstance(first_row.get(column), list) for column in ("messages", "prompt", "completion", "chosen", "rejected")
+    return any(  # a list of message dicts; a list of anything else is a wrong type, named when the row is checked
+        isinstance(value, list) and bool(value) and isinstance(value[0], dict)
+        for value in (first_row.get(c) for c in ("messages", "prompt", "completion", "chosen", "rejected"))
     )
 
 

@@ -32,9 +32,14 @@ CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 
-def resolve_model(name_or_path: str) -> str:
+def resolve_model(name_or_path: str, expected: tuple[str, ...] = ("config.json",)) -> str:
     """``"tiny"`` -> the cached tiny model directory (built on first use); a directory -> its absolute path;
-    anything else is returned unchanged and treated as a hub id by transformers."""
+    anything else is returned unchanged and treated as a hub id by transformers.
+
+    Raises:
+        ValueError: a directory holding none of the ``expected`` files (not a model directory).
+        FileNotFoundError: a path (starting with ``/``, ``.`` or ``~``) that does not exist.
+    """
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
         raise ValueError(f"a model must be 'tiny', a directory or a hub id, got {name_or_path!r}")
     name_or_path = str(name_or_path)
@@ -43,7 +48,14 @@ def resolve_model(name_or_path: str) -> str:
 
         return tiny_model_dir()
     if os.path.isdir(name_or_path):
+        if not any(os.path.isfile(os.path.join(name_or_path, name)) for name in expected):
+            raise ValueError(
+                f"model {name_or_path!r} is not a model directory (no {' or '.join(expected)}): give a directory "
+                "written by save_pretrained (a recipe's --output_dir), 'tiny' or a hub id"
+            )
         return os.path.abspath(name_or_path)
+    if os.path.exists(name_or_path) or name_or_path.startswith(("/", ".", "~")):
+        raise FileNotFoundError(f"model {name_or_path!r}: no such directory")
     return name_or_path
 
 
@@ -75,7 +87,9 @@ def load_tokenizer(name_or_path: str = TINY, trust_remote_code: bool = False, **
     explicitly (right for training, left for generation).
     """
     tokenizer = AutoTokenizer.from_pretrained(
-        resolve_model(name_or_path), trust_remote_code=trust_remote_code, **kwargs
+        resolve_model(name_or_path, expected=("tokenizer_config.json", "tokenizer.json", "config.json")),
+        trust_remote_code=trust_remote_code,
+        **kwargs,
     )
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:

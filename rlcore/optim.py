@@ -102,14 +102,21 @@ def optimizer_step(
 ) -> torch.Tensor:
     """Clip the global gradient norm (if ``max_grad_norm``), step, advance the schedule, zero the grads.
 
+    A non-finite gradient norm (a NaN or infinite loss gives one) skips the update: no optimizer step, no
+    schedule step, the gradients are dropped; ``rlcore.guards`` counts such steps and stops a run of them.
+    Deciding this reads the norm on the host: one sync per optimizer step.
+
     Returns:
-        The global L2 norm of the gradients before clipping, as a detached 0-d tensor (no host sync).
+        The global L2 norm of the gradients before clipping, as a detached 0-d tensor (non-finite: skipped).
     """
     params = [p for p in parameters if p.grad is not None]
     if max_grad_norm is not None:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm.detach()
     optimizer.step()
     if scheduler is not None:
         scheduler.step()

@@ -143,9 +143,20 @@ def load_prompt_task(config: OnlineConfig, device: torch.device) -> PromptTask:
     eval_prompts = None
     if eval_rows is not None:
         check_reward_columns(scorer.functions, eval_rows.column_names, "the evaluation rows")
-        eval_prompts = tokenize_prompts(eval_rows, tokenizer, config.max_prompt_length, config.truncation)
-    prompts = tokenize_prompts(rows, tokenizer, config.max_prompt_length, config.truncation)
-    return PromptTask(prompts, eval_prompts, scorer, metric)
+        eval_prompts = _prompts(eval_rows, tokenizer, config, "evaluation")
+    return PromptTask(_prompts(rows, tokenizer, config, "training"), eval_prompts, scorer, metric)
+
+
+def _prompts(rows: datasets.Dataset, tokenizer, config: OnlineConfig, which: str) -> datasets.Dataset:
+    """tokenize_prompts, its "every row is too long" error naming the flag."""
+    try:
+        return tokenize_prompts(rows, tokenizer, config.max_prompt_length, config.truncation)
+    except ValueError as error:
+        if "every row is longer" not in str(error):
+            raise
+        raise ValueError(
+            f"--max_prompt_length {config.max_prompt_length}: every {which} prompt is longer; raise it"
+        ) from None
 
 
 def evaluate_policy(policy: torch.nn.Module, tokenizer, task: PromptTask, config: OnlineConfig) -> dict[str, float]:

@@ -31,6 +31,11 @@ def test_resolve_model(tiny_cache, tmp_path, monkeypatch):
     assert resolve_model("tiny") == os.path.join(str(tiny_cache), "tiny-v1")
     monkeypatch.chdir(tmp_path)
     os.mkdir("local-model")
+    with pytest.raises(ValueError, match="'local-model' is not a model directory"):  # an empty directory
+        resolve_model("local-model")
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        resolve_model("./missing-model")
+    (tmp_path / "local-model" / "config.json").write_text("{}")
     assert resolve_model("local-model") == str(tmp_path / "local-model")
     assert resolve_model("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
     with pytest.raises(ValueError, match="'tiny', a directory or a hub id"):
