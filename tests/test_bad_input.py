@@ -100,7 +100,7 @@ CASES = [
     ("sft", ["--lr_schedule", "step"], "--lr_schedule must be one of cosine, linear, constant"),
     ("sft", ["--load_in_4bit", "true"], "needs --lora_r > 0"),
     ("sft", ["--max_skipped_steps", "-1"], "--max_skipped_steps must be >= 0"),
-    ("dpo", ["--loss_type", "hinged"], "--loss_type must be one of"),
+    ("dpo", ["--loss_type", "hinged"], "--loss_type: 'hinged' is not one of"),
     ("dpo", ["--beta", "0"], "--beta must be > 0"),
     ("reward_model", ["--head_lr", "-1"], "--head_lr must be > 0"),
     ("grpo", ["--num_generations", "3"], "--num_generations must be >= 2 and divide"),
