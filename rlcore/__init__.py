@@ -41,11 +41,22 @@ from .ops import (
     masked_var,
     masked_whiten,
 )
+from .preference import (
+    CPO_LOSS_TYPES,
+    KTO_LOSS_TYPES,
+    cpo_loss,
+    kto_loss,
+    kto_reference_point,
+    log1mexp,
+    orpo_loss,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AGGREGATION_MODES",
+    "CPO_LOSS_TYPES",
+    "KTO_LOSS_TYPES",
     "DPO_LOSS_TYPES",
     "F_DIVERGENCES",
     "GROUP_SCALES",
@@ -55,6 +66,7 @@ __all__ = [
     "check_choice",
     "check_ndim",
     "check_same_shape",
+    "cpo_loss",
     "chunked_logprobs",
     "dpo_loss",
     "entropy_from_logits",
@@ -64,14 +76,18 @@ __all__ = [
     "group_advantages",
     "kl_estimate",
     "kl_shaped_rewards",
+    "kto_loss",
+    "kto_reference_point",
     "last_valid_index",
     "length_desensitized_logps",
     "log_sum_squared_probs",
+    "log1mexp",
     "loss_normalizer",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "orpo_loss",
     "policy_loss",
     "reinforce_pp_advantages",
     "reward_pairwise_loss",
