@@ -989,6 +989,20 @@ def collate_left(prompt_ids: list[list[int]], pad_id: int) -> dict[str, torch.Te
     }
 
 
+def collate_completions(
+    prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """One right-padded [B, T] batch of prompt + completion rows (unpaired preference data, KTO's mismatched
+    pairs): ``input_ids``, ``attention_mask`` and ``completion_mask`` (1 on the completion tokens)."""
+    _check_batch("prompt_ids", prompt_ids)
+    _check_batch("completion_ids", completion_ids)
+    if len(prompt_ids) != len(completion_ids):
+        raise ValueError(f"batch sizes differ: {len(prompt_ids)} prompts, {len(completion_ids)} completions")
+    seqs = [list(prompt) + list(completion) for prompt, completion in zip(prompt_ids, completion_ids)]
+    masks = [[0] * len(prompt) + [1] * len(completion) for prompt, completion in zip(prompt_ids, completion_ids)]
+    return collate_right(seqs, masks, pad_id)  # each [B, T]
+
+
 def collate_preference(
     prompt_ids: list[list[int]], chosen_ids: list[list[int]], rejected_ids: list[list[int]], pad_id: int
 ) -> dict[str, torch.Tensor]:

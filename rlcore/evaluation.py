@@ -8,6 +8,9 @@ recipe              held-out metrics
 SFT                 :func:`sft_metrics`: loss (NLL per loss token) and token accuracy (argmax = target)
 reward model        :func:`reward_model_metrics`: pairwise accuracy (r_c > r_r), mean margin, BT loss
 DPO                 :func:`dpo_metrics`: pairwise accuracy of the implicit reward, its margin, the DPO loss
+ORPO / CPO / SimPO  :func:`reference_free_metrics`: pairwise accuracy of beta * log pi, its margin
+KTO                 :func:`kto_metrics`: sign accuracy of the implicit reward, desirable-undesirable margin,
+                    the KTO loss and its reference point
 online recipes      :func:`sampled_rewards`: mean reward of one sampled completion per prompt, per source
 ==================  ======================================================================================
 
@@ -25,8 +28,8 @@ from __future__ import annotations
 import datasets
 import torch
 
-from rlcore import dpo_loss, gather_logprobs, masked_sum
-from rlcore.data import collate_left, collate_preference, collate_right, prompt_batch
+from rlcore import dpo_loss, gather_logprobs, kto_loss, masked_sum
+from rlcore.data import collate_completions, collate_left, collate_preference, collate_right, prompt_batch
 from rlcore.models import eos_token_ids, eval_mode, sequence_logprobs, sequence_scores
 from rlcore.rewards import RewardFunction, RewardScorer, decode_completions, score_rollout
 from rlcore.rollout import generate
@@ -202,6 +205,66 @@ def dpo_metrics(
         "accuracy": stats["rewards/accuracies"].item(),
         "margin": stats["rewards/margins"].item(),
         "loss": loss.item(),
+    }
+
+
+def reference_free_metrics(logps: torch.Tensor, beta: float) -> dict[str, float]:
+    """Held-out metrics of a reference-free preference loss (ORPO, CPO, SimPO) from [2, N] policy log-probs
+    (:func:`preference_logps`, averaged or summed as the loss takes them): the implicit reward is
+    beta * log pi; ``accuracy`` is the fraction of pairs whose chosen completion gets the larger one (ties
+    count as wrong), ``margin`` the mean difference."""
+    margin = beta * (logps[0] - logps[1])  # [N]
+    return {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()}
+
+
+def completion_logps(
+    model: torch.nn.Module,
+    prompt_ids: list[list[int]],
+    completion_ids: list[list[int]],
+    pad_id: int,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """[N] summed completion log-probs of (prompt, completion) token lists, without gradient (KTO's held-out
+    rows and their mismatched pairs)."""
+    device = next(model.parameters()).device
+    logps = []
+    with eval_mode(model):
+        for start in range(0, len(prompt_ids), batch_size):
+            stop = start + batch_size
+            batch = collate_completions(prompt_ids[start:stop], completion_ids[start:stop], pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            summed, _ = sequence_logprobs(
+                model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"][:, 1:]
+            )
+            logps.append(summed.float())  # [B]
+    return torch.cat(logps)  # [N]
+
+
+def kto_metrics(
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    labels: torch.Tensor,
+    kl_logps: torch.Tensor,
+    ref_kl_logps: torch.Tensor,
+    beta: float,
+    **loss_kwargs,
+) -> dict[str, float]:
+    """Held-out KTO metrics from [N] log-probs of the rows and of their mismatched pairs
+    (:func:`completion_logps`, policy and reference).
+
+    The implicit reward of a completion is beta * (log pi - log pi_ref); ``accuracy`` is the fraction of
+    rows where it is positive for a desirable and negative for an undesirable completion, ``margin`` the
+    mean reward of the desirable rows minus that of the undesirable ones, ``loss`` the KTO loss
+    (``loss_kwargs``: weights, loss_type) and ``kl`` its reference point z0 over the whole held-out set.
+    """
+    loss, stats = kto_loss(logps, ref_logps, labels, kl_logps, ref_kl_logps, beta=beta, **loss_kwargs)
+    rewards = logps - ref_logps  # [N]; the sign is that of beta * rewards
+    right = torch.where(labels.bool(), rewards > 0, rewards < 0)
+    return {
+        "accuracy": right.float().mean().item(),
+        "margin": stats["rewards/margins"].item(),
+        "loss": loss.item(),
+        "kl": stats["kl"].item(),
     }
 
 

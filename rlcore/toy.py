@@ -266,20 +266,25 @@ def accuracy_reward(prompts, completions, answer, **kwargs) -> list[float]:
     return rewards
 
 
-def exact_match(prompts, completions, answer=None, completion=None, chosen=None, **kwargs) -> list[float]:
+def exact_match(prompts, completions, answer=None, completion=None, chosen=None, label=None, **kwargs) -> list:
     """The toy task's evaluation metric: :func:`accuracy_reward` against the reference of any toy row format.
 
     The reference is the ``answer`` column (prompt-only rows), else the reference ``completion``
     (prompt-completion rows) or the ``chosen`` answer (preference rows); message lists count by the
-    content of their last message. Recipes apply it to greedy completions (``--eval_metric exact_match``,
-    the default ``auto`` on the toy task).
+    content of their last message. In unpaired preference rows (``label``) only a desirable completion is a
+    reference: rows labelled False score None (left out of the mean). Recipes apply it to greedy completions
+    (``--eval_metric exact_match``, the default ``auto`` on the toy task).
     """
     reference = next((column for column in (answer, completion, chosen) if column is not None), None)
     if reference is None:
         raise ValueError("exact_match needs an 'answer', 'completion' or 'chosen' column")
-    return accuracy_reward(
+    scores = accuracy_reward(
         prompts, completions, [_completion_text(r) if not isinstance(r, (str, int)) else r for r in reference]
     )
+    if answer is None and completion is not None and label is not None:
+        _check_lengths(completions, label=label)
+        return [score if desirable else None for score, desirable in zip(scores, label)]
+    return scores
 
 
 def format_reward(prompts, completions, **kwargs) -> list[float]:
