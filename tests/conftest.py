@@ -18,7 +18,7 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 def pytest_ignore_collect(collection_path, config):
     """The TRL parity suite (marker ``parity``; it imports TRL, which takes seconds) is collected only when asked
-    for: ``python -m pytest -m parity tests/test_trl_parity.py``."""
-    if collection_path.name == "test_trl_parity.py" and "parity" not in (config.getoption("-m") or ""):
+    for: ``python -m pytest -m parity tests/test_trl_parity.py tests/test_trl_parity_kto_orpo.py``."""
+    if collection_path.name.startswith("test_trl_parity") and "parity" not in (config.getoption("-m") or ""):
         return True
     return None

@@ -9,6 +9,9 @@ recipe              formats                                                     
 ==================  ==============================================================  ===================================
 sft                 language_modeling, prompt_completion (plain and chat)           eval/loss, eval/token_accuracy
 dpo, reward_model   preference, preference_implicit (plain and chat)                eval/accuracy, eval/margin, eval/loss
+orpo                preference, preference_implicit (plain and chat)                eval/accuracy, eval/margin, eval/nll
+kto                 unpaired_preference (plain and chat)                            eval/accuracy, eval/margin, eval/loss,
+                                                                                    eval/kl
 grpo, ppo,          every format with a prompt column: prompt_only,                 eval/reward, eval/reward/<function>
 online_dpo          prompt_completion, preference, unpaired_preference (both)
 ==================  ==============================================================  ===================================
@@ -54,6 +57,8 @@ EVAL_KEYS = {
     "dpo": {"eval/accuracy", "eval/margin", "eval/loss"},
     "reward_model": {"eval/accuracy", "eval/margin", "eval/loss"},
     **{name: {"eval/reward", "eval/reward/length_reward"} for name in ONLINE},
+    "orpo": {"eval/accuracy", "eval/margin", "eval/nll"},
+    "kto": {"eval/accuracy", "eval/margin", "eval/loss", "eval/kl"},
 }
 REWARDS_FILE = """
 def length_reward(prompts, completions, **kwargs):
@@ -188,10 +193,11 @@ CASES = (
     [("sft", kind, chat) for kind in ("language_modeling", "prompt_completion") for chat in PLAIN_AND_CHAT]
     + [
         (recipe, kind, chat)
-        for recipe in ("dpo", "reward_model")
+        for recipe in ("dpo", "reward_model", "orpo")
         for kind in ("preference", "preference_implicit")
         for chat in PLAIN_AND_CHAT
     ]
+    + [("kto", "unpaired_preference", chat) for chat in PLAIN_AND_CHAT]
     + [
         (recipe, kind, chat)
         for recipe in ONLINE
@@ -228,8 +234,12 @@ STORAGE = {
 }
 
 
+# ORPO reads pairs as DPO does: two of its four cases run by default
+SLOW_ORPO = {("orpo", "preference", True), ("orpo", "preference_implicit", False)}
+
+
 def _case(recipe: str, kind: str, chat: bool):
-    slow = recipe in ONLINE and (recipe, kind, chat) not in FAST_ONLINE
+    slow = (recipe in ONLINE and (recipe, kind, chat) not in FAST_ONLINE) or (recipe, kind, chat) in SLOW_ORPO
     return pytest.param(
         recipe,
         kind,
@@ -260,7 +270,7 @@ def test_recipe_evaluates_format(tmp_path, recipe, kind, conversational):
     assert (output_dir / "config.json").exists() and (output_dir / "model.safetensors").exists()
     loader = AutoModelForSequenceClassification if recipe == "reward_model" else AutoModelForCausalLM
     loader.from_pretrained(output_dir)
-    if recipe in ("dpo", "reward_model"):
+    if recipe in ("dpo", "reward_model", "orpo", "kto"):
         assert 0 <= results["eval/accuracy"] <= 1
     if recipe in ONLINE:  # every completion has a length: the per-function mean is the overall reward (weight 1)
         assert (
