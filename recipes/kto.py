@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     prompts, completions = list(train["prompt_ids"]), list(train["completion_ids"])
     labels = torch.tensor(train["label"], dtype=torch.bool)  # [N]
     print(f"{int(labels.sum())} desirable and {int((~labels).sum())} undesirable training rows")
-    longest = max(len(p) + len(c) for p, c in zip(prompts, completions))
-    runtime.prefer_eager_attention(model, device, 2 * longest)  # CPU, short rows (before the reference is copied)
+    longest = max(map(len, prompts)) + max(map(len, completions))  # bounds the mismatched rows too
+    runtime.prefer_eager_attention(model, device, longest)  # CPU, short rows (before the reference is copied)
     reference = models.frozen_copy(model) if config.lora_r == 0 else None  # with LoRA: adapters off
 
     def logps_of(forward, prompt_rows: list, completion_rows: list) -> torch.Tensor:
