@@ -456,11 +456,13 @@ def test_final_model_is_saved_before_the_final_evaluation(tmp_path, capsys):
 
 # ---------------------------------------------------------------- bad input: one line, before any training or warm start
 
-RECIPES = ("sft", "dpo", "reward_model", *ONLINE)
+RECIPES = ("sft", "dpo", "reward_model", "kto", "orpo", *ONLINE)
 FORMAT_OF = {
     "sft": "prompt_completion",
     "dpo": "preference",
     "reward_model": "preference",
+    "kto": "unpaired_preference",
+    "orpo": "preference",
     **{name: "prompt_only" for name in ONLINE},
 }
 
