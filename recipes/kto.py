@@ -99,7 +99,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train = data.tokenize_unpaired(rows, tokenizer, config.max_length)
     prompts, completions = list(train["prompt_ids"]), list(train["completion_ids"])
     labels = torch.tensor(train["label"], dtype=torch.bool)  # [N]
-    print(f"{int(labels.sum())} desirable and {int((~labels).sum())} undesirable training rows")
+    num_desirable, num_undesirable = int(labels.sum()), int((~labels).sum())
+    balance = config.desirable_weight * num_desirable / max(1e-9, config.undesirable_weight * num_undesirable)
+    print(
+        f"{num_desirable} desirable and {num_undesirable} undesirable training rows; w_D n_D / (w_U n_U) = {balance:.2f}"
+    )
+    if not 1.0 <= balance <= 4 / 3:
+        print("  the KTO paper recommends 1 to 4/3: set --desirable_weight or --undesirable_weight accordingly")
     longest = max(map(len, prompts)) + max(map(len, completions))  # bounds the mismatched rows too
     runtime.prefer_eager_attention(model, device, longest)  # CPU, short rows (before the reference is copied)
     reference = models.frozen_copy(model) if config.lora_r == 0 else None  # with LoRA: adapters off
