@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.load_in_4bit
     )
     pad_id = tokenizer.pad_token_id
-    train = data.tokenize_unpaired(rows, tokenizer, config.max_length)
+    train = data.tokenize_unpaired(rows, tokenizer, config.max_length, truncation=config.truncation)
     prompts, completions = list(train["prompt_ids"]), list(train["completion_ids"])
     labels = torch.tensor(train["label"], dtype=torch.bool)  # [N]
     num_desirable, num_undesirable = int(labels.sum()), int((~labels).sum())
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return models.sequence_logprobs(forward, batch["input_ids"], batch["attention_mask"], mask)[0].float()
 
     if eval_rows is not None:
-        held_out = data.tokenize_unpaired(eval_rows, tokenizer, config.max_length)
+        held_out = data.tokenize_unpaired(eval_rows, tokenizer, config.max_length, truncation=config.truncation)
         eval_prompts, eval_completions = list(held_out["prompt_ids"]), list(held_out["completion_ids"])
         eval_labels = torch.tensor(held_out["label"], dtype=torch.bool)
 
@@ -130,7 +130,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             )
 
         eval_ref_logps, eval_ref_kl_logps = held_out_logps()  # the starting policy
-        eval_prompt_rows = data.tokenize_prompts(eval_rows, tokenizer, config.max_length) if metric else None
+        eval_prompt_rows = (
+            data.tokenize_prompts(eval_rows, tokenizer, config.max_length, truncation=config.truncation)
+            if metric
+            else None
+        )
 
     def evaluate() -> dict[str, float]:
         logps, kl_logps = held_out_logps()
@@ -151,7 +155,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     model.train()
     forward = runtime.maybe_compile(model, device, config.compile)
-    optimizer, scheduler = optim.from_flags(model, config)
+    optimizer, scheduler = optim.from_flags(
+        model, config, num_rows=len(train), rows_per_step=config.batch_size * config.grad_accum_steps
+    )
     evaluate = evaluate if eval_rows is not None else None
     run = Run(config, model, tokenizer, optimizer, scheduler, evaluate=evaluate, bar_keys=("loss", "kl"))
 

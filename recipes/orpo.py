@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.load_in_4bit
     )
     pad_id = tokenizer.pad_token_id
-    train = data.tokenize_preference(rows, tokenizer, config.max_length)
+    train = data.tokenize_preference(rows, tokenizer, config.max_length, truncation=config.truncation)
     pairs = {name: list(train[name]) for name in ("prompt_ids", "chosen_ids", "rejected_ids")}
     longest = max(
         len(p) + max(len(c), len(r)) for p, c, r in zip(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"])
@@ -136,8 +136,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return loss, stats
 
     if eval_rows is not None:
-        eval_pairs = data.tokenize_preference(eval_rows, tokenizer, config.max_length)
-        eval_prompts = data.tokenize_prompts(eval_rows, tokenizer, config.max_length) if metric else None
+        eval_pairs = data.tokenize_preference(eval_rows, tokenizer, config.max_length, truncation=config.truncation)
+        eval_prompts = (
+            data.tokenize_prompts(eval_rows, tokenizer, config.max_length, truncation=config.truncation)
+            if metric
+            else None
+        )
         eval_chosen = datasets.Dataset.from_dict(  # prompt + chosen rows, the NLL on the chosen tokens
             {
                 "input_ids": [p + c for p, c in zip(eval_pairs["prompt_ids"], eval_pairs["chosen_ids"])],
@@ -157,7 +161,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     model.train()
     forward = runtime.maybe_compile(model, device, config.compile)
-    optimizer, scheduler = optim.from_flags(model, config)
+    optimizer, scheduler = optim.from_flags(
+        model, config, num_rows=len(train), rows_per_step=config.batch_size * config.grad_accum_steps
+    )
     evaluate = evaluate if eval_rows is not None else None
     run = Run(
         config, model, tokenizer, optimizer, scheduler, evaluate=evaluate, bar_keys=("loss", "rewards/accuracies")
