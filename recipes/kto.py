@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from rlcore import KTO_LOSS_TYPES, data, evaluation, kto_loss, lora, models, optim, runtime, toy, tracking
+from rlcore import KTO_LOSS_TYPES, data, evaluation, guards, kto_loss, lora, models, optim, runtime, toy, tracking
 from rlcore.config import ONLINE_WARM_START_FLAGS, TrainConfig, parse_config
 from rlcore.run import Run, cli
 from rlcore.task import load_task_rows, metric_value
@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train = data.tokenize_unpaired(rows, tokenizer, config.max_length, truncation=config.truncation)
     prompts, completions = list(train["prompt_ids"]), list(train["completion_ids"])
     labels = torch.tensor(train["label"], dtype=torch.bool)  # [N]
+    empty = {"have an empty completion after truncation": sum(not ids for ids in completions)}
+    guards.report_degenerate(empty, len(completions), "training rows")  # counted, refused if all
     num_desirable, num_undesirable = int(labels.sum()), int((~labels).sum())
     balance = config.desirable_weight * num_desirable / max(1e-9, config.undesirable_weight * num_undesirable)
     print(
@@ -159,7 +161,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         model, config, num_rows=len(train), rows_per_step=config.batch_size * config.grad_accum_steps
     )
     evaluate = evaluate if eval_rows is not None else None
-    run = Run(config, model, tokenizer, optimizer, scheduler, evaluate=evaluate, bar_keys=("loss", "kl"))
+    run = Run(
+        config,
+        model,
+        tokenizer,
+        optimizer,
+        scheduler,
+        evaluate=evaluate,
+        bar_keys=("loss", "kl"),
+        guard=guards.supervised(config),  # non-finite steps skipped, divergence warned
+    )
 
     # ---------------------------------------------------------------- training loop
     while run.running():

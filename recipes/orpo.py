@@ -45,6 +45,7 @@ from rlcore import (
     cpo_loss,
     data,
     evaluation,
+    guards,
     lora,
     models,
     optim,
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     pad_id = tokenizer.pad_token_id
     train = data.tokenize_preference(rows, tokenizer, config.max_length, truncation=config.truncation)
     pairs = {name: list(train[name]) for name in ("prompt_ids", "chosen_ids", "rejected_ids")}
+    guards.check_pairs(pairs["chosen_ids"], pairs["rejected_ids"])  # identical or empty pairs: counted, refused if all
     longest = max(
         len(p) + max(len(c), len(r)) for p, c, r in zip(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"])
     )
@@ -166,7 +168,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     evaluate = evaluate if eval_rows is not None else None
     run = Run(
-        config, model, tokenizer, optimizer, scheduler, evaluate=evaluate, bar_keys=("loss", "rewards/accuracies")
+        config,
+        model,
+        tokenizer,
+        optimizer,
+        scheduler,
+        evaluate=evaluate,
+        bar_keys=("loss", "rewards/accuracies"),
+        guard=guards.supervised(config),  # non-finite steps skipped, divergence warned
     )
 
     # ---------------------------------------------------------------- training loop
