@@ -11,7 +11,8 @@ DPO                 :func:`dpo_metrics`: pairwise accuracy of the implicit rewar
 ORPO / CPO / SimPO  :func:`reference_free_metrics`: pairwise accuracy of beta * log pi, its margin
 KTO                 :func:`kto_metrics`: sign accuracy of the implicit reward, desirable-undesirable margin,
                     the KTO loss and its reference point
-online recipes      :func:`sampled_rewards`: mean reward of one sampled completion per prompt, per source
+online recipes      :func:`sampled_rewards`: mean reward of one sampled completion per prompt, per source;
+                    :func:`sampled_pass_at_k`: pass@1 and pass@k of n sampled completions per prompt
 ==================  ======================================================================================
 
 A task metric (the toy task's exact match, a unit test's pass rate, ...) is a *metric function* with the
@@ -25,11 +26,20 @@ python floats (they run at evaluation steps only).
 
 from __future__ import annotations
 
+import math
+
 import datasets
 import torch
 
 from rlcore import dpo_loss, gather_logprobs, kto_loss, masked_sum
-from rlcore.data import collate_completions, collate_left, collate_preference, collate_right, prompt_batch
+from rlcore.data import (
+    collate_completions,
+    collate_left,
+    collate_preference,
+    collate_right,
+    prompt_batch,
+    repeat_each,
+)
 from rlcore.models import eos_token_ids, eval_mode, sequence_logprobs, sequence_scores
 from rlcore.rewards import RewardFunction, RewardScorer, decode_completions, score_rollout
 from rlcore.rollout import generate
@@ -317,3 +327,85 @@ def sampled_rewards(
         if not values.isnan().all():  # a source that scored no held-out row has no mean
             metrics[f"reward/{name}"] = values[~values.isnan()].mean().item()
     return metrics
+
+
+def pass_at_k(num_correct: torch.Tensor, num_samples: int, k: int) -> torch.Tensor:
+    """Unbiased pass@k of each problem from n samples of which c pass (Chen et al. 2021, "Evaluating large
+    language models trained on code", https://arxiv.org/abs/2107.03374, eq. 1):
+
+        pass@k = 1 - C(n - c, k) / C(n, k) = 1 - prod_{i = n - c + 1}^{n} (1 - k / i)
+
+    the probability that at least one of k samples drawn without replacement from the n passes; the
+    product form is the paper's numerically stable one. pass@1 = c / n.
+
+    Args:
+        num_correct: [P] passing samples per problem, c in [0, n].
+        num_samples: n, samples per problem.
+        k: 1 <= k <= n.
+
+    Returns:
+        [P] float64 estimates.
+    """
+    if not 1 <= k <= num_samples:
+        raise ValueError(f"pass@k needs 1 <= k <= n = {num_samples}, got k = {k}")
+    estimates = []
+    for c in num_correct.tolist():
+        if num_samples - c < k:  # every k-subset holds a pass
+            estimates.append(1.0)
+        else:
+            estimates.append(1.0 - math.prod(1.0 - k / i for i in range(num_samples - int(c) + 1, num_samples + 1)))
+    return torch.tensor(estimates, dtype=torch.float64)
+
+
+@torch.no_grad()
+def sampled_pass_at_k(
+    model,
+    tokenizer,
+    prompts: datasets.Dataset,
+    metric: RewardFunction,
+    num_samples: int,
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int = 8,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> dict[str, float]:
+    """pass@1 and pass@k (k = 2, 4, ... up to n and n itself) over held-out prompts, from ``num_samples`` = n
+    sampled completions each (:func:`pass_at_k`); a sample passes when ``metric`` returns at least 1 (the
+    toy task's exact match: the right sum). The sampling seed is fixed, so two evaluations differ only by
+    the model. Returns ``{"pass@1": ..., "pass@k": ...}``, means over the prompts."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
+    stop_ids = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
+    prompts_per_batch = max(1, batch_size // num_samples)
+    correct = []
+    with eval_mode(model):
+        for start in range(0, len(prompts), prompts_per_batch):
+            rows = range(start, min(start + prompts_per_batch, len(prompts)))
+            batch = prompt_batch(prompts, rows, tokenizer.pad_token_id)
+            rollout = generate(
+                model,
+                batch.prompt_ids.to(device),
+                batch.prompt_mask.to(device),
+                max_new_tokens=max_new_tokens,
+                eos_token_ids=stop_ids,
+                pad_token_id=tokenizer.pad_token_id,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                num_samples=num_samples,
+                generator=generator,
+            )
+            lengths = rollout.completion_mask.sum(dim=1).tolist()
+            ids = [row[:length] for row, length in zip(rollout.completion_ids.tolist(), lengths)]
+            columns = {name: repeat_each(values, num_samples) for name, values in batch.columns.items()}
+            texts = repeat_each(batch.prompts, num_samples)
+            completions = decode_completions(tokenizer, ids, conversational=batch.conversational)
+            scores = metric(prompts=texts, completions=completions, completion_ids=ids, **columns)
+            passed = torch.tensor([float(score is not None and score >= 1.0) for score in scores])  # [P * n]
+            correct.append(passed.reshape(len(rows), num_samples).sum(dim=1))  # [P]
+    correct = torch.cat(correct)
+    ks = sorted({1, num_samples, *(2**i for i in range(1, num_samples.bit_length()) if 2**i <= num_samples)})
+    return {f"pass@{k}": pass_at_k(correct, num_samples, k).mean().item() for k in ks}

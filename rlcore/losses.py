@@ -25,7 +25,12 @@ __all__ = [
     "f_divergence_score",
     "wpo_log_weights",
     "aggregate",
+    "IMPORTANCE_SAMPLING_LEVELS",
+    "TIS_MODES",
     "policy_loss",
+    "importance_ratio",
+    "cispo_loss",
+    "truncated_importance_weights",
     "value_loss",
     "dpo_loss",
     "simpo_loss",
@@ -43,6 +48,7 @@ LOSS_TYPE_AGGREGATION = {
     "bnpo": "token_mean",  # every token of a micro-batch weighs the same
     "dr_grpo": "seq_mean_token_sum_norm",  # token sums over a constant: no length bias (Dr. GRPO)
     "dapo": "token_mean",  # every token of the whole optimizer step weighs the same (DAPO)
+    "cispo": "token_mean",  # CISPO's clipped-weight REINFORCE (cispo_loss), averaged as DAPO
 }
 
 
@@ -108,7 +114,7 @@ def loss_normalizer(
     """The ``normalizer`` of :func:`aggregate` that makes the micro-batch losses of one optimizer step add
     up to the loss of the whole step, for a ``LOSS_TYPE_AGGREGATION`` loss type:
 
-        dapo     sum of step_mask                     (valid tokens of the whole step)
+        dapo     sum of step_mask                     (valid tokens of the whole step; cispo the same)
         bnpo     sum of micro_mask * micro_batches    (each micro-batch normalised by its own tokens)
         grpo     rows of step_mask with a valid token
         dr_grpo  rows of step_mask
@@ -124,7 +130,7 @@ def loss_normalizer(
     check_choice("loss_type", loss_type, tuple(LOSS_TYPE_AGGREGATION))
     if loss_type == "bnpo":
         return micro_mask.sum().clamp(min=1).float() * micro_batches
-    if loss_type == "dapo":
+    if loss_type in ("dapo", "cispo"):
         return step_mask.sum().clamp(min=1).float()
     if loss_type == "grpo":
         return step_mask.bool().any(dim=1).sum().clamp(min=1).float()
@@ -158,19 +164,26 @@ def policy_loss(
     dual_clip: float | None = None,
     max_len: int | None = None,
     normalizer: float | torch.Tensor | None = None,
+    importance_sampling_level: str = "token",
+    importance_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate policy-gradient loss (PPO, GRPO, DAPO clip-higher, dual clip).
+    """Clipped surrogate policy-gradient loss (PPO, GRPO, DAPO clip-higher, dual clip, GSPO).
 
-        rho_t  = exp(logp_t - old_logp_t)
+        rho_t  = exp(logp_t - old_logp_t)                    (importance_sampling_level "token")
+               = exp(mean_t' m_t' (logp_t' - old_logp_t'))   ("sequence", GSPO: one ratio per row)
         l_t    = -min(rho_t A_t, clip(rho_t, 1 - clip_low, 1 + clip_high) A_t)
         dual:  l_t = min(l_t, -dual_clip * A_t)   where A_t < 0
+        l_t    = w_t l_t                                     (with ``importance_weights`` w, detached)
         loss   = aggregate(l, mask, agg)
 
     PPO: Schulman et al. 2017, https://arxiv.org/abs/1707.06347. Clip-higher (``clip_high > clip_low``,
     e.g. 0.28 vs 0.2): DAPO, Yu et al. 2025, https://arxiv.org/abs/2503.14476. Dual clip (``dual_clip`` =
     c > 1): Ye et al. 2019, https://arxiv.org/abs/1912.09729, which bounds the loss of a token with a
     negative advantage whose ratio has grown large. At rho = 1 (the first step on fresh samples) the loss
-    equals -aggregate(A) and its gradient is -A * d logp.
+    equals -aggregate(A) and its gradient is -A * d logp. Sequence-level ratios (GSPO, Zheng et al. 2025,
+    https://arxiv.org/abs/2507.18071, see :func:`importance_ratio`) clip whole rows; the paper pairs them
+    with ``agg="seq_mean_token_mean"`` and much smaller clip ranges (3e-4 / 4e-4). ``importance_weights``
+    corrects for a sampler whose numerics differ from the trainer's (:func:`truncated_importance_weights`).
 
     Args:
         logp: [B, T] log-probs of the sampled tokens under the current policy (with gradient).
@@ -182,6 +195,8 @@ def policy_loss(
         agg: aggregation mode, see ``aggregate``.
         dual_clip: c > 1 for dual clipping, or None.
         max_len, normalizer: passed to ``aggregate``.
+        importance_sampling_level: "token" or "sequence" (GSPO), see :func:`importance_ratio`.
+        importance_weights: [B, T] or [B, 1] weights multiplying each token's loss (no gradient), or None.
 
     Returns:
         (loss, stats) with stats (detached, over valid tokens): ``clip_frac_low`` (A < 0 and ratio below
@@ -196,8 +211,7 @@ def policy_loss(
     if dual_clip is not None and not dual_clip > 1.0:
         raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
     valid = mask.bool()
-    log_ratio = torch.where(valid, logp - old_logp.detach(), 0.0)  # [B, T]; ratio 1 on padding
-    ratio = torch.exp(log_ratio)  # [B, T]
+    ratio = importance_ratio(logp, old_logp, mask, importance_sampling_level).expand_as(logp)  # [B, T]
     unclipped = -ratio * advantages  # [B, T]
     clipped = -ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages  # [B, T]
     per_token = torch.maximum(unclipped, clipped)  # [B, T]
@@ -209,13 +223,171 @@ def policy_loss(
         dual_bound = -dual_clip * advantages
         per_token = torch.where(advantages < 0, torch.minimum(per_token, dual_bound), per_token)
         stats["dual_clip_frac"] = _fraction((ratio > dual_clip) & (advantages < 0), valid)
+    per_token = _weighted(per_token, importance_weights, logp)  # [B, T]
     loss = aggregate(per_token, mask, agg, max_len=max_len, normalizer=normalizer)
-    with torch.no_grad():
-        stats["approx_kl"] = masked_mean(kl_estimate(old_logp, logp, kind="k3"), valid)
-        stats["ratio_mean"] = masked_mean(ratio, valid)
-        stats["ratio_min"] = torch.where(valid, ratio, torch.inf).amin()
-        stats["ratio_max"] = torch.where(valid, ratio, -torch.inf).amax()
+    stats.update(_ratio_stats(logp, old_logp, ratio, valid))
     return loss, stats
+
+
+def _weighted(per_token: torch.Tensor, weights: torch.Tensor | None, logp: torch.Tensor) -> torch.Tensor:
+    """``per_token * weights`` (weights [B, T] or [B, 1], detached), broadcast to logp's [B, T]."""
+    if weights is not None:
+        if weights.shape not in (logp.shape, logp.shape[:1] + (1,)):
+            raise ValueError(
+                f"importance_weights must be [B, T] = {tuple(logp.shape)} or [B, 1], got {tuple(weights.shape)}"
+            )
+        per_token = per_token * weights.detach()
+    return per_token.expand_as(logp)
+
+
+def _ratio_stats(logp, old_logp, ratio, valid) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return {
+            "approx_kl": masked_mean(kl_estimate(old_logp, logp, kind="k3"), valid),
+            "ratio_mean": masked_mean(ratio, valid),
+            "ratio_min": torch.where(valid, ratio, torch.inf).amin(),
+            "ratio_max": torch.where(valid, ratio, -torch.inf).amax(),
+        }
+
+
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+
+
+def importance_ratio(
+    logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, level: str = "token"
+) -> torch.Tensor:
+    """The importance ratio of the current policy to the one that sampled, per token or per sequence.
+
+        token:     rho_t = exp(logp_t - old_logp_t)                                     [B, T]
+        sequence:  s_i   = exp( sum_t m_t (logp_t - old_logp_t) / max(1, sum_t m_t) )   [B, 1]
+
+    The sequence ratio is GSPO's (Zheng et al. 2025, https://arxiv.org/abs/2507.18071, eq. 7): the
+    length-normalised likelihood ratio of the whole completion, so one token's noisy ratio no longer
+    decides its own clip. Its gradient reaches every token of the row: ds_i = s_i * mean_t m_t d logp_t.
+    ``old_logp`` is detached; padding counts as a log-ratio of 0 (ratio 1), so it may hold any value.
+
+    Args:
+        logp: [B, T] log-probs under the current policy (with gradient).
+        old_logp: [B, T] log-probs under the sampling policy.
+        mask: [B, T] 1 on completion tokens.
+        level: "token" or "sequence".
+
+    Returns:
+        [B, T] (token) or [B, 1] (sequence) ratios.
+    """
+    check_ndim("logp", logp, 2, "[B, T]")
+    check_same_shape(logp=logp, old_logp=old_logp, mask=mask)
+    check_choice("importance_sampling_level", level, IMPORTANCE_SAMPLING_LEVELS)
+    log_ratio = torch.where(mask.bool(), logp - old_logp.detach(), 0.0)  # [B, T]; 0 on padding
+    if level == "sequence":
+        log_ratio = log_ratio.sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1)  # [B, 1]
+    return torch.exp(log_ratio)
+
+
+def cispo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float | None = None,
+    clip_high: float = 0.2,
+    agg: str = "token_mean",
+    max_len: int | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    importance_sampling_level: str = "token",
+    importance_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CISPO: REINFORCE with a clipped, detached importance weight, so that no token loses its gradient.
+
+        rho_t  = exp(logp_t - old_logp_t)                     (or GSPO's sequence ratio, see importance_ratio)
+        w_t    = sg( clip(rho_t, 1 - clip_low, 1 + clip_high) )   (clip_low None: no lower bound)
+        l_t    = -w_t A_t logp_t
+        loss   = aggregate(l, mask, agg)
+
+    MiniMax-M1, Chen et al. 2025, https://arxiv.org/abs/2506.13585, eq. 4-5: PPO's clip zeroes the gradient
+    of a token whose ratio left the trust region (often the rare "reflective" tokens); CISPO clips the
+    weight instead and keeps every token's gradient -w_t A_t d logp_t. At rho = 1 the gradient equals the
+    clipped surrogate's, -A d logp. TRL's ``loss_type="cispo"`` caps the ratio at ``epsilon_high`` itself
+    with no lower bound: its epsilon_high E is ``clip_high = E - 1`` here.
+
+    Args:
+        logp, old_logp, advantages, mask: as in :func:`policy_loss`.
+        clip_low: the weight is >= 1 - clip_low; None (the paper's choice) for no lower bound.
+        clip_high: the weight is <= 1 + clip_high.
+        agg, max_len, normalizer: passed to ``aggregate``.
+        importance_sampling_level, importance_weights: as in :func:`policy_loss`.
+
+    Returns:
+        (loss, stats) with stats (detached, over valid tokens): ``clip_frac`` (ratio above 1 + clip_high or
+        below 1 - clip_low), ``approx_kl``, ``ratio_mean``, ``ratio_min``, ``ratio_max``.
+    """
+    check_ndim("logp", logp, 2, "[B, T]")
+    check_same_shape(logp=logp, old_logp=old_logp, mask=mask)
+    advantages = _per_token_advantages(advantages, logp).detach()  # [B, T] or [B, 1]
+    valid = mask.bool()
+    ratio = importance_ratio(logp, old_logp, mask, importance_sampling_level).expand_as(logp)  # [B, T]
+    low = None if clip_low is None else 1.0 - clip_low
+    weight = ratio.detach().clamp(min=low, max=1.0 + clip_high)  # [B, T]
+    per_token = -weight * advantages * torch.where(valid, logp, 0.0)  # [B, T]
+    per_token = _weighted(per_token, importance_weights, logp)  # [B, T]
+    loss = aggregate(per_token, mask, agg, max_len=max_len, normalizer=normalizer)
+    clipped = ratio > 1.0 + clip_high
+    if low is not None:
+        clipped = clipped | (ratio < low)
+    stats = {"clip_frac": _fraction(clipped, valid), **_ratio_stats(logp, old_logp, ratio, valid)}
+    return loss, stats
+
+
+TIS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def truncated_importance_weights(
+    train_logp: torch.Tensor,
+    sampler_logp: torch.Tensor,
+    mask: torch.Tensor,
+    cap: float = 2.0,
+    mode: str = "token_truncate",
+) -> torch.Tensor:
+    """Importance weights that correct for a sampler whose numerics differ from the trainer's.
+
+    The rollout engine returns the log-probs it sampled with (``Rollout.logprobs``: bf16 sampling, a
+    compiled or another engine, top-k/top-p filtering); the trainer recomputes them. With
+    r = pi_train / pi_sampler,
+
+        token_truncate:     w_t = min(r_t, C)                          r_t = exp(train_logp_t - sampler_logp_t)
+        token_mask:         w_t = r_t if r_t <= C else 0
+        sequence_truncate:  w_i = min(R_i, C)                          R_i = exp(sum_t m_t (train_logp_t - sampler_logp_t))
+        sequence_mask:      w_i = R_i if R_i <= C else 0               (a row too far off-policy is dropped)
+
+    Truncated importance sampling (TIS): Yao et al. 2025, "Your efficient RL framework secretly brings you
+    off-policy RL training" (https://fengyao.notion.site/off-policy-rl); the sequence variants follow
+    TRL's ``vllm_importance_sampling_mode`` (same names, sums over the row as TRL does). Multiply each
+    token's policy loss by w (``policy_loss(..., importance_weights=w)``). No gradient flows through w.
+
+    Args:
+        train_logp: [B, T] log-probs of the sampled tokens under the trainer's policy at sampling time
+            (pi_old; detached here).
+        sampler_logp: [B, T] log-probs the sampler reported for the same tokens.
+        mask: [B, T] 1 on completion tokens (padding counts as r = 1).
+        cap: C > 0.
+        mode: one of ``TIS_MODES``.
+
+    Returns:
+        [B, T] (token modes) or [B, 1] (sequence modes) detached weights.
+    """
+    check_ndim("train_logp", train_logp, 2, "[B, T]")
+    check_same_shape(train_logp=train_logp, sampler_logp=sampler_logp, mask=mask)
+    check_choice("tis mode", mode, TIS_MODES)
+    if not cap > 0:
+        raise ValueError(f"cap must be > 0, got {cap}")
+    with torch.no_grad():
+        log_ratio = torch.where(mask.bool(), train_logp - sampler_logp, 0.0)  # [B, T]
+        if mode.startswith("sequence"):
+            log_ratio = log_ratio.sum(dim=1, keepdim=True)  # [B, 1]
+        ratio = torch.exp(log_ratio)
+        if mode.endswith("truncate"):
+            return ratio.clamp(max=cap)
+        return torch.where(ratio <= cap, ratio, 0.0)
 
 
 def value_loss(

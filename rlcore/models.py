@@ -269,6 +269,7 @@ def token_logprobs(
     last: int | None = None,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs of the next tokens of a batch (and, on request, their entropies).
 
@@ -286,9 +287,11 @@ def token_logprobs(
             followed by a T-column completion), or None for every token after the first.
         temperature: divides the logits (use the sampling temperature for a sampled completion).
         with_entropy: also return the per-token entropy, computed without gradient (a metric).
+        entropy_grad: give the entropy its gradient (an entropy bonus in the loss); autograd then keeps
+            a softmax of the scored positions, [B, n, V] floats.
 
     Returns:
-        (logp [B, n] float32 with the model's gradient, entropy [B, n] detached or None), n = ``last`` or
+        (logp [B, n] float32 with the model's gradient, entropy [B, n] (detached unless entropy_grad) or None), n = ``last`` or
         L - 1; column j scores token ``input_ids[:, L - n + j]``. Padding positions hold values for the pad
         id: mask them.
     """
@@ -311,8 +314,8 @@ def token_logprobs(
     logp = gather_logprobs(logits, input_ids[:, -n:], temperature=temperature)  # [B, n]
     entropy = None
     if with_entropy:
-        with torch.no_grad():
-            entropy = entropy_from_logits(logits.detach(), temperature=temperature)  # [B, n]
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = entropy_from_logits(logits if entropy_grad else logits.detach(), temperature=temperature)
     return logp, entropy
 
 
