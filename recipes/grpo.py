@@ -12,6 +12,16 @@ scores them with reward functions (and/or a reward model), turns the rewards int
     l_t      = -min(rho_t A_i, clip(rho_t, 1 - epsilon, 1 + epsilon_high) A_i) + beta * KL_k3(pi || ref)_t
     loss     = aggregate(l, completion_mask, mode of --loss_type)
 
+Variants: --importance_sampling_level sequence replaces rho_t by GSPO's length-normalised sequence ratio
+(Zheng et al. 2025, arXiv 2507.18071; rlcore.importance_ratio); --loss_type cispo takes CISPO's
+clipped-weight REINFORCE, l_t = -sg(min(rho_t, 1 + epsilon_high)) A_i log pi_t (MiniMax-M1, arXiv
+2506.13585; rlcore.cispo_loss; TRL's epsilon_high E is --epsilon_high E-1 here); --tis_cap C multiplies
+each token's loss by min(pi_old / pi_sampler, C) against the log-probs the rollout engine sampled with
+(truncated importance sampling, --tis_mode for the masked and sequence variants;
+rlcore.truncated_importance_weights); --entropy_coef c subtracts c * aggregate(entropy).
+--num_generations_eval n adds pass@1 and pass@k (k = 2, 4, .., n) of n samples per held-out prompt to the
+evaluation, with the unbiased estimator of Chen et al. 2021 (rlcore.evaluation.pass_at_k).
+
 --loss_type names the average over tokens as TRL names it (grpo, bnpo, dr_grpo, dapo); the table from
 name to aggregation and the normaliser that keeps gradient accumulation exact are
 ``rlcore.LOSS_TYPE_AGGREGATION`` and ``rlcore.loss_normalizer``, beside ``rlcore.aggregate``.
@@ -53,8 +63,11 @@ import torch
 from einops import rearrange
 
 from rlcore import (
+    IMPORTANCE_SAMPLING_LEVELS,
     LOSS_TYPE_AGGREGATION,
+    TIS_MODES,
     aggregate,
+    cispo_loss,
     data,
     group_advantages,
     guards,
@@ -69,6 +82,7 @@ from rlcore import (
     rloo_advantages,
     runtime,
     tracking,
+    truncated_importance_weights,
 )
 from rlcore.config import OnlineConfig, parse_config
 from rlcore.rewards import TrainerState, rollout_stats, score_rollout
@@ -91,7 +105,7 @@ class GRPOConfig(OnlineConfig):
     num_iterations: int = 1  # policy updates on each batch of samples (mu of the paper)
     advantage_estimator: str = "grpo"  # "grpo", "rloo" or "reinforce_pp"
     scale_rewards: str = "group"  # grpo estimator: divide by the std of the "group", the "batch", or "none" (Dr. GRPO)
-    loss_type: str = "dapo"  # "grpo", "bnpo", "dr_grpo" or "dapo" (rlcore.LOSS_TYPE_AGGREGATION)
+    loss_type: str = "dapo"  # "grpo", "bnpo", "dr_grpo", "dapo" or "cispo" (rlcore.LOSS_TYPE_AGGREGATION)
     epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
     epsilon_high: float | None = None  # upper clip: ratio <= 1 + epsilon_high (DAPO clip-higher: 0.28; None = epsilon)
     beta: float = 0.0  # weight of the k3 KL to the reference (0 = no reference model)
@@ -99,6 +113,11 @@ class GRPOConfig(OnlineConfig):
     max_steps: int = 2000  # sampling steps (each gives num_iterations optimizer steps)
     logging_steps: int = 10  # log the mean of the metrics over this many steps
     eval_steps: int = 250  # evaluate every N steps (0 = only at the start and end)
+    # --- policy-gradient variants
+    importance_sampling_level: str = "token"  # "token" (a ratio per token) or "sequence" (GSPO: one per completion)
+    tis_cap: float | None = None  # truncated importance sampling: weight min(pi_old / pi_sampler, C) (None = off)
+    tis_mode: str = "token_truncate"  # token_truncate, token_mask, sequence_truncate or sequence_mask
+    entropy_coef: float = 0.0  # entropy bonus: the loss subtracts entropy_coef * aggregate(entropy)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -112,6 +131,12 @@ class GRPOConfig(OnlineConfig):
             )
         if self.num_iterations < 1 or self.beta < 0:
             raise ValueError("--num_iterations must be >= 1 and --beta >= 0")
+        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS or self.tis_mode not in TIS_MODES:
+            raise ValueError(
+                f"--importance_sampling_level must be one of {list(IMPORTANCE_SAMPLING_LEVELS)} and --tis_mode one of {list(TIS_MODES)}"
+            )
+        if (self.tis_cap is not None and self.tis_cap <= 0) or self.entropy_coef < 0:
+            raise ValueError("--tis_cap must be > 0 (or none) and --entropy_coef >= 0")
 
 
 def compute_advantages(config: GRPOConfig, rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -187,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         # it is left out of the forward/backward passes (the loss normalisers still count it).
         with run.timed("training"):
             learning_rows = torch.arange(completions_per_step, device=device)  # [B]
-            if config.beta == 0 and config.loss_type != "bnpo":
+            if config.beta == 0 and config.entropy_coef == 0 and config.loss_type != "bnpo":
                 learning_rows = learning_rows[
                     (advantages.reshape(completions_per_step, -1) != 0).any(dim=1) & mask.bool().any(dim=1)
                 ]
@@ -204,21 +229,41 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                             completion_length,
                             config.temperature,
                             with_entropy=True,
+                            entropy_grad=config.entropy_coef > 0,
                         )
                     if iteration == 0:
                         old_logp[micro] = logp.detach()
                     normalizer = loss_normalizer(config.loss_type, mask, mask[micro], config.grad_accum_steps)
-                    loss, loss_stats = policy_loss(
+                    weights = None  # truncated importance sampling against the sampler's own log-probs
+                    if config.tis_cap is not None:
+                        sampler_logp = rollout.logprobs[micro].to(device)
+                        weights = truncated_importance_weights(
+                            old_logp[micro], sampler_logp, mask[micro], config.tis_cap, config.tis_mode
+                        )
+                    if config.loss_type == "cispo":
+                        loss_function, clip = cispo_loss, {"clip_high": config.epsilon_high or config.epsilon}
+                    else:
+                        loss_function, clip = (
+                            policy_loss,
+                            {"clip_low": config.epsilon, "clip_high": config.epsilon_high},
+                        )
+                    loss, loss_stats = loss_function(
                         logp,
                         old_logp[micro],
                         advantages[micro],
                         mask[micro],
-                        clip_low=config.epsilon,
-                        clip_high=config.epsilon_high,
+                        **clip,
                         agg=aggregation,
                         max_len=config.max_new_tokens,
                         normalizer=normalizer,
+                        importance_sampling_level=config.importance_sampling_level,
+                        importance_weights=weights,
                     )
+                    if weights is not None:
+                        loss_stats["tis_weight"] = masked_mean(weights.expand_as(logp), mask[micro])
+                    if config.entropy_coef > 0:
+                        bonus = aggregate(entropy, mask[micro], aggregation, config.max_new_tokens, normalizer)
+                        loss = loss - config.entropy_coef * bonus
                     if config.beta > 0:
                         kl = kl_estimate(logp, ref_logp[micro], kind="k3")  # [b, T]
                         loss = loss + config.beta * aggregate(
@@ -228,7 +273,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     loss.backward()
                     tracking.accumulate(stats, {"loss": loss.detach()}, 1 / config.num_iterations)  # losses add up
                     share = len(micro) / (len(learning_rows) * config.num_iterations)  # other stats: mean over the rows
-                    tracking.accumulate(stats, {"entropy": masked_mean(entropy, mask[micro]), **loss_stats}, share)
+                    entropy_mean = masked_mean(entropy.detach(), mask[micro])
+                    tracking.accumulate(stats, {"entropy": entropy_mean, **loss_stats}, share)
                 # with nothing to learn (no learning row) no parameter has a gradient: the step changes no
                 # weight, and the schedule still advances in step with the optimizer
                 grad_norm = optim.optimizer_step(policy.parameters(), optimizer, scheduler, config.max_grad_norm)

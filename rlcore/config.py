@@ -154,6 +154,8 @@ class TrainConfig:
 class OnlineConfig(TrainConfig):
     """Flags shared by the online recipes: prompts, sampling, rewards, and the warm start of the default."""
 
+    needs_reward: typing.ClassVar[bool] = True  # False: a recipe whose signal is not a reward (distillation)
+
     dataset: str = "toy:prompt_only"  # prompts (a "prompt" column; other columns reach the reward functions)
     warm_start_steps: int = 1500  # with --model tiny only: start from `recipes/sft.py --max_steps N` (run once, cached); 0 = the untrained tiny model
     max_prompt_length: int = 128  # prompts longer than this many tokens are dropped (or cut: --truncation)
@@ -169,6 +171,9 @@ class OnlineConfig(TrainConfig):
         None  # comma-separated weights, one per reward function then the reward model (None = all 1)
     )
     missing_eos_penalty: float = 0.0  # subtracted from the reward of completions cut at --max_new_tokens
+    num_generations_eval: int = (
+        0  # evaluation: pass@1 and pass@k of n samples per held-out prompt, by --eval_metric (0 = off)
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -178,7 +183,9 @@ class OnlineConfig(TrainConfig):
             raise ValueError(f"--temperature must be > 0 for sampling, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
             raise ValueError(f"--top_p must be in (0, 1] and --top_k >= 0, got {self.top_p} and {self.top_k}")
-        if self.reward_funcs is None and self.reward_model is None:
+        if self.num_generations_eval < 0:
+            raise ValueError(f"--num_generations_eval must be >= 0, got {self.num_generations_eval}")
+        if self.reward_funcs is None and self.reward_model is None and self.needs_reward:
             raise ValueError("no reward: give --reward_funcs or --reward_model")
 
 

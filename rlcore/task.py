@@ -24,7 +24,7 @@ import torch
 from rlcore.checkpoint import resolve_resume
 from rlcore.config import ONLINE_WARM_START_FLAGS, OnlineConfig, TrainConfig
 from rlcore.data import PROMPT_FORMATS, load_checked_rows, load_eval_rows, tokenize_prompts
-from rlcore.evaluation import greedy_metric, sampled_rewards
+from rlcore.evaluation import greedy_metric, sampled_pass_at_k, sampled_rewards
 from rlcore.lora import prepare_model
 from rlcore.models import eos_token_ids, load_policy, load_tokenizer
 from rlcore.rewards import RewardFunction, RewardScorer, build_reward_scorer, check_reward_columns, resolve_metric
@@ -160,8 +160,16 @@ def _prompts(rows: datasets.Dataset, tokenizer, config: OnlineConfig, which: str
 
 
 def evaluate_policy(policy: torch.nn.Module, tokenizer, task: PromptTask, config: OnlineConfig) -> dict[str, float]:
-    """Held-out mean sampled reward (overall and per source) with the run's sampling settings, and the
-    greedy metric when there is one."""
+    """Held-out mean sampled reward (overall and per source) with the run's sampling settings, the greedy
+    metric when there is one, and with ``--num_generations_eval n`` pass@1 and pass@k of n samples by that
+    metric (``rlcore.evaluation.sampled_pass_at_k``)."""
+    pass_at_k = {}
+    if config.num_generations_eval and task.metric is not None:
+        sampling = {k: getattr(config, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")}
+        pass_at_k = sampled_pass_at_k(
+            policy, tokenizer, task.eval_prompts, task.metric[1], config.num_generations_eval,
+            batch_size=config.eval_batch_size, **sampling,
+        )  # fmt: skip
     metrics = sampled_rewards(
         policy,
         tokenizer,
@@ -174,4 +182,4 @@ def evaluate_policy(policy: torch.nn.Module, tokenizer, task: PromptTask, config
         top_p=config.top_p,
         seed=config.seed,
     )
-    return {**metrics, **metric_value(policy, tokenizer, task.eval_prompts, task.metric, config)}
+    return {**metrics, **metric_value(policy, tokenizer, task.eval_prompts, task.metric, config), **pass_at_k}
