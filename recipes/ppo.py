@@ -7,6 +7,7 @@ Each step samples one completion per prompt, scores it (a reward model and/or re
     A_t   = GAE(r, V_old; gamma, lam),  R_t = A_t + V_old_t                (gae), A whitened over the batch
     loss  = policy_loss(clip --cliprange, token mean)
             + vf_coef * value_loss(clipped by --cliprange_value, token mean)
+            - entropy_coef * token mean of the policy's entropy      (--entropy_coef, default 0: no bonus)
 
 then runs --num_ppo_epochs epochs over --num_mini_batches shuffled mini-batches, one optimizer step per
 mini-batch (Schulman et al. 2017, https://arxiv.org/abs/1707.06347; Ziegler et al. 2019,
@@ -78,6 +79,7 @@ class PPOConfig(OnlineConfig):
     cliprange: float = 0.2  # policy ratio clip (policy_loss clip_low)
     cliprange_value: float = 0.2  # value clip, in reward units (value_loss clip)
     vf_coef: float = 0.1  # weight of the value loss
+    entropy_coef: float = 0.0  # entropy bonus: the loss subtracts entropy_coef * token mean of the entropy
     whiten_rewards: bool = False  # scale the per-token rewards to unit variance before GAE
     missing_eos_penalty: float = 1.0  # subtracted from the score of completions that never stopped
     max_steps: int = 250  # sampling steps
@@ -88,8 +90,8 @@ class PPOConfig(OnlineConfig):
         super().__post_init__()
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"--kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
-        if self.num_mini_batches < 1 or self.num_ppo_epochs < 1:
-            raise ValueError("--num_mini_batches and --num_ppo_epochs must be >= 1")
+        if self.num_mini_batches < 1 or self.num_ppo_epochs < 1 or self.entropy_coef < 0:
+            raise ValueError("--num_mini_batches and --num_ppo_epochs must be >= 1, --entropy_coef >= 0")
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -190,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                 length,
                                 config.temperature,
                                 with_entropy=True,
+                                entropy_grad=config.entropy_coef > 0,
                             )
                             values = models.completion_values(
                                 forward_value, sequences[micro], attention_mask[micro], length
@@ -210,11 +213,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                             clip=config.cliprange_value,
                             normalizer=normalizer,
                         )
-                        (pg_loss + config.vf_coef * vf_loss).backward()
+                        bonus = config.entropy_coef * masked_sum(entropy, mask[micro]) / normalizer
+                        (pg_loss + config.vf_coef * vf_loss - bonus).backward()
                         losses = {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach()}
                         tracking.accumulate(stats, losses, 1 / updates_per_step)  # micro-batch losses add up
                         value_stats = {f"value/{k}": v for k, v in vf_stats.items()}
-                        micro_stats = {"entropy": masked_mean(entropy, mask[micro]), **pg_stats, **value_stats}
+                        micro_stats = {"entropy": masked_mean(entropy.detach(), mask[micro]), **pg_stats, **value_stats}
                         tracking.accumulate(stats, micro_stats, 1 / (updates_per_step * config.grad_accum_steps))
                     grad_norm = optim.optimizer_step(trained.parameters(), optimizer, scheduler, config.max_grad_norm)
                     tracking.accumulate(stats, {"grad_norm": grad_norm}, 1 / updates_per_step)

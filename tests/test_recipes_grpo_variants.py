@@ -3,6 +3,7 @@ importance sampling, the entropy bonus and the pass@k evaluation."""
 
 import math
 
+import pytest
 from helpers import load_recipe, tiny_cache  # noqa: F401 (tiny_cache: an autouse fixture)
 from test_recipes_online import check_run, read_metrics, run_recipe
 
@@ -56,3 +57,11 @@ def test_grpo_variant_flags_are_checked():
         except ValueError:
             continue
         raise AssertionError(f"accepted {flags}")
+
+
+@pytest.mark.slow
+def test_ppo_with_an_entropy_bonus_runs(tmp_path):
+    output_dir = run_recipe("ppo", tmp_path, "--max_steps", "2", "--batch_size", "8", "--entropy_coef", "0.01")
+    for record in read_metrics(output_dir):
+        if "loss/policy" in record:
+            assert math.isfinite(record["entropy"]) and record["grad_norm"] > 0
