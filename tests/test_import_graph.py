@@ -1,7 +1,7 @@
 """The import graph of rlcore, read from the source with ``ast`` (nothing here imports the modules it checks).
 
 The layering it pins down:
-- the math modules (ops, logprobs, kl, advantages, losses, preference) depend on torch alone, and ``import rlcore``
+- the math modules (ops, logprobs, kl, advantages, losses, preference, distillation) depend on torch alone, and ``import rlcore``
   loads only them;
 - engines (every other rlcore module) never load the embedded default (rlcore.toy) when imported: the
   names that ask for it ("tiny", "toy:<kind>", the built-in reward names) import it lazily, inside the
@@ -21,7 +21,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "rlcore"
-MATH_MODULES = ("ops", "logprobs", "kl", "advantages", "losses", "preference")
+MATH_MODULES = ("ops", "logprobs", "kl", "advantages", "losses", "preference", "distillation")
 RLCORE_MODULES = sorted(path.stem for path in PACKAGE.glob("*.py") if path.stem != "__init__")
 ENGINE_MODULES = [name for name in RLCORE_MODULES if name not in MATH_MODULES and name != "toy"]
 RECIPES = sorted(REPO.glob("recipes/*.py"))
