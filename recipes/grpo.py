@@ -29,9 +29,9 @@ name to aggregation and the normaliser that keeps gradient accumulation exact ar
 Departures from the paper: beta defaults to 0 (no reference model is loaded, as TRL and DAPO do); with
 --num_iterations 1 the ratio is exactly 1 and the clip is inactive (pi_old is the detached policy); the
 KL term uses the k3 estimator. RLOO and REINFORCE++ use the same loop and the same optional KL loss term
-(the papers put a KL penalty into the reward instead). With beta 0 and no entropy bonus, completions whose advantage is 0 at
-every token (a group whose rewards are all equal) are left out of the forward and backward passes: they
-add nothing to the loss or its gradient, and the loss normalisers still count them (not for bnpo, whose
+(the papers put a KL penalty into the reward instead). With beta 0 and no entropy bonus, completions whose
+advantage is 0 at every token (a group whose rewards are all equal) are left out of the forward and
+backward passes: they add nothing to the loss or its gradient, and the loss normalisers still count them (not for bnpo, whose
 normaliser is per micro-batch). The fraction trained on is logged as ``learning_rows_frac``.
 
 Evaluation (before the first step, every --eval_steps, at the end) logs ``eval/reward`` and

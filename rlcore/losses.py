@@ -1,4 +1,5 @@
-"""Losses: policy gradient (PPO / GRPO / DAPO / GSPO / CISPO, truncated importance sampling), value, the DPO family, SimPO, reward model, SFT.
+"""Losses: policy gradient (PPO / GRPO / DAPO / GSPO / CISPO, truncated importance sampling), value, the DPO
+family, SimPO, reward model, SFT.
 
 Every ``*_loss`` returns ``(loss, stats)``: a scalar tensor to call ``.backward()`` on and a dict of
 detached tensors for logging (nothing here calls ``.item()``, so nothing forces a host sync). Shapes are
