@@ -18,8 +18,6 @@ def test_grpo_variants_end_to_end(tmp_path):
         "8",
         "--num_generations",
         "4",
-        "--num_iterations",
-        "2",
         "--loss_type",
         "cispo",
         "--importance_sampling_level",
