@@ -72,9 +72,9 @@ class DistillConfig(OnlineConfig):
     lr: float = 3e-4  # peak learning rate (AdamW); the toy default's choice: docs/results.md
     lr_schedule: str = "constant"  # "cosine", "linear" or "constant"
     batch_size: int = 32  # prompts per micro-batch; prompts per step = batch_size * grad_accum_steps
-    max_steps: int = 300  # optimizer steps
+    max_steps: int = 1000  # optimizer steps
     logging_steps: int = 10  # log the mean of the metrics over this many steps
-    eval_steps: int = 100  # evaluate every N steps (0 = only at the start and end)
+    eval_steps: int = 250  # evaluate every N steps (0 = only at the start and end)
 
     def __post_init__(self) -> None:
         super().__post_init__()
