@@ -153,7 +153,7 @@ def distillation_loss(
         teacher_weight: [V, H_t] the teacher's LM head; same vocabulary V as the student.
         beta, temperature, top_k: see :func:`generalized_jsd`.
         chunk_size: positions per chunk. The backward pass differentiates one chunk with autograd, which
-            holds about a dozen [chunk_size, V] float32 buffers at once (benchmarks/distill_memory.py).
+            holds some 14-16 [chunk_size, V] float32 buffers at once (benchmarks/distill_memory.py).
         normalizer: divides the sum over positions (default N): pass the token count of the whole
             optimizer step under gradient accumulation.
         student_bias, teacher_bias: optional [V] LM-head biases.
