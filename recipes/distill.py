@@ -100,6 +100,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # ---------------------------------------------------------------- data (checked first), student, teacher
     rows, eval_rows, metric = load_task_rows(config, ("prompt_completion",))
+    if config.teacher != "tiny":  # a bad --teacher: one line now, not after the student's warm start
+        try:
+            models.load_tokenizer(config.teacher)
+        except OSError as error:
+            raise ValueError(f"--teacher {config.teacher}: {error}") from None
     sft_script = Path(__file__).with_name("sft.py")
     student, tokenizer, sampling = load_start_policy(config, device, sft_script)
     teacher_path = warm_start(config.teacher, config.teacher_steps, config.seed, sft_script, ONLINE_WARM_START_FLAGS)

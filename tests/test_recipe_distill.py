@@ -54,3 +54,5 @@ def test_distill_flags_are_checked(teacher_dir):
     for flags in ({"lmbda": 1.5}, {"beta": -0.1}, {"distill_top_k": 0}):
         with pytest.raises(ValueError):
             distill_recipe.DistillConfig(**flags)
+    with pytest.raises(ValueError, match="--teacher"):  # before the student's warm start
+        distill_recipe.main(["--teacher", "/no/such/teacher", "--num_train_rows", "4", "--num_eval_rows", "4"])
