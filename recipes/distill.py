@@ -115,16 +115,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             f"--teacher {config.teacher}: a vocabulary of {teacher_head.weight.shape[0]} tokens, the student's has "
             f"{student_head.weight.shape[0]}; the two models must share a tokenizer"
         )
-    prompts = data.tokenize_prompts(rows, tokenizer, config.max_prompt_length)
-    sft_rows = data.tokenize_sft(rows, tokenizer, config.max_length)  # the dataset's completions, same order
-    if len(sft_rows) != len(prompts):
-        raise ValueError(f"--dataset {config.dataset}: rows too long for --max_length / --max_prompt_length")
+    prompts = data.tokenize_prompts(rows, tokenizer, config.max_prompt_length, config.truncation)
+    sft_rows = data.tokenize_sft(rows, tokenizer, config.max_length, truncation=config.truncation)  # same order
+    if not len(prompts) == len(sft_rows) == len(rows):  # row i of both must be row i of the dataset
+        raise ValueError(
+            f"--dataset {config.dataset}: {len(rows) - min(len(prompts), len(sft_rows))} rows over --max_prompt_length "
+            "or --max_length; raise them or pass --truncation keep_start or keep_end"
+        )
     for model in (student, teacher):
         runtime.prefer_eager_attention(model, device, max(map(len, sft_rows["input_ids"])) + config.max_new_tokens)
     pad_id = tokenizer.pad_token_id
     if eval_rows is not None:
-        eval_tokens = data.tokenize_sft(eval_rows, tokenizer, config.max_length)
-        eval_prompts = data.tokenize_prompts(eval_rows, tokenizer, config.max_prompt_length) if metric else None
+        eval_tokens = data.tokenize_sft(eval_rows, tokenizer, config.max_length, truncation=config.truncation)
+        eval_prompts = (
+            data.tokenize_prompts(eval_rows, tokenizer, config.max_prompt_length, config.truncation) if metric else None
+        )
 
     def evaluate(model: torch.nn.Module = student) -> dict[str, float]:
         return {
@@ -134,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     if eval_rows is not None:
         print(f"teacher {teacher_path}: {evaluate(teacher)}", flush=True)
-    optimizer, scheduler = optim.from_flags(student, config)
+    rows_per_step = config.batch_size * config.grad_accum_steps
+    optimizer, scheduler = optim.from_flags(student, config, num_rows=len(prompts), rows_per_step=rows_per_step)
     run = Run(config, student, tokenizer, optimizer, scheduler, evaluate=evaluate if eval_rows is not None else None)
 
     def micro_batch(indices: list[int], on_policy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
