@@ -52,19 +52,13 @@ from rlcore.toy import warm_start
 @dataclass
 class DistillConfig(OnlineConfig):
     needs_reward = False  # the teacher is the signal
-    dataset: str = (
-        "toy:prompt_completion"  # prompt/completion rows (plain or chat): prompts, and completions for --lmbda < 1
-    )
+    dataset: str = "toy:prompt_completion"  # prompt/completion rows (plain or chat; completions for --lmbda < 1)
     reward_funcs: str | None = None  # not used (the teacher is the signal)
     output_dir: str = "outputs/distill"
-    teacher: str = (
-        "tiny"  # the teacher: a directory or hub id; "tiny" = the toy SFT warm start of --teacher_steps steps
-    )
+    teacher: str = "tiny"  # a directory or hub id; "tiny" = the toy's SFT warm start of --teacher_steps steps
     teacher_steps: int = 1500  # with --teacher tiny: SFT steps of the teacher (the online recipes' cached warm start)
     warm_start_steps: int = 700  # with --model tiny: the student is an SFT run of this many steps (cached)
-    lmbda: float = (
-        1.0  # fraction of steps on the student's own samples (GKD's lambda); the rest use the dataset's completions
-    )
+    lmbda: float = 1.0  # fraction of steps on the student's samples (GKD's lambda); others: the dataset's
     beta: float = 1.0  # generalised JSD: 0 = forward KL(teacher || student), 1 = reverse KL(student || teacher)
     top_k: int = 0  # sampling: the k most likely tokens (0 = all)
     distill_top_k: int | None = None  # divergence over the teacher's k most likely tokens, renormalised (None = all)
@@ -132,10 +126,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )
 
     def evaluate(model: torch.nn.Module = student) -> dict[str, float]:
-        return {
-            **evaluation.sft_metrics(model, eval_tokens, pad_id, config.eval_batch_size),
-            **metric_value(model, tokenizer, eval_prompts, metric, config),
-        }
+        metrics = evaluation.sft_metrics(model, eval_tokens, pad_id, config.eval_batch_size)
+        if config.num_generations_eval and metric is not None:  # pass@1 and pass@k of n samples per prompt
+            sampling_flags = {
+                k: getattr(config, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
+            }
+            metrics |= evaluation.sampled_pass_at_k(
+                model, tokenizer, eval_prompts, metric[1], config.num_generations_eval, **sampling_flags
+            )
+        return {**metrics, **metric_value(model, tokenizer, eval_prompts, metric, config)}
 
     if eval_rows is not None:
         print(f"teacher {teacher_path}: {evaluate(teacher)}", flush=True)

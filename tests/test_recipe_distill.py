@@ -19,12 +19,16 @@ def teacher_dir(tmp_path_factory):
     return str(directory)
 
 
+def distill_records(output_dir):
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def distill(output_dir, teacher_dir, *flags):
     common = ["--warm_start_steps", "0", "--teacher", teacher_dir, "--output_dir", str(output_dir), "--threads", "1"]
     common += ["--num_train_rows", "16", "--num_eval_rows", "8", "--batch_size", "8", "--logging_steps", "1"]
     common += ["--max_new_tokens", "4", "--lr", "3e-3", "--max_seconds", "none"]
     load_recipe("distill").main([*common, *flags])
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return distill_records(output_dir)
 
 
 def test_distill_off_policy_loss_falls_and_the_student_loads(tmp_path, teacher_dir):
@@ -40,11 +44,14 @@ def test_distill_off_policy_loss_falls_and_the_student_loads(tmp_path, teacher_d
 
 def test_distill_on_policy_resume_repeats_the_uninterrupted_run(tmp_path, teacher_dir):
     flags = ("--lmbda", "1", "--max_steps", "4", "--save_steps", "2", "--eval_steps", "0", "--distill_top_k", "8")
+    flags += ("--num_generations_eval", "2")
     straight = [r for r in distill(tmp_path / "a", teacher_dir, *flags) if "loss" in r and "eval/loss" not in r]
     assert all(r["on_policy"] == 1 and r["completion_tokens"] > 0 and math.isfinite(r["loss"]) for r in straight)
     resumed = distill(tmp_path / "b", teacher_dir, *flags, "--resume", str(tmp_path / "a" / "checkpoint-2"))
     resumed = [r for r in resumed if "loss" in r and "eval/loss" not in r]
     assert [r["step"] for r in resumed] == [3, 4]
+    evals = [r for r in distill_records(tmp_path / "b") if "eval/pass@2" in r]
+    assert evals and all(0 <= r["eval/pass@1"] <= r["eval/pass@2"] <= 1 for r in evals)
     for before, after in zip(straight[2:], resumed):
         assert math.isclose(after["loss"], before["loss"], rel_tol=1e-4), (before, after)
 
