@@ -21,6 +21,10 @@ Documented differences (asserted as such below, not hidden):
 - GRPO group advantages are computed inline in a long TRL method (``_generate_and_score_completions``) that
   generates and scores completions; the check uses TRL's ``nanstd`` and the formula of that method, listed in
   the test, rather than calling it.
+- GRPO ``cispo``: TRL caps the ratio at ``epsilon_high`` itself; rlcore's ``cispo_loss`` at ``1 + clip_high``
+  (TRL's E is rlcore's E - 1). Truncated importance sampling: TRL computes its weights inline while generating
+  with vLLM; the check passes rlcore's ``truncated_importance_weights`` to TRL's loss as its
+  ``importance_sampling_ratio``, so it compares how the two losses apply them.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from rlcore import (
     DPO_LOSS_TYPES,
     LOSS_TYPE_AGGREGATION,
     aggregate,
+    cispo_loss,
     dpo_loss,
     group_advantages,
     kl_estimate,
@@ -45,6 +50,7 @@ from rlcore import (
     policy_loss,
     reward_pairwise_loss,
     sft_loss_from_logprobs,
+    truncated_importance_weights,
     wpo_log_weights,
 )
 
@@ -270,7 +276,19 @@ def test_dpo_mpo_weighted_sum_matches_trl():
 # ---------------------------------------------------------------- GRPO
 
 
-def _trl_grpo_loss(loss_type, logps, old_logps, ref_logps, advantages, mask, beta, max_completion_length):
+def _trl_grpo_loss(
+    loss_type,
+    logps,
+    old_logps,
+    ref_logps,
+    advantages,
+    mask,
+    beta,
+    max_completion_length,
+    importance_sampling_level="token",
+    epsilon_high=0.28,
+    importance_sampling_ratio=None,
+):
     trainer = SimpleNamespace(
         accelerator=_Accelerator(),
         args=SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=1),
@@ -278,13 +296,13 @@ def _trl_grpo_loss(loss_type, logps, old_logps, ref_logps, advantages, mask, bet
         aux_loss_enabled=False,
         top_entropy_quantile=1.0,
         off_policy_mask_threshold=None,
-        importance_sampling_level="token",
+        importance_sampling_level=importance_sampling_level,
         beta=beta,
         loss_type=loss_type,
         epsilon_low=0.2,
-        epsilon_high=0.28,
-        use_vllm=False,
-        vllm_importance_sampling_correction=False,
+        epsilon_high=epsilon_high,
+        use_vllm=importance_sampling_ratio is not None,
+        vllm_importance_sampling_correction=importance_sampling_ratio is not None,
         current_gradient_accumulation_steps=1,
         max_completion_length=max_completion_length,
         _entropy_bonus_enabled=False,
@@ -301,6 +319,8 @@ def _trl_grpo_loss(loss_type, logps, old_logps, ref_logps, advantages, mask, bet
         "ref_per_token_logps": ref_logps,
         "num_items_in_batch": mask.sum().to(DTYPE),
     }
+    if importance_sampling_ratio is not None:
+        inputs["importance_sampling_ratio"] = importance_sampling_ratio
     return grpo_trainer.GRPOTrainer._compute_loss(trainer, None, inputs)
 
 
@@ -340,8 +360,51 @@ def test_grpo_loss_types_match_trl(loss_type, beta):
     torch.testing.assert_close(our_grad, trl_grad)
 
 
-# Place for the GRPO variants (sequence-level importance ratio / GSPO, cispo, truncated importance sampling):
-# same stand-in, with ``importance_sampling_level="sequence"`` or ``loss_type="cispo"``.
+@pytest.mark.parametrize(
+    "loss_type, level, tis_mode",
+    [
+        ("grpo", "sequence", None),
+        ("cispo", "token", None),
+        ("dapo", "token", "token_truncate"),
+        ("grpo", "token", "sequence_mask"),
+    ],
+)
+def test_grpo_variants_match_trl(loss_type, level, tis_mode):
+    """GSPO's sequence-level ratio, CISPO and truncated importance sampling. Documented differences: TRL's cispo
+    caps the ratio at ``epsilon_high`` itself (here 1.28), rlcore's ``cispo_loss`` at ``1 + clip_high`` (0.28);
+    the TIS weights (``truncated_importance_weights``, against sampler log-probs) are given to TRL as its
+    ``importance_sampling_ratio`` input, so what is compared is how the loss applies them."""
+    generator = torch.Generator().manual_seed(2)
+    batch, length = 8, 7
+    mask = (torch.rand(batch, length, generator=generator) < 0.75).long()
+    mask[:, 0] = 1
+    old_logps = -torch.rand(batch, length, generator=generator, dtype=DTYPE) * 2
+    logps = old_logps + torch.empty(batch, length, dtype=DTYPE).uniform_(-0.5, 0.4, generator=generator)
+    logps.requires_grad_()
+    sampler_logps = old_logps + 0.3 * torch.randn(batch, length, generator=generator, dtype=DTYPE)
+    advantages = torch.randn(batch, generator=generator, dtype=DTYPE)
+    weights = None
+    if tis_mode is not None:
+        weights = truncated_importance_weights(old_logps, sampler_logps, mask, cap=1.5, mode=tis_mode)
+    trl_loss = _trl_grpo_loss(
+        loss_type, logps, old_logps, old_logps, advantages, mask, 0.0, 10,
+        importance_sampling_level=level, epsilon_high=1.28 if loss_type == "cispo" else 0.28,
+        importance_sampling_ratio=weights,
+    )  # fmt: skip
+    (trl_grad,) = torch.autograd.grad(trl_loss, logps)
+    options = {
+        "agg": LOSS_TYPE_AGGREGATION[loss_type],
+        "max_len": 10,
+        "normalizer": loss_normalizer(loss_type, mask, mask, 1),
+    }
+    options |= {"importance_sampling_level": level, "importance_weights": weights}
+    if loss_type == "cispo":
+        ours, _ = cispo_loss(logps, old_logps, advantages, mask, clip_high=0.28, **options)
+    else:
+        ours, _ = policy_loss(logps, old_logps, advantages, mask, clip_low=0.2, clip_high=0.28, **options)
+    (our_grad,) = torch.autograd.grad(ours, logps)
+    torch.testing.assert_close(ours, trl_loss)
+    torch.testing.assert_close(our_grad, trl_grad)
 
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
