@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from rlcore import data, distillation_loss, evaluation, models, optim, runtime, tracking
+from rlcore import data, distillation_loss, evaluation, guards, models, optim, runtime, tracking
 from rlcore.config import ONLINE_WARM_START_FLAGS, OnlineConfig, parse_config
 from rlcore.rollout import generate
 from rlcore.run import Run, cli
@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )
     prompts = data.tokenize_prompts(rows, tokenizer, config.max_prompt_length, config.truncation)
     sft_rows = data.tokenize_sft(rows, tokenizer, config.max_length, truncation=config.truncation)  # same order
+    guards.check_completions(sft_rows["completion_mask"])  # rows left without a completion token: refused if all
     if not len(prompts) == len(sft_rows) == len(rows):  # row i of both must be row i of the dataset
         raise ValueError(
             f"--dataset {config.dataset}: {len(rows) - min(len(prompts), len(sft_rows))} rows over --max_prompt_length "
