@@ -47,7 +47,7 @@ Run:
         --lr 5e-7 --batch_size 4 --grad_accum_steps 8 --max_length 1024 \\
         --max_steps 1000 --eval_split none --lora_r 16 --output_dir outputs/qwen-dpo
     python recipes/dpo.py --model ./sft --dataset pairs.jsonl --eval_dataset prompts.jsonl --precompute_ref
-Several GPUs: single process for now.
+Several processes: ``torchrun --nproc_per_node 2 recipes/dpo.py`` (the same global batch; rlcore.distributed).
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ import torch
 from rlcore import (
     DPO_LOSS_TYPES,
     data,
+    distributed,
     dpo_loss,
     evaluation,
     guards,
@@ -236,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             **metric_value(model, tokenizer, eval_prompts, metric, config),
         }
 
+    model = distributed.prepare(model, config.sharding, bf16)  # torchrun: same weights on every process (or FSDP2)
     model.train()
     forward = runtime.maybe_compile(model, device, config.compile)
     optimizer, scheduler = optim.from_flags(
@@ -260,7 +262,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             len(pairs["prompt_ids"]), config.batch_size, config.grad_accum_steps, config.seed, run.step
         )
         chosen_tokens = sum(len(pairs["chosen_ids"][i]) for indices in micro_batches for i in indices)
+        chosen_tokens = distributed.rank_normalizer(chosen_tokens)  # torchrun: this process's share
         for indices in micro_batches:
+            indices = distributed.shard(indices)  # torchrun: this process's rows of the micro-batch
             batch = collate(indices)
             if ref_logps is not None:
                 ref_chosen, ref_rejected = ref_logps[:, indices]  # [B], [B]

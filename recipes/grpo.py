@@ -46,7 +46,8 @@ Run it:
         --reward_funcs my_rewards.py:correctness,format --reward_weights 1,0.2 --max_new_tokens 512 \
         --batch_size 16 --grad_accum_steps 4 --lora_r 16
     python recipes/grpo.py --advantage_estimator rloo       # RLOO; reinforce_pp for REINFORCE++
-Single process for now (one CPU or GPU).
+Several processes: ``torchrun --nproc_per_node 2 recipes/grpo.py`` samples and trains the same global batch (each
+process its own prompts' groups; batch statistics over all of them; rlcore.distributed).
 
 The default --model tiny is an untrained network: it never writes a correct sum, every reward is 0 and RL
 learns nothing. So with --model tiny the recipe first runs ``recipes/sft.py`` for --warm_start_steps steps
@@ -69,6 +70,7 @@ from rlcore import (
     aggregate,
     cispo_loss,
     data,
+    distributed,
     group_advantages,
     guards,
     kl_estimate,
@@ -159,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     longest = max(map(len, prompts["prompt_ids"])) + config.max_new_tokens
     runtime.prefer_eager_attention(policy, device, longest)  # CPU, short rows
     reference = models.frozen_copy(policy) if config.beta > 0 and config.lora_r == 0 else None  # LoRA: adapters off
+    policy = distributed.prepare(policy, config.sharding, bf16)  # torchrun: same weights everywhere (or FSDP2)
     forward = runtime.maybe_compile(policy, device, config.compile)
     group_size = config.num_generations
     completions_per_step = config.batch_size * config.grad_accum_steps
@@ -174,12 +177,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # ---------------------------------------------------------------- training loop
     while run.running():
         rows = runtime.step_batches(len(prompts), completions_per_step // group_size, 1, config.seed, run.step)[0]
+        rows = distributed.shard(rows)  # torchrun: this process's prompts
+        num_rows = len(rows) * group_size  # completions of this process
         batch = data.prompt_batch(prompts, rows, tokenizer.pad_token_id)
 
         # -- sample G completions per prompt
         with run.timed("generation"):
             rollout = generate(
-                policy, batch.prompt_ids.to(device), batch.prompt_mask.to(device), num_samples=group_size, **sampling
+                policy,
+                batch.prompt_ids.to(device),
+                batch.prompt_mask.to(device),
+                num_samples=group_size,
+                **sampling,
+                **distributed.sampling_draws(num_rows, device),  # the samples do not depend on the processes
             )
 
         # -- rewards, advantages, reference log-probs
@@ -189,7 +199,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             mask = rollout.completion_mask.to(device)  # [B, T]
             if config.mask_truncated_completions:
                 mask = mask * ~rollout.truncated.to(device).unsqueeze(1)
-            advantages = compute_advantages(config, rewards.to(device), mask)  # [B] or [B, T]
+            advantages = distributed.on_global_batch(  # statistics of the global batch (torchrun)
+                lambda step_rewards, step_mask: compute_advantages(config, step_rewards, step_mask),
+                rewards.to(device),
+                mask,
+            )  # [B] or [B, T]
+            step_mask = distributed.gather_rows(mask)  # [B, T] of every process: the loss normalisers count it
             completion_length = rollout.completion_ids.shape[1]
             ref_logp = None
             if config.beta > 0:
@@ -211,14 +226,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         # advantage is 0 at every token (a group of equal rewards) adds nothing to the loss or its gradient:
         # it is left out of the forward/backward passes (the loss normalisers still count it).
         with run.timed("training"):
-            learning_rows = torch.arange(completions_per_step, device=device)  # [B]
+            learning_rows = torch.arange(num_rows, device=device)  # [B]
             if config.beta == 0 and config.entropy_coef == 0 and config.loss_type != "bnpo":
-                learning_rows = learning_rows[
-                    (advantages.reshape(completions_per_step, -1) != 0).any(dim=1) & mask.bool().any(dim=1)
-                ]
-            stats["learning_rows_frac"] = torch.tensor(len(learning_rows) / completions_per_step)
+                learning = (advantages.reshape(num_rows, -1) != 0).any(dim=1) & mask.bool().any(dim=1)  # [B]
+                if config.sharding != "fsdp2":
+                    learning_rows = learning_rows[learning]
+                elif not distributed.all_reduce_sum(learning.sum()):  # FSDP2: equal passes, none if nothing anywhere
+                    learning_rows = learning_rows[:0]
+            stats["learning_rows_frac"] = torch.tensor(len(learning_rows) / num_rows)
             old_logp = torch.zeros_like(mask, dtype=torch.float32)  # [B, T], filled on the first pass
-            micro_batches = learning_rows.split(config.batch_size) if len(learning_rows) else ()
+            micro_rows = max(1, config.batch_size // distributed.world_size())  # this process's share of a micro-batch
+            micro_batches = learning_rows.split(micro_rows) if len(learning_rows) else ()
             for iteration in range(config.num_iterations):
                 for micro in micro_batches:
                     with runtime.autocast(device, bf16):
@@ -233,7 +251,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         )
                     if iteration == 0:
                         old_logp[micro] = logp.detach()
-                    normalizer = loss_normalizer(config.loss_type, mask, mask[micro], config.grad_accum_steps)
+                    micro_mask = distributed.gather_rows(mask[micro]) if config.loss_type == "bnpo" else mask[micro]
+                    normalizer = loss_normalizer(config.loss_type, step_mask, micro_mask, config.grad_accum_steps)
+                    normalizer = distributed.rank_normalizer(normalizer)  # torchrun: this process's share
                     weights = None  # truncated importance sampling against the sampler's own log-probs
                     if config.tis_cap is not None:
                         sampler_logp = rollout.logprobs[micro].to(device)

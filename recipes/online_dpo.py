@@ -21,7 +21,8 @@ Run it:
     python recipes/online_dpo.py --reward_model outputs/reward_model --reward_funcs none
     python recipes/online_dpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset prompts.jsonl \
         --reward_model my-rm-dir --reward_funcs none --max_new_tokens 256 --batch_size 8 --lora_r 16
-Single process for now (one CPU or GPU). With --model tiny (the default) the recipe starts from a cached
+Several processes: ``torchrun --nproc_per_node 2 recipes/online_dpo.py`` (the same global batch;
+rlcore.distributed). With --model tiny (the default) the recipe starts from a cached
 SFT warm start (see recipes/grpo.py and rlcore.toy.warm_start). Evaluation as in recipes/grpo.py: held-out
 mean sampled reward per source, and the greedy metric (``--eval_metric``). Measured results (the learning
 rate sweep behind the default): docs/results.md.
@@ -35,7 +36,7 @@ from pathlib import Path
 import torch
 from einops import rearrange
 
-from rlcore import data, dpo_loss, guards, lora, models, optim, runtime, tracking
+from rlcore import data, distributed, dpo_loss, guards, lora, models, optim, runtime, tracking
 from rlcore.config import OnlineConfig, parse_config
 from rlcore.rewards import TrainerState, rollout_stats, score_rollout
 from rlcore.rollout import generate
@@ -59,6 +60,8 @@ class OnlineDPOConfig(OnlineConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.sharding == "fsdp2":  # its processes run different numbers of passes; FSDP2 needs equal ones
+            raise ValueError("--sharding fsdp2 is not yet supported by this recipe: use --sharding ddp")
         if self.loss_type not in ("sigmoid", "ipo") or self.beta <= 0:
             raise ValueError(
                 f"--loss_type must be sigmoid or ipo and --beta > 0, got {self.loss_type!r} and {self.beta}"
@@ -84,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     task = load_prompt_task(config, device)
     policy, tokenizer, sampling = load_start_policy(config, device, sft_script=Path(__file__).with_name("sft.py"))
     reference = models.frozen_copy(policy) if config.lora_r == 0 else None  # LoRA: the adapters-off policy
+    policy = distributed.prepare(policy, config.sharding, bf16)  # torchrun: same weights everywhere (or FSDP2)
     forward = runtime.maybe_compile(policy, device, config.compile)
     prompts, scorer = task.prompts, task.scorer
     longest = max(map(len, prompts["prompt_ids"])) + config.max_new_tokens
@@ -100,12 +104,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # ---------------------------------------------------------------- training loop
     while run.running():
         rows = runtime.step_batches(len(prompts), prompts_per_step, 1, config.seed, run.step)[0]
+        rows = distributed.shard(rows)  # torchrun: this process's prompts
         batch = data.prompt_batch(prompts, rows, tokenizer.pad_token_id)
 
         # -- two completions per prompt
         with run.timed("generation"):
             rollout = generate(
-                policy, batch.prompt_ids.to(device), batch.prompt_mask.to(device), num_samples=2, **sampling
+                policy,
+                batch.prompt_ids.to(device),
+                batch.prompt_mask.to(device),
+                num_samples=2,
+                **sampling,
+                **distributed.sampling_draws(2 * len(rows), device),  # the samples do not depend on the processes
             )
 
         # -- rank each pair; keep the pairs with a preference; reference log-probs
@@ -114,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             rewards, per_source = score_rollout(scorer, tokenizer, batch, rollout, config.missing_eos_penalty, state)
             chosen_rows, rejected_rows = rank_pairs(rewards)  # [N] each, the pairs with a preference
             num_pairs, mask = len(chosen_rows), rollout.completion_mask.to(device)
+            all_pairs = int(distributed.all_reduce_sum(num_pairs))  # of every process (torchrun)
             pair_rows = torch.cat([chosen_rows, rejected_rows]).to(device)  # [2N]: chosen then rejected
             sequences, attention_mask = rollout.sequences[pair_rows], rollout.attention_mask[pair_rows]  # [2N, L]
             if num_pairs:
@@ -135,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         # -- one DPO step over the kept pairs (micro-batches of batch_size pairs); with none kept no parameter
         # has a gradient, so the optimizer step changes nothing and the schedule stays in step
         with run.timed("training"):
-            for pairs in torch.arange(num_pairs, device=device).split(config.batch_size) if num_pairs else ():
+            micro_pairs = max(1, config.batch_size // distributed.world_size())  # this process's share of a micro-batch
+            for pairs in torch.arange(num_pairs, device=device).split(micro_pairs) if num_pairs else ():
                 rows_of_pairs = torch.cat([pairs, pairs + num_pairs])  # [2n]: chosen then rejected
                 with runtime.autocast(device, bf16):
                     logps, _ = models.sequence_logprobs(
@@ -154,10 +166,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     beta=config.beta,
                     loss_type=config.loss_type,
                 )
-                (loss * len(pairs) / num_pairs).backward()  # the micro-batch's share of the mean over all pairs
-                tracking.accumulate(stats, {"loss": loss.detach(), **loss_stats}, len(pairs) / num_pairs)
+                share = len(pairs) / distributed.rank_normalizer(all_pairs)  # of the mean over all pairs
+                (loss * share).backward()
+                tracking.accumulate(stats, {"loss": loss.detach(), **loss_stats}, share)
             grad_norm = optim.optimizer_step(policy.parameters(), optimizer, scheduler, config.max_grad_norm)
-            if num_pairs:  # a step without pairs has no gradient to measure
+            if all_pairs and not num_pairs:  # torchrun: only other processes have pairs; this one's share is 0
+                _, empty_stats = dpo_loss(
+                    *[torch.zeros(1, device=device)] * 4, beta=config.beta, loss_type=config.loss_type
+                )
+                tracking.accumulate(stats, {"loss": 0.0, **empty_stats}, 0.0)
+            if all_pairs:  # a step without pairs has no gradient to measure
                 stats["grad_norm"] = grad_norm
         run.end_step(stats)
     return run.finish()

@@ -27,7 +27,8 @@ Run:
     python recipes/ppo.py --reward_model outputs/reward_model --reward_funcs none
     python recipes/ppo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset prompts.jsonl \
         --reward_model my-rm-dir --reward_funcs none --max_new_tokens 256 --batch_size 8 --grad_accum_steps 4
-One process (one CPU or GPU) for now. --model tiny, the default, starts from the cached SFT warm start
+Several processes: ``torchrun --nproc_per_node 2 recipes/ppo.py`` samples and trains the same global batch
+(rlcore.distributed). --model tiny, the default, starts from the cached SFT warm start
 (recipes/grpo.py, rlcore.toy.warm_start). Evaluation as in recipes/grpo.py: held-out
 mean sampled reward per source, and the greedy metric (``--eval_metric``). Measured results: docs/results.md.
 """
@@ -41,6 +42,7 @@ import torch
 
 from rlcore import (
     data,
+    distributed,
     gae,
     guards,
     kl_estimate,
@@ -88,6 +90,8 @@ class PPOConfig(OnlineConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.sharding == "fsdp2":  # its processes run different numbers of passes; FSDP2 needs equal ones
+            raise ValueError("--sharding fsdp2 is not yet supported by this recipe: use --sharding ddp")
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"--kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
         if self.num_mini_batches < 1 or self.num_ppo_epochs < 1 or self.entropy_coef < 0:
@@ -104,6 +108,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # the critic: a backbone with a value head (trained in full), from --value_model or where the policy started
     value_model = models.ValueModel.from_pretrained(config.value_model or policy.name_or_path, device=device)
     reference = models.frozen_copy(policy) if config.lora_r == 0 else None  # LoRA: the adapters-off policy
+    for model in (policy, value_model):
+        distributed.prepare(model, config.sharding, bf16)  # torchrun: same weights everywhere (or FSDP2)
     forward_policy, forward_value = (
         runtime.maybe_compile(policy, device, config.compile),
         runtime.maybe_compile(value_model, device, config.compile),
@@ -137,11 +143,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # ---------------------------------------------------------------- training loop
     while run.running():
         rows = runtime.step_batches(len(prompts), rows_per_step, 1, config.seed, run.step)[0]
+        rows = distributed.shard(rows)  # torchrun: this process's prompts
         batch = data.prompt_batch(prompts, rows, tokenizer.pad_token_id)
 
         # -- one completion per prompt
         with run.timed("generation"):
-            rollout = generate(policy, batch.prompt_ids.to(device), batch.prompt_mask.to(device), **sampling)
+            rollout = generate(
+                policy,
+                batch.prompt_ids.to(device),
+                batch.prompt_mask.to(device),
+                **sampling,
+                **distributed.sampling_draws(len(rows), device),  # the samples do not depend on the processes
+            )
 
         # -- scores, log-probs under the sampling policy and the reference, values, advantages
         with run.timed("scoring"):
@@ -167,10 +180,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             rewards = kl_shaped_rewards(
                 scores.to(device), old_logp, ref_logp, mask, config.kl_coef, kind=config.kl_estimator
             )  # [B, T]
-            if config.whiten_rewards:
-                rewards = masked_whiten(rewards, mask, shift_mean=False)
+            if config.whiten_rewards:  # statistics of the global batch (torchrun)
+                rewards = distributed.on_global_batch(lambda r, m: masked_whiten(r, m, shift_mean=False), rewards, mask)
             advantages, returns = gae(rewards, old_values, mask, gamma=config.gamma, lam=config.lam)  # [B, T] each
-            advantages = masked_whiten(advantages, mask)
+            advantages = distributed.on_global_batch(masked_whiten, advantages, mask)
             sequence_kl = masked_sum(kl_estimate(old_logp, ref_logp, kind=config.kl_estimator), mask, dim=1)  # [B]
             stats = {
                 **rollout_stats(rollout, scores, per_source, scorer),
@@ -182,8 +195,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         with run.timed("training"):
             for _ in range(config.num_ppo_epochs):
                 for mini_batch in torch.randperm(rows_per_step, device=device).split(mini_batch_rows):
-                    normalizer = mask[mini_batch].sum().clamp(min=1)  # token mean over the mini-batch
-                    for micro in mini_batch.split(config.batch_size):
+                    mini_batch = distributed.own_rows(mini_batch, rows_per_step)  # torchrun: this process's rows
+                    tokens = distributed.all_reduce_sum(mask[mini_batch].sum()).clamp(min=1)  # of the mini-batch
+                    normalizer = distributed.rank_normalizer(tokens)  # token mean over the mini-batch
+                    for micro in mini_batch.split(max(1, config.batch_size // distributed.world_size())):
                         with runtime.autocast(device, bf16):
                             logp, entropy = models.token_logprobs(
                                 forward_policy,

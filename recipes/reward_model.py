@@ -27,7 +27,7 @@ Run:
     python recipes/reward_model.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset trl-lib/ultrafeedback_binarized \\
         --lr 1e-5 --batch_size 8 --max_length 1024 --max_steps 2000 --output_dir outputs/qwen-rm
     python recipes/reward_model.py --model ./sft-out --dataset pairs.jsonl --eval_dataset heldout.jsonl --lora_r 16
-Several GPUs: single process for now.
+Several processes: ``torchrun --nproc_per_node 2 recipes/reward_model.py`` (the same global batch; rlcore.distributed).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import torch
 
 from rlcore import (
     data,
+    distributed,
     evaluation,
     guards,
     last_valid_index,
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = lora.prepare_model(
         model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.load_in_4bit
     )
+    model = distributed.prepare(model, config.sharding, bf16)  # torchrun: same weights on every process
     model.train()
     backbone = runtime.maybe_compile(getattr(model, model.base_model_prefix), device, config.compile)
     pad_id = tokenizer.pad_token_id
@@ -143,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         for indices in runtime.step_batches(
             len(train), config.batch_size, config.grad_accum_steps, config.seed, run.step
         ):
+            indices = distributed.shard(indices)  # torchrun: this process's rows of the micro-batch
             pairs = {name: [values[i] for i in indices] for name, values in columns.items()}
             batch = data.collate_preference(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}  # each [2B, T]

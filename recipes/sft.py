@@ -26,7 +26,9 @@ Run:
         --grad_accum_steps 8 --max_length 1024 --max_steps 1000 --eval_split none --output_dir outputs/qwen-sft
     python recipes/sft.py --model ./my-model --dataset data.jsonl --eval_dataset heldout.jsonl --lora_r 16
     python recipes/sft.py --resume                          # continue the latest checkpoint of --output_dir
-Several GPUs: single process for now. Measured results: docs/results.md. The output directory is a transformers model directory
+Several processes: ``torchrun --nproc_per_node 2 recipes/sft.py`` trains on the same global batch (each process
+takes its half of every micro-batch); ``--sharding fsdp2`` shards the weights (rlcore.distributed).
+Measured results: docs/results.md. The output directory is a transformers model directory
 (``--model OUTPUT_DIR`` in the next recipe); run settings in OUTPUT_DIR/run_config.json.
 """
 
@@ -36,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlcore import data, evaluation, guards, lora, models, optim, runtime, sft_loss, tracking
+from rlcore import data, distributed, evaluation, guards, lora, models, optim, runtime, sft_loss, tracking
 from rlcore.config import TrainConfig, parse_config
 from rlcore.run import Run, cli
 from rlcore.task import load_task_rows, metric_value
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = lora.prepare_model(
         model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.load_in_4bit
     )
+    model = distributed.prepare(model, config.sharding, bf16)  # torchrun: same weights on every process (or FSDP2)
     model.train()
     pad_id = tokenizer.pad_token_id
     train = data.tokenize_sft(rows, tokenizer, config.max_length, config.completion_only, truncation=config.truncation)
@@ -127,9 +130,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             normalizer = max(1, int(packed["completion_mask"][window].sum()))
         else:
             normalizer = optim.loss_tokens([train_masks[i] for i in window])
+        normalizer = distributed.rank_normalizer(normalizer)  # torchrun: this process's share of the step's tokens
         stats: dict[str, torch.Tensor] = {}
         for indices in micro_batches:
-            inputs, loss_positions, labels = micro_batch(indices)
+            inputs, loss_positions, labels = micro_batch(distributed.shard(indices))  # torchrun: this process's rows
             with runtime.autocast(device, bf16):
                 logits = forward(**inputs, use_cache=False).logits  # [B, T-1, V]
             rows, columns = loss_positions.unbind(1)  # [N] each

@@ -80,18 +80,22 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 # model weights
 
 
-def save_model(model: torch.nn.Module, tokenizer: Any, directory: str | os.PathLike) -> None:
+def save_model(
+    model: torch.nn.Module, tokenizer: Any, directory: str | os.PathLike, state_dict: dict | None = None
+) -> None:
     """Write the trainable state of ``model`` (+ tokenizer) into ``directory`` (created if needed).
 
     Full fine-tuning: ``save_pretrained`` (safetensors), loadable by ``from_pretrained``. With LoRA
     adapters: the adapters only, in PEFT's format (``PeftModel.from_pretrained(base, directory)``).
+    ``state_dict``: the tensors to write instead of the model's own (the full state dict of an FSDP2-sharded
+    model, ``rlcore.distributed.full_state_dict``).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if lora.has_lora(model):
         lora.save_adapter(model, directory)
     else:
-        model.save_pretrained(directory)
+        model.save_pretrained(directory, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
 
@@ -399,7 +403,9 @@ def _delete_old_checkpoints(output_dir: Path, keep_last: int) -> None:
 # final model
 
 
-def save_final_model(model: torch.nn.Module, tokenizer: Any, output_dir: str | os.PathLike) -> Path:
+def save_final_model(
+    model: torch.nn.Module, tokenizer: Any, output_dir: str | os.PathLike, state_dict: dict | None = None
+) -> Path:
     """Write the final model into OUTPUT_DIR itself, so that ``--model OUTPUT_DIR`` and
     ``from_pretrained(OUTPUT_DIR)`` load it.
 
@@ -417,7 +423,7 @@ def save_final_model(model: torch.nn.Module, tokenizer: Any, output_dir: str | o
             _move_files(tmp / ADAPTER_DIR_NAME, output_dir / ADAPTER_DIR_NAME)
             _move_files(tmp / "merged", output_dir)
         else:
-            save_model(model, tokenizer, tmp)
+            save_model(model, tokenizer, tmp, state_dict)
             _move_files(tmp, output_dir)
     return output_dir
 

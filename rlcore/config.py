@@ -106,6 +106,9 @@ class TrainConfig:
     bf16: bool | None = None  # bf16 autocast (None = on for CUDA, off for CPU)
     compile: bool | None = None  # torch.compile the model (None = on for CUDA, off for CPU)
 
+    # --- several processes (torchrun; rlcore.distributed)
+    sharding: str = "ddp"  # under torchrun: "ddp" (replicated weights, averaged gradients) or "fsdp2" (fully_shard)
+
     # --- parameter-efficient fine-tuning
     lora_r: int = 0  # LoRA rank (0 = full fine-tuning)
     lora_alpha: float = 16.0  # LoRA scaling numerator: scale = alpha / r
@@ -142,6 +145,12 @@ class TrainConfig:
             raise ValueError(f"--lr_schedule must be one of cosine, linear, constant; got {self.lr_schedule!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.sharding not in ("ddp", "fsdp2"):
+            raise ValueError(f"--sharding must be ddp or fsdp2, got {self.sharding!r}")
+        if self.sharding == "fsdp2" and (self.lora_r or self.save_steps or self.resume):
+            raise ValueError(
+                "--sharding fsdp2 does not yet take --lora_r, --save_steps or --resume: use --sharding ddp"
+            )
         if self.load_in_4bit and self.lora_r == 0:
             raise ValueError("--load_in_4bit trains adapters on a frozen 4-bit base: it needs --lora_r > 0")
         if self.max_skipped_steps < 0:

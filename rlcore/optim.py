@@ -21,6 +21,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from rlcore import distributed
+
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -105,15 +107,21 @@ def optimizer_step(
     A non-finite gradient norm (a NaN or infinite loss gives one) skips the update: no optimizer step, no
     schedule step, the gradients are dropped; ``rlcore.guards`` counts such steps and stops a run of them.
     Deciding this reads the norm on the host: one sync per optimizer step.
+    Under ``torchrun`` the gradients are first averaged over the processes (``rlcore.distributed``: one
+    all-reduce; every process must call this the same number of times).
 
     Returns:
         The global L2 norm of the gradients before clipping, as a detached 0-d tensor (non-finite: skipped).
     """
+    parameters = list(parameters)
+    distributed.average_gradients(parameters)
     params = [p for p in parameters if p.grad is not None]
     if max_grad_norm is not None:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor norm over the shards
+        grad_norm = grad_norm.full_tensor()
     if not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         return grad_norm.detach()

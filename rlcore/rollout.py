@@ -74,6 +74,7 @@ from torch import nn
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
+from . import distributed
 from .decode import LlamaDecodeStep, native_decode_unsupported
 from .models import eval_mode, position_ids_from_mask
 from .ops import check_ndim
@@ -158,6 +159,7 @@ def sample_tokens(
     top_p: float = 1.0,
     min_p: float = 0.0,
     generator: torch.Generator | None = None,
+    draws: tuple[torch.Tensor, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row and return it with its log-prob under the distribution sampled from.
 
@@ -178,6 +180,9 @@ def sample_tokens(
         generator: a ``torch.Generator`` on ``logits.device`` for reproducible draws; None = global RNG.
             Each call draws exactly N * V uniforms, row by row, so the same seed and the same logits
             give the same tokens.
+        draws: ``(rows [N], total)``: draw the uniforms of ``total`` rows instead and use rows ``rows``, so
+            that these N rows sample what they would as those rows of a batch of ``total`` (one process's
+            share of a global batch samples as the single process does; ``rlcore.distributed``).
     Returns:
         ``(tokens, logprobs)``: ``[N]`` long and ``[N]`` float32.
     """
@@ -189,7 +194,11 @@ def sample_tokens(
     else:
         scaled = logits if temperature == 1.0 else logits / temperature
         logprobs = torch.log_softmax(filter_logits(scaled, top_k=top_k, top_p=top_p, min_p=min_p), dim=-1)
-        uniform = torch.rand(logprobs.shape, generator=generator, device=logprobs.device)  # [N, V]
+        if draws is None:
+            uniform = torch.rand(logprobs.shape, generator=generator, device=logprobs.device)  # [N, V]
+        else:
+            rows, total = draws
+            uniform = torch.rand((total, logprobs.shape[1]), generator=generator, device=logprobs.device)[rows]
         race = uniform.log_().neg_()  # E_i = -log U_i ~ Exp(1) (4x faster than exponential_ on CPU)
         tokens = (logprobs.exp() / race).argmax(dim=-1)  # [N]
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
@@ -444,6 +453,7 @@ def generate(
     min_p: float = 0.0,
     num_samples: int = 1,
     generator: torch.Generator | None = None,
+    draws: tuple[torch.Tensor, int] | None = None,
     static_cache: bool | None = None,
     compile: bool | None = None,
     native_step: bool | None = None,
@@ -466,6 +476,8 @@ def generate(
         generator: ``torch.Generator`` on the model's device; with a fixed seed the samples are
             reproducible, and G samples of one prompt equal the samples of that prompt repeated G times
             under the same seed (the random draws are laid out per output row either way).
+        draws: ``(rows [N], total)``, see :func:`sample_tokens`: these N output rows sample as rows ``rows``
+            of a batch of ``total`` rows would (``rlcore.distributed.sampling_draws``).
         static_cache: transformers' ``StaticCache`` (fixed shapes) instead of the growing cache.
             Default: on CUDA only.
         compile: decode with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs on CUDA); needs
@@ -509,10 +521,11 @@ def generate(
         raise ValueError("compile=True needs static_cache=True (a compiled step needs fixed shapes)")
     native_step = _use_native_step(model, native_step, static_cache)
     max_len = -(-total_len // 64) * 64 if compile else total_len  # cache slots
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator, draws=draws)
     eos = torch.tensor(eos_token_ids, device=prompt_ids.device, dtype=torch.long)
 
-    with eval_mode(model), torch.inference_mode():
+    # FSDP2 (rlcore.distributed): the full parameters are gathered once here, not at every token and layer
+    with distributed.full_parameters(model), eval_mode(model), torch.inference_mode():
         first_logits, prefill = _prefill(model, prompt_ids, prompt_mask)  # [B, V]
         if static_cache:
             cache = _static_cache(model, prefill, num_samples, max_len, reuse=compile)

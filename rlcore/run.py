@@ -20,6 +20,9 @@ What it owns, and nothing else:
   ``--eval_steps`` and at the end; a checkpoint every ``--save_steps``.
 - **time**: ``training_seconds`` counts the steps only (not evaluation or saving); ``--max_seconds`` is an
   opt-in safety stop that ends the run early and says so loudly.
+- **several processes** (``torchrun``, rlcore.distributed): step metrics averaged over the processes; the bar,
+  metrics.jsonl, curves, run_config.json, summary.json, checkpoints (with every process's RNG state) and the
+  final model written by rank 0 only.
 - **the ending**: the final model is written before the final evaluation, so an evaluation error never
   loses it; OUTPUT_DIR/summary.json records steps, time, whether the run was cut short, and the first and
   last evaluations. A model whose weights are not finite is never written as the final model.
@@ -52,7 +55,7 @@ from typing import Any
 
 import torch
 
-from rlcore import guards
+from rlcore import distributed, guards
 from rlcore.checkpoint import (
     DamagedCheckpoint,
     clear_partial_saves,
@@ -61,7 +64,9 @@ from rlcore.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     read_manifest,
+    restore_rng_state,
     resume_candidates,
+    rng_state,
     save_checkpoint,
     save_final_model,
 )
@@ -136,11 +141,14 @@ class Run:
         self.device = next(model.parameters()).device
         self.step, self.training_seconds = 0, 0.0
         self.run_id, self.changed_on_resume = uuid.uuid4().hex, {}
-        self._claim_output_dir()
+        if distributed.is_main():  # torchrun: one process checks and clears the directory, the others wait
+            self._claim_output_dir()
+        distributed.barrier()
         self._resume()
         self.start_step, self.start_seconds = self.step, self.training_seconds
-        with disk_errors(config.output_dir):
-            save_config(config, config.output_dir)
+        if distributed.is_main():
+            with disk_errors(config.output_dir):
+                save_config(config, config.output_dir)
         self.tracker = Tracker(
             config.output_dir,
             config.max_steps,
@@ -148,6 +156,7 @@ class Run:
             bar_keys=bar_keys,
             report_to=getattr(config, "report_to", "none"),
             run_config=dataclasses.asdict(config),
+            enabled=distributed.is_main(),
         )
         records = read_metrics(self.tracker.metrics_path)  # on resume: what the interrupted run logged
         evaluations = [{k: v for k, v in r.items() if k.startswith("eval/")} for r in records if r.get("step") == 0]
@@ -169,6 +178,8 @@ class Run:
     def running(self) -> bool:
         """Whether to take another step; starts its clock. Evaluates first when the run starts at step 0.
         After SIGTERM/SIGINT: writes a checkpoint and raises ``RunStopped`` (exit code 128 + signal)."""
+        if distributed.world_size() > 1:  # torchrun: every process stops at the same step if any got a signal
+            self._signal = distributed.all_reduce_max(self._signal or 0) or None
         if self._signal is not None:
             self._stop_for_signal()
         if self.step == 0 and self._evaluated_at is None:
@@ -194,6 +205,7 @@ class Run:
         self.training_seconds += seconds
         self.step += 1
         timings = {f"time/{phase}": value for phase, value in self._seconds.items()}
+        stats = distributed.reduce_stats(stats)  # torchrun: the mean over the processes
         self.tracker.update(
             {**stats, **timings, "time/step": seconds, **({"lr": self._lr} if self._lr is not None else {})}
         )
@@ -207,22 +219,33 @@ class Run:
             self.save_checkpoint()
 
     def save_checkpoint(self) -> Path:
-        """Write OUTPUT_DIR/checkpoint-<step> now (atomically; see rlcore.checkpoint)."""
-        config = self.config
-        return save_checkpoint(
-            config.output_dir,
-            self.step,
-            self.model,
-            self.tokenizer,
-            self.optimizer,
-            self.scheduler,
-            seed=config.seed,
-            extra_modules=self.extra_modules,
-            extra_state={"training_seconds": self.training_seconds},
-            keep_last=config.save_total_limit,
-            run_id=self.run_id,
-            config=_config_values(config),
-        )
+        """Write OUTPUT_DIR/checkpoint-<step> now (atomically; see rlcore.checkpoint). Under torchrun rank 0
+        writes it, with every process's RNG state, and the others wait until it is in place."""
+        config, rank_rng = self.config, distributed.gather_objects(rng_state())
+        path = Path(config.output_dir) / f"checkpoint-{self.step}"
+        if distributed.is_main():
+            path = save_checkpoint(
+                config.output_dir,
+                self.step,
+                self.model,
+                self.tokenizer,
+                self.optimizer,
+                self.scheduler,
+                seed=config.seed,
+                extra_modules=self.extra_modules,
+                extra_state={"training_seconds": self.training_seconds, "rank_rng": rank_rng},
+                keep_last=config.save_total_limit,
+                run_id=self.run_id,
+                config=_config_values(config),
+            )
+        distributed.barrier()
+        return path
+
+    @staticmethod
+    def print(*args, **kwargs) -> None:
+        """``print`` on rank 0 only (every process runs the same lines under torchrun)."""
+        if distributed.is_main():
+            print(*args, **kwargs)
 
     def evaluate(self) -> dict[str, float]:
         """Run the held-out evaluation now and log it at the current step ({} without one)."""
@@ -238,11 +261,11 @@ class Run:
         last evaluation's metrics. An evaluation error is reported after the model is safely written."""
         self.tracker.log(self.step)
         steps = self.step - self.start_step
-        print(
+        self.print(
             f"trained {steps} steps in {self.training_seconds:.0f} s ({steps / max(self.training_seconds, 1e-9):.2f} steps/s)"
         )
         if self.stopped_early:
-            print(
+            self.print(
                 f"\n*** STOPPED EARLY: --max_seconds {self.config.max_seconds:g} reached after {self.step} of "
                 f"{self.config.max_steps} steps; the schedule was laid out for {self.config.max_steps} ***\n",
                 flush=True,
@@ -254,10 +277,13 @@ class Run:
                 raise guards.RunStopped(
                     f"the weights are not finite ({broken[0]}, ...): the final model was not written"
                 )
-            save_final_model(self.model, self.tokenizer, self.config.output_dir)
-            if self._save_extra is not None:
-                self._save_extra(self.config.output_dir)
-            print(f"final model: {self.config.output_dir}")
+            full_state = distributed.full_state_dict(self.model)  # FSDP2: gathered on rank 0 (None otherwise)
+            if distributed.is_main():
+                save_final_model(self.model, self.tokenizer, self.config.output_dir, full_state)
+                if self._save_extra is not None:
+                    self._save_extra(self.config.output_dir)
+            distributed.barrier()
+            self.print(f"final model: {self.config.output_dir}")
             phase = "final evaluation"
             if self._evaluated_at != self.step:
                 self.evaluate()
@@ -270,7 +296,8 @@ class Run:
             print(f"{phase} failed ({type(error).__name__}: {error}); {where}", file=sys.stderr)
             raise
         finally:
-            self._write_summary()
+            if distributed.is_main():
+                self._write_summary()
             self.tracker.close()
             self._restore_signal_handlers()
         return self.results
@@ -343,6 +370,7 @@ class Run:
                 continue
             self.step, self.training_seconds = state["step"], state["extra"].get("training_seconds", 0.0)
             self.run_id = manifest.get("run_id") or self.run_id
+            _restore_rank_rng(state["extra"])  # torchrun: each process's own RNG state
             print(f"resumed from {path} at step {self.step}")
             for name, (old, new) in self.changed_on_resume.items():
                 print(f"resumed with --{name} changed: {old!r} -> {new!r}")
@@ -385,6 +413,8 @@ class Run:
 
     # ------------------------------------------------------------------------------------------ summary
     def _write_summary(self) -> None:
+        if not distributed.is_main():  # torchrun: rank 0 writes it
+            return
         summary = {
             "run_id": self.run_id,
             "steps": self.step,
@@ -401,6 +431,14 @@ class Run:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(tmp, path)
+
+
+def _restore_rank_rng(extra: Mapping[str, Any]) -> None:
+    """Under torchrun, each process takes back its own RNG state from a checkpoint written at the same
+    world size (a different world size keeps rank 0's, restored by load_checkpoint)."""
+    states = extra.get("rank_rng")
+    if states is not None and len(states) == distributed.world_size():
+        restore_rng_state(states[distributed.rank()])
 
 
 def read_summary(output_dir: str | os.PathLike) -> dict[str, Any] | None:
@@ -446,6 +484,7 @@ def cli(main: Callable[[], Any]) -> None:
     ``RLCORE_TRACEBACK=1`` shows the traceback."""
     try:
         main()
+        distributed.shutdown()  # torchrun: leave the process group once every process is done
     except (ValueError, FileNotFoundError, guards.RunStopped, OSError) as error:
         full_disk = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
         if os.environ.get("RLCORE_TRACEBACK") or (

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from rlcore import distributed
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``"auto"`` -> cuda when available, else cpu; anything else is passed to ``torch.device``."""
@@ -27,14 +29,15 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def setup(config) -> tuple[torch.device, bool]:
-    """What every recipe does first: seed, set the CPU threads, pick the device and precision.
+    """What every recipe does first: seed, set the CPU threads, pick the device and precision, and under
+    ``torchrun`` join the process group (``rlcore.distributed.init``).
 
     Returns:
         (device, bf16): where the run trains and whether forward passes use bf16 autocast.
     """
     seed_everything(config.seed)
     set_threads(config.threads)
-    device = resolve_device(config.device)
+    device = distributed.init(resolve_device(config.device))  # under torchrun: join the group, cuda:LOCAL_RANK
     return device, use_bf16(device, config.bf16)
 
 

@@ -50,6 +50,7 @@ from pathlib import Path
 
 import datasets
 import torch
+import torch.distributed as dist
 from tokenizers import AddedToken, Tokenizer, decoders, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -433,6 +434,18 @@ def warm_start(
     """
     if model != "tiny" or steps == 0:
         return model
+    if dist.is_available() and dist.is_initialized():  # under torchrun rank 0 builds it (once), the others wait
+        built = _warm_start(steps, seed, sft_script, sft_flags) if dist.get_rank() == 0 else None
+        dist.barrier()
+        return built or _warm_start(steps, seed, sft_script, sft_flags)  # the others: now in the cache
+    return _warm_start(steps, seed, sft_script, sft_flags)
+
+
+# a launcher's variables: the warm-start subprocess is a single process of its own, not one of the group's
+_LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_PORT")
+
+
+def _warm_start(steps: int, seed: int, sft_script: str | os.PathLike, sft_flags: tuple[str, ...]) -> str:
     script = Path(sft_script)
     digest = hashlib.sha256(script.read_bytes() + " ".join(sft_flags).encode()).hexdigest()[:8]
     directory = Path(default_cache_dir()) / f"tiny-sft-{steps}steps-seed{seed}-{digest}"
@@ -456,6 +469,7 @@ def warm_start(
     print(f"warm start: {' '.join(command)}", flush=True)
     package_root = str(Path(__file__).resolve().parents[1])  # rlcore importable by the script, installed or not
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    env = {key: value for key, value in env.items() if key not in _LAUNCHER_VARIABLES}
     try:
         subprocess.run(command, check=True, env=env)
         os.replace(build, directory)

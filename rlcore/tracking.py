@@ -47,6 +47,7 @@ class Tracker:
         bar_keys: training metrics shown on the progress bar next to the latest evaluation (keep it short).
         report_to: ``"none"`` or comma-separated tracker names (``TRACKERS``), or a sequence of them.
         run_config: the resolved flags, given to trackers that record a run's config (wandb, trackio).
+        enabled: False on the processes other than rank 0 under torchrun: no bar, no files, no printing.
     """
 
     def __init__(
@@ -57,19 +58,23 @@ class Tracker:
         bar_keys: tuple[str, ...] = ("loss",),
         report_to: str | Sequence[str] = "none",
         run_config: Mapping | None = None,
+        enabled: bool = True,
     ) -> None:
-        self.output_dir = Path(output_dir)
+        self.output_dir, self.enabled = Path(output_dir), enabled
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.output_dir / METRICS_NAME
         self.bar_keys = bar_keys
         self._sums: dict[str, torch.Tensor | float] = {}
         self._counts: dict[str, int] = {}  # steps of the window that reported each key
         self._bar_values: dict[str, float] = {}
-        _truncate_metrics(self.metrics_path, start_step)
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
-        self.trackers = [
-            _open_tracker(name, self.output_dir, dict(run_config or {})) for name in parse_report_to(report_to)
-        ]
+        if enabled:
+            _truncate_metrics(self.metrics_path, start_step)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, disable=not enabled)
+        self.trackers = (
+            [_open_tracker(name, self.output_dir, dict(run_config or {})) for name in parse_report_to(report_to)]
+            if enabled
+            else []
+        )
 
     def update(self, stats: Mapping[str, torch.Tensor | float]) -> None:
         """Add one step's metrics (0-d tensors or numbers) to the running window, without a host sync."""
@@ -92,7 +97,8 @@ class Tracker:
         """Write evaluation metrics at ``step`` under ``eval/<name>`` keys (and print them)."""
         values = {key if key.startswith("eval/") else f"eval/{key}": _to_float(v) for key, v in metrics.items()}
         self._write({"step": step, **values})
-        tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+        if self.enabled:
+            tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
         return values
 
     def close(self) -> Path | None:
@@ -101,12 +107,16 @@ class Tracker:
         for tracker in self.trackers:
             tracker.close()
         self.trackers = []
+        if not self.enabled:
+            return None
         path = plot_metrics(self.metrics_path, self.output_dir / CURVES_NAME)
         if path is not None:
             print(f"curves: {path}")
         return path
 
     def _write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         values = {key: value for key, value in record.items() if key != "step"}
