@@ -157,10 +157,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     start_model = toy.warm_start(
         config.model, config.warm_start_steps, config.seed, Path(__file__).with_name("sft.py"), ONLINE_WARM_START_FLAGS
     )
-    model, tokenizer = models.load_policy(start_model, device=device)
+    model, tokenizer = models.load_policy(start_model, device=device, **models.load_options(config))
     model = lora.prepare_model(
         model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.load_in_4bit
     )
+    if config.gradient_checkpointing:
+        models.enable_gradient_checkpointing(model)
     pad_id = tokenizer.pad_token_id
     train = data.tokenize_preference(rows, tokenizer, config.max_length, truncation=config.truncation)
     pairs = {name: list(train[name]) for name in ("prompt_ids", "chosen_ids", "rejected_ids")}  # python lists
@@ -176,7 +178,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         """([2B] completion log-probs, [2B, T-1] per token) of a data.collate_preference batch, one forward pass;
         with --ld_alpha < 1 the sums are LD-DPO's (the tail beyond the shorter completion weighted by ld_alpha)."""
         mask = batch["completion_mask"][:, 1:]  # [2B, T-1]
-        logps, token_logp = models.sequence_logprobs(forward, batch["input_ids"], batch["attention_mask"], mask)
+        logps, token_logp = models.sequence_logprobs(
+            forward, batch["input_ids"], batch["attention_mask"], mask, chunk_size=config.lm_head_chunk
+        )
         if config.ld_alpha < 1.0:
             chosen_logp, rejected_logp = token_logp.chunk(2)
             chosen_mask, rejected_mask = mask.chunk(2)

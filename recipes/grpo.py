@@ -214,7 +214,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     runtime.autocast(device, bf16),
                 ):
                     ref_logp, _ = models.token_logprobs(
-                        ref_model, rollout.sequences, rollout.attention_mask, completion_length, config.temperature
+                        ref_model,
+                        rollout.sequences,
+                        rollout.attention_mask,
+                        completion_length,
+                        config.temperature,
+                        chunk_size=config.lm_head_chunk,
                     )
             grouped_rewards = rearrange(rewards, "(p g) -> p g", g=group_size)  # [P, G]
             stats = {
@@ -248,6 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                             config.temperature,
                             with_entropy=True,
                             entropy_grad=config.entropy_coef > 0,
+                            chunk_size=config.lm_head_chunk,
                         )
                     if iteration == 0:
                         old_logp[micro] = logp.detach()

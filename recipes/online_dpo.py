@@ -134,7 +134,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     runtime.autocast(device, bf16),
                 ):
                     ref_logps, _ = models.sequence_logprobs(
-                        ref_model, sequences, attention_mask, mask[pair_rows], length_average
+                        ref_model,
+                        sequences,
+                        attention_mask,
+                        mask[pair_rows],
+                        length_average,
+                        chunk_size=config.lm_head_chunk,
                     )  # [2N]
             stats = {
                 **rollout_stats(rollout, rewards, per_source, scorer),
@@ -156,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         attention_mask[rows_of_pairs],
                         mask[pair_rows][rows_of_pairs],
                         length_average,
+                        chunk_size=config.lm_head_chunk,
                     )  # [2n]
                 chosen_logps, rejected_logps = logps.float().chunk(2)
                 loss, loss_stats = dpo_loss(

@@ -106,7 +106,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     task = load_prompt_task(config, device)
     policy, tokenizer, sampling = load_start_policy(config, device, sft_script=Path(__file__).with_name("sft.py"))
     # the critic: a backbone with a value head (trained in full), from --value_model or where the policy started
-    value_model = models.ValueModel.from_pretrained(config.value_model or policy.name_or_path, device=device)
+    value_dtype = "float32" if config.dtype == "float16" else config.dtype  # trained in full: no float16 weights
+    value_model = models.ValueModel.from_pretrained(
+        config.value_model or policy.name_or_path, dtype=value_dtype, device=device
+    )
+    if config.gradient_checkpointing:
+        models.enable_gradient_checkpointing(value_model)
     reference = models.frozen_copy(policy) if config.lora_r == 0 else None  # LoRA: the adapters-off policy
     for model in (policy, value_model):
         distributed.prepare(model, config.sharding, bf16)  # torchrun: same weights everywhere (or FSDP2)
@@ -170,12 +175,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             length = rollout.completion_ids.shape[1]
             with torch.no_grad(), runtime.autocast(device, bf16):
                 old_logp, _ = models.token_logprobs(
-                    forward_policy, sequences, attention_mask, length, config.temperature
+                    forward_policy,
+                    sequences,
+                    attention_mask,
+                    length,
+                    config.temperature,
+                    chunk_size=config.lm_head_chunk,
                 )
                 old_values = models.completion_values(forward_value, sequences, attention_mask, length)  # [B, T]
                 with lora.reference_context(policy, reference) as ref_model:
                     ref_logp, _ = models.token_logprobs(
-                        ref_model, sequences, attention_mask, length, config.temperature
+                        ref_model,
+                        sequences,
+                        attention_mask,
+                        length,
+                        config.temperature,
+                        chunk_size=config.lm_head_chunk,
                     )
             rewards = kl_shaped_rewards(
                 scores.to(device), old_logp, ref_logp, mask, config.kl_coef, kind=config.kl_estimator
@@ -208,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                 config.temperature,
                                 with_entropy=True,
                                 entropy_grad=config.entropy_coef > 0,
+                                chunk_size=config.lm_head_chunk,
                             )
                             values = models.completion_values(
                                 forward_value, sequences[micro], attention_mask[micro], length

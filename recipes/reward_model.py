@@ -88,10 +88,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if config.eval_metric not in ("auto", "none", None):
         print(f"--eval_metric {config.eval_metric}: a reward model generates no text; only pairwise metrics")
     start_model = toy.warm_start(config.model, config.warm_start_steps, config.seed, Path(__file__).with_name("sft.py"))
-    model, tokenizer = models.load_reward_model(start_model, device=device)
+    model, tokenizer = models.load_reward_model(start_model, device=device, **models.load_options(config))
     model = lora.prepare_model(
         model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.load_in_4bit
     )
+    if config.gradient_checkpointing:
+        models.enable_gradient_checkpointing(model)
     model = distributed.prepare(model, config.sharding, bf16)  # torchrun: same weights on every process
     model.train()
     backbone = runtime.maybe_compile(getattr(model, model.base_model_prefix), device, config.compile)
@@ -137,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
         ).last_hidden_state
         last = last_valid_index(batch["attention_mask"])  # [2B]
-        return model.score(hidden[torch.arange(hidden.shape[0], device=device), last]).squeeze(-1).float()  # [2B]
+        last_hidden = hidden[torch.arange(hidden.shape[0], device=device), last].to(model.score.weight.dtype)  # [2B, H]
+        return model.score(last_hidden).squeeze(-1).float()  # [2B]
 
     # ---------------------------------------------------------------- training loop
     while run.running():

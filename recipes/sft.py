@@ -12,8 +12,9 @@ Departures from the common setup (TRL's SFTTrainer):
   on 2 CPU cores (a high learning rate, small batches, many steps); use ~1e-5..2e-5 for a real model;
 - ``--packing`` packs rows into bins of ``--max_length`` tokens without attention across rows (position
   ids restart per row), see ``rlcore.data.pack_sequences``;
-- speed without changing the loss: each row's last token (which predicts nothing) is not fed, the
-  log-softmax is taken at the loss positions only, and on CPU rows of at most 128 tokens use eager
+- speed and memory without changing the loss: each row's last token (which predicts nothing) is not fed,
+  the LM head runs at the loss positions only, chunk-wise (``--lm_head_chunk``; 0 = the full logits), and
+  on CPU rows of at most 128 tokens use eager
   attention (``rlcore.runtime.prefer_eager_attention``: sdpa's CPU kernel is slower on short rows);
 - evaluation (before the first step, every --eval_steps, at the end) reports the held-out loss and token
   accuracy on any format, and a greedy-generation metric only when one is given (``--eval_metric``; on
@@ -66,10 +67,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # ---------------------------------------------------------------- data (checked first), model
     rows, eval_rows, metric = load_task_rows(config, data.SFT_FORMATS)
-    model, tokenizer = models.load_policy(config.model, device=device)
+    model, tokenizer = models.load_policy(config.model, device=device, **models.load_options(config))
     model = lora.prepare_model(
         model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.load_in_4bit
     )
+    if config.gradient_checkpointing:
+        models.enable_gradient_checkpointing(model)
     model = distributed.prepare(model, config.sharding, bf16)  # torchrun: same weights on every process (or FSDP2)
     model.train()
     pad_id = tokenizer.pad_token_id
@@ -81,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )  # each [bins, max_length]
     runtime.prefer_eager_attention(model, device, config.max_length if config.packing else max(map(len, train_ids)))
     forward = runtime.maybe_compile(model, device, config.compile)
+    chunked = config.lm_head_chunk > 0 and models.chunked_head_supported(model)
     num_samples = len(packed["input_ids"]) if config.packing else len(train)
     if eval_rows is not None:
         eval_tokens = data.tokenize_sft(
@@ -134,13 +138,27 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         stats: dict[str, torch.Tensor] = {}
         for indices in micro_batches:
             inputs, loss_positions, labels = micro_batch(distributed.shard(indices))  # torchrun: this process's rows
-            with runtime.autocast(device, bf16):
-                logits = forward(**inputs, use_cache=False).logits  # [B, T-1, V]
-            rows, columns = loss_positions.unbind(1)  # [N] each
-            loss, loss_stats = sft_loss(logits[rows, columns], labels, normalizer=normalizer)  # [N, V], [N]
+            if chunked:  # the LM head at the loss positions only, chunk-wise: no [B, T-1, V] logits
+                with runtime.autocast(device, bf16):
+                    logp, extras = models.position_logprobs(
+                        forward,
+                        **inputs,
+                        positions=loss_positions,
+                        targets=labels,
+                        chunk_size=config.lm_head_chunk,
+                        with_argmax=True,
+                    )  # [N]
+                loss = -logp.sum() / normalizer
+                token_accuracy = extras["argmax"].float().sum() / max(1, len(labels))
+            else:
+                with runtime.autocast(device, bf16):
+                    logits = forward(**inputs, use_cache=False).logits  # [B, T-1, V]
+                rows, columns = loss_positions.unbind(1)  # [N] each
+                loss, loss_stats = sft_loss(logits[rows, columns], labels, normalizer=normalizer)  # [N, V], [N]
+                token_accuracy = loss_stats["token_accuracy"]
             loss.backward()
             tracking.accumulate(stats, {"loss": loss.detach()})  # sums to the step's token mean
-            tracking.accumulate(stats, {"token_accuracy": loss_stats["token_accuracy"]}, 1 / len(micro_batches))
+            tracking.accumulate(stats, {"token_accuracy": token_accuracy}, 1 / len(micro_batches))
         stats["grad_norm"] = optim.optimizer_step(model.parameters(), optimizer, scheduler, config.max_grad_norm)
         run.end_step(stats)
     return run.finish()

@@ -127,6 +127,14 @@ class TrainConfig:
     num_train_epochs: float | None = None  # passes over the training rows; sets --max_steps (None = off)
     report_to: str = "none"  # trackers beside metrics.jsonl: none, or some of tensorboard,wandb,trackio
 
+    # --- memory (rlcore.models: the precision policy)
+    dtype: str = "float32"  # weights as loaded: float32, bfloat16 or float16 (LoRA adapters and heads stay float32)
+    gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass (non-reentrant)
+    bnb_double_quant: bool = False  # with --load_in_4bit: also quantise the quantisation constants (~0.4 bit/weight)
+    bnb_compute_dtype: str | None = None  # with --load_in_4bit: matmul dtype (None = bfloat16 on CUDA, float32 on CPU)
+    optim: str = "adamw"  # adamw (torch), adamw_8bit, paged_adamw_8bit, paged_adamw_32bit (bitsandbytes)
+    lm_head_chunk: int = 1024  # positions per LM-head chunk in log-prob passes (0 = the model's full [B, T, V] logits)
+
     def __post_init__(self) -> None:
         _check_data_and_tracker_flags(self)
         positive = ("lr", "batch_size", "grad_accum_steps", "max_steps", "logging_steps", "eval_batch_size")
@@ -157,6 +165,22 @@ class TrainConfig:
             raise ValueError(f"--max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
         if self.collapse_patience <= 0:
             raise ValueError(f"--collapse_patience must be > 0, got {self.collapse_patience}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be float32, bfloat16 or float16; got {self.dtype!r}")
+        if self.dtype == "float16" and self.lora_r == 0:
+            raise ValueError("--dtype float16 weights cannot be trained in full without loss scaling: use --lora_r > 0")
+        if self.bnb_compute_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"--bnb_compute_dtype must be float32, bfloat16 or float16; got {self.bnb_compute_dtype!r}"
+            )
+        if (self.bnb_double_quant or self.bnb_compute_dtype) and not self.load_in_4bit:
+            raise ValueError("--bnb_double_quant and --bnb_compute_dtype apply with --load_in_4bit only")
+        if self.optim not in ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
+            raise ValueError(
+                f"--optim must be adamw, adamw_8bit, paged_adamw_8bit or paged_adamw_32bit; got {self.optim!r}"
+            )
+        if self.lm_head_chunk < 0:
+            raise ValueError(f"--lm_head_chunk must be >= 0 (0 = full logits), got {self.lm_head_chunk}")
 
 
 @dataclass

@@ -529,21 +529,41 @@ def export_merged(model: nn.Module, tokenizer, directory: str) -> None:
     base model's own (``...q_proj.weight``), written as safetensors by ``model.save_pretrained``. ``model``
     is not modified. ``tokenizer`` (may be None) is saved beside it.
     """
-    if getattr(model, "hf_quantizer", None) is not None:
-        raise ValueError(
-            "model was quantised by transformers at load time; load the float model and use quantize_4bit() / "
-            "prepare_model(load_in_4bit=True) instead, so that export_merged() can write a float model"
-        )
-    model.save_pretrained(directory, state_dict=_merged_state_dict(model))
+    state = _merged_state_dict(model)
+    with _float_model_config(model):  # quantised while loading: the files written are a float model's
+        model.save_pretrained(directory, state_dict=state)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+
+
+@contextlib.contextmanager
+def _float_model_config(model: nn.Module) -> Iterator[None]:
+    """Within the block, a model that transformers quantised while loading saves as a float model: no
+    ``quantization_config`` in its config.json, no quantiser hooks on ``save_pretrained``."""
+    saved = {name: getattr(model, name) for name in ("hf_quantizer", "is_quantized") if name in vars(model)}
+    config_quantization = getattr(model.config, "quantization_config", None)
+    if getattr(model, "hf_quantizer", None) is None:
+        yield
+        return
+    model.hf_quantizer = None
+    if "is_quantized" in saved:
+        model.is_quantized = False
+    if config_quantization is not None:
+        del model.config.quantization_config
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(model, name, value)
+        if config_quantization is not None:
+            model.config.quantization_config = config_quantization
 
 
 def quantize_4bit(
     model: nn.Module,
     double_quant: bool = False,
     compute_dtype: torch.dtype | None = None,
-    skip: str | Sequence[str] = ("lm_head",),
+    skip: str | Sequence[str] = ("lm_head", "score", "value_head"),
 ) -> nn.Module:
     """Replace the model's ``nn.Linear`` layers by frozen 4-bit nf4 ``bitsandbytes.nn.Linear4bit``, in place.
 
@@ -559,7 +579,11 @@ def quantize_4bit(
         double_quant: quantise the quantisation constants too.
         compute_dtype: dtype of the matmul; default bfloat16 for weights on CUDA, float32 on CPU (also on
             AVX512-BF16 CPUs in eval mode: ``_keep_standard_4bit_path``).
-        skip: name suffixes (or one regex) of layers kept in full precision; default the LM head.
+        skip: name suffixes (or one regex) of layers kept in full precision; default the heads (LM, score and
+            value heads), which stay trainable and exact.
+
+    This quantises a model already in memory, so the float weights exist first; to never hold them, load
+    with ``rlcore.models.load_policy(..., load_in_4bit=True)`` (quantised as it is read).
     """
     import bitsandbytes as bnb  # imported here: ~0.3 GiB and seconds of start-up that only 4-bit runs need
 
@@ -621,7 +645,8 @@ def prepare_model(
     - ``lora_r>0``: ``apply_lora`` with ``lora_alpha`` (default 2 * lora_r), ``lora_dropout``,
       ``lora_targets`` (``"q_proj,v_proj"`` = suffixes, any other string = a regex; default
       ``DEFAULT_TARGETS``) and ``use_rslora``;
-    - ``load_in_4bit``: first ``quantize_4bit`` (nf4, ``double_quant``) the frozen base; needs ``lora_r>0``.
+    - ``load_in_4bit``: first ``quantize_4bit`` (nf4, ``double_quant``) the frozen base, unless it was
+      quantised while loading (``rlcore.models.load_policy(load_in_4bit=True)``); needs ``lora_r>0``.
     """
     if not isinstance(lora_r, int) or lora_r < 0:
         raise ValueError(f"lora_r must be an integer >= 0 (0 = full fine-tuning), got {lora_r!r}")
@@ -631,8 +656,11 @@ def prepare_model(
         raise ValueError("double_quant=True only applies with load_in_4bit=True")
     if lora_r == 0:
         return model
-    if load_in_4bit:
+    quantized = [module for module in model.modules() if _is_4bit(module)]
+    if load_in_4bit and not quantized:
         quantize_4bit(model, double_quant=double_quant)
+    for module in quantized:  # quantised while loading: keep bitsandbytes' CPU path from repacking them
+        _keep_standard_4bit_path(module)
     alpha = 2 * lora_r if lora_alpha is None else lora_alpha
     return apply_lora(
         model, r=lora_r, alpha=alpha, dropout=lora_dropout, targets=_parse_targets(lora_targets), use_rslora=use_rslora

@@ -7,9 +7,26 @@ the settings RL needs made explicit (a pad token, the score head's pad id, the s
 Conventions:
 - ``dtype=None`` loads float32 (train in float32 and use autocast for mixed precision); ``"auto"`` keeps
   the checkpoint's dtype; ``"bfloat16"``, ``"float16"``, ``"float32"`` or a ``torch.dtype`` cast to it.
+- ``load_in_4bit=True`` quantises the linear layers to nf4 while loading (transformers'
+  ``BitsAndBytesConfig``): each weight is read from the checkpoint and quantised in turn, so the full-precision
+  model never exists in memory. The heads (``lm_head``, ``score``, ``value_head``) are not quantised.
 - ``trust_remote_code`` is off unless asked for: a hub repository's Python code runs only on request.
 - Sequence scores and values are read at the positions where ``attention_mask`` is 1, never by comparing
   ids with the pad id, so they stay correct when the pad token is also the EOS token.
+
+Precision policy (``--dtype``, separate from ``--bf16`` autocast):
+- the transformer's weights are held in ``--dtype`` as loaded (bfloat16 halves them), or in nf4 with
+  ``--load_in_4bit``, whose matmuls run in ``--bnb_compute_dtype``;
+- float32 whatever ``--dtype`` says: LoRA's A and B (small, and their updates are tiny next to the base
+  weights: rounded to bfloat16 most would vanish), the score and value heads (new, small, and their outputs
+  are the rewards and values), every log-probability, logsumexp, loss, advantage and statistic
+  (``rlcore.logprobs`` accumulates in float32), and the RMSNorm arithmetic (transformers' norms compute in
+  float32 and cast back; their weights are stored in ``--dtype``);
+- optimizer state follows the parameters it updates: float32 for adapters and heads; with full fine-tuning
+  in bfloat16 torch's AdamW keeps its moments in bfloat16 and updates smaller than a weight's bfloat16
+  spacing are lost (prefer float32 weights with ``--bf16`` autocast, or LoRA); ``--optim adamw_8bit``
+  stores the moments in 8 bits (blockwise, dequantised to float32 for each update). float16 weights are
+  refused for full fine-tuning (no loss scaling here) and allowed under LoRA.
 """
 
 import contextlib
@@ -23,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from rlcore.logprobs import entropy_from_logits, gather_logprobs, log_sum_squared_probs
+from rlcore.logprobs import chunked_logprobs, entropy_from_logits, gather_logprobs, log_sum_squared_probs
 from rlcore.ops import last_valid_index
 
 TINY = "tiny"
@@ -72,11 +89,60 @@ def _dtype_argument(dtype) -> str | torch.dtype:
     )
 
 
-def _pretrained_kwargs(dtype, trust_remote_code: bool, attn_implementation: str | None, kwargs: dict) -> dict:
+HEAD_MODULES = ("lm_head", "score", "value_head")
+"""Output layers kept in full precision when the body is quantised."""
+
+
+def quantization_config(double_quant: bool = False, compute_dtype=None, device=None):
+    """transformers' ``BitsAndBytesConfig`` for nf4 loading (QLoRA, Dettmers et al. 2023,
+    https://arxiv.org/abs/2305.14314): every ``nn.Linear`` but the heads (``HEAD_MODULES``) is quantised as
+    its weight is read. ``compute_dtype`` (a name or dtype) defaults to bfloat16 on CUDA, float32 elsewhere."""
+    from transformers import BitsAndBytesConfig
+
+    if compute_dtype is None:
+        compute_dtype = torch.bfloat16 if torch.device(device or "cpu").type == "cuda" else torch.float32
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, compute_dtype) if isinstance(compute_dtype, str) else compute_dtype,
+        llm_int8_skip_modules=list(HEAD_MODULES),
+    )
+
+
+def load_options(config) -> dict:
+    """The loading keyword arguments of a recipe's flags: ``--dtype``, ``--load_in_4bit``,
+    ``--bnb_double_quant``, ``--bnb_compute_dtype`` (for ``load_policy``, ``load_reward_model``, ``ValueModel``)."""
+    return {
+        "dtype": config.dtype,
+        "load_in_4bit": config.load_in_4bit,
+        "double_quant": config.bnb_double_quant,
+        "compute_dtype": config.bnb_compute_dtype,
+    }
+
+
+def _pretrained_kwargs(
+    dtype,
+    trust_remote_code: bool,
+    attn_implementation: str | None,
+    kwargs: dict,
+    quantize: tuple[bool, bool, object] = (False, False, None),
+    device=None,
+) -> dict:
     extra = {"dtype": _dtype_argument(dtype), "trust_remote_code": trust_remote_code, **kwargs}
     if attn_implementation is not None:
         extra["attn_implementation"] = attn_implementation
+    load_in_4bit, double_quant, compute_dtype = quantize
+    if load_in_4bit:  # quantised as loaded, straight onto the device
+        extra["quantization_config"] = quantization_config(double_quant, compute_dtype, device)
+        extra["device_map"] = {"": torch.device(device or "cpu")}
     return extra
+
+
+def _place(model: nn.Module, device, quantized: bool) -> nn.Module:
+    if device is not None and not quantized:  # a quantised model was loaded onto its device
+        model.to(device)
+    return model
 
 
 def load_tokenizer(name_or_path: str = TINY, trust_remote_code: bool = False, **kwargs):
@@ -108,23 +174,27 @@ def load_policy(
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    load_in_4bit: bool = False,
+    double_quant: bool = False,
+    compute_dtype=None,
     **kwargs,
 ):
     """A causal LM and its tokenizer: ``(AutoModelForCausalLM.from_pretrained(...), load_tokenizer(...))``.
 
-    Extra keyword arguments go to ``from_pretrained`` (e.g. ``quantization_config``, ``revision``).
-    The model's ``config.pad_token_id`` is set to the tokenizer's when the checkpoint has none.
+    ``load_in_4bit`` quantises the body to nf4 while loading (:func:`quantization_config`: ``double_quant``,
+    ``compute_dtype``), the LM head kept in ``dtype``. Extra keyword arguments go to ``from_pretrained``
+    (e.g. ``revision``). The model's ``config.pad_token_id`` is set to the tokenizer's when the checkpoint
+    has none.
     """
     path = resolve_model(name_or_path)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    quantize = (load_in_4bit, double_quant, compute_dtype)
     model = AutoModelForCausalLM.from_pretrained(
-        path, **_pretrained_kwargs(dtype, trust_remote_code, attn_implementation, kwargs)
+        path, **_pretrained_kwargs(dtype, trust_remote_code, attn_implementation, kwargs, quantize, device)
     )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    if device is not None:
-        model.to(device)
-    return model, tokenizer
+    return _place(model, device, load_in_4bit), tokenizer
 
 
 def load_reward_model(
@@ -133,24 +203,31 @@ def load_reward_model(
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    load_in_4bit: bool = False,
+    double_quant: bool = False,
+    compute_dtype=None,
     **kwargs,
 ):
     """A one-output sequence classifier and its tokenizer, for reward modelling.
 
     Loaded with ``AutoModelForSequenceClassification(num_labels=1)``: a reward-model checkpoint keeps its
     score head; a causal-LM checkpoint (``"tiny"`` included) gets a freshly initialised ``score`` head
-    (transformers logs which weights are new). ``config.pad_token_id`` is set to the tokenizer's pad id, so
-    the model's own forward scores the last non-pad token; prefer ``sequence_scores``, which uses the mask.
+    (transformers logs which weights are new). The score head is float32 whatever ``dtype`` is, and is never
+    quantised (``load_in_4bit``, as in :func:`load_policy`). ``config.pad_token_id`` is set to the tokenizer's
+    pad id, so the model's own forward scores the last non-pad token; prefer ``sequence_scores``, which uses
+    the mask and casts the hidden state to the head's dtype.
     """
     path = resolve_model(name_or_path)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    quantize = (load_in_4bit, double_quant, compute_dtype)
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, **_pretrained_kwargs(dtype, trust_remote_code, attn_implementation, kwargs)
+        path,
+        num_labels=1,
+        **_pretrained_kwargs(dtype, trust_remote_code, attn_implementation, kwargs, quantize, device),
     )
     model.config.pad_token_id = tokenizer.pad_token_id
-    if device is not None:
-        model.to(device)
-    return model, tokenizer
+    model.score.float()
+    return _place(model, device, load_in_4bit), tokenizer
 
 
 def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -163,7 +240,7 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         attention_mask: [B, T], 1 on real tokens.
 
     Returns:
-        [B] scores (the model's dtype), differentiable.
+        [B] scores (the head's dtype, float32 from ``load_reward_model``), differentiable.
     """
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
         raise ValueError(
@@ -177,7 +254,7 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
     last = last_valid_index(attention_mask)  # [B]
     last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, H]
-    return model.score(last_hidden).squeeze(-1)  # [B]
+    return model.score(last_hidden.to(model.score.weight.dtype)).squeeze(-1)  # [B]
 
 
 class ValueModel(nn.Module):
@@ -185,7 +262,8 @@ class ValueModel(nn.Module):
 
     ``values = head(backbone(input_ids).last_hidden_state)``, shape [B, T]: position t holds the value of
     the state "prompt and completion up to and including token t". The head is ``Linear(hidden, 1)``
-    initialised to zero, so every value starts at 0 and the first advantages are the rewards themselves.
+    initialised to zero, so every value starts at 0 and the first advantages are the rewards themselves. The
+    head is float32 whatever the backbone's dtype (the hidden state is cast to it).
 
     Saving: ``save_pretrained(path)`` writes the backbone with its own ``save_pretrained`` (so
     ``AutoModel.from_pretrained(path)`` loads it) and the head to ``path/value_head.safetensors``
@@ -208,20 +286,23 @@ class ValueModel(nn.Module):
         device: str | torch.device | None = None,
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
+        load_in_4bit: bool = False,
+        double_quant: bool = False,
+        compute_dtype=None,
         **kwargs,
     ) -> "ValueModel":
         path = resolve_model(name_or_path)
+        quantize = (load_in_4bit, double_quant, compute_dtype)
         backbone = AutoModel.from_pretrained(
-            path, **_pretrained_kwargs(dtype, trust_remote_code, attn_implementation, kwargs)
+            path, **_pretrained_kwargs(dtype, trust_remote_code, attn_implementation, kwargs, quantize, device)
         )
         model = cls(backbone, backbone.config.get_text_config().hidden_size)
-        model.value_head.to(dtype=next(backbone.parameters()).dtype)
         head_file = os.path.join(path, VALUE_HEAD_FILE)
         if os.path.isfile(head_file):
             model.value_head.load_state_dict(load_file(head_file))
         if device is not None:
-            model.to(device)
-        return model
+            model.value_head.to(device)
+        return model.to(device) if device is not None and not load_in_4bit else model
 
     def save_pretrained(self, path: str) -> None:
         self.backbone.save_pretrained(path)
@@ -235,7 +316,7 @@ class ValueModel(nn.Module):
         hidden = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
         ).last_hidden_state  # [B, T, H]
-        return self.value_head(hidden).squeeze(-1)  # [B, T]
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)  # [B, T]
 
 
 def completion_values(
@@ -253,6 +334,62 @@ def completion_values(
 
 
 # ----------------------------------------------------------------------------------------------------------
+# memory: gradient checkpointing, parameter counts
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
+    """Recompute each transformer layer's activations in the backward pass instead of keeping them, in place.
+
+    Activation memory falls from every intermediate of every layer to one ``[B, T, H]`` input per layer,
+    for one more forward pass of compute (Chen et al. 2016, https://arxiv.org/abs/1604.06174). Applied
+    to every transformers model inside ``model`` (a causal LM, a reward model, a ``ValueModel``'s backbone)
+    with non-reentrant checkpointing (``torch.utils.checkpoint(use_reentrant=False)``), which needs no input
+    that requires grad: it works with a frozen base, LoRA adapters and a 4-bit base. transformers
+    checkpoints only in training mode; reference and evaluation passes (no gradient) are unchanged.
+    Gradients are those of the plain model (the same operations run again on the same inputs).
+    """
+    from transformers import PreTrainedModel
+
+    found = [m for m in model.modules() if isinstance(m, PreTrainedModel) and m.supports_gradient_checkpointing]
+    if not found:
+        raise ValueError(f"{type(model).__name__} holds no transformers model that supports gradient checkpointing")
+    for module in found:
+        module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def parameter_counts(*modules: nn.Module) -> tuple[int, int]:
+    """(trainable, total) numbers of parameters of the modules together, each shared tensor counted once.
+
+    A 4-bit weight counts its logical size (``quant_state.shape``), not its packed bytes.
+    """
+    seen, trainable, total = set(), 0, 0
+    for module in modules:
+        for parameter in module.parameters():
+            if id(parameter) in seen:
+                continue
+            seen.add(id(parameter))
+            quant_state = getattr(parameter, "quant_state", None)
+            count = quant_state.shape.numel() if quant_state is not None else parameter.numel()
+            total += count
+            trainable += count if parameter.requires_grad else 0
+    return trainable, total
+
+
+def describe_parameters(*modules: nn.Module) -> str:
+    """One line: ``parameters: 1.05M trainable of 997.1K total (100.00%)``."""
+    trainable, total = parameter_counts(*modules)
+
+    def short(n: int) -> str:
+        for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+            if n >= size:
+                return f"{n / size:.2f}{unit}"
+        return str(n)
+
+    return f"parameters: {short(trainable)} trainable of {short(total)} total ({100 * trainable / max(1, total):.2f}%)"
+
+
+# ----------------------------------------------------------------------------------------------------------
 # log-probabilities of tokens under a causal LM
 
 
@@ -260,6 +397,100 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """[B, L] positions that count real tokens only: left padding does not shift them (as in generation);
     for right padding they equal ``arange(L)`` on the real tokens."""
     return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` (``.module``) and ``torch.compile`` (``._orig_mod``)."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def chunked_head_supported(model: nn.Module) -> bool:
+    """Whether :func:`position_logprobs` can score ``model`` from its hidden states: a transformers causal LM
+    whose output layer is a plain ``nn.Linear`` and whose logits are not rescaled after it (no
+    ``final_logit_softcapping`` or ``logit_scale``). Others take the full-logits path."""
+    from transformers import PreTrainedModel
+
+    inner = _unwrapped(model)
+    if not isinstance(inner, PreTrainedModel) or not hasattr(inner, "get_decoder"):
+        return False
+    head, text_config = inner.get_output_embeddings(), inner.config.get_text_config()
+    rescaled = getattr(text_config, "final_logit_softcapping", None) or getattr(text_config, "logit_scale", None)
+    return type(head) is nn.Linear and not rescaled and inner.get_decoder() is not None
+
+
+def position_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    *,
+    positions: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    with_argmax: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Log-probs of ``targets`` at chosen positions, from the body's hidden states and a chunked LM head.
+
+        logp_n = log softmax(W h[row_n, col_n] / temperature)[target_n]        (W: the LM head, [V, H])
+
+    Contract with wrappers (DDP, FSDP2, ``torch.compile``): ``model(...)``, the top-level module as given, is
+    called once, so its forward hooks run as for any forward pass, with ``logits_to_keep`` an empty index:
+    its LM head runs on no position. The decoder's final hidden states ``[B, L, H]`` are read by a forward hook
+    on the unwrapped model's ``get_decoder()``; the selected ``[N, H]`` go through ``chunked_logprobs`` with the
+    LM head's weight, so no ``[B, L, V]`` (nor ``[N, V]``) logits exist in the forward or the backward pass.
+    The LM head's gradient reaches its weight (tied embeddings included) as in the plain forward. Needs
+    :func:`chunked_head_supported`.
+
+    Args:
+        input_ids: [B, L]; attention_mask: [B, L] or None; position_ids: [B, L] or None (as the model takes).
+        positions: [N, 2] (row, column) of the hidden states that score the targets (column t predicts t + 1).
+        targets: [N] token ids.
+        chunk_size: positions per LM-head chunk.
+        with_entropy, with_argmax: also return, detached, the entropy [N] and whether the target is the
+            argmax [N] (one more LM-head pass per chunk, without gradient).
+
+    Returns:
+        (logp [N] float32 with gradient, {"entropy": [N], "argmax": [N] bool} as asked).
+    """
+    if not chunked_head_supported(model):
+        raise ValueError(f"{type(_unwrapped(model)).__name__} cannot be scored from hidden states; use chunk_size=0")
+    inner = _unwrapped(model)
+    captured: list[torch.Tensor] = []
+    hook = inner.get_decoder().register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    try:
+        model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device),
+            use_cache=False,
+        )
+    finally:
+        hook.remove()
+    head = inner.get_output_embeddings()
+    rows, columns = positions.unbind(1)  # [N] each
+    hidden = captured[0][rows, columns].to(head.weight.dtype)  # [N, H]
+    logp = chunked_logprobs(hidden, head.weight, targets, chunk_size, temperature, head.bias)  # [N]
+    extras: dict[str, torch.Tensor] = {}
+    if with_entropy or with_argmax:
+        with torch.no_grad():
+            parts = [
+                (entropy_from_logits(logits, temperature), logits.argmax(-1))
+                for logits in (head(chunk) for chunk in hidden.detach().split(chunk_size))
+            ]  # each chunk's [n, V] logits are freed before the next chunk's
+            if with_entropy:
+                extras["entropy"] = torch.cat([entropy for entropy, _ in parts])
+            if with_argmax:
+                extras["argmax"] = torch.cat([argmax for _, argmax in parts]) == targets
+    return logp, extras
 
 
 def token_logprobs(
@@ -270,18 +501,23 @@ def token_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     entropy_grad: bool = False,
+    chunk_size: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs of the next tokens of a batch (and, on request, their entropies).
 
         logp[b, t] = log softmax(logits(input_ids_b[: t + 1]) / temperature)[input_ids_b[t + 1]]
 
     for t over the last ``last`` positions that predict a token (all T - 1 of them when ``last`` is None).
-    One forward pass; only the last ``last + 1`` positions go through the LM head (``logits_to_keep``).
-    Position ids count real tokens (:func:`position_ids_from_mask`), so left- and right-padded rows give
-    the log-probs the model gave during generation.
+    One forward pass. With ``chunk_size > 0`` (and a model :func:`chunked_head_supported`) the LM head is
+    applied chunk-wise to the hidden states of those positions (:func:`position_logprobs`): no ``[B, n, V]``
+    logits anywhere. With ``chunk_size=0`` the model's own forward computes the logits of the last
+    ``last + 1`` positions (``logits_to_keep``) and ``gather_logprobs`` reads them. Both paths call the
+    top-level ``model`` once. Position ids count real tokens (:func:`position_ids_from_mask`), so left- and
+    right-padded rows give the log-probs the model gave during generation.
 
     Args:
-        model: a causal LM (``model(input_ids, attention_mask, position_ids, logits_to_keep)``).
+        model: a causal LM (``model(input_ids, attention_mask, position_ids, logits_to_keep)``), or a wrapper
+            of one (DDP, ``torch.compile``).
         input_ids, attention_mask: [B, L] ids and 1-on-real-token mask.
         last: how many of the final tokens to score (the completion length T of a left-padded prompt
             followed by a T-column completion), or None for every token after the first.
@@ -289,6 +525,8 @@ def token_logprobs(
         with_entropy: also return the per-token entropy, computed without gradient (a metric).
         entropy_grad: give the entropy its gradient (an entropy bonus in the loss); autograd then keeps
             a softmax of the scored positions, [B, n, V] floats.
+        chunk_size: positions per LM-head chunk; 0 = the full-logits path (also taken with ``entropy_grad``,
+            whose gradient needs the softmax of every scored position).
 
     Returns:
         (logp [B, n] float32 with the model's gradient, entropy [B, n] (detached unless entropy_grad) or None), n = ``last`` or
@@ -304,10 +542,28 @@ def token_logprobs(
         raise ValueError(
             f"last must be in [1, {input_ids.shape[1] - 1}] (a token precedes the scored ones), got {last}"
         )
+    position_ids = position_ids_from_mask(attention_mask)
+    if chunk_size and not (with_entropy and entropy_grad) and chunked_head_supported(model):
+        batch, length = input_ids.shape
+        rows = torch.arange(batch, device=input_ids.device).repeat_interleave(n)  # [B*n]
+        columns = torch.arange(length - n - 1, length - 1, device=input_ids.device).repeat(batch)  # [B*n]
+        logp, extras = position_logprobs(
+            model,
+            input_ids,
+            attention_mask,
+            position_ids,
+            positions=torch.stack([rows, columns], dim=1),
+            targets=input_ids[:, -n:].reshape(-1),
+            chunk_size=chunk_size,
+            temperature=temperature,
+            with_entropy=with_entropy,
+        )
+        entropy = extras["entropy"].view(batch, n) if with_entropy else None
+        return logp.view(batch, n), entropy
     logits = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
+        position_ids=position_ids,
         logits_to_keep=n + 1,
         use_cache=False,
     ).logits[:, :-1]  # [B, n, V]: column j predicts token L - n + j
@@ -326,6 +582,7 @@ def sequence_logprobs(
     completion_mask: torch.Tensor,
     average: bool = False,
     temperature: float = 1.0,
+    chunk_size: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the completions of a batch: summed (or averaged) over their tokens, and per token.
 
@@ -337,11 +594,14 @@ def sequence_logprobs(
             for a right-padded ``collate_preference`` batch (its ``completion_mask[:, 1:]``), n = T for a
             left-padded prompt followed by a T-column completion (``Rollout.completion_mask``).
         average: divide by the completion's token count (IPO's length-averaged log-probs).
+        chunk_size: LM-head chunk of :func:`token_logprobs` (0 = full logits).
 
     Returns:
         ([B] sequence log-probs, [B, n] per-token log-probs, zero outside the completion), with gradient.
     """
-    logp, _ = token_logprobs(model, input_ids, attention_mask, last=completion_mask.shape[1], temperature=temperature)
+    logp, _ = token_logprobs(
+        model, input_ids, attention_mask, last=completion_mask.shape[1], temperature=temperature, chunk_size=chunk_size
+    )
     token_logp = logp * completion_mask  # [B, n]
     summed = token_logp.sum(dim=1)  # [B]
     return (summed / completion_mask.sum(dim=1).clamp(min=1) if average else summed), token_logp

@@ -24,6 +24,12 @@ import torch
 from rlcore import distributed
 
 SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+_BITSANDBYTES_OPTIMIZERS = {
+    "adamw_8bit": "AdamW8bit",
+    "paged_adamw_8bit": "PagedAdamW8bit",
+    "paged_adamw_32bit": "PagedAdamW32bit",
+}
 
 
 def build_optimizer(
@@ -33,8 +39,17 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     extra_groups: Sequence[dict] = (),
-) -> torch.optim.AdamW:
+    kind: str = "adamw",
+) -> torch.optim.Optimizer:
     """AdamW (Loshchilov & Hutter 2019, https://arxiv.org/abs/1711.05101) over the trainable parameters.
+
+    ``kind`` picks the implementation (``OPTIMIZERS``): ``adamw`` is torch's (moments in the parameters'
+    dtype); the others are bitsandbytes': ``adamw_8bit`` keeps both moments in 8 bits with one scale per
+    block of 256 values (Dettmers et al. 2022, https://arxiv.org/abs/2110.02861; tensors under 4096
+    elements stay 32-bit), 2 bytes per parameter instead of 8; ``paged_adamw_8bit`` and ``paged_adamw_32bit``
+    put the state in CUDA unified memory, which the driver pages to host RAM when the GPU runs short. On
+    CPU bitsandbytes 0.50 runs the 8-bit update and falls back to ordinary (unpaged) state for the paged
+    ones, with a warning. All four save and resume through ``state_dict``.
 
     Weight decay applies to parameters with 2 or more dimensions (matrices, embeddings); biases and norm
     scales (1-d) are not decayed. Frozen parameters (``requires_grad=False``, e.g. a LoRA base) are left out.
@@ -50,6 +65,12 @@ def build_optimizer(
     not_decayed = [p for _, p in trainable if p.ndim < 2]
     groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": not_decayed, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]] + [dict(group) for group in extra_groups]
+    if kind in _BITSANDBYTES_OPTIMIZERS:
+        import bitsandbytes as bnb  # only runs that ask for it pay its import
+
+        return getattr(bnb.optim, _BITSANDBYTES_OPTIMIZERS[kind])(groups, lr=lr, betas=betas, eps=eps)
+    if kind != "adamw":
+        raise ValueError(f"unknown optimizer {kind!r}; expected one of {OPTIMIZERS}")
     fused = all(p.is_cuda for group in groups for p in group["params"])
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
@@ -150,7 +171,7 @@ def from_flags(
     num_rows: int | None = None,
     rows_per_step: int | None = None,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """(AdamW, schedule) as a recipe's flags say: ``--lr --weight_decay --adam_beta1 --adam_beta2`` and
+    """(AdamW, schedule) as a recipe's flags say: ``--optim --lr --weight_decay --adam_beta1 --adam_beta2`` and
     ``--warmup_steps --lr_schedule --min_lr_ratio``, the schedule laid out over ``--max_steps`` steps of
     ``updates_per_step`` optimizer updates each (GRPO's ``--num_iterations``, PPO's epochs x mini-batches).
 
@@ -166,7 +187,9 @@ def from_flags(
         )
     total_steps = config.max_steps * updates_per_step
     betas = (config.adam_beta1, config.adam_beta2)
-    optimizer = build_optimizer(model, config.lr, config.weight_decay, betas, extra_groups=extra_groups)
+    optimizer = build_optimizer(
+        model, config.lr, config.weight_decay, betas, extra_groups=extra_groups, kind=config.optim
+    )
     scheduler = build_scheduler(
         optimizer,
         warmup_steps=config.warmup_steps or math.ceil(getattr(config, "warmup_ratio", 0.0) * total_steps),

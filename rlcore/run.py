@@ -71,6 +71,7 @@ from rlcore.checkpoint import (
     save_final_model,
 )
 from rlcore.config import save_config
+from rlcore.models import describe_parameters
 from rlcore.runtime import timed
 from rlcore.tracking import Tracker, read_metrics
 
@@ -139,6 +140,7 @@ class Run:
         self._evaluate, self._save_extra, self.extra_modules = evaluate, save_extra, extra_modules
         self.guard = guard if guard is not None else guards.supervised(config)
         self.device = next(model.parameters()).device
+        print(describe_parameters(model, *(extra_modules or {}).values()))
         self.step, self.training_seconds = 0, 0.0
         self.run_id, self.changed_on_resume = uuid.uuid4().hex, {}
         if distributed.is_main():  # torchrun: one process checks and clears the directory, the others wait

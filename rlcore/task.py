@@ -26,7 +26,13 @@ from rlcore.config import ONLINE_WARM_START_FLAGS, OnlineConfig, TrainConfig
 from rlcore.data import PROMPT_FORMATS, load_checked_rows, load_eval_rows, tokenize_prompts
 from rlcore.evaluation import greedy_metric, sampled_pass_at_k, sampled_rewards
 from rlcore.lora import prepare_model
-from rlcore.models import eos_token_ids, load_policy, load_tokenizer
+from rlcore.models import (
+    enable_gradient_checkpointing,
+    eos_token_ids,
+    load_options,
+    load_policy,
+    load_tokenizer,
+)
 from rlcore.rewards import RewardFunction, RewardScorer, build_reward_scorer, check_reward_columns, resolve_metric
 
 Metric = tuple[str, RewardFunction]  # (name, function)
@@ -89,8 +95,9 @@ def load_start_policy(
 
     The policy starts from ``--model``; with ``--model tiny`` and ``--warm_start_steps N > 0`` from the toy
     task's SFT warm start, ``sft_script`` run once for N steps and cached (``rlcore.toy.warm_start``: the
-    untrained tiny model never earns a reward). It is made what the flags train (full fine-tuning, LoRA or
-    QLoRA: ``rlcore.lora.prepare_model``), in train mode; ``policy.name_or_path`` is where it started.
+    untrained tiny model never earns a reward). It is loaded as ``--dtype`` (or quantised while loading with
+    ``--load_in_4bit``) and made what the flags train (full fine-tuning, LoRA or QLoRA:
+    ``rlcore.lora.prepare_model``; ``--gradient_checkpointing``), in train mode; ``policy.name_or_path`` is where it started.
     ``sampling`` holds the keyword arguments of ``rlcore.rollout.generate`` the flags set (length, stop and
     pad tokens, temperature, top-k, top-p).
     """
@@ -101,10 +108,12 @@ def load_start_policy(
         start_model = warm_start(
             config.model, config.warm_start_steps, config.seed, sft_script, ONLINE_WARM_START_FLAGS
         )
-    policy, tokenizer = load_policy(start_model, device=device)
+    policy, tokenizer = load_policy(start_model, device=device, **load_options(config))
     policy = prepare_model(
         policy, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.load_in_4bit
     )
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
     sampling = {
         "max_new_tokens": config.max_new_tokens,
         "eos_token_ids": eos_token_ids(tokenizer, policy.generation_config),

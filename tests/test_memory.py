@@ -1,0 +1,319 @@
+"""Memory at scale: gradient checkpointing, weight dtypes, 4-bit loading, bitsandbytes optimizers, the chunked
+LM head, parameter counts."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import load_recipe, tiny_cache  # noqa: F401 (tiny_cache: an autouse fixture)
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from rlcore import lora, models
+from rlcore.config import TrainConfig
+from rlcore.tracking import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_RUN = ["--num_train_rows", "64", "--num_eval_rows", "16", "--max_seconds", "none", "--logging_steps", "1"]
+
+
+def batch(seed: int = 0, rows: int = 3, length: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, length] ids with the first row left-padded by 3 tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, 101, (rows, length), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :3] = 0
+    return input_ids, attention_mask
+
+
+def gradients(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+
+
+# ---------------------------------------------------------------- gradient checkpointing
+
+
+def policy_loss_gradients(model, input_ids, attention_mask) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    logp, _ = models.token_logprobs(model, input_ids, attention_mask, last=6, chunk_size=0)  # [B, 6]
+    (logp * torch.linspace(-1, 1, 6)).sum().backward()
+    return gradients(model)
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_gradient_checkpointing_gives_the_same_policy_gradients(lora_r):
+    input_ids, attention_mask = batch()
+    model, _ = models.load_policy("tiny")
+    model = lora.prepare_model(model, lora_r=lora_r, lora_dropout=0.0).train()
+    if lora_r:  # B = 0 at the start would leave A without a gradient: move B off zero
+        torch.manual_seed(0)
+        for parameter in lora.lora_parameters(model)[1::2]:
+            parameter.data.normal_(std=0.02)
+    plain = policy_loss_gradients(model, input_ids, attention_mask)
+    models.enable_gradient_checkpointing(model)
+    assert model.model.gradient_checkpointing
+    checkpointed = policy_loss_gradients(model, input_ids, attention_mask)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 0
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_gradient_checkpointing_gives_the_same_value_and_reward_gradients():
+    input_ids, attention_mask = batch(seed=1)
+    value_model = models.ValueModel.from_pretrained("tiny").train()
+    torch.nn.init.normal_(value_model.value_head.weight, std=0.1)  # a zero head passes no gradient to the body
+    reward_model, _ = models.load_reward_model("tiny")
+    reward_model.train()
+
+    def value_gradients():
+        value_model.zero_grad(set_to_none=True)
+        models.completion_values(value_model, input_ids, attention_mask, 5).square().sum().backward()
+        return gradients(value_model)
+
+    def reward_gradients():
+        reward_model.zero_grad(set_to_none=True)
+        models.sequence_scores(reward_model, input_ids, attention_mask).square().sum().backward()
+        return gradients(reward_model)
+
+    plain_value, plain_reward = value_gradients(), reward_gradients()
+    models.enable_gradient_checkpointing(value_model)
+    models.enable_gradient_checkpointing(reward_model)
+    for plain, checkpointed in ((plain_value, value_gradients()), (plain_reward, reward_gradients())):
+        assert plain.keys() == checkpointed.keys() and len(plain) > 10
+        for name in plain:
+            torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_gradient_checkpointing_with_a_4bit_lora_base():
+    pytest.importorskip("bitsandbytes")
+    input_ids, attention_mask = batch(seed=2)
+    model, _ = models.load_policy("tiny", load_in_4bit=True)
+    model = lora.prepare_model(model, lora_r=4, load_in_4bit=True).train()
+    torch.manual_seed(0)
+    for parameter in lora.lora_parameters(model)[1::2]:
+        parameter.data.normal_(std=0.02)
+    plain = policy_loss_gradients(model, input_ids, attention_mask)
+    models.enable_gradient_checkpointing(model)
+    checkpointed = policy_loss_gradients(model, input_ids, attention_mask)
+    assert plain.keys() == {f"{n}" for n, p in model.named_parameters() if p.requires_grad}
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------- the chunked LM head
+
+
+class CountingWrapper(torch.nn.Module):
+    """Stands for DDP: forwards to the model; counts its own forward calls."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module, self.calls = module, 0
+
+    def forward(self, **kwargs):
+        self.calls += 1
+        return self.module(**kwargs)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_log_probs_equal_the_full_logits_path(temperature):
+    """Same log-probs, entropies and gradients from both paths; the chunked one calls the top-level forward."""
+    input_ids, attention_mask = batch(seed=3, rows=4, length=14)
+    model, _ = models.load_policy("tiny")
+    model.train()
+
+    def run(forward, chunk_size):
+        model.zero_grad(set_to_none=True)
+        logp, entropy = models.token_logprobs(
+            forward, input_ids, attention_mask, 7, temperature, with_entropy=True, chunk_size=chunk_size
+        )
+        (logp * torch.linspace(-1, 2, 7)).sum().backward()
+        return logp.detach(), entropy, gradients(model)
+
+    full = run(model, 0)
+    wrapper = CountingWrapper(model)
+    chunked = run(wrapper, 5)  # 28 positions in chunks of 5: a partial last chunk
+    assert wrapper.calls == 1  # through the wrapper's forward, once
+    torch.testing.assert_close(chunked[0], full[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(chunked[1], full[1], rtol=0, atol=1e-5)
+    for name in full[2]:  # tied embeddings: the head's gradient and the embedding's arrive in one tensor
+        torch.testing.assert_close(chunked[2][name], full[2][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_chunked_path_never_builds_full_logits():
+    """The LM head module runs on zero positions: its output is [B, 0, V]."""
+    input_ids, attention_mask = batch(seed=4)
+    model, _ = models.load_policy("tiny")
+    shapes = []
+    model.lm_head.register_forward_hook(lambda module, args, output: shapes.append(tuple(output.shape)))
+    models.sequence_logprobs(model, input_ids, attention_mask, torch.ones(3, 11), chunk_size=4)
+    assert shapes == [(3, 0, 101)]
+
+
+# ---------------------------------------------------------------- dtype and 4-bit loading
+
+
+def test_dtype_policy_keeps_heads_and_adapters_in_float32():
+    policy, _ = models.load_policy("tiny", dtype="bfloat16")
+    policy = lora.prepare_model(policy, lora_r=4)
+    assert policy.model.layers[0].mlp.up_proj.base.weight.dtype == torch.bfloat16
+    assert policy.model.layers[0].mlp.up_proj.lora_A.dtype == torch.float32
+    reward_model, _ = models.load_reward_model("tiny", dtype="bfloat16")
+    value_model = models.ValueModel.from_pretrained("tiny", dtype="bfloat16")
+    assert reward_model.score.weight.dtype == value_model.value_head.weight.dtype == torch.float32
+    input_ids, attention_mask = batch(seed=5)
+    assert models.sequence_scores(reward_model, input_ids, attention_mask).dtype == torch.float32
+    assert models.completion_values(value_model, input_ids, attention_mask, 4).dtype == torch.float32
+    logp, _ = models.token_logprobs(policy, input_ids, attention_mask, 4)
+    assert logp.dtype == torch.float32 and logp.isfinite().all()
+
+
+def test_config_refuses_float16_full_fine_tuning_and_unknown_values():
+    with pytest.raises(ValueError, match="float16"):
+        TrainConfig(dtype="float16")
+    TrainConfig(dtype="float16", lora_r=8)
+    with pytest.raises(ValueError, match="--optim"):
+        TrainConfig(optim="sgd")
+    with pytest.raises(ValueError, match="--load_in_4bit"):
+        TrainConfig(bnb_double_quant=True)
+
+
+def test_4bit_loading_quantises_the_body_and_keeps_the_heads():
+    bnb = pytest.importorskip("bitsandbytes")
+    policy, _ = models.load_policy("tiny", load_in_4bit=True, double_quant=True)
+    reward_model, _ = models.load_reward_model("tiny", load_in_4bit=True)
+    value_model = models.ValueModel.from_pretrained("tiny", load_in_4bit=True)
+    for model in (policy, reward_model, value_model):
+        assert isinstance(model.get_submodule(_body_prefix(model) + "layers.0.mlp.up_proj"), bnb.nn.Linear4bit)
+    assert type(policy.lm_head) is torch.nn.Linear and type(reward_model.score) is torch.nn.Linear
+    assert reward_model.score.weight.dtype == torch.float32
+    # a 4-bit weight counts its logical size, so the total is the float model's (997,120); still trainable until
+    # prepare_model freezes the base: the embeddings 101 x 128 = 12,928 and 9 norms x 128 = 1,152 -> 14,080
+    assert models.parameter_counts(policy) == (14_080, 997_120)
+
+
+def _body_prefix(model) -> str:
+    return "backbone." if isinstance(model, models.ValueModel) else "model."
+
+
+def test_parameter_counts_by_hand():
+    """LoRA r=8 on q,k,v,o,gate,up,down of the tiny model (hidden 128, 2 kv heads of 32, MLP 512, 4 layers):
+    r * (in + out) per layer: q, o 8 * 256; k, v 8 * 192; gate, up, down 8 * 640 -> 22,528 x 4 = 90,112."""
+    model, _ = models.load_policy("tiny")
+    assert models.parameter_counts(model) == (997_120, 997_120)
+    lora.prepare_model(model, lora_r=8)
+    assert models.parameter_counts(model) == (90_112, 997_120 + 90_112)
+    assert models.describe_parameters(model) == "parameters: 90.11K trainable of 1.09M total (8.29%)"
+
+
+def test_qlora_reward_model_trains_saves_and_exports(tmp_path, capsys):
+    """The reward model with --lora_r 8 --load_in_4bit (the score head used to be quantised, then asked to
+    require grad): it trains, and the merged export scores as the trained 4-bit model does."""
+    pytest.importorskip("bitsandbytes")
+    main = load_recipe("reward_model").main
+    flags = ["--lora_r", "8", "--load_in_4bit", "--bnb_double_quant", "--gradient_checkpointing"]
+    results = main(
+        ["--output_dir", str(tmp_path), "--warm_start_steps", "0", "--max_steps", "4", "--batch_size", "8"]
+        + ["--lr", "1e-2", "--eval_steps", "0", *SMALL_RUN, *flags]
+    )
+    assert "parameters: 90.24K trainable of 1.09M total" in capsys.readouterr().out  # adapters + the score head
+    assert "eval/accuracy" in results
+    assert json.loads((tmp_path / "config.json").read_text()).get("quantization_config") is None
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    assert not any(p.dtype == torch.uint8 for p in exported.parameters())
+    # the adapter checkpoint, reloaded onto a 4-bit base, scores as the exported float model
+    trained, _ = models.load_reward_model("tiny", load_in_4bit=True, double_quant=True)
+    trained = lora.load_adapter(lora.prepare_model(trained, 0), str(tmp_path / "adapter"))
+    trained.score.load_state_dict({"weight": exported.score.weight})
+    input_ids, attention_mask = batch(seed=6)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            models.sequence_scores(exported, input_ids, attention_mask),
+            models.sequence_scores(trained, input_ids, attention_mask),
+            rtol=0,
+            atol=1e-4,
+        )
+
+
+# ---------------------------------------------------------------- optimizers
+
+
+def tensor_dtypes(value) -> set[torch.dtype]:
+    """The dtypes of every tensor inside nested dicts, lists and tuples (bitsandbytes nests its state)."""
+    if torch.is_tensor(value):
+        return {value.dtype}
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return set().union(*map(tensor_dtypes, items))
+
+
+@pytest.mark.parametrize("optim", ["adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
+def test_bitsandbytes_optimizers_step_save_and_resume(tmp_path, optim):
+    """SFT in full (the embeddings and MLP matrices have >= 4096 entries: 8-bit state), 6 steps straight vs
+    3 + resume + 3: the same losses and weights."""
+    pytest.importorskip("bitsandbytes")
+    main = load_recipe("sft").main
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ["--max_steps", "6", "--batch_size", "4", "--lr", "1e-3", "--save_steps", "3", "--save_total_limit", "0"]
+    common += ["--eval_split", "none", "--optim", optim, *SMALL_RUN]
+    main(["--output_dir", str(straight), *common])
+    state = torch.load(straight / "checkpoint-3" / "training_state.pt", weights_only=False)["optimizer"]["state"]
+    assert (torch.uint8 in tensor_dtypes(state)) == optim.endswith("8bit")  # the moments, as saved
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
+    shutil.copy(straight / "metrics.jsonl", resumed / "metrics.jsonl")
+    main(["--output_dir", str(resumed), "--resume", *common])
+    losses = [[r["loss"] for r in read_metrics(d / "metrics.jsonl") if "loss" in r] for d in (straight, resumed)]
+    assert len(losses[0]) == 6 and losses[1] == pytest.approx(losses[0], rel=1e-6, abs=1e-7)
+    a = AutoModelForCausalLM.from_pretrained(straight).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(resumed).state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------- peak memory of 4-bit loading
+
+BUILD = """
+import sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+config = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=12,
+                     num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False)
+LlamaForCausalLM(config).save_pretrained(sys.argv[1])
+"""
+
+MEASURE = """
+import json, resource, sys, torch
+from rlcore import models
+model, _ = models.load_policy(sys.argv[1], load_in_4bit=sys.argv[2] == "4bit")
+print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "params": models.parameter_counts(model)[1]}))
+"""
+
+
+@pytest.mark.slow
+def test_4bit_loading_peak_rss_stays_under_the_float_model(tmp_path):
+    """A 0.18B-parameter Llama (0.71 GiB in float32) written to a temporary directory, loaded in a fresh
+    process: with 4-bit quantisation while loading, the peak RSS of the whole process (interpreter, torch,
+    transformers and bitsandbytes included) stays under the size of the float32 weights alone; the float
+    load itself peaks above it."""
+    pytest.importorskip("bitsandbytes")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": "131072"}
+    subprocess.run([sys.executable, "-c", BUILD, str(tmp_path)], check=True, env=env, timeout=600)
+    float_bytes = sum(f.stat().st_size for f in tmp_path.glob("*.safetensors"))
+
+    def peak(mode: str) -> dict:
+        output = subprocess.run(
+            [sys.executable, "-c", MEASURE, str(tmp_path), mode], check=True, env=env, timeout=600, capture_output=True
+        ).stdout
+        return json.loads(output.strip().splitlines()[-1])
+
+    quantized, full = peak("4bit"), peak("float")
+    assert quantized["params"] == full["params"] and full["params"] * 4 == pytest.approx(float_bytes, rel=1e-3)
+    print(
+        f"float32 weights {float_bytes / 2**30:.2f} GiB; peak RSS 4-bit load {quantized['peak'] / 2**30:.2f} GiB, "
+        f"float load {full['peak'] / 2**30:.2f} GiB"
+    )
+    assert quantized["peak"] < float_bytes < full["peak"]
