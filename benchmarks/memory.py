@@ -1,154 +1,424 @@
-"""Peak memory of one DPO training step: full fine-tuning vs LoRA vs QLoRA, in one run.
+"""Peak memory of one optimizer step of SFT, DPO, GRPO and PPO at Qwen2.5-0.5B, 1.5B and 7B shapes, in one run.
 
-The step is what a DPO recipe does: reference forward on chosen + rejected (no gradients), policy forward,
-per-sequence log-probs of the completion tokens, ``rlcore.dpo_loss``, backward, ``AdamW`` step. The model is
-Qwen2.5-0.5B-shaped (hidden 896, 24 layers, 14 query / 2 key-value heads, MLP 4864, vocab 151936, tied
-embeddings; 494M parameters) with random weights, in float32 for every variant:
+Rows: algorithm x shape x variant x gradient checkpointing (off, on). Variants:
 
-- ``full``:  every parameter trained; the reference is a second, frozen copy of the model;
-- ``lora``:  ``prepare_model(lora_r=16)`` on the default projections; the reference is the same model with
-  the adapters off (``reference_context``), so no second copy;
-- ``qlora``: ``prepare_model(lora_r=16, load_in_4bit=True)``: the projections stored in nf4, the
-  embeddings (tied with the LM head) and norms in float32.
+- ``full_fp32``: every parameter trained, float32 weights, torch AdamW (moments float32);
+- ``full_bf16``: every parameter trained, bfloat16 weights, torch AdamW (moments bfloat16: rlcore.models'
+  precision policy);
+- ``lora``:      bfloat16 frozen base, LoRA r=16 on q,k,v,o,gate,up,down (float32 adapters), AdamW;
+- ``qlora``:     nf4 base with double quantisation (compute bfloat16), bfloat16 embeddings, norms and LM
+  head, float32 adapters, ``paged_adamw_8bit``.
 
-Each variant runs in its own subprocess so that the peaks do not mix. On CPU the figure is the process's
-peak resident set size over its whole life (``resource.getrusage(...).ru_maxrss``: interpreter, model
-construction in float32, quantisation, the step), nothing subtracted. glibc's malloc raises its mmap
-threshold (up to 32 MiB) each time a large block is freed, after which freed blocks stay in its heap and
-RSS counts memory the program no longer uses; so each subprocess runs with the threshold fixed at 128 KiB
-(``MALLOC_MMAP_THRESHOLD_=131072``) and RSS follows live memory (``--malloc_defaults`` to keep glibc's
-behaviour). On CUDA the figure is ``torch.cuda.max_memory_allocated`` from the end of setup (weights,
-adapters already resident) through the step.
+One step, batch 1 (SFT: one sequence; DPO: one pair; GRPO: a group of 2 completions; PPO: one sequence),
+each sequence ``--seq_len`` tokens, half prompt, half completion; no generation (sampling is not part of
+the optimizer step). What each step holds, as the recipes do:
 
-Run from the repository root with rlcore installed (``pip install -e .``); full fine-tuning of 0.5B in
-float32 with AdamW needs about 11 GB of RAM:
+- SFT: the policy; loss = token-mean NLL of the completion;
+- DPO: the policy and the reference (a frozen copy for full fine-tuning, the adapters switched off with LoRA);
+- GRPO: the policy and the reference as in DPO; clipped surrogate + k3 KL (beta 0.04);
+- PPO: the policy, the reference (as in DPO), a value model (``ValueModel``: full variants, a second
+  backbone trained in full; LoRA variants, a value head on the policy's own trunk, the one-base layout of
+  recipes/ppo.py ``--value_on_policy``) and a reward model (a separate frozen sequence classifier of the
+  variant's base dtype, 4-bit for qlora: rlcore has no multi-adapter reward model yet, so LoRA PPO holds two
+  bases: the policy's and the reward model's).
 
-    python benchmarks/memory.py                       # CPU, 2 pairs x 64 tokens
-    python benchmarks/memory.py --device cuda --pairs 8 --seq_len 512
+Log-probs come from the body's hidden states through the chunked LM head (``rlcore.models.token_logprobs``,
+256 positions per chunk): no ``[B, T, V]`` logits. Weights are random, built one decoder layer at a time
+from the meta device (``build``): a qlora model never holds more than one layer in bfloat16, a bf16 model
+never a float32 copy.
+
+Each row runs in its own subprocess. On CPU the figure is the subprocess's peak RSS (``ru_maxrss``:
+interpreter, libraries, model construction and the step, nothing subtracted), with glibc's mmap threshold
+fixed (``MALLOC_MMAP_THRESHOLD_=131072``) so RSS follows live memory. On CUDA it is
+``torch.cuda.max_memory_allocated`` over the step, after the models are built. Before running a row the
+script estimates its peak (``estimate``: weights, gradients, optimizer state, activations, the LM-head
+chunks; printed beside every row): rows whose estimate exceeds ``--budget_gib`` print "does not fit", and
+rows left out by ``--only`` print "not run"; both with the estimate.
+
+    python benchmarks/memory.py --only 0.5B                # CPU, sequence 512, every 0.5B row
+    python benchmarks/memory.py --only dpo:7B:qlora --seq_len 128
+    python benchmarks/memory.py --device cuda --budget_gib 130    # every row, on one GPU
+
+``--logprob_part`` measures instead the log-prob part of a GRPO step at the 0.5B shape (8 completions x 512
+tokens, vocabulary 151,936): the naive ``[B, T, V]`` logits path against the chunked LM head.
 """
 
 import argparse
-import copy
+import functools
 import json
 import os
 import resource
 import subprocess
 import sys
+import time
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from torch import nn
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification, Qwen2Model
 
-from rlcore import dpo_loss, gather_logprobs, masked_sum
-from rlcore.lora import lora_parameters, prepare_model, reference_context
-
-VARIANTS = ("full", "lora", "qlora")
-LORA_R = 16
-
-QWEN25_05B_SHAPE = dict(
-    hidden_size=896,
-    num_hidden_layers=24,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    intermediate_size=4864,
-    vocab_size=151936,
-    tie_word_embeddings=True,
-    max_position_embeddings=32768,
+from rlcore import (
+    chunked_logprobs,
+    dpo_loss,
+    gather_logprobs,
+    kl_estimate,
+    lora,
+    masked_mean,
+    models,
+    optim,
+    policy_loss,
+    value_loss,
 )
 
+ALGORITHMS = ("sft", "dpo", "grpo", "ppo")
+VARIANTS = ("full_fp32", "full_bf16", "lora", "qlora")
+LORA_R = 16
+GIB = 2**30
+SHAPES = {
+    "0.5B": dict(
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "1.5B": dict(
+        hidden_size=1536,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        intermediate_size=8960,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "7B": dict(
+        hidden_size=3584,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        intermediate_size=18944,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
+}
 
-def sequence_logps(model: torch.nn.Module, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-    """Sum of log p(token) over the completion tokens of each row: [2P, T] -> [2P]."""
-    logits = model(input_ids).logits[:, :-1]  # [2P, T-1, V]: position t predicts token t+1
-    token_logps = gather_logprobs(logits, input_ids[:, 1:])  # [2P, T-1]
-    return masked_sum(token_logps, completion_mask[:, 1:], dim=-1)  # [2P]
+
+# ----------------------------------------------------------------------------------------------------------
+# models with random weights, one layer at a time
 
 
-def dpo_step(model, ref_model, optimizer, input_ids, completion_mask) -> torch.Tensor:
-    """One DPO step on P pairs stacked as [chosen rows; rejected rows]; returns the loss."""
-    pairs = input_ids.shape[0] // 2
-    with reference_context(model, ref_model) as reference:
-        ref_logps = sequence_logps(reference, input_ids, completion_mask)  # [2P]
-    logps = sequence_logps(model, input_ids, completion_mask)  # [2P]
-    loss, _ = dpo_loss(logps[:pairs], logps[pairs:], ref_logps[:pairs], ref_logps[pairs:], beta=0.1)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+def _fill_(module: nn.Module) -> None:
+    """Random weights in place: matrices N(0, 0.02), norm scales 1, biases 0."""
+    with torch.no_grad():
+        for parameter in module.parameters(recurse=False):
+            if parameter.ndim >= 2:
+                parameter.normal_(std=0.02)
+            elif "norm" in type(module).__name__.lower():
+                parameter.fill_(1.0)
+            else:
+                parameter.zero_()
 
 
-def run_variant(variant: str, device: str, pairs: int, seq_len: int) -> dict:
-    """Build the model for ``variant`` on ``device``, run one DPO step, return its peak memory in bytes."""
+def build(model_class, config: Qwen2Config, variant: str, device: str) -> nn.Module:
+    """``model_class(config)`` with random weights in the variant's storage, never holding a full-precision copy
+    it does not need: built on the meta device, then materialised one decoder layer at a time (and quantised
+    to nf4 right away for qlora), then the rest (embeddings, final norm, heads)."""
+    dtype = torch.float32 if variant == "full_fp32" else torch.bfloat16
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = model_class(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    body = model if isinstance(model, Qwen2Model) else model.model
+    tied = getattr(config, "tie_word_embeddings", False) and hasattr(model, "lm_head")
+    for layer in body.layers:
+        layer.to_empty(device=device)
+        for module in layer.modules():
+            _fill_(module)
+        if variant == "qlora":
+            lora.quantize_4bit(layer, double_quant=True, compute_dtype=torch.bfloat16)
+    rest = [m for m in model.modules() if not any(_inside(m, layer) for layer in body.layers)]
+    rest = [m for m in rest if not (tied and m is model.lm_head)]  # the tied head is the embedding
+    for module in rest:
+        for name, parameter in list(module.named_parameters(recurse=False)):
+            if parameter.is_meta:
+                value = torch.empty(parameter.shape, dtype=dtype, device=device)
+                setattr(module, name, nn.Parameter(value, requires_grad=parameter.requires_grad))
+        _fill_(module)
+    if tied:
+        model.lm_head.weight = body.embed_tokens.weight
+    with torch.device(device):  # its buffers are computed in __init__, not stored
+        body.rotary_emb = type(body.rotary_emb)(config)
+    return model.train()
+
+
+def _inside(module: nn.Module, layer: nn.Module) -> bool:
+    return any(module is m for m in layer.modules())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one step of each algorithm
+
+
+def logprobs(model, input_ids, last):
+    attention_mask = torch.ones_like(input_ids)
+    return models.token_logprobs(model, input_ids, attention_mask, last)[0]  # [B, last]
+
+
+def run_row(algorithm: str, shape: str, variant: str, checkpointing: bool, seq_len: int, device: str) -> dict:
     torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen2ForCausalLM(Qwen2Config(**QWEN25_05B_SHAPE)).train()
-    ref_model = None
-    if variant == "full":
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    else:
-        prepare_model(model, lora_r=LORA_R, lora_alpha=2 * LORA_R, load_in_4bit=variant == "qlora")
-        optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    config = Qwen2Config(**SHAPES[shape], max_position_embeddings=4096, attn_implementation="sdpa", num_labels=1)
+    config.pad_token_id = 0
+    full = variant.startswith("full")
+    policy = build(Qwen2ForCausalLM, config, variant, device)
+    if not full:
+        lora.prepare_model(policy, lora_r=LORA_R, lora_alpha=2 * LORA_R)
+    reference = models.frozen_copy(policy) if full and algorithm != "sft" else None
+    trained: list[nn.Module] = [policy]
+    value_model = value_head = reward_model = None
+    if algorithm == "ppo":
+        reward_model = build(Qwen2ForSequenceClassification, config, variant, device).eval().requires_grad_(False)
+        if full:
+            value_model = models.ValueModel(build(Qwen2Model, config, variant, device), config.hidden_size).to(device)
+            trained.append(value_model)
+        else:
+            value_head = nn.Linear(config.hidden_size, 1, device=device)
+            trained.append(value_head)
+    if checkpointing:
+        for module in (policy, value_model):
+            if module is not None:
+                models.enable_gradient_checkpointing(module)
+    kind = "paged_adamw_8bit" if variant == "qlora" else "adamw"
+    optimizer = optim.build_optimizer(nn.ModuleList(trained), lr=1e-5, kind=kind)
+    trainable, total = models.parameter_counts(*trained, *(m for m in (reference, reward_model) if m is not None))
 
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, QWEN25_05B_SHAPE["vocab_size"], (2 * pairs, seq_len), generator=generator).to(device)
-    completion_mask = torch.zeros_like(input_ids)  # [2P, T]: the second half of each row is the completion
-    completion_mask[:, seq_len // 2 :] = 1
-
+    rows = {"sft": 1, "dpo": 2, "grpo": 2, "ppo": 1}[algorithm]
+    completion = seq_len // 2
+    input_ids = torch.randint(1, config.vocab_size, (rows, seq_len), generator=torch.Generator().manual_seed(0))
+    input_ids = input_ids.to(device)
+    mask = torch.ones(rows, completion, device=device)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    loss = dpo_step(model, ref_model, optimizer, input_ids, completion_mask)
+    start = time.perf_counter()
+    if algorithm != "sft":
+        with lora.reference_context(policy, reference) as ref_model:
+            ref_logp = logprobs(ref_model, input_ids, completion)  # [rows, T]
+    if algorithm == "sft":
+        loss = -masked_mean(logprobs(policy, input_ids, completion), mask)
+    elif algorithm == "dpo":
+        logp = (logprobs(policy, input_ids, completion) * mask).sum(1)  # [2]
+        ref = (ref_logp * mask).sum(1)
+        loss, _ = dpo_loss(logp[:1], logp[1:], ref[:1], ref[1:], beta=0.1)
+    elif algorithm == "grpo":
+        logp = logprobs(policy, input_ids, completion)
+        advantages = torch.tensor([[1.0], [-1.0]], device=device).expand(2, completion)
+        loss, _ = policy_loss(logp, logp.detach(), advantages, mask)
+        loss = loss + 0.04 * masked_mean(kl_estimate(logp, ref_logp, kind="k3"), mask)
+    else:  # ppo: score with the reward model, values, then the clipped policy and value losses
+        with torch.no_grad():
+            score = models.sequence_scores(reward_model, input_ids, torch.ones_like(input_ids))  # [1]
+        if full:
+            logp = logprobs(policy, input_ids, completion)
+            values = models.completion_values(value_model, input_ids, torch.ones_like(input_ids), completion)
+        else:
+            logp, values = models.token_logprobs_and_values(
+                policy, value_head, input_ids, torch.ones_like(input_ids), completion
+            )
+        returns = score.float().expand(1, completion)
+        pg_loss, _ = policy_loss(logp, logp.detach(), returns - values.detach(), mask)
+        vf_loss, _ = value_loss(values, values.detach(), returns, mask)
+        loss = pg_loss + 0.1 * vf_loss
+    loss.backward()
+    optim.optimizer_step([p for m in trained for p in m.parameters()], optimizer, None, 1.0)
+    seconds = time.perf_counter() - start
     if device == "cuda":
-        peak_bytes = torch.cuda.max_memory_allocated()
+        peak = torch.cuda.max_memory_allocated()
     else:
-        peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return {"variant": variant, "peak_bytes": peak_bytes, "trainable": trainable, "loss": loss.item()}
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {"peak_bytes": peak, "trainable": trainable, "total": total, "seconds": seconds, "loss": loss.item()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the estimate
+
+
+@functools.cache
+def parameter_split(shape: str) -> dict[str, int]:
+    """Parameter counts of the shape, from a meta-device model: decoder-layer matrices, the rest, LoRA."""
+    config = Qwen2Config(**SHAPES[shape])
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    linear = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, nn.Linear) and "layers" in n)
+    total = sum(p.numel() for p in model.parameters())
+    adapters = sum(LORA_R * (m.in_features + m.out_features) for n, m in model.named_modules() if n.endswith("proj"))
+    head = 0 if config.tie_word_embeddings else model.lm_head.weight.numel()
+    return {"linear": linear, "rest": total - linear, "adapters": adapters, "total": total, "head": head}
+
+
+def estimate(algorithm: str, shape: str, variant: str, checkpointing: bool, seq_len: int) -> int:
+    """Bytes: weights of every model held + gradients + optimizer state + saved activations + LM-head chunks.
+
+    Activations per layer and token, as autograd saves them (inputs of every matmul, the attention output
+    and log-sum-exp, SwiGLU's gate, up and product, the norms' inputs): about (10 H + 4 I) values in the
+    compute dtype, plus LoRA's float32 copies of its inputs (6 H + I); with checkpointing only each layer's
+    input (H) is kept, plus one layer recomputed at a time. The process itself (Python, torch,
+    transformers) adds about 0.5 GiB on CPU.
+    """
+    split, shapes = parameter_split(shape), SHAPES[shape]
+    hidden, inter, layers, vocab = (
+        shapes["hidden_size"],
+        shapes["intermediate_size"],
+        shapes["num_hidden_layers"],
+        shapes["vocab_size"],
+    )
+    full = variant.startswith("full")
+    weight_bytes = 4 if variant == "full_fp32" else 2
+    if variant == "qlora":  # nf4 + double-quantised constants for the layers' matrices, bf16 for the rest
+        base = split["linear"] * (0.5 + 1 / 64 + 4 / (64 * 256)) + split["rest"] * 2
+    else:
+        base = split["total"] * weight_bytes
+    copies = {"sft": 1, "dpo": 2, "grpo": 2, "ppo": 4}[algorithm] if full else (2 if algorithm == "ppo" else 1)
+    weights = base * copies - (2 * split["head"] * weight_bytes if full and algorithm == "ppo" else 0)
+    if full:
+        trainable = split["total"] * (2 if algorithm == "ppo" else 1)
+        gradients_and_state = trainable * weight_bytes * 3  # gradient + two AdamW moments, in the weights' dtype
+    else:
+        trainable = split["adapters"] + (hidden + 1 if algorithm == "ppo" else 0)
+        gradients_and_state = trainable * 4 * (1 + (0.5 if variant == "qlora" else 2))
+        weights += split["adapters"] * 4
+    rows = {"sft": 1, "dpo": 2, "grpo": 2, "ppo": 1}[algorithm] * (2 if full and algorithm == "ppo" else 1)
+    act_bytes = weight_bytes if full else 2
+    per_layer = seq_len * ((10 * hidden + 4 * inter) * act_bytes + (0 if full else (6 * hidden + inter) * 4))
+    if checkpointing:
+        activations = rows * (layers * seq_len * hidden * act_bytes + per_layer)
+    else:
+        activations = rows * layers * per_layer
+    lm_head_chunks = 3 * models.LM_HEAD_CHUNK * vocab * 4
+    process = 0.5 * GIB
+    return int(weights + gradients_and_state + activations + lm_head_chunks + process)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the log-prob part alone
+
+
+def logprob_part(mode: str, device: str) -> dict:
+    """Peak of the log-prob part of a GRPO step: 8 completions x 512 tokens from [8, 512, 896] hidden states
+    and a [151936, 896] LM head; naive = full logits + gather_logprobs, chunked = chunked_logprobs."""
+    torch.manual_seed(0)
+    vocab, hidden_size, rows, length = 151936, 896, 8, 512
+    weight = (torch.randn(vocab, hidden_size, device=device) * 0.02).requires_grad_()
+    hidden = torch.randn(rows, length, hidden_size, device=device).requires_grad_()
+    tokens = torch.randint(0, vocab, (rows, length), device=device)
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    if mode == "naive":
+        logp = gather_logprobs(hidden @ weight.T, tokens)  # [8, 512, V] logits kept for the backward pass
+    else:
+        logp = chunked_logprobs(hidden, weight, tokens, chunk_size=models.LM_HEAD_CHUNK)
+    logp.sum().backward()
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"mode": mode, "part_bytes": peak - baseline}
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def selected(row: tuple, only: list[str] | None) -> bool:
+    """``--only`` terms: a shape, an algorithm, a variant, "gc"/"nogc", or ``alg:shape:variant`` (any part ``*``)."""
+    if not only:
+        return True
+    algorithm, shape, variant, checkpointing = row
+    words = {algorithm, shape, variant, "gc" if checkpointing else "nogc"}
+    for term in only:
+        parts = term.split(":")
+        if all(part == "*" or part in words for part in parts):
+            return True
+    return False
+
+
+def subprocess_json(arguments: list[str], environment: dict) -> dict:
+    result = subprocess.run(
+        [sys.executable, __file__, *arguments], capture_output=True, text=True, env=environment, timeout=3600
+    )
+    if result.returncode != 0:
+        return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--pairs", type=int, default=2)
-    parser.add_argument("--seq_len", type=int, default=64)
-    parser.add_argument("--malloc_defaults", action="store_true", help="keep glibc's dynamic mmap threshold")
-    parser.add_argument("--variant", choices=VARIANTS, help="run one variant in this process (used internally)")
+    parser.add_argument("--seq_len", type=int, default=512)
+    parser.add_argument("--only", nargs="*", help="run only these rows (see `selected`); the others print estimates")
+    parser.add_argument("--budget_gib", type=float, default=20.0, help="rows estimated above this do not run")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--logprob_part", action="store_true")
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # one row in this process: alg,shape,variant,gc
+    parser.add_argument("--part", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.variant:
-        print(json.dumps(run_variant(args.variant, args.device, args.pairs, args.seq_len)))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.row:
+        algorithm, shape, variant, checkpointing = args.row.split(",")
+        print(json.dumps(run_row(algorithm, shape, variant, checkpointing == "1", args.seq_len, args.device)))
         return
-
-    environment = dict(os.environ) if args.malloc_defaults else {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    results = []
-    for variant in VARIANTS:
-        command = [
-            sys.executable,
-            __file__,
-            "--variant",
-            variant,
-            "--device",
-            args.device,
-            "--pairs",
-            str(args.pairs),
-            "--seq_len",
-            str(args.seq_len),
-        ]
-        output = subprocess.run(command, check=True, capture_output=True, text=True, env=environment).stdout
-        results.append(json.loads(output.strip().splitlines()[-1]))
-
-    measure = "peak RSS (ru_maxrss)" if args.device == "cpu" else "max_memory_allocated during the step"
-    malloc = "glibc defaults" if args.malloc_defaults else "MALLOC_MMAP_THRESHOLD_=131072"
-    print(
-        f"One DPO step, Qwen2.5-0.5B shape, float32, {args.pairs} pairs x {args.seq_len} tokens, "
-        f"device {args.device} ({malloc}), LoRA r={LORA_R} on q,k,v,o,gate,up,down; torch {torch.__version__}"
+    if args.part:
+        print(json.dumps(logprob_part(args.part, args.device)))
+        return
+    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    extra = ["--device", args.device, "--seq_len", str(args.seq_len)] + (
+        ["--threads", str(args.threads)] if args.threads else []
     )
-    print(f"{'variant':<8} {'trainable params':>17} {measure:>38} {'ratio to full':>14} {'loss':>8}")
-    full_peak = results[0]["peak_bytes"]
-    for result in results:
-        print(
-            f"{result['variant']:<8} {result['trainable'] / 1e6:>16.1f}M {result['peak_bytes'] / 2**30:>34.2f} GiB "
-            f"{result['peak_bytes'] / full_peak:>14.2f} {result['loss']:>8.4f}"
-        )
+    measure = "peak RSS" if args.device == "cpu" else "max_memory_allocated"
+    if args.logprob_part:
+        results = {mode: subprocess_json(["--part", mode, *extra], environment) for mode in ("naive", "chunked")}
+        naive, chunked = results["naive"]["part_bytes"], results["chunked"]["part_bytes"]
+        print(f"GRPO log-prob part, 8 x 512 tokens, V=151936, H=896, float32, {args.device} ({measure} growth)")
+        print(f"naive [B, T, V] logits: {naive / GIB:.2f} GiB; chunked LM head ({models.LM_HEAD_CHUNK} positions): ")
+        print(f"{chunked / GIB:.2f} GiB; ratio {chunked / naive:.3f}")
+        return
+    print(
+        f"One optimizer step, batch 1, sequence {args.seq_len}, device {args.device} ({measure}; "
+        f"MALLOC_MMAP_THRESHOLD_=131072), LoRA r={LORA_R}, torch {torch.__version__}"
+    )
+    header = f"{'algorithm':<9} {'shape':<5} {'variant':<10} {'ckpt':<4} {'params':>8} {'trainable':>10}"
+    print(f"{header} {'estimate':>9} {'measured':>19} {'step s':>7}")
+    for algorithm in ALGORITHMS:
+        for shape in SHAPES:
+            total = parameter_split(shape)["total"]
+            for variant in VARIANTS:
+                for checkpointing in (False, True):
+                    row = (algorithm, shape, variant, checkpointing)
+                    guess = estimate(*row, args.seq_len)
+                    line = f"{algorithm:<9} {shape:<5} {variant:<10} {'on' if checkpointing else 'off':<4} "
+                    line += f"{total / 1e9:>7.2f}B "
+                    if guess > args.budget_gib * GIB:
+                        print(f"{line}{'':>10} {guess / GIB:>8.1f}G {'does not fit':>19}", flush=True)
+                        continue
+                    if not selected(row, args.only):
+                        print(f"{line}{'':>10} {guess / GIB:>8.1f}G {'not run':>19}", flush=True)
+                        continue
+                    flag = f"{algorithm},{shape},{variant},{int(checkpointing)}"
+                    result = subprocess_json(["--row", flag, *extra], environment)
+                    if "error" in result:
+                        print(f"{line}{'':>10} {guess / GIB:>8.1f}G  error: {result['error'][:80]}", flush=True)
+                        continue
+                    print(
+                        f"{line}{result['trainable'] / 1e6:>9.1f}M {guess / GIB:>8.1f}G "
+                        f"{result['peak_bytes'] / GIB:>18.2f}G {result['seconds']:>7.1f}",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

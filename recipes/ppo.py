@@ -16,11 +16,21 @@ follows Huang et al. 2024, "The N+ implementation details of RLHF with PPO", htt
 
 V_t is the value of the state *before* completion token t (read at the position of the previous token:
 ``rlcore.models.completion_values``).
-The value model is a separate backbone with a linear head (rlcore.models.ValueModel), initialised from
---value_model (default: the policy's starting checkpoint; a reward model directory is the classic choice)
-with a zero head; policy and value model share one AdamW. Departures: one sample per prompt and no
-reward whitening by default (--whiten_rewards); with --lora_r the policy trains adapters (its reference is the
-adapters-off base) while the value model is trained in full (choose a small --value_model to save memory).
+Two layouts of the value function, each with one optimizer over everything trained:
+- separate (the default): a second backbone with a linear head (rlcore.models.ValueModel), initialised
+  from --value_model (default: the policy's starting checkpoint; a reward model directory is the classic
+  choice) with a zero head, trained in full. Cost: a second copy of the weights, its gradients and AdamW
+  state (16 bytes per parameter in float32), a second forward and backward per mini-batch; the critic
+  learns apart from the policy.
+- --value_on_policy: a zero-initialised head on the policy's own trunk
+  (rlcore.models.token_logprobs_and_values): one forward pass gives log-probs and values, no second
+  backbone; with --lora_r the reference is the adapters-off policy, so policy, reference and value
+  function hold one copy of the base weights. Cost: hidden-size + 1 more parameters; the value loss
+  (weighted by --vf_coef) trains the shared trunk or adapters too, so the two objectives compete.
+The reward model, when given (--reward_model), is loaded apart by rlcore.rewards (a third copy for now:
+no adapter switching between policy and reward model yet). Departures: one sample per prompt and no
+reward whitening by default (--whiten_rewards); with --lora_r the policy trains adapters (its reference is
+the adapters-off base).
 
 Run:
     python recipes/ppo.py                                    # toy task, accuracy reward, SFT warm start
@@ -74,6 +84,7 @@ class PPOConfig(OnlineConfig):
     num_mini_batches: int = 1  # mini-batches (optimizer steps) per PPO epoch; prompts per step = their rows in all
     num_ppo_epochs: int = 4  # passes over each batch of samples
     value_model: str | None = None  # value model backbone: a directory or hub id (None = the policy's start model)
+    value_on_policy: bool = False  # the value function as a head on the policy's own trunk (one base; see above)
     kl_coef: float = 0.05  # weight of the per-token KL penalty in the reward
     kl_estimator: str = "k1"  # "k1" or "k3", the per-token KL in the reward
     gamma: float = 1.0  # discount
@@ -96,6 +107,11 @@ class PPOConfig(OnlineConfig):
             raise ValueError(f"--kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
         if self.num_mini_batches < 1 or self.num_ppo_epochs < 1 or self.entropy_coef < 0:
             raise ValueError("--num_mini_batches and --num_ppo_epochs must be >= 1, --entropy_coef >= 0")
+        if self.value_on_policy and (self.value_model is not None or self.lm_head_chunk == 0 or self.entropy_coef):
+            raise ValueError(
+                "--value_on_policy reads the policy's hidden states: no --value_model, --lm_head_chunk > 0, "
+                "--entropy_coef 0"
+            )
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -105,28 +121,57 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # ---------------------------------------------------------------- task (checked first), models
     task = load_prompt_task(config, device)
     policy, tokenizer, sampling = load_start_policy(config, device, sft_script=Path(__file__).with_name("sft.py"))
-    # the critic: a backbone with a value head (trained in full), from --value_model or where the policy started
-    value_dtype = "float32" if config.dtype == "float16" else config.dtype  # trained in full: no float16 weights
-    value_model = models.ValueModel.from_pretrained(
-        config.value_model or policy.name_or_path, dtype=value_dtype, device=device
-    )
-    if config.gradient_checkpointing:
-        models.enable_gradient_checkpointing(value_model)
+    # the critic: a head on the policy's trunk, or a backbone with a value head (trained in full) from
+    # --value_model or where the policy started
+    value_head = value_model = None
+    if config.value_on_policy:
+        value_head = models.new_value_head(policy.config.get_text_config().hidden_size, device)
+    else:
+        value_dtype = "float32" if config.dtype == "float16" else config.dtype  # trained in full: no float16 weights
+        value_model = models.ValueModel.from_pretrained(
+            config.value_model or policy.name_or_path, dtype=value_dtype, device=device
+        )
+        if config.gradient_checkpointing:
+            models.enable_gradient_checkpointing(value_model)
+    critic_name, critic = ("value_head", value_head) if value_head is not None else ("value_model", value_model)
     reference = models.frozen_copy(policy) if config.lora_r == 0 else None  # LoRA: the adapters-off policy
-    for model in (policy, value_model):
+    for model in filter(None, (policy, value_model)):  # the value head starts at zero on every process
         distributed.prepare(model, config.sharding, bf16)  # torchrun: same weights everywhere (or FSDP2)
-    forward_policy, forward_value = (
-        runtime.maybe_compile(policy, device, config.compile),
-        runtime.maybe_compile(value_model, device, config.compile),
-    )
+    forward_policy = runtime.maybe_compile(policy, device, config.compile)
+    forward_value = runtime.maybe_compile(value_model, device, config.compile) if value_model is not None else None
     prompts, scorer = task.prompts, task.scorer
     longest = max(map(len, prompts["prompt_ids"])) + config.max_new_tokens
-    for model in filter(None, (policy, reference, value_model.backbone)):
+    for model in filter(None, (policy, reference, value_model and value_model.backbone)):
         runtime.prefer_eager_attention(model, device, longest)  # CPU, short rows
     mini_batch_rows = config.batch_size * config.grad_accum_steps
     rows_per_step = mini_batch_rows * config.num_mini_batches
 
-    trained = torch.nn.ModuleDict({"policy": policy, "value_model": value_model})
+    def logprobs_and_values(sequences, attention_mask, length, with_entropy=False, entropy_grad=False):
+        """([B, T] log-probs, [B, T] entropies or None, [B, T] values) of the T completion tokens."""
+        if value_head is not None:  # one forward pass of the shared trunk
+            return models.token_logprobs_and_values(
+                forward_policy,
+                value_head,
+                sequences,
+                attention_mask,
+                length,
+                config.temperature,
+                with_entropy,
+                config.lm_head_chunk,
+            )
+        logp, entropy = models.token_logprobs(
+            forward_policy,
+            sequences,
+            attention_mask,
+            length,
+            config.temperature,
+            with_entropy,
+            entropy_grad=entropy_grad,
+            chunk_size=config.lm_head_chunk,
+        )
+        return logp, entropy, models.completion_values(forward_value, sequences, attention_mask, length)
+
+    trained = torch.nn.ModuleDict({"policy": policy, critic_name: critic})
     updates_per_step = config.num_ppo_epochs * config.num_mini_batches
     optimizer, scheduler = optim.from_flags(
         trained, config, updates_per_step, num_rows=len(prompts), rows_per_step=rows_per_step
@@ -140,9 +185,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         scheduler,
         evaluate=evaluate,
         bar_keys=("reward",),
-        extra_modules={"value_model": value_model},
+        extra_modules={critic_name: critic},
         guard=guards.online(config),  # non-finite steps skipped; entropy collapse, all truncated warned
-        save_extra=lambda directory: value_model.save_pretrained(str(Path(directory) / "value_model")),
+        save_extra=lambda directory: models.save_value_critic(critic, Path(directory) / critic_name),
     )
 
     # ---------------------------------------------------------------- training loop
@@ -174,15 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             )
             length = rollout.completion_ids.shape[1]
             with torch.no_grad(), runtime.autocast(device, bf16):
-                old_logp, _ = models.token_logprobs(
-                    forward_policy,
-                    sequences,
-                    attention_mask,
-                    length,
-                    config.temperature,
-                    chunk_size=config.lm_head_chunk,
-                )
-                old_values = models.completion_values(forward_value, sequences, attention_mask, length)  # [B, T]
+                old_logp, _, old_values = logprobs_and_values(sequences, attention_mask, length)  # [B, T] each
                 with lora.reference_context(policy, reference) as ref_model:
                     ref_logp, _ = models.token_logprobs(
                         ref_model,
@@ -215,18 +252,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     normalizer = distributed.rank_normalizer(tokens)  # token mean over the mini-batch
                     for micro in mini_batch.split(max(1, config.batch_size // distributed.world_size())):
                         with runtime.autocast(device, bf16):
-                            logp, entropy = models.token_logprobs(
-                                forward_policy,
+                            logp, entropy, values = logprobs_and_values(
                                 sequences[micro],
                                 attention_mask[micro],
                                 length,
-                                config.temperature,
                                 with_entropy=True,
                                 entropy_grad=config.entropy_coef > 0,
-                                chunk_size=config.lm_head_chunk,
-                            )
-                            values = models.completion_values(
-                                forward_value, sequences[micro], attention_mask[micro], length
                             )
                         pg_loss, pg_stats = policy_loss(
                             logp,

@@ -133,7 +133,7 @@ class TrainConfig:
     bnb_double_quant: bool = False  # with --load_in_4bit: also quantise the quantisation constants (~0.4 bit/weight)
     bnb_compute_dtype: str | None = None  # with --load_in_4bit: matmul dtype (None = bfloat16 on CUDA, float32 on CPU)
     optim: str = "adamw"  # adamw (torch), adamw_8bit, paged_adamw_8bit, paged_adamw_32bit (bitsandbytes)
-    lm_head_chunk: int = 1024  # positions per LM-head chunk in log-prob passes (0 = the model's full [B, T, V] logits)
+    lm_head_chunk: int = 256  # positions per LM-head chunk in log-prob passes (0 = the model's full [B, T, V] logits)
 
     def __post_init__(self) -> None:
         _check_data_and_tracker_flags(self)

@@ -89,6 +89,8 @@ def _dtype_argument(dtype) -> str | torch.dtype:
     )
 
 
+LM_HEAD_CHUNK = 256
+"""Positions per LM-head chunk of the log-prob passes: a [256, V] float32 buffer is 156 MB at V = 152k."""
 HEAD_MODULES = ("lm_head", "score", "value_head")
 """Output layers kept in full precision when the body is quantised."""
 
@@ -257,6 +259,25 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return model.score(last_hidden.to(model.score.weight.dtype)).squeeze(-1)  # [B]
 
 
+def new_value_head(hidden_size: int, device: str | torch.device | None = None) -> nn.Linear:
+    """``Linear(hidden_size, 1)`` in float32 with zero weight and bias: every value starts at 0."""
+    head = nn.Linear(hidden_size, 1, device=device, dtype=torch.float32)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+def save_value_critic(critic: nn.Module, directory: str | os.PathLike) -> None:
+    """A ``ValueModel`` as ``save_pretrained`` writes it; a bare value head as ``value_head.safetensors``
+    (tensors ``weight`` [1, H], ``bias`` [1]) in ``directory``."""
+    if isinstance(critic, ValueModel):
+        critic.save_pretrained(str(directory))
+        return
+    os.makedirs(directory, exist_ok=True)
+    head = {name: tensor.detach().contiguous().cpu() for name, tensor in critic.state_dict().items()}
+    save_file(head, os.path.join(directory, VALUE_HEAD_FILE))
+
+
 class ValueModel(nn.Module):
     """A transformer backbone with a linear value head: V(s_t) for every position t, for PPO critics.
 
@@ -274,9 +295,7 @@ class ValueModel(nn.Module):
     def __init__(self, backbone: nn.Module, hidden_size: int):
         super().__init__()
         self.backbone = backbone
-        self.value_head = nn.Linear(hidden_size, 1)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
+        self.value_head = new_value_head(hidden_size)
 
     @classmethod
     def from_pretrained(
@@ -432,7 +451,7 @@ def position_logprobs(
     *,
     positions: torch.Tensor,
     targets: torch.Tensor,
-    chunk_size: int = 1024,
+    chunk_size: int = LM_HEAD_CHUNK,
     temperature: float = 1.0,
     with_entropy: bool = False,
     with_argmax: bool = False,
@@ -460,11 +479,21 @@ def position_logprobs(
     Returns:
         (logp [N] float32 with gradient, {"entropy": [N], "argmax": [N] bool} as asked).
     """
+    rows, columns = positions.unbind(1)  # [N] each
+    hidden = body_hidden_states(model, input_ids, attention_mask, position_ids)[rows, columns]  # [N, H]
+    return _head_logprobs(model, hidden, targets, chunk_size, temperature, with_entropy, with_argmax)
+
+
+def body_hidden_states(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
+) -> torch.Tensor:
+    """[B, L, H] final hidden states (after the final norm) from one call of the top-level ``model``, whose LM
+    head runs on no position (``logits_to_keep`` an empty index); read by a forward hook on the decoder."""
     if not chunked_head_supported(model):
         raise ValueError(f"{type(_unwrapped(model)).__name__} cannot be scored from hidden states; use chunk_size=0")
-    inner = _unwrapped(model)
     captured: list[torch.Tensor] = []
-    hook = inner.get_decoder().register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    decoder = _unwrapped(model).get_decoder()
+    hook = decoder.register_forward_hook(lambda module, args, output: captured.append(output[0]))
     try:
         model(
             input_ids=input_ids,
@@ -475,9 +504,21 @@ def position_logprobs(
         )
     finally:
         hook.remove()
-    head = inner.get_output_embeddings()
-    rows, columns = positions.unbind(1)  # [N] each
-    hidden = captured[0][rows, columns].to(head.weight.dtype)  # [N, H]
+    return captured[0]
+
+
+def _head_logprobs(
+    model: nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int,
+    temperature: float,
+    with_entropy: bool = False,
+    with_argmax: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """[N, H] hidden states, [N] targets -> ([N] log-probs through the LM head chunk-wise, detached extras)."""
+    head = _unwrapped(model).get_output_embeddings()
+    hidden = hidden.to(head.weight.dtype)
     logp = chunked_logprobs(hidden, head.weight, targets, chunk_size, temperature, head.bias)  # [N]
     extras: dict[str, torch.Tensor] = {}
     if with_entropy or with_argmax:
@@ -501,7 +542,7 @@ def token_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     entropy_grad: bool = False,
-    chunk_size: int = 1024,
+    chunk_size: int = LM_HEAD_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs of the next tokens of a batch (and, on request, their entropies).
 
@@ -575,6 +616,41 @@ def token_logprobs(
     return logp, entropy
 
 
+def token_logprobs_and_values(
+    model: nn.Module,
+    value_head: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    last: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_size: int = LM_HEAD_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The value function as a head on the policy's own trunk: log-probs and values from one forward pass.
+
+        h = body(input_ids)[:, L-n-1 : L-1]                 # [B, n, H]: the states before the n scored tokens
+        logp = log softmax(W h / temperature)[next token],    values = value_head(h)
+
+    Column j of both scores token ``L - n + j``: ``logp`` as :func:`token_logprobs`, ``values`` as
+    :func:`completion_values` (V of the state before the token). The value loss's gradient reaches the
+    trunk (and its LoRA adapters) as the policy loss's does: a shared-parameter actor-critic.
+
+    Returns:
+        (logp [B, n] float32, entropy [B, n] detached or None, values [B, n] float32), with gradients.
+    """
+    if not 0 < last < input_ids.shape[1]:
+        raise ValueError(f"last must be in [1, {input_ids.shape[1] - 1}], got {last}")
+    hidden = body_hidden_states(model, input_ids, attention_mask, position_ids_from_mask(attention_mask))
+    states = hidden[:, -last - 1 : -1]  # [B, n, H]
+    batch, n = states.shape[:2]
+    logp, extras = _head_logprobs(
+        model, states.reshape(batch * n, -1), input_ids[:, -n:].reshape(-1), chunk_size, temperature, with_entropy
+    )
+    values = value_head(states.to(value_head.weight.dtype)).squeeze(-1).float()  # [B, n]
+    entropy = extras["entropy"].view(batch, n) if with_entropy else None
+    return logp.view(batch, n), entropy, values
+
+
 def sequence_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -582,7 +658,7 @@ def sequence_logprobs(
     completion_mask: torch.Tensor,
     average: bool = False,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int = LM_HEAD_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the completions of a batch: summed (or averaged) over their tokens, and per token.
 
