@@ -385,8 +385,10 @@ def main() -> None:
         results = {mode: subprocess_json(["--part", mode, *extra], environment) for mode in ("naive", "chunked")}
         naive, chunked = results["naive"]["part_bytes"], results["chunked"]["part_bytes"]
         print(f"GRPO log-prob part, 8 x 512 tokens, V=151936, H=896, float32, {args.device} ({measure} growth)")
-        print(f"naive [B, T, V] logits: {naive / GIB:.2f} GiB; chunked LM head ({models.LM_HEAD_CHUNK} positions): ")
-        print(f"{chunked / GIB:.2f} GiB; ratio {chunked / naive:.3f}")
+        print(
+            f"naive [B, T, V] logits: {naive / GIB:.2f} GiB; chunked LM head ({models.LM_HEAD_CHUNK} positions): "
+            f"{chunked / GIB:.2f} GiB; ratio {chunked / naive:.3f}"
+        )
         return
     print(
         f"One optimizer step, batch 1, sequence {args.seq_len}, device {args.device} ({measure}; "

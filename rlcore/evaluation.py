@@ -40,7 +40,14 @@ from rlcore.data import (
     prompt_batch,
     repeat_each,
 )
-from rlcore.models import eos_token_ids, eval_mode, sequence_logprobs, sequence_scores
+from rlcore.models import (
+    chunked_head_supported,
+    eos_token_ids,
+    eval_mode,
+    position_logprobs,
+    sequence_logprobs,
+    sequence_scores,
+)
 from rlcore.rewards import RewardFunction, RewardScorer, decode_completions, score_rollout
 from rlcore.rollout import generate
 
@@ -121,12 +128,25 @@ def sft_metrics(
             batch = {
                 k: v.to(device) for k, v in collate_right(rows["input_ids"], rows["completion_mask"], pad_id).items()
             }
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-            ).logits[:, :-1]
             targets, mask = batch["input_ids"][:, 1:], batch["completion_mask"][:, 1:]  # [B, T-1] each
-            nll -= masked_sum(gather_logprobs(logits.float(), targets), mask)
-            correct += masked_sum((logits.argmax(dim=-1) == targets).float(), mask)
+            if chunked_head_supported(model):  # the LM head at the loss positions only, chunk-wise
+                positions = mask.nonzero()  # [N, 2]: (row, column) of the states that predict loss tokens
+                logp, extras = position_logprobs(
+                    model,
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    positions=positions,
+                    targets=targets[mask.bool()],
+                    with_argmax=True,
+                )  # [N]
+                nll -= logp.sum()
+                correct += extras["argmax"].sum()
+            else:
+                logits = model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+                ).logits[:, :-1]
+                nll -= masked_sum(gather_logprobs(logits.float(), targets), mask)
+                correct += masked_sum((logits.argmax(dim=-1) == targets).float(), mask)
             count += mask.sum()
     count = count.clamp(min=1)
     return {"loss": (nll / count).item(), "token_accuracy": (correct / count).item()}

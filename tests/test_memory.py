@@ -154,6 +154,21 @@ def test_chunked_path_never_builds_full_logits():
     assert shapes == [(3, 0, 101)]
 
 
+def test_held_out_sft_metrics_equal_on_both_paths():
+    """rlcore.evaluation.sft_metrics: the chunked head at the loss positions gives the full-logits figures (a
+    wrapper that is no transformers model takes the full-logits path)."""
+    from rlcore.data import tokenize_sft
+    from rlcore.evaluation import sft_metrics
+    from rlcore.toy import toy_dataset
+
+    model, tokenizer = models.load_policy("tiny")
+    rows = tokenize_sft(toy_dataset("prompt_completion", n=12, seed=1), tokenizer, 64)
+    chunked = sft_metrics(model, rows, tokenizer.pad_token_id, batch_size=5)
+    full = sft_metrics(CountingWrapper(model), rows, tokenizer.pad_token_id, batch_size=5)
+    assert chunked["loss"] == pytest.approx(full["loss"], rel=1e-5)
+    assert chunked["token_accuracy"] == pytest.approx(full["token_accuracy"], abs=1e-6)
+
+
 def test_log_probs_and_values_from_one_trunk_pass():
     """token_logprobs_and_values = token_logprobs and the value head applied to the same states that
     completion_values reads (the state before each scored token), from one forward pass."""
