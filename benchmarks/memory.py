@@ -30,7 +30,10 @@ never a float32 copy.
 Each row runs in its own subprocess. On CPU the figure is the subprocess's peak RSS (``ru_maxrss``:
 interpreter, libraries, model construction and the step, nothing subtracted), with glibc's mmap threshold
 fixed (``MALLOC_MMAP_THRESHOLD_=131072``) so RSS follows live memory. On CUDA it is
-``torch.cuda.max_memory_allocated`` over the step, after the models are built. Before running a row the
+``torch.cuda.max_memory_allocated`` over the step, after the models are built. "fwd+bwd growth" is how far
+the high-water mark rose from the start of the step to the end of the backward pass (activations,
+gradients, LM-head chunks, before the optimizer allocates its state): where checkpointing shows, since the
+optimizer step's own peak (state allocated at the first step) often dominates the whole-step figure. Before running a row the
 script estimates its peak (``estimate``: weights, gradients, optimizer state, activations, the LM-head
 chunks; printed beside every row): rows whose estimate exceeds ``--budget_gib`` print "does not fit", and
 rows left out by ``--only`` print "not run"; both with the estimate.
@@ -203,6 +206,7 @@ def run_row(algorithm: str, shape: str, variant: str, checkpointing: bool, seq_l
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    before = _high_water(device)
     start = time.perf_counter()
     if algorithm != "sft":
         with lora.reference_context(policy, reference) as ref_model:
@@ -233,13 +237,28 @@ def run_row(algorithm: str, shape: str, variant: str, checkpointing: bool, seq_l
         vf_loss, _ = value_loss(values, values.detach(), returns, mask)
         loss = pg_loss + 0.1 * vf_loss
     loss.backward()
+    backward_growth = _high_water(device) - before  # forward + backward: activations, gradients, LM-head chunks
     optim.optimizer_step([p for m in trained for p in m.parameters()], optimizer, None, 1.0)
     seconds = time.perf_counter() - start
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return {"peak_bytes": peak, "trainable": trainable, "total": total, "seconds": seconds, "loss": loss.item()}
+    return {
+        "peak_bytes": peak,
+        "backward_growth": backward_growth,
+        "trainable": trainable,
+        "total": total,
+        "seconds": seconds,
+        "loss": loss.item(),
+    }
+
+
+def _high_water(device: str) -> int:
+    """Bytes: ``max_memory_allocated`` on CUDA, the peak RSS so far on CPU."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -395,7 +414,7 @@ def main() -> None:
         f"MALLOC_MMAP_THRESHOLD_=131072), LoRA r={LORA_R}, torch {torch.__version__}"
     )
     header = f"{'algorithm':<9} {'shape':<5} {'variant':<10} {'ckpt':<4} {'params':>8} {'trainable':>10}"
-    print(f"{header} {'estimate':>9} {'measured':>19} {'step s':>7}")
+    print(f"{header} {'estimate':>9} {'measured':>19} {'fwd+bwd growth':>15} {'step s':>7}")
     for algorithm in ALGORITHMS:
         for shape in SHAPES:
             total = parameter_split(shape)["total"]
@@ -418,7 +437,8 @@ def main() -> None:
                         continue
                     print(
                         f"{line}{result['trainable'] / 1e6:>9.1f}M {guess / GIB:>8.1f}G "
-                        f"{result['peak_bytes'] / GIB:>18.2f}G {result['seconds']:>7.1f}",
+                        f"{result['peak_bytes'] / GIB:>18.2f}G {result['backward_growth'] / GIB:>14.2f}G "
+                        f"{result['seconds']:>7.1f}",
                         flush=True,
                     )
 
