@@ -62,6 +62,32 @@ def test_gradient_checkpointing_gives_the_same_policy_gradients(lora_r):
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=1e-6, msg=name)
 
 
+def test_gradient_checkpointing_saves_a_fraction_of_the_activations():
+    """Bytes autograd saves for the backward pass during the forward (a saved-tensors hook counts them): with
+    checkpointing only each layer's input [B, T, H] is kept (the layers' insides are recomputed), so the
+    activations shrink by more than the issue's 3x (19x measured for this 4-layer model at 4 x 64 tokens)."""
+    input_ids, attention_mask = batch(seed=8, rows=4, length=64)
+    model, _ = models.load_policy("tiny")
+    model.train()
+
+    def saved_bytes() -> int:
+        total = 0
+
+        def pack(tensor):
+            nonlocal total
+            total += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            logp, _ = models.token_logprobs(model, input_ids, attention_mask, last=32)
+        logp.sum().backward()
+        return total
+
+    plain = saved_bytes()
+    models.enable_gradient_checkpointing(model)
+    assert saved_bytes() * 10 < plain
+
+
 def test_gradient_checkpointing_gives_the_same_value_and_reward_gradients():
     input_ids, attention_mask = batch(seed=1)
     value_model = models.ValueModel.from_pretrained("tiny").train()
