@@ -33,7 +33,10 @@ fixed (``MALLOC_MMAP_THRESHOLD_=131072``) so RSS follows live memory. On CUDA it
 ``torch.cuda.max_memory_allocated`` over the step, after the models are built. "fwd+bwd growth" is how far
 the high-water mark rose from the start of the step to the end of the backward pass (activations,
 gradients, LM-head chunks, before the optimizer allocates its state): where checkpointing shows, since the
-optimizer step's own peak (state allocated at the first step) often dominates the whole-step figure. Before running a row the
+optimizer step's own peak (state allocated at the first step) often dominates the whole-step figure.
+"activations" adds up the storage autograd saves for the backward pass during the step's training forward
+passes (a ``saved_tensors_hooks`` count, trained weights excluded): the activation memory that gradient
+checkpointing cuts, on any device. Before running a row the
 script estimates its peak (``estimate``: weights, gradients, optimizer state, activations, the LM-head
 chunks; printed beside every row): rows whose estimate exceeds ``--budget_gib`` print "does not fit", and
 rows left out by ``--only`` print "not run"; both with the estimate.
@@ -211,6 +214,17 @@ def run_row(algorithm: str, shape: str, variant: str, checkpointing: bool, seq_l
     if algorithm != "sft":
         with lora.reference_context(policy, reference) as ref_model:
             ref_logp = logprobs(ref_model, input_ids, completion)  # [rows, T]
+    parameter_storage = {p.untyped_storage().data_ptr() for m in trained for p in m.parameters()}
+    saved_storage: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:  # what autograd keeps for the backward pass, weights excluded
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameter_storage:
+            saved_storage[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+    hooks.__enter__()
     if algorithm == "sft":
         loss = -masked_mean(logprobs(policy, input_ids, completion), mask)
     elif algorithm == "dpo":
@@ -236,6 +250,7 @@ def run_row(algorithm: str, shape: str, variant: str, checkpointing: bool, seq_l
         pg_loss, _ = policy_loss(logp, logp.detach(), returns - values.detach(), mask)
         vf_loss, _ = value_loss(values, values.detach(), returns, mask)
         loss = pg_loss + 0.1 * vf_loss
+    hooks.__exit__(None, None, None)
     loss.backward()
     backward_growth = _high_water(device) - before  # forward + backward: activations, gradients, LM-head chunks
     optim.optimizer_step([p for m in trained for p in m.parameters()], optimizer, None, 1.0)
@@ -247,6 +262,7 @@ def run_row(algorithm: str, shape: str, variant: str, checkpointing: bool, seq_l
     return {
         "peak_bytes": peak,
         "backward_growth": backward_growth,
+        "saved_activations": sum(saved_storage.values()),
         "trainable": trainable,
         "total": total,
         "seconds": seconds,
@@ -414,7 +430,7 @@ def main() -> None:
         f"MALLOC_MMAP_THRESHOLD_=131072), LoRA r={LORA_R}, torch {torch.__version__}"
     )
     header = f"{'algorithm':<9} {'shape':<5} {'variant':<10} {'ckpt':<4} {'params':>8} {'trainable':>10}"
-    print(f"{header} {'estimate':>9} {'measured':>19} {'fwd+bwd growth':>15} {'step s':>7}")
+    print(f"{header} {'estimate':>9} {'measured':>19} {'fwd+bwd growth':>15} {'activations':>12} {'step s':>7}")
     for algorithm in ALGORITHMS:
         for shape in SHAPES:
             total = parameter_split(shape)["total"]
@@ -438,6 +454,7 @@ def main() -> None:
                     print(
                         f"{line}{result['trainable'] / 1e6:>9.1f}M {guess / GIB:>8.1f}G "
                         f"{result['peak_bytes'] / GIB:>18.2f}G {result['backward_growth'] / GIB:>14.2f}G "
+                        f"{result['saved_activations'] / GIB:>11.2f}G "
                         f"{result['seconds']:>7.1f}",
                         flush=True,
                     )
