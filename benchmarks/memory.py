@@ -454,7 +454,7 @@ def main() -> None:
                     print(
                         f"{line}{result['trainable'] / 1e6:>9.1f}M {guess / GIB:>8.1f}G "
                         f"{result['peak_bytes'] / GIB:>18.2f}G {result['backward_growth'] / GIB:>14.2f}G "
-                        f"{result['saved_activations'] / GIB:>11.2f}G "
+                        f"{result['saved_activations'] / GIB:>11.3f}G "
                         f"{result['seconds']:>7.1f}",
                         flush=True,
                     )
