@@ -91,10 +91,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     start_model = toy.warm_start(
         config.model, config.warm_start_steps, config.seed, Path(__file__).with_name("sft.py"), ONLINE_WARM_START_FLAGS
     )
-    model, tokenizer = models.load_policy(start_model, device=device)
+    model, tokenizer = models.load_policy(start_model, device=device, **models.load_options(config))
     model = lora.prepare_model(
         model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.load_in_4bit
     )
+    if config.gradient_checkpointing:
+        models.enable_gradient_checkpointing(model)
     pad_id = tokenizer.pad_token_id
     train = data.tokenize_unpaired(rows, tokenizer, config.max_length, truncation=config.truncation)
     prompts, completions = list(train["prompt_ids"]), list(train["completion_ids"])
