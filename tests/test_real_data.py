@@ -8,7 +8,9 @@ Every model, tokenizer and dataset is written to a temporary directory by the te
 import importlib.util
 import json
 import math
+import sqlite3
 import struct
+import sys
 
 import datasets
 import numpy as np
@@ -396,6 +398,21 @@ def test_wandb_offline(tmp_path, monkeypatch):
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*/*.wandb"))
     assert len(runs) == 1
     assert wandb_history(runs[0]) == {1: {"loss": 1, "reward": 0.5}, 2: {"loss": 2, "reward": 1, "eval/reward": 0.75}}
+
+
+def test_trackio_local_database_reads_back(tmp_path, monkeypatch):
+    if importlib.util.find_spec("trackio") is None or "trackio" in sys.modules:
+        pytest.skip("trackio is not installed, or was imported before its directory could be set")
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # read when trackio is imported
+    monkeypatch.setenv("TRACKIO_PROJECT", "rlcore-test")
+    write_two_logs(tracking.Tracker(tmp_path / "run", 2, report_to="trackio", run_config={"lr": 1e-3}))
+    with sqlite3.connect(tmp_path / "trackio" / "rlcore-test.db") as db:  # trackio keeps each project in SQLite
+        rows = db.execute("SELECT run_name, step, metrics FROM metrics ORDER BY id").fetchall()
+    logged = {}
+    for run_name, step, metrics in rows:
+        assert run_name == "run"
+        logged.setdefault(step, {}).update(json.loads(metrics))
+    assert logged == {1: {"loss": 1, "reward": 0.5}, 2: {"loss": 2, "reward": 1, "eval/reward": 0.75}}
 
 
 def test_a_missing_tracker_is_one_line():
