@@ -39,7 +39,19 @@ from dataclasses import dataclass
 
 import torch
 
-from rlcore import data, distributed, evaluation, guards, lora, models, optim, runtime, sft_loss, tracking
+from rlcore import (
+    data,
+    distributed,
+    evaluation,
+    guards,
+    lora,
+    models,
+    optim,
+    runtime,
+    sft_loss,
+    sft_loss_from_logprobs,
+    tracking,
+)
 from rlcore.config import TrainConfig, parse_config
 from rlcore.run import Run, cli
 from rlcore.task import load_task_rows, metric_value
@@ -148,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         chunk_size=config.lm_head_chunk,
                         with_argmax=True,
                     )  # [N]
-                loss = -logp.sum() / normalizer
+                loss, _ = sft_loss_from_logprobs(logp, torch.ones_like(logp), normalizer=normalizer)  # [N] tokens
                 token_accuracy = extras["argmax"].float().sum() / max(1, len(labels))
             else:
                 with runtime.autocast(device, bf16):

@@ -166,13 +166,13 @@ def test_sft_lr_10_warns_that_it_diverges_and_stops_with_stop_on_collapse(tmp_pa
 
 
 def test_nan_loss_skips_every_step_then_stops_and_writes_no_final_model(tmp_path, sft, capsys, monkeypatch):
-    real_loss = sft.sft_loss
+    real_loss = sft.sft_loss_from_logprobs  # the loss of the default chunked LM head (--lm_head_chunk)
 
     def nan_loss(*args, **kwargs):
         loss, stats = real_loss(*args, **kwargs)
         return loss * float("nan"), stats
 
-    monkeypatch.setattr(sft, "sft_loss", nan_loss)
+    monkeypatch.setattr(sft, "sft_loss_from_logprobs", nan_loss)
     flags = [*SFT_FLAGS, "--max_steps", "10", "--max_skipped_steps", "3", "--save_steps", "1"]
     code, out, err = run_cli(sft.main, [*flags, "--output_dir", str(tmp_path)], capsys)
     assert code == 1 and one_error_line(err) and "stopped at step 3: 3 steps in a row" in err
@@ -355,7 +355,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_repeats_the_uninterrupted_run(tm
 
 
 def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_exits_130(tmp_path, sft, capsys, monkeypatch):
-    real_loss, calls = sft.sft_loss, []
+    real_loss, calls = sft.sft_loss_from_logprobs, []  # the loss of the default chunked LM head
 
     def interrupted_loss(*args, **kwargs):  # Ctrl-C arrives during the third step
         calls.append(1)
@@ -363,7 +363,7 @@ def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_exits_130(tmp_path, sf
             os.kill(os.getpid(), signal.SIGINT)
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(sft, "sft_loss", interrupted_loss)
+    monkeypatch.setattr(sft, "sft_loss_from_logprobs", interrupted_loss)
     previous = signal.getsignal(signal.SIGINT)
     code, out, err = run_cli(sft.main, [*SFT_FLAGS, "--max_steps", "10", "--output_dir", str(tmp_path)], capsys)
     assert code == 130 and "stopped by SIGINT after step 3" in one_error_line(err)
