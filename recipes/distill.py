@@ -30,7 +30,9 @@ Run it:
     python recipes/distill.py --beta 0 --lmbda 0                # supervised KD: forward KL on the dataset's completions
     python recipes/distill.py --model Qwen/Qwen2.5-0.5B-Instruct --teacher Qwen/Qwen2.5-7B-Instruct \
         --dataset prompts_and_answers.jsonl --max_new_tokens 256 --batch_size 8 --grad_accum_steps 4 --lora_r 16
-Single process (one CPU or GPU). Measured results: docs/results.md.
+Several processes: ``torchrun --nproc_per_node 2 recipes/distill.py`` (the same global batch; each process samples
+and scores its rows; rlcore.distributed); DDP only (the loss reads the LM heads' weights directly, so
+``--sharding fsdp2`` is refused for now). Measured results: docs/results.md.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from rlcore import data, distillation_loss, evaluation, guards, models, optim, runtime, tracking
+from rlcore import data, distillation_loss, distributed, evaluation, guards, models, optim, runtime, tracking
 from rlcore.config import ONLINE_WARM_START_FLAGS, OnlineConfig, parse_config
 from rlcore.rollout import generate
 from rlcore.run import Run, cli
@@ -76,6 +78,8 @@ class DistillConfig(OnlineConfig):
             raise ValueError(f"--lmbda and --beta must be in [0, 1], got {self.lmbda} and {self.beta}")
         if self.teacher_steps < 0 or self.chunk_size < 1 or (self.distill_top_k is not None and self.distill_top_k < 1):
             raise ValueError("--teacher_steps must be >= 0, --chunk_size >= 1 and --distill_top_k >= 1 (or none)")
+        if self.sharding == "fsdp2":  # the loss reads the LM heads' weights outside a forward pass
+            raise ValueError("--sharding fsdp2 is not yet supported by this recipe: use --sharding ddp")
 
 
 def body_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -139,6 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     if eval_rows is not None:
         print(f"teacher {teacher_path}: {evaluate(teacher)}", flush=True)
+    student = distributed.prepare(student, config.sharding, bf16)  # torchrun: same weights on every process
     rows_per_step = config.batch_size * config.grad_accum_steps
     optimizer, scheduler = optim.from_flags(student, config, num_rows=len(prompts), rows_per_step=rows_per_step)
     run = Run(config, student, tokenizer, optimizer, scheduler, evaluate=evaluate if eval_rows is not None else None)
@@ -149,7 +154,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if on_policy:  # left-padded prompt + the student's right-padded completion (the last T columns)
             batch = data.prompt_batch(prompts, indices, pad_id)
             with torch.no_grad():
-                rollout = generate(student, batch.prompt_ids.to(device), batch.prompt_mask.to(device), **sampling)
+                rollout = generate(
+                    student,
+                    batch.prompt_ids.to(device),
+                    batch.prompt_mask.to(device),
+                    **sampling,
+                    **distributed.sampling_draws(len(indices), device),  # the samples do not depend on the processes
+                )
             loss_mask = torch.zeros_like(rollout.sequences[:, 1:])  # [B, L - 1]
             loss_mask[:, -rollout.completion_mask.shape[1] :] = rollout.completion_mask
             return rollout.sequences, rollout.attention_mask, loss_mask
@@ -168,8 +179,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             step_rows = runtime.step_batches(
                 len(prompts), config.batch_size, config.grad_accum_steps, config.seed, run.step
             )
+            step_rows = [distributed.shard(indices) for indices in step_rows]  # torchrun: this process's rows
             batches = [micro_batch(indices, on_policy) for indices in step_rows]
-        normalizer = max(1, sum(int(loss_mask.sum()) for _, _, loss_mask in batches))  # tokens of the whole step
+        step_tokens = distributed.all_reduce_sum(sum(int(loss_mask.sum()) for _, _, loss_mask in batches))
+        normalizer = distributed.rank_normalizer(max(1, int(step_tokens)))  # torchrun: this process's share
         stats: dict[str, torch.Tensor] = {"on_policy": torch.tensor(float(on_policy))}
         with run.timed("training"):
             for input_ids, attention_mask, loss_mask in batches:

@@ -29,7 +29,8 @@ Run:
     python recipes/kto.py                                  # tiny SFT model, toy unpaired rows, 300 steps
     python recipes/kto.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset trl-lib/kto-mix-14k --lr 5e-7 \\
         --batch_size 8 --grad_accum_steps 4 --max_length 1024 --max_steps 1000 --lora_r 16 --output_dir outputs/qwen-kto
-Several GPUs: single process for now.
+Several processes: ``torchrun --nproc_per_node 2 recipes/kto.py`` (the same global batch; each process scores its
+rows' mismatched pairs, the reference point is the mean over all of them; rlcore.distributed).
 """
 
 from __future__ import annotations
@@ -39,7 +40,20 @@ from pathlib import Path
 
 import torch
 
-from rlcore import KTO_LOSS_TYPES, data, evaluation, guards, kto_loss, lora, models, optim, runtime, toy, tracking
+from rlcore import (
+    KTO_LOSS_TYPES,
+    data,
+    distributed,
+    evaluation,
+    guards,
+    kto_loss,
+    lora,
+    models,
+    optim,
+    runtime,
+    toy,
+    tracking,
+)
 from rlcore.config import ONLINE_WARM_START_FLAGS, TrainConfig, parse_config
 from rlcore.run import Run, cli
 from rlcore.task import load_task_rows, metric_value
@@ -157,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             **metric_value(model, tokenizer, eval_prompt_rows, metric, config),
         }
 
+    model = distributed.prepare(model, config.sharding, bf16)  # torchrun: same weights on every process (or FSDP2)
     model.train()
     forward = runtime.maybe_compile(model, device, config.compile)
     optimizer, scheduler = optim.from_flags(
@@ -181,14 +196,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             len(prompts), config.batch_size, config.grad_accum_steps, config.seed, run.step
         )
         for indices in micro_batches:
+            mismatched = distributed.shard(rotated([completions[i] for i in indices]))  # prompt i, completion i - 1
+            indices = distributed.shard(indices)  # torchrun: this process's rows of the micro-batch
             batch_prompts = [prompts[i] for i in indices]
             batch_completions = [completions[i] for i in indices]
-            mismatched = rotated(batch_completions)  # prompt i with completion i - 1
             with torch.no_grad(), runtime.autocast(device, bf16):
                 with lora.reference_context(model, reference) as ref_model:
                     ref_logps = logps_of(ref_model, batch_prompts, batch_completions)  # [B]
                     ref_kl_logps = logps_of(ref_model, batch_prompts, mismatched) if use_kl else None  # [B]
                 kl_logps = logps_of(forward, batch_prompts, mismatched) if use_kl else None  # [B]
+            if use_kl:  # torchrun: z0 is the mean over the mismatched pairs of the whole micro-batch
+                kl_logps, ref_kl_logps = distributed.gather_rows(kl_logps), distributed.gather_rows(ref_kl_logps)
             with runtime.autocast(device, bf16):
                 logps = logps_of(forward, batch_prompts, batch_completions)  # [B], with gradient
             loss, loss_stats = kto_loss(

@@ -30,7 +30,7 @@ Run:
     python recipes/orpo.py --loss_type cpo                 # CPO;  --loss_type simpo: SimPO
     python recipes/orpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset trl-lib/ultrafeedback_binarized \\
         --lr 8e-6 --batch_size 4 --grad_accum_steps 8 --max_length 1024 --max_steps 1000 --lora_r 16 --output_dir outputs/qwen-orpo
-Several GPUs: single process for now.
+Several processes: ``torchrun --nproc_per_node 2 recipes/orpo.py`` (the same global batch; rlcore.distributed).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import torch
 from rlcore import (
     cpo_loss,
     data,
+    distributed,
     evaluation,
     guards,
     lora,
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             **metric_value(model, tokenizer, eval_prompts, metric, config),
         }
 
+    model = distributed.prepare(model, config.sharding, bf16)  # torchrun: same weights on every process (or FSDP2)
     model.train()
     forward = runtime.maybe_compile(model, device, config.compile)
     optimizer, scheduler = optim.from_flags(
@@ -187,7 +189,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             len(pairs["prompt_ids"]), config.batch_size, config.grad_accum_steps, config.seed, run.step
         )
         chosen_tokens = sum(len(pairs["chosen_ids"][i]) for indices in micro_batches for i in indices)
+        chosen_tokens = distributed.rank_normalizer(chosen_tokens)  # torchrun: this process's share
         for indices in micro_batches:
+            indices = distributed.shard(indices)  # torchrun: this process's rows of the micro-batch
             batch = data.collate_preference(
                 *([pairs[name][i] for i in indices] for name in ("prompt_ids", "chosen_ids", "rejected_ids")), pad_id
             )

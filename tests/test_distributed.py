@@ -4,7 +4,7 @@ The invariance tests run a recipe for a few steps in one process (in-process) an
 ``torchrun --nproc_per_node 2`` on the same global batch, and compare the logged loss of every step and the
 final weights (float32, within 1e-5). The non-slow ones (SFT, GRPO, and the helpers under 2 gloo processes)
 are a representative subset; ``python -m pytest -q tests/test_distributed.py -m slow`` runs the rest (DPO,
-reward model, PPO, online DPO, FSDP2, LoRA, and the kill -9 / resume test).
+reward model, PPO, online DPO, KTO, ORPO/CPO, distillation, FSDP2, LoRA, and the kill -9 / resume test).
 
 The online recipes start from the untrained tiny model (``--warm_start_steps 0``) with a dense reward (the
 completion length), so every step has something to learn.
@@ -27,6 +27,7 @@ import torch.multiprocessing as mp
 
 from rlcore import distributed, masked_whiten
 from rlcore.rollout import sample_tokens
+from rlcore.toy import tiny_model, tiny_tokenizer
 from tests.helpers import REPO, load_recipe
 
 LENGTH_REWARD = (
@@ -45,6 +46,10 @@ RECIPE_ARGS = {  # a few steps of each recipe on a small global batch
     "ppo": ["--max_steps", "2", "--batch_size", "8", "--num_mini_batches", "2", "--num_ppo_epochs", "2", "--lr", "1e-4"]
     + ONLINE,
     "online_dpo": ["--max_steps", "3", "--batch_size", "8", "--lr", "1e-4", *ONLINE],  # as PPO
+    "kto": ["--max_steps", "3", "--batch_size", "8", "--num_train_rows", "64", "--warm_start_steps", "0"],
+    "orpo": ["--max_steps", "3", "--batch_size", "8", "--num_train_rows", "64", "--warm_start_steps", "0"],
+    # on-policy: the student (untrained tiny) samples, a teacher of another initialisation scores
+    "distill": ["--max_steps", "3", "--batch_size", "8", "--grad_accum_steps", "2", "--num_train_rows", "32", *ONLINE],
 }
 LOSS_KEYS = {"ppo": ("loss/policy", "loss/value")}
 
@@ -81,6 +86,11 @@ def recipe_args(recipe: str, tmp_path: Path, extra: tuple[str, ...] = ()) -> lis
         reward = tmp_path / "length_reward.py"
         reward.write_text(LENGTH_REWARD)
         args += ["--reward_funcs", f"{reward}:length"]
+    if recipe == "distill":
+        teacher = tmp_path / "teacher"
+        tiny_model(seed=1).save_pretrained(teacher)
+        tiny_tokenizer().save_pretrained(teacher)
+        args += ["--teacher", str(teacher)]
     return args
 
 
@@ -211,6 +221,11 @@ def test_grpo_two_processes_equal_one(tmp_path):
         ("ppo", ("--whiten_rewards",)),
         ("online_dpo", ()),
         ("sft", ("--packing",)),
+        ("kto", ()),
+        ("orpo", ()),
+        ("orpo", ("--loss_type", "cpo", "--grad_accum_steps", "2")),
+        ("distill", ()),
+        ("distill", ("--lmbda", "0", "--beta", "0.5")),
     ],
 )
 def test_two_processes_equal_one(recipe, extra, tmp_path):
@@ -220,11 +235,20 @@ def test_two_processes_equal_one(recipe, extra, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "recipe, extra",
-    [("sft", ()), ("dpo", ()), ("reward_model", ()), ("grpo", ("--lr", "1e-4")), ("grpo", ("--beta", "0.05"))],
+    [
+        ("sft", ()),
+        ("dpo", ()),
+        ("reward_model", ()),
+        ("grpo", ("--lr", "1e-4")),
+        ("grpo", ("--beta", "0.05")),
+        ("kto", ()),
+        ("orpo", ()),
+    ],
 )
 def test_fsdp2_two_processes_equal_one(recipe, extra, tmp_path):
     """FSDP2 (fully_shard per decoder layer, then the root): the same steps as one process (PPO and online DPO
-    refuse FSDP2 for now: their processes run different numbers of forward/backward passes)."""
+    refuse FSDP2 for now: their processes run different numbers of forward/backward passes; distillation too: its
+    loss reads the LM heads' weights outside a forward pass)."""
     check_invariance(recipe, tmp_path, extra, nproc_extra=("--sharding", "fsdp2"))
 
 
