@@ -52,7 +52,11 @@ Sharding modes (``--sharding``):
 Checkpoints under DDP are the single-process ones (rank 0 writes, the ranks' RNG states beside): a resume at
 the same world size continues bit-for-bit on CPU. The final model is one directory that
 ``AutoModelForCausalLM.from_pretrained`` loads, written by rank 0 (under FSDP2 from the full state dict
-gathered there). Evaluation runs on every process on the same rows (rank 0 logs it), not sharded yet.
+gathered there). Evaluation under DDP is sharded: each batch of held-out rows is split over the processes
+(:func:`evaluation_part`), the per-row values gathered back in the single process's order
+(:func:`gather_evaluation`) and the metrics computed from them on every process, so they equal the single
+process's; rank 0 logs them. The greedy metric, the SFT loss and token accuracy and the sampled reward are
+sharded this way; under FSDP2 every process evaluates every row.
 
 For code that reads weights without calling a module (a chunked LM head taking ``lm_head.weight``, a native
 decode step): under DDP the weights are plain tensors; under FSDP2 read them inside :func:`full_parameters`
@@ -389,6 +393,42 @@ def reduce_stats(stats: Mapping[str, torch.Tensor | float]) -> dict[str, torch.T
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
     means = (values[0] / values[1]).float()
     return dict(zip(keys, means.unbind()))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def evaluation_sharded(model: torch.nn.Module) -> bool:
+    """Whether the held-out evaluation of ``model`` is split over the processes: under torchrun with DDP. Under
+    FSDP2 every process evaluates every row (its collectives need the same forward passes on every rank)."""
+    return world_size() > 1 and not is_sharded(model)
+
+
+def evaluation_part(num_rows: int, model: torch.nn.Module) -> range:
+    """This process's contiguous part of an evaluation batch of ``num_rows`` rows: rows
+    ``[floor(r n / W), floor((r + 1) n / W))`` of rank r (parts differ by at most one row; some are empty when
+    ``n < W``). All the rows when the evaluation is not sharded (:func:`evaluation_sharded`)."""
+    if not evaluation_sharded(model):
+        return range(num_rows)
+    world, r = world_size(), rank()
+    return range(r * num_rows // world, (r + 1) * num_rows // world)
+
+
+def gather_evaluation(parts: list[Any], model: torch.nn.Module) -> list[Any]:
+    """Every batch's values from its parts on the processes: ``parts[b]`` is this process's values (a tensor
+    with rows first, or a list) of batch b (:func:`evaluation_part`); returns, for each batch, the
+    concatenation in rank order, i.e. the batch's values in the single process's row order, on every process.
+    Unchanged when the evaluation is not sharded. Costs one ``all_gather_object`` (CPU copies; evaluation
+    steps only)."""
+    if not evaluation_sharded(model):
+        return parts
+    every = gather_objects([part.cpu() if isinstance(part, torch.Tensor) else part for part in parts])
+    merged = []
+    for batch, part in enumerate(parts):
+        pieces = [rank_parts[batch] for rank_parts in every]
+        merged.append(torch.cat(pieces).to(part.device) if isinstance(part, torch.Tensor) else sum(pieces, []))
+    return merged
 
 
 def gather_objects(value: Any) -> list[Any]:

@@ -21,7 +21,10 @@ signature of a reward function (``rlcore.rewards``: ``fn(prompts, completions, c
 The recipes take it by name (``--eval_metric``); the toy task supplies its own (``rlcore.toy.exact_match``).
 
 Every function puts the model in eval mode with gradients off and restores its mode afterwards; all return
-python floats (they run at evaluation steps only).
+python floats (they run at evaluation steps only). Under torchrun with DDP, :func:`greedy_metric`,
+:func:`sft_metrics` and :func:`sampled_rewards` split every batch over the processes and gather the per-row
+values back (``rlcore.distributed.evaluation_part``, ``gather_evaluation``): the metrics equal the single
+process's, on every process. The others evaluate every row on every process.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import math
 import datasets
 import torch
 
-from rlcore import dpo_loss, gather_logprobs, kto_loss, masked_sum
+from rlcore import distributed, dpo_loss, gather_logprobs, kto_loss, masked_sum
 from rlcore.data import (
     collate_completions,
     collate_left,
@@ -62,10 +65,15 @@ def greedy_completion_ids(
     """
     device = next(model.parameters()).device
     stop_ids = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
-    completions = []
+    parts = []  # [batch][row] of this process's rows (torchrun: rlcore.distributed.evaluation_part)
     with eval_mode(model):
         for start in range(0, len(prompt_ids), batch_size):
-            batch = collate_left(prompt_ids[start : start + batch_size], tokenizer.pad_token_id)
+            rows = prompt_ids[start : start + batch_size]
+            rows = [rows[i] for i in distributed.evaluation_part(len(rows), model)]
+            parts.append([])
+            if not rows:  # torchrun: a batch of fewer rows than processes
+                continue
+            batch = collate_left(rows, tokenizer.pad_token_id)
             rollout = generate(
                 model,
                 batch["prompt_ids"].to(device),
@@ -76,8 +84,8 @@ def greedy_completion_ids(
                 temperature=0.0,
             )
             lengths = rollout.completion_mask.sum(dim=1).tolist()  # [B]
-            completions += [ids[:length] for ids, length in zip(rollout.completion_ids.tolist(), lengths)]
-    return completions
+            parts[-1] = [ids[:length] for ids, length in zip(rollout.completion_ids.tolist(), lengths)]
+    return [ids for part in distributed.gather_evaluation(parts, model) for ids in part]
 
 
 def greedy_metric(
@@ -124,7 +132,10 @@ def sft_metrics(
     nll, correct, count = (torch.zeros((), device=device) for _ in range(3))
     with eval_mode(model):
         for start in range(0, len(tokenized_rows), batch_size):
-            rows = tokenized_rows[start : start + batch_size]
+            part = distributed.evaluation_part(min(batch_size, len(tokenized_rows) - start), model)  # torchrun
+            if not part:
+                continue
+            rows = tokenized_rows[start + part.start : start + part.stop]
             batch = {
                 k: v.to(device) for k, v in collate_right(rows["input_ids"], rows["completion_mask"], pad_id).items()
             }
@@ -148,6 +159,8 @@ def sft_metrics(
                 nll -= masked_sum(gather_logprobs(logits.float(), targets), mask)
                 correct += masked_sum((logits.argmax(dim=-1) == targets).float(), mask)
             count += mask.sum()
+    if distributed.evaluation_sharded(model):  # torchrun: the sums over every process's rows
+        nll, correct, count = (distributed.all_reduce_sum(value).to(device) for value in (nll, correct, count))
     count = count.clamp(min=1)
     return {"loss": (nll / count).item(), "token_accuracy": (correct / count).item()}
 
@@ -314,17 +327,25 @@ def sampled_rewards(
 ) -> dict[str, float]:
     """Mean reward of one sampled completion per held-out prompt (the quantity RL raises), overall and per source.
 
-    The sampling seed is fixed, so two evaluations differ only by the model. Returns ``{"reward": mean
+    The sampling seed is fixed (batch b of ``batch_size`` rows draws from ``seed + b * batch_size``, so that
+    the samples do not depend on how the batch is split over processes), so two evaluations differ only by
+    the model. Returns ``{"reward": mean
     weighted reward, "reward/<source>": mean of each source over the rows it scored}``. Greedy metrics
     (:func:`greedy_metric`) and this sampled reward can move apart: RL at temperature 1 first sharpens the
     distribution, which raises the sampled reward before the greedy answer changes.
     """
     device = next(model.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed)
     stop_ids = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
     rewards, per_source = [], []
     for start in range(0, len(prompts), batch_size):
-        batch = prompt_batch(prompts, range(start, min(start + batch_size, len(prompts))), tokenizer.pad_token_id)
+        size = min(batch_size, len(prompts) - start)
+        part = distributed.evaluation_part(size, model)  # torchrun: this process's rows of the batch
+        if not part:
+            rewards.append(torch.zeros(0, device=device))
+            per_source.append(torch.zeros(0, len(scorer.names), device=device))
+            continue
+        batch = prompt_batch(prompts, range(start + part.start, start + part.stop), tokenizer.pad_token_id)
+        draws = (torch.arange(part.start, part.stop, device=device), size) if len(part) < size else None
         rollout = generate(
             model,
             batch.prompt_ids.to(device),
@@ -335,13 +356,14 @@ def sampled_rewards(
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
-            generator=generator,
+            generator=torch.Generator(device).manual_seed(seed + start),  # per batch: the same whatever the split
+            draws=draws,  # torchrun: these rows sample as they do in the whole batch
         )
         batch_rewards, batch_per_source = score_rollout(scorer, tokenizer, batch, rollout)
         rewards.append(batch_rewards)
         per_source.append(batch_per_source)
-    per_source = torch.cat(per_source)  # [N, K]
-    metrics = {"reward": torch.cat(rewards).mean().item()}
+    per_source = torch.cat(distributed.gather_evaluation(per_source, model))  # [N, K]
+    metrics = {"reward": torch.cat(distributed.gather_evaluation(rewards, model)).mean().item()}
     for index, name in enumerate(scorer.names):
         values = per_source[:, index]
         if not values.isnan().all():  # a source that scored no held-out row has no mean

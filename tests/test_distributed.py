@@ -4,7 +4,8 @@ The invariance tests run a recipe for a few steps in one process (in-process) an
 ``torchrun --nproc_per_node 2`` on the same global batch, and compare the logged loss of every step and the
 final weights (float32, within 1e-5). The non-slow ones (SFT, GRPO, and the helpers under 2 gloo processes)
 are a representative subset; ``python -m pytest -q tests/test_distributed.py -m slow`` runs the rest (DPO,
-reward model, PPO, online DPO, KTO, ORPO/CPO, distillation, FSDP2, LoRA, and the kill -9 / resume test).
+reward model, PPO, online DPO, KTO, ORPO/CPO, distillation, FSDP2, sharded evaluation, LoRA, and the kill -9 /
+resume test).
 
 The online recipes start from the untrained tiny model (``--warm_start_steps 0``) with a dense reward (the
 completion length), so every step has something to learn.
@@ -165,6 +166,11 @@ def _helpers_worker(rank: int, port: int, results) -> None:
         distributed.average_gradients([both, one, neither])
         # reduce_stats: the mean over the ranks that report a key
         stats = distributed.reduce_stats({"loss": torch.tensor(float(rank)), **({"kl": 3.0} if rank else {})})
+        # evaluation: batches of 3 and 1 rows split 1 + 2 and 0 + 1, gathered back in the single process's order
+        model = torch.nn.Linear(1, 1)
+        parts = [distributed.evaluation_part(n, model) for n in (3, 1)]
+        values = [torch.tensor([10.0 * (start + i) for i in part]) for start, part in zip((0, 3), parts)]
+        merged = distributed.gather_evaluation([values[0], [f"row {i}" for i in parts[1]]], model)
         results[rank] = {
             "shard": shard,
             "own": own,
@@ -173,6 +179,8 @@ def _helpers_worker(rank: int, port: int, results) -> None:
             "one": one.grad.tolist(),
             "neither": neither.grad,
             "stats": {k: float(v) for k, v in stats.items()},
+            "parts": [list(part) for part in parts],
+            "merged": [merged[0].tolist(), merged[1]],
         }
     finally:
         dist.destroy_process_group()
@@ -189,6 +197,8 @@ def test_helpers_under_two_gloo_processes():
         assert results[rank]["one"] == [2.0, 3.0]  # ([0, 0] + [4, 6]) / 2
         assert results[rank]["neither"] is None
         assert results[rank]["stats"] == {"loss": 0.5, "kl": 3.0}
+        assert results[rank]["merged"] == [[0.0, 10.0, 20.0], ["row 0"]]  # rank 0 holds no row of the second batch
+    assert results[0]["parts"] == [[0], []] and results[1]["parts"] == [[1, 2], [0]]
 
 
 def test_sft_two_processes_equal_one(tmp_path):
@@ -230,6 +240,29 @@ def test_grpo_two_processes_equal_one(tmp_path):
 )
 def test_two_processes_equal_one(recipe, extra, tmp_path):
     check_invariance(recipe, tmp_path, extra)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["sft", "grpo"])
+def test_sharded_evaluation_equals_one_process(recipe, tmp_path):
+    """Held-out evaluation split over 2 processes (9 rows in batches of 4: parts of 2 + 2, 2 + 2 and 0 + 1 rows)
+    gives the single process's metrics: SFT's loss, token accuracy and greedy exact match; GRPO's sampled reward
+    and greedy exact match."""
+    extra = ("--eval_split", "test", "--num_eval_rows", "9", "--eval_batch_size", "4", "--max_steps", "2")
+    check_invariance(recipe, tmp_path, extra)
+    records = {}
+    for run in ("one", "two"):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        records[run] = [
+            {k: v for k, v in r.items() if k.startswith("eval/")} for r in map(json.loads, lines) if "eval/" in str(r)
+        ]
+    assert len(records["one"]) == len(records["two"]) == 2  # before the first step and at the end
+    expected = {"sft": {"eval/loss", "eval/token_accuracy", "eval/exact_match"}, "grpo": {"eval/reward"}}[recipe]
+    assert expected <= set(records["one"][0])
+    for one, two in zip(records["one"], records["two"]):
+        assert one.keys() == two.keys()
+        for key, value in one.items():
+            assert two[key] == pytest.approx(value, abs=1e-5), key
 
 
 @pytest.mark.slow
