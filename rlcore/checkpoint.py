@@ -12,6 +12,8 @@ Layout of a run's OUTPUT_DIR::
             adapter_model.safetensors, adapter_config.json  with LoRA: the adapters (base = --model)
             <name>.safetensors                            extra modules (e.g. a PPO value model)
             training_state.pt                             step, optimizer, scheduler, RNG, data order
+            distributed/                                  under FSDP2 instead of the weights and the optimizer:
+                                                          every process's shards (torch.distributed.checkpoint)
             checkpoint.json                               run id, step, the run's config, sha256 of every file
 
 Atomicity: a checkpoint is written into ``OUTPUT_DIR/.tmp-checkpoint-<step>`` and moved into place with
@@ -25,6 +27,12 @@ directory with another run's checkpoints, see ``rlcore.run``) and the sha256 of 
 recomputes them, so a truncated or overwritten file is named before anything is loaded, and weights that load
 but are not finite are refused (:class:`DamagedCheckpoint`; ``rlcore.run`` then falls back to the previous
 checkpoint). A full disk while writing raises an error that says "no space left" and names the path.
+
+FSDP2 (``rlcore.distributed``): every process writes its shards of the model and of the optimizer state into
+``.tmp-checkpoint-<step>/distributed`` (``torch.distributed.checkpoint``, no full copy gathered anywhere);
+rank 0 then writes the rest, hashes every file and moves the directory into place, as above. Such a
+checkpoint resumes under FSDP2 (each process reads back its shards), not in one process; the final model is
+still one ``from_pretrained`` directory.
 
 Data order needs no saved sampler: it is a pure function of ``(seed, step)`` (rlcore.runtime.step_batches);
 the checkpoint records the seed and refuses to resume under another.
@@ -48,9 +56,10 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from rlcore import lora
+from rlcore import distributed, lora
 
 TRAINING_STATE_NAME = "training_state.pt"
+SHARDED_STATE_DIR = "distributed"  # FSDP2: the processes' shards of the model and optimizer
 MANIFEST_NAME = "checkpoint.json"
 ADAPTER_DIR_NAME = "adapter"
 _CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -157,6 +166,9 @@ def save_checkpoint(
         extra_state: small picklable values the recipe needs back (e.g. elapsed seconds).
         run_id, config: the run's identity and its resolved flags (JSON values), kept in checkpoint.json.
 
+    Under FSDP2 every process must call it (each writes its shards, see the module docstring); elsewhere rank
+    0 alone.
+
     Returns:
         The checkpoint directory.
 
@@ -164,18 +176,32 @@ def save_checkpoint(
         OSError: "no space left on device" naming the path (the partial checkpoint is removed).
     """
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    clear_partial_saves(output_dir)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".tmp-checkpoint-{step}"
+    sharded = distributed.is_sharded(model)
+    if distributed.is_main():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        clear_partial_saves(output_dir)
+    if sharded:  # FSDP2: every process calls this and writes its shards; rank 0 writes the rest
+        distributed.barrier()
+        with disk_errors(tmp):
+            save_sharded_state(model, optimizer, tmp / SHARDED_STATE_DIR)
+        distributed.barrier()
+        if not distributed.is_main():
+            return final
     with disk_errors(tmp):
-        save_model(model, tokenizer, tmp)
+        if sharded:
+            tmp.mkdir(parents=True, exist_ok=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        else:
+            save_model(model, tokenizer, tmp)
         for name, module in (extra_modules or {}).items():
             safetensors.torch.save_model(module, str(tmp / f"{name}.safetensors"))
         training_state = {
             "step": step,
             "seed": seed,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": None if sharded else optimizer.state_dict(),  # FSDP2: in distributed/
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "rng": rng_state(),
             "extra": dict(extra_state or {}),
@@ -229,21 +255,67 @@ def load_checkpoint(
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     if seed is not None and seed != state["seed"]:
         raise ValueError(f"{checkpoint_dir} was written with --seed {state['seed']}, this run has --seed {seed}")
+    sharded_dir = checkpoint_dir / SHARDED_STATE_DIR
+    if sharded_dir.is_dir() != distributed.is_sharded(model):
+        raise ValueError(
+            f"{checkpoint_dir} was written {'with' if sharded_dir.is_dir() else 'without'} --sharding fsdp2: "
+            "resume it the same way"
+        )
     with _damaged_if_unreadable(checkpoint_dir):
-        load_model_weights(model, checkpoint_dir)
+        if sharded_dir.is_dir():
+            load_sharded_state(model, optimizer, sharded_dir)
+        else:
+            load_model_weights(model, checkpoint_dir)
         for name, module in (extra_modules or {}).items():
             safetensors.torch.load_model(module, str(checkpoint_dir / f"{name}.safetensors"))
     modules = {"model": model, **(extra_modules or {})}
     for module_name, module in modules.items():
-        broken = next((n for n, p in module.named_parameters() if not torch.isfinite(p).all()), None)
+        broken = next((n for n, p in module.named_parameters() if not torch.isfinite(_local(p)).all()), None)
         if broken is not None:
             raise DamagedCheckpoint(f"{checkpoint_dir}: the {module_name} weight {broken} is not finite (NaN/inf)")
-    if optimizer is not None:
+    if optimizer is not None and state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     restore_rng_state(state["rng"])
     return {"step": state["step"], "extra": state["extra"]}
+
+
+def save_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """FSDP2: every process writes its shards of the model and optimizer state into ``directory``
+    (``torch.distributed.checkpoint.save``; rank 0 adds the metadata). Every process must call it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
+
+
+def load_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, directory: Path) -> None:
+    """FSDP2: every process reads its shards back from :func:`save_sharded_state`'s ``directory`` into the
+    sharded ``model`` and ``optimizer`` (in place). Every process must call it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=str(directory))
+        set_model_state_dict(model, state["model"])
+        return
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(directory))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of an FSDP2 parameter (a DTensor); any other tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:

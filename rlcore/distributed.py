@@ -44,8 +44,10 @@ Sharding modes (``--sharding``):
   passes go through the ROOT module (the root's hooks gather the embeddings and the head), and all ranks run
   the same number of forward and backward passes of the sharded model (its collectives are inside them):
   GRPO then keeps the rows with nothing to learn, and PPO and online DPO (whose processes hold different
-  numbers of mini-batch rows or pairs) refuse FSDP2 for now. LoRA, checkpoints and ``--resume`` under FSDP2
-  are not implemented yet (``rlcore.config`` refuses them).
+  numbers of mini-batch rows or pairs) refuse FSDP2 for now, and so does distillation (its loss reads the LM
+  heads' weights outside a forward pass). LoRA under FSDP2 is not implemented yet (``rlcore.config`` refuses
+  it). Checkpoints are sharded: every process writes its shards of the model and optimizer state
+  (``torch.distributed.checkpoint``; ``rlcore.checkpoint``) and resumes from them at the same world size.
   Generation gathers the full parameters once per rollout (:func:`full_parameters`), not layer by layer at
   every token (the classic slow path): the memory of one full copy during sampling is the price.
 

@@ -222,10 +222,11 @@ class Run:
 
     def save_checkpoint(self) -> Path:
         """Write OUTPUT_DIR/checkpoint-<step> now (atomically; see rlcore.checkpoint). Under torchrun rank 0
-        writes it, with every process's RNG state, and the others wait until it is in place."""
+        writes it, with every process's RNG state (under FSDP2 every process first writes its shards), and the
+        others wait until it is in place."""
         config, rank_rng = self.config, distributed.gather_objects(rng_state())
         path = Path(config.output_dir) / f"checkpoint-{self.step}"
-        if distributed.is_main():
+        if distributed.is_main() or distributed.is_sharded(self.model):  # FSDP2: every process writes its shards
             path = save_checkpoint(
                 config.output_dir,
                 self.step,
