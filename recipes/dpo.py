@@ -58,16 +58,15 @@ from pathlib import Path
 import torch
 
 from rlcore import (
-    DPO_LOSS_TYPES,
     data,
     distributed,
     dpo_loss,
     evaluation,
     guards,
-    length_desensitized_logps,
     lora,
     models,
     optim,
+    parse_loss_types,
     runtime,
     sft_loss_from_logprobs,
     toy,
@@ -132,21 +131,6 @@ class DPOConfig(TrainConfig):
         }
 
 
-def parse_loss_types(text: str) -> tuple[list[str], list[float]]:
-    """``"sigmoid"`` -> (["sigmoid"], [1.0]); ``"sigmoid:0.8,bco_pair:0.2,sft"`` -> the names and weights (MPO)."""
-    names, weights = [], []
-    for name, _, weight in (item.strip().partition(":") for item in text.split(",")):
-        if name not in DPO_LOSS_TYPES:
-            raise ValueError(
-                f"--loss_type: {name!r} is not one of {', '.join(DPO_LOSS_TYPES)} (MPO: sigmoid:0.8,sft:1)"
-            )
-        try:
-            names, weights = [*names, name], [*weights, float(weight or 1.0)]
-        except ValueError:
-            raise ValueError(f"--loss_type: the weight of {name!r} must be a number, got {weight!r}") from None
-    return names, weights
-
-
 def main(argv: list[str] | None = None) -> dict[str, float]:
     config = parse_config(DPOConfig, argv)
     device, bf16 = runtime.setup(config)
@@ -175,19 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return {k: v.to(device) for k, v in batch.items()}  # each [2B, T]
 
     def completion_logps(forward, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """([2B] completion log-probs, [2B, T-1] per token) of a data.collate_preference batch, one forward pass;
-        with --ld_alpha < 1 the sums are LD-DPO's (the tail beyond the shorter completion weighted by ld_alpha)."""
-        mask = batch["completion_mask"][:, 1:]  # [2B, T-1]
-        logps, token_logp = models.sequence_logprobs(
-            forward, batch["input_ids"], batch["attention_mask"], mask, chunk_size=config.lm_head_chunk
-        )
-        if config.ld_alpha < 1.0:
-            chosen_logp, rejected_logp = token_logp.chunk(2)
-            chosen_mask, rejected_mask = mask.chunk(2)
-            logps = torch.cat(
-                length_desensitized_logps(chosen_logp, chosen_mask, rejected_logp, rejected_mask, config.ld_alpha)
-            )  # [2B]
-        return logps, token_logp
+        return models.pair_logprobs(forward, batch, config.lm_head_chunk, config.ld_alpha)  # [2B], [2B, T-1]
 
     # ---------------------------------------------------------------- on-policy rejected answers and the reference
     # Both come from the starting policy, before any checkpoint is loaded, so a resumed run sees the same.

@@ -64,6 +64,7 @@ import torch
 from einops import rearrange
 
 from rlcore import (
+    ADVANTAGE_ESTIMATORS,
     IMPORTANCE_SAMPLING_LEVELS,
     LOSS_TYPE_AGGREGATION,
     TIS_MODES,
@@ -71,7 +72,7 @@ from rlcore import (
     cispo_loss,
     data,
     distributed,
-    group_advantages,
+    estimate_advantages,
     guards,
     kl_estimate,
     lora,
@@ -80,8 +81,6 @@ from rlcore import (
     models,
     optim,
     policy_loss,
-    reinforce_pp_advantages,
-    rloo_advantages,
     runtime,
     tracking,
     truncated_importance_weights,
@@ -91,8 +90,6 @@ from rlcore.rewards import TrainerState, rollout_stats, score_rollout
 from rlcore.rollout import generate
 from rlcore.run import Run, cli
 from rlcore.task import evaluate_policy, load_prompt_task, load_start_policy
-
-ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
 
 
 @dataclass
@@ -143,11 +140,7 @@ class GRPOConfig(OnlineConfig):
 
 def compute_advantages(config: GRPOConfig, rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[B] rewards -> [B] (grpo, rloo) or [B, T] (reinforce_pp) advantages."""
-    if config.advantage_estimator == "grpo":
-        return group_advantages(rewards, config.num_generations, scale=config.scale_rewards)
-    if config.advantage_estimator == "rloo":
-        return rloo_advantages(rewards, config.num_generations)
-    return reinforce_pp_advantages(rewards, mask)
+    return estimate_advantages(config.advantage_estimator, rewards, mask, config.num_generations, config.scale_rewards)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -208,11 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             completion_length = rollout.completion_ids.shape[1]
             ref_logp = None
             if config.beta > 0:
-                with (
-                    lora.reference_context(policy, reference) as ref_model,
-                    torch.no_grad(),
-                    runtime.autocast(device, bf16),
-                ):
+                with lora.reference_context(policy, reference) as ref_model, runtime.autocast(device, bf16):  # no grad
                     ref_logp, _ = models.token_logprobs(
                         ref_model,
                         rollout.sequences,
@@ -240,6 +229,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     learning_rows = learning_rows[:0]
             stats["learning_rows_frac"] = torch.tensor(len(learning_rows) / num_rows)
             old_logp = torch.zeros_like(mask, dtype=torch.float32)  # [B, T], filled on the first pass
+            loss_function, clip = (  # CISPO clips the detached weight from above only
+                (cispo_loss, {"clip_high": config.epsilon_high or config.epsilon})
+                if config.loss_type == "cispo"
+                else (policy_loss, {"clip_low": config.epsilon, "clip_high": config.epsilon_high})
+            )
             micro_rows = max(1, config.batch_size // distributed.world_size())  # this process's share of a micro-batch
             micro_batches = learning_rows.split(micro_rows) if len(learning_rows) else ()
             for iteration in range(config.num_iterations):
@@ -265,13 +259,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         sampler_logp = rollout.logprobs[micro].to(device)
                         weights = truncated_importance_weights(
                             old_logp[micro], sampler_logp, mask[micro], config.tis_cap, config.tis_mode
-                        )
-                    if config.loss_type == "cispo":
-                        loss_function, clip = cispo_loss, {"clip_high": config.epsilon_high or config.epsilon}
-                    else:
-                        loss_function, clip = (
-                            policy_loss,
-                            {"clip_low": config.epsilon, "clip_high": config.epsilon_high},
                         )
                     loss, loss_stats = loss_function(
                         logp,
@@ -301,8 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     share = len(micro) / (len(learning_rows) * config.num_iterations)  # other stats: mean over the rows
                     entropy_mean = masked_mean(entropy.detach(), mask[micro])
                     tracking.accumulate(stats, {"entropy": entropy_mean, **loss_stats}, share)
-                # with nothing to learn (no learning row) no parameter has a gradient: the step changes no
-                # weight, and the schedule still advances in step with the optimizer
+                # no learning row: no gradient, so no weight changes; the schedule still advances with the optimizer
                 grad_norm = optim.optimizer_step(policy.parameters(), optimizer, scheduler, config.max_grad_norm)
                 tracking.accumulate(stats, {"grad_norm": grad_norm}, 1 / config.num_iterations)
             stats.setdefault("loss", 0.0)

@@ -5,7 +5,15 @@ live in their own submodules: ``from rlcore.rollout import generate``. Importing
 torch and the math modules below.
 """
 
-from .advantages import GROUP_SCALES, gae, group_advantages, reinforce_pp_advantages, rloo_advantages
+from .advantages import (
+    ADVANTAGE_ESTIMATORS,
+    GROUP_SCALES,
+    estimate_advantages,
+    gae,
+    group_advantages,
+    reinforce_pp_advantages,
+    rloo_advantages,
+)
 from .distillation import distillation_loss, generalized_jsd
 from .kl import KL_KINDS, kl_estimate, kl_shaped_rewards
 from .logprobs import (
@@ -28,6 +36,7 @@ from .losses import (
     f_divergence_score,
     importance_ratio,
     loss_normalizer,
+    parse_loss_types,
     policy_loss,
     reward_pairwise_loss,
     sft_loss,
@@ -64,6 +73,7 @@ __all__ = [
     "CPO_LOSS_TYPES",
     "KTO_LOSS_TYPES",
     "DPO_LOSS_TYPES",
+    "parse_loss_types",
     "F_DIVERGENCES",
     "GROUP_SCALES",
     "IMPORTANCE_SAMPLING_LEVELS",
@@ -85,6 +95,8 @@ __all__ = [
     "gather_logprobs",
     "generalized_jsd",
     "group_advantages",
+    "estimate_advantages",
+    "ADVANTAGE_ESTIMATORS",
     "importance_ratio",
     "kl_estimate",
     "kl_shaped_rewards",

@@ -11,7 +11,15 @@ import torch
 
 from .ops import check_choice, check_ndim, check_same_shape, last_valid_index, masked_whiten
 
-__all__ = ["GROUP_SCALES", "gae", "group_advantages", "rloo_advantages", "reinforce_pp_advantages"]
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "GROUP_SCALES",
+    "estimate_advantages",
+    "gae",
+    "group_advantages",
+    "rloo_advantages",
+    "reinforce_pp_advantages",
+]
 
 GROUP_SCALES = ("group", "batch", "none")
 
@@ -161,3 +169,28 @@ def reinforce_pp_advantages(
     check_same_shape(rewards=rewards, mask=mask)
     _, returns = gae(rewards, torch.zeros_like(rewards), mask, gamma=gamma, lam=1.0)  # [B, T]
     return masked_whiten(returns, mask, eps=eps, unbiased=False)
+
+
+ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
+
+
+def estimate_advantages(
+    estimator: str, rewards: torch.Tensor, mask: torch.Tensor, group_size: int, scale: str = "group"
+) -> torch.Tensor:
+    """The advantages of one of ``ADVANTAGE_ESTIMATORS`` (GRPO's ``--advantage_estimator``).
+
+    Args:
+        estimator: "grpo" (``group_advantages`` with ``scale``), "rloo" (``rloo_advantages``) or "reinforce_pp"
+            (``reinforce_pp_advantages``).
+        rewards: [B] one reward per completion, the G completions of a prompt consecutive.
+        mask: [B, T] completion mask (reinforce_pp broadcasts over it).
+        group_size: G.
+
+    Returns:
+        [B] (grpo, rloo) or [B, T] (reinforce_pp) advantages.
+    """
+    if estimator == "grpo":
+        return group_advantages(rewards, group_size, scale=scale)
+    if estimator == "rloo":
+        return rloo_advantages(rewards, group_size)
+    return reinforce_pp_advantages(rewards, mask)

@@ -22,6 +22,7 @@ __all__ = [
     "LOSS_TYPE_AGGREGATION",
     "loss_normalizer",
     "DPO_LOSS_TYPES",
+    "parse_loss_types",
     "F_DIVERGENCES",
     "f_divergence_score",
     "wpo_log_weights",
@@ -525,6 +526,22 @@ def wpo_log_weights(token_logps: torch.Tensor, log_sum_sq_probs: torch.Tensor, m
     with torch.no_grad():
         aligned = masked_sum(token_logps - log_sum_sq_probs, mask, dim=-1)  # [B]
         return aligned / mask.sum(-1).clamp(min=1).to(aligned.dtype)
+
+
+def parse_loss_types(text: str) -> tuple[list[str], list[float]]:
+    """``"sigmoid"`` -> (["sigmoid"], [1.0]); ``"sigmoid:0.8,bco_pair:0.2,sft"`` -> the names and weights (MPO),
+    the ``loss_type`` and ``loss_weights`` of ``dpo_loss`` (the ``--loss_type`` flag of recipes/dpo.py)."""
+    names, weights = [], []
+    for name, _, weight in (item.strip().partition(":") for item in text.split(",")):
+        if name not in DPO_LOSS_TYPES:
+            raise ValueError(
+                f"--loss_type: {name!r} is not one of {', '.join(DPO_LOSS_TYPES)} (MPO: sigmoid:0.8,sft:1)"
+            )
+        try:
+            names, weights = [*names, name], [*weights, float(weight or 1.0)]
+        except ValueError:
+            raise ValueError(f"--loss_type: the weight of {name!r} must be a number, got {weight!r}") from None
+    return names, weights
 
 
 def _cdpo_sigmoid(delta: torch.Tensor, eps: float) -> torch.Tensor:

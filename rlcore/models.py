@@ -40,7 +40,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from rlcore.logprobs import chunked_logprobs, entropy_from_logits, gather_logprobs, log_sum_squared_probs
+from rlcore.logprobs import (
+    chunked_logprobs,
+    entropy_from_logits,
+    gather_logprobs,
+    length_desensitized_logps,
+    log_sum_squared_probs,
+)
 from rlcore.ops import last_valid_index
 
 TINY = "tiny"
@@ -681,6 +687,24 @@ def sequence_logprobs(
     token_logp = logp * completion_mask  # [B, n]
     summed = token_logp.sum(dim=1)  # [B]
     return (summed / completion_mask.sum(dim=1).clamp(min=1) if average else summed), token_logp
+
+
+def pair_logprobs(
+    model, batch: dict[str, torch.Tensor], chunk_size: int = 0, ld_alpha: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completion log-probs of a ``data.collate_preference`` batch (chosen rows, then rejected), one forward pass.
+
+    Returns ([2B] summed log-probs, [2B, T-1] per token). With ``ld_alpha`` < 1 the sums are LD-DPO's
+    (``rlcore.logprobs.length_desensitized_logps``: the tail beyond the shorter completion weighs ld_alpha).
+    """
+    mask = batch["completion_mask"][:, 1:]  # [2B, T-1]
+    logps, token_logp = sequence_logprobs(
+        model, batch["input_ids"], batch["attention_mask"], mask, chunk_size=chunk_size
+    )
+    if ld_alpha < 1.0:
+        (chosen_logp, rejected_logp), (chosen_mask, rejected_mask) = token_logp.chunk(2), mask.chunk(2)
+        logps = torch.cat(length_desensitized_logps(chosen_logp, chosen_mask, rejected_logp, rejected_mask, ld_alpha))
+    return logps, token_logp
 
 
 @torch.no_grad()
