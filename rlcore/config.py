@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import inspect
 import json
 import os
@@ -251,8 +252,8 @@ def parse_config(config_class: type[ConfigT], argv: list[str] | None = None) -> 
         An instance of ``config_class``; its ``__post_init__`` checks run on the merged values.
 
     Raises:
-        SystemExit (exit code 2, through argparse) for an unknown flag or a value of the wrong type, with the
-        list of valid flags; ValueError for an unknown key in the config file.
+        SystemExit (exit code 2, through argparse) for an unknown flag or a value of the wrong type, in one line
+        (with the closest valid flags for an unknown one); ValueError for an unknown key in the config file.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     fields = {f.name: f for f in dataclasses.fields(config_class)}
@@ -281,12 +282,40 @@ def save_config(config: Any, output_dir: str | os.PathLike) -> Path:
 # internals
 
 
+# TRL's names for flags rlcore spells differently, suggested when a user types the TRL one.
+_TRL_NAMES = {
+    "--learning_rate": "--lr",
+    "--per_device_train_batch_size": "--batch_size",
+    "--per_device_eval_batch_size": "--eval_batch_size",
+    "--gradient_accumulation_steps": "--grad_accum_steps",
+    "--model_name_or_path": "--model",
+    "--dataset_name": "--dataset",
+    "--lr_scheduler_type": "--lr_schedule",
+    "--max_completion_length": "--max_new_tokens",
+    "--use_peft": "--lora_r",
+    "--lora_target_modules": "--lora_targets",
+    "--torch_dtype": "--dtype",
+    "--dataset_train_split": "--train_split",
+    "--dataset_test_split": "--eval_split",
+}
+
+
+def _closest_flags(unknown: list[str], flags: list[str]) -> list[str]:
+    """Valid flags that look like the unknown ones: TRL's name for the same flag, then spelling neighbours."""
+    close = [_TRL_NAMES[f] for f in unknown if _TRL_NAMES.get(f) in flags]
+    close += [m for f in unknown if f not in _TRL_NAMES for m in difflib.get_close_matches(f, flags, n=3, cutoff=0.8)]
+    return list(dict.fromkeys(close))
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse whose unknown-flag error lists every valid flag."""
+    """argparse whose errors are one line: an unknown flag gets the closest valid flags as suggestions."""
 
     def error(self, message: str) -> typing.NoReturn:
         flags = sorted(a.option_strings[0] for a in self._actions if a.option_strings and a.dest != "help")
-        self.exit(2, f"{self.prog}: error: {message}\nvalid flags: {' '.join(flags)}\n")
+        unknown = re.findall(r"(?<!\S)--[\w-]+", message) if "unrecognized arguments" in message else []
+        close = _closest_flags(unknown, flags)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        self.exit(2, f"{self.prog}: error: {message}{hint} (--help lists the valid flags)\n")
 
 
 def _build_parser(config_class: type, fields: dict, types_by_name: dict) -> argparse.ArgumentParser:
