@@ -45,6 +45,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -170,6 +171,7 @@ class RewardModelScorer:
         self.path, self.batch_size = path, batch_size
         self.same_vocabulary = self.tokenizer.get_vocab() == policy_tokenizer.get_vocab()
         self.policy_stop_ids = set(eos_token_ids(policy_tokenizer))
+        self.max_length = getattr(self.model.config, "max_position_embeddings", None)
 
     @torch.no_grad()
     def __call__(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -186,6 +188,7 @@ class RewardModelScorer:
         order = torch.sort(attention_mask.long(), dim=1, descending=True, stable=True).indices  # [B, L]
         ids = sequences.gather(1, order).to(device)  # [B, L]: real tokens first, in order
         mask = attention_mask.gather(1, order).to(device)  # [B, L]
+        ids, mask = self._keep_tensor_ends(ids, mask)
         scores = [
             sequence_scores(self.model, ids[start : start + self.batch_size], mask[start : start + self.batch_size])
             for start in range(0, ids.shape[0], self.batch_size)
@@ -211,11 +214,37 @@ class RewardModelScorer:
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         return [p + c + (eos if stop else []) for p, c, stop in zip(prompt_ids, completion_ids, stopped)]
 
+    def _keep_tensor_ends(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`keep_ends` for [B, L] rows whose real tokens come first."""
+        lengths = mask.long().sum(1)  # [B]
+        if self.max_length is None or int(lengths.max()) <= self.max_length:
+            return ids, mask
+        kept = [row[: int(n)].tolist() for row, n in zip(ids, lengths)]
+        batch = data.collate_right(self.keep_ends(kept), None, 0)
+        return batch["input_ids"].to(ids.device), batch["attention_mask"].to(mask.device)
+
+    def keep_ends(self, rows: list[list[int]]) -> list[list[int]]:
+        """Rows cut to the reward model's ``max_position_embeddings``, keeping their ends.
+
+        The score is read at a row's last token, so a row too long for the reward model loses the start of
+        its prompt, not its completion; a warning says how many rows were cut.
+        """
+        limit = self.max_length
+        cut = 0 if limit is None else sum(len(row) > limit for row in rows)
+        if cut:
+            warnings.warn(
+                f"reward model {self.path!r}: {cut} of {len(rows)} rows are longer than its "
+                f"max_position_embeddings={limit} in its own tokens; scored on their last {limit} tokens",
+                stacklevel=2,
+            )
+            rows = [row[-limit:] for row in rows]
+        return rows
+
     @torch.no_grad()
     def score_text(self, prompts: list, completions: list, completion_ids: list[list[int]]) -> torch.Tensor:
         """[B] float32 scores of rows given as text (the reward model's own tokenizer): re-tokenise, score."""
         stopped = [bool(ids) and ids[-1] in self.policy_stop_ids for ids in completion_ids]
-        rows = self.text_ids(prompts, completions, stopped)
+        rows = self.keep_ends(self.text_ids(prompts, completions, stopped))
         device = next(self.model.parameters()).device
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         scores = []

@@ -126,6 +126,25 @@ def test_a_reward_model_with_its_own_tokenizer_scores_the_text(own_tokenizer_rew
     assert per_source.shape == (3, 1)
 
 
+def test_rows_longer_than_the_reward_model_are_scored_on_their_ends(own_tokenizer_reward_model):
+    # the fixture's reward model has 128 positions: a 200-token row keeps its last 128 tokens (the completion
+    # the score is read from), in both the re-tokenising path and the token-tensor path, with a warning
+    scorer = RewardModelScorer(own_tokenizer_reward_model, load_tokenizer("tiny"))
+    prompts, completions = ["1+" * 99 + "1=", "2+2="], ["100", "4"]
+    with pytest.warns(UserWarning, match=r"1 of 2 rows are longer than its max_position_embeddings=128"):
+        rewards, _ = RewardScorer([], scorer)(prompts, completions, [[5], [5]], {})
+    long_row, short_row = scorer.text_ids(prompts, completions, [False, False])
+    assert len(long_row) > 128
+    torch.testing.assert_close(rewards, direct_scores(scorer, [long_row[-128:], short_row]), atol=1e-5, rtol=1e-5)
+    # token tensors: left-padded prompt, right-padded completion, as a rollout holds them
+    ids = torch.tensor(
+        [[0] * 5 + long_row[:-3] + long_row[-3:], [0] * (len(long_row) - len(short_row) + 5) + short_row]
+    )
+    mask = (torch.arange(ids.shape[1]) >= torch.tensor([[5], [len(long_row) - len(short_row) + 5]])).long()
+    with pytest.warns(UserWarning, match="1 of 2 rows"):
+        torch.testing.assert_close(scorer(ids, mask), rewards, atol=1e-5, rtol=1e-5)
+
+
 def test_a_reward_model_with_its_own_tokenizer_renders_its_own_chat_template(own_tokenizer_reward_model):
     policy_tokenizer = load_tokenizer("tiny")
     scorer = RewardModelScorer(own_tokenizer_reward_model, policy_tokenizer)
