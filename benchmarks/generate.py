@@ -60,7 +60,8 @@ def build_model(name: str, device: str) -> torch.nn.Module:
             dtype="bfloat16",
         )
         torch.manual_seed(0)
-        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+        with torch.device(device):  # built on the device: no float32 copy on the host
+            model = Qwen2ForCausalLM(config).to(torch.bfloat16)
     else:
         raise ValueError(f"unknown model {name!r}")
     model.generation_config.eos_token_id = None  # every row runs to max_new_tokens in model.generate too
