@@ -1,0 +1,93 @@
+"""benchmarks/gpu_check.py in smoke mode (CPU, tiny shapes, the code paths of the GPU run): every row of its
+table is there, with a number, or "skipped" with its reason where the smoke mode cannot measure it (the
+compiled CUDA-graph decode step on CPU; TRL when it is not installed).
+
+The decode and MFU parts run in-process (fast); the whole smoke run, in a subprocess as a user runs it, is
+``-m slow`` (about 100 s on 2 busy cores, most of it the GRPO workers and a 0.5B memory row).
+"""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_check.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def expected_rows(plan, parts: list[str]) -> set[str]:
+    """The row names the table must hold: 3 contenders x each batch size, batch-1 HBM fractions, and so on."""
+    names = {"decode": {"device-to-device copy bandwidth"}, "mfu": set(), "grpo": set(), "memory": set()}
+    for batch in plan.batch_sizes:
+        for name in ("rlcore eager", "rlcore static cache + compiled step", "model.generate"):
+            names["decode"].add(f"decode tokens/s batch {batch}, {name}")
+            if batch == 1:
+                names["decode"].add(f"batch-1 decode / HBM bound, {name}")
+    names["mfu"] |= {"peak dense FLOP/s used", "measured matmul FLOP/s", "SFT MFU", "DPO MFU"}
+    names["grpo"] |= {"GRPO step seconds, rlcore", "GRPO step seconds, trl", "GRPO step rlcore / TRL"}
+    names["memory"] |= {f"memory {row.split(':')[0]} 0.5B lora ckpt off" for row in plan.memory_rows}
+    return set().union(*(names[part] for part in parts))
+
+
+def check_table(rows: list[dict], plan, parts: list[str]) -> None:
+    trl_missing = importlib.util.find_spec("trl") is None
+    by_name = {}
+    for row in rows:
+        # the compiled step carries its device in its name: "(CUDA graphs)" or "(no graphs: CPU)"
+        by_name[row["row"].split(" (")[0]] = row
+    assert len(by_name) == len(rows) and set(by_name) == expected_rows(plan, parts)
+    for name, row in by_name.items():
+        skippable = "compiled step" in name or (trl_missing and ("trl" in name or "TRL" in name))
+        if row["value"] is None:
+            assert skippable and row["note"].startswith("skipped"), row
+        else:
+            assert isinstance(row["value"], float) and math.isfinite(row["value"]) and row["value"] > 0, row
+    fractions = [row["value"] for row in rows if row["unit"] == "fraction" and row["value"] is not None]
+    assert fractions and all(0 < value < 1.5 for value in fractions)  # MFU and HBM fractions: no unit slip
+
+
+def test_datasheet_peak_picks_the_most_specific_name(gpu_check):
+    assert gpu_check.datasheet_peak("NVIDIA H100 80GB HBM3")[0] == 989e12  # SXM
+    assert gpu_check.datasheet_peak("NVIDIA H100 PCIe")[0] == 756e12
+    assert gpu_check.datasheet_peak("NVIDIA H100 NVL")[0] == 835e12
+    assert gpu_check.datasheet_peak("NVIDIA H200")[0] == 989e12
+    assert gpu_check.datasheet_peak("NVIDIA H200 NVL")[0] == 835e12
+    assert gpu_check.datasheet_peak("NVIDIA A100-SXM4-80GB") is None  # measured matmul peak instead
+
+
+def test_smoke_decode_and_mfu_rows(gpu_check, tmp_path):
+    out = tmp_path / "table.json"
+    gpu_check.main(["--smoke", "--parts", "decode,mfu", "--threads", "1", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["smoke"] is True
+    check_table(report["rows"], gpu_check.PLANS["smoke"], ["decode", "mfu"])
+
+
+def test_bad_parts_is_one_line(gpu_check, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main(["--smoke", "--parts", "decode,speed"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--parts: unknown ['speed']" in error and "decode,mfu,memory,grpo" in error
+
+
+@pytest.mark.slow
+def test_whole_smoke_run_in_a_subprocess(gpu_check, tmp_path):
+    out = tmp_path / "table.json"
+    command = [sys.executable, str(SCRIPT), "--smoke", "--threads", "1", "--out", str(out)]
+    finished = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "GRPO step rlcore / TRL" in finished.stdout  # the table is printed
+    check_table(json.loads(out.read_text())["rows"], gpu_check.PLANS["smoke"], list(gpu_check.PARTS))
