@@ -27,7 +27,8 @@ collects the numbers into one table (printed at the end and written as JSON to `
   ``max_memory_allocated`` of one optimizer step of SFT, DPO, GRPO and PPO at the 0.5B shape.
 
 Step counts set each part's budget (under 8 minutes on one H100/H200 in all); the elapsed time of each part
-is printed. ``--time_limit`` is a backstop: a part that would start after it is marked skipped.
+is printed. ``--time_limit`` (default 450 s) is a backstop: a part, GRPO worker or memory row that would
+start after it is marked skipped (one already running finishes).
 
     python benchmarks/gpu_check.py --out gpu_check.json          # one H100/H200
     python benchmarks/gpu_check.py --smoke --out smoke.json      # CPU, tiny shapes, the same code paths
@@ -66,7 +67,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from rlcore import dpo_loss, masked_mean, models, optim  # noqa: E402
 from rlcore.rollout import release_static_caches  # noqa: E402
 
-PARTS = ("decode", "mfu", "memory", "grpo")  # GRPO last: the longest, and its workers run to their end
+# Memory last: its rows are short subprocesses, each checked against --time_limit before it starts.
+PARTS = ("decode", "grpo", "mfu", "memory")
 
 # Peak dense bf16 tensor-core FLOP/s: half the "with sparsity" figure of NVIDIA's datasheets. Most specific first.
 PEAK_BF16 = {
@@ -113,7 +115,7 @@ PLANS = {
         matmul_size=8192,
         memory_rows=("0.5B:full_bf16:nogc", "0.5B:lora:nogc"),
         memory_seq_len=512,
-        time_limit=470.0,
+        time_limit=450.0,
     ),
     "smoke": SimpleNamespace(
         device="cpu",

@@ -3,7 +3,7 @@ table is there, with a number, or "skipped" with its reason where the smoke mode
 compiled CUDA-graph decode step on CPU; TRL when it is not installed).
 
 The decode and MFU parts run in-process (fast); the whole smoke run, in a subprocess as a user runs it, is
-``-m slow`` (about 100 s on 2 busy cores, most of it the GRPO workers and a 0.5B memory row).
+``-m slow`` (100 to 150 s on 2 busy cores, most of it the GRPO workers and a 0.5B memory row).
 """
 
 import importlib.util
@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
@@ -80,7 +81,15 @@ def test_bad_parts_is_one_line(gpu_check, capsys):
         gpu_check.main(["--smoke", "--parts", "decode,speed"])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "--parts: unknown ['speed']" in error and "decode,mfu,memory,grpo" in error
+    assert "--parts: unknown ['speed']" in error and "decode,grpo,mfu,memory" in error
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run itself would start")
+def test_gpu_run_without_cuda_is_one_line(gpu_check, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main([])
+    assert exit_info.value.code == 2
+    assert "no CUDA device" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 @pytest.mark.slow
