@@ -14,8 +14,9 @@ collects the numbers into one table (printed at the end and written as JSON to `
   once + the live KV cache of the row, ``generate.bytes_per_step``) / (seconds per token step) over the
   device-to-device bandwidth of cloning a 1 GiB tensor (read + write, timed with CUDA events).
 - **grpo** (``benchmarks/compare_trl.py``'s workers, each in its own process): seconds per GRPO step with
-  16 prompts x G 8 x 256 new tokens (compare_trl's CUDA settings), rlcore's recipe against TRL's
-  ``GRPOTrainer`` without vLLM; TRL's row says "skipped" when trl is not importable.
+  16 prompts x G 8 x 256 new tokens (compare_trl's CUDA settings and its ``qwen0.5b`` model: the 0.5B sizes
+  in the toy's Llama layers and tokenizer, bf16 autocast), rlcore's recipe against TRL's ``GRPOTrainer``
+  without vLLM; TRL's row says "skipped" when trl is not importable.
 - **mfu**: SFT and DPO steps (full fine-tuning, bf16 weights, torch AdamW, eager; rows of ``tokens``
   positions, every position scored) on the 0.5B shape built by ``benchmarks/memory.py``'s ``build``.
   MFU = 6 N tokens (policy forward + backward; DPO adds 2 N per token of the reference forward) per second
