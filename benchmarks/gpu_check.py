@@ -327,6 +327,11 @@ def train_step_seconds(algorithm: str, policy, reference, optimizer, input_ids, 
     return statistics.median(generate.timed(step, plan.device) for _ in range(plan.mfu_steps))
 
 
+def training_flops(algorithm: str, parameters: int, tokens: int) -> int:
+    """Model FLOPs of one step: 2 N per token forward, 4 N backward (6 N D); DPO adds the reference's forward."""
+    return (6 if algorithm == "sft" else 6 + 2) * parameters * tokens
+
+
 def mfu_part(plan, table: Table) -> None:
     peak, source, measured = peak_flops(plan)
     table.add("mfu", "peak dense FLOP/s used", peak / 1e12, "TFLOP/s", source)
@@ -341,7 +346,7 @@ def mfu_part(plan, table: Table) -> None:
     for algorithm in ("sft", "dpo"):
         reference = models.frozen_copy(policy) if algorithm == "dpo" else None
         seconds = train_step_seconds(algorithm, policy, reference, optimizer, input_ids, plan)
-        flops = (6 if algorithm == "sft" else 8) * parameters * tokens  # DPO: + the reference forward (2 N)
+        flops = training_flops(algorithm, parameters, tokens)
         note = (
             f"{plan.mfu_shape} ({parameters / 1e6:.2f}M params, {plan.mfu_variant}), {plan.mfu_rows} x "
             f"{plan.mfu_tokens} tokens, {seconds:.3f} s/step, {flops / seconds / measured:.0%} of measured matmul"
@@ -437,7 +442,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     table.print()
     print(f"\ntotal {time.perf_counter() - start:.1f} s")
     if args.out:
-        report = {"device": device, "smoke": args.smoke, "torch": torch.__version__, "rows": table.rows}
+        report = {"device": device, "smoke": args.smoke, "torch": torch.__version__, "plan": vars(plan)}
+        report["rows"] = table.rows
         report["seconds"] = time.perf_counter() - start
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         print(f"table: {args.out}")

@@ -68,11 +68,25 @@ def test_datasheet_peak_picks_the_most_specific_name(gpu_check):
     assert gpu_check.datasheet_peak("NVIDIA A100-SXM4-80GB") is None  # measured matmul peak instead
 
 
+def test_mfu_counts_the_0_5b_shape_by_hand(gpu_check):
+    """N of the 0.5B shape, counted by hand (tied embedding once, q/k/v biases, no o_proj bias):
+    embedding 151936 * 896 = 136,134,656; per layer q 896 * 896 + 896 = 803,712, k and v 896 * 128 + 128 =
+    114,816 each, o 896 * 896 = 802,816, MLP 3 * 896 * 4864 = 13,074,432, two norms 1,792: 14,912,384, times
+    24 layers = 357,897,216; final norm 896. Total 494,032,768 (Qwen2.5-0.5B's model card: 0.49B)."""
+    config = gpu_check.Qwen2Config(**gpu_check.MFU_SHAPES["0.5B"])
+    with torch.device("meta"):
+        model = gpu_check.Qwen2ForCausalLM(config)
+    parameters = gpu_check.models.parameter_counts(model)[1]
+    assert parameters == 136_134_656 + 24 * 14_912_384 + 896 == 494_032_768
+    assert gpu_check.training_flops("sft", parameters, 8 * 1024) == 6 * 494_032_768 * 8192
+    assert gpu_check.training_flops("dpo", parameters, 8 * 1024) == 8 * 494_032_768 * 8192
+
+
 def test_smoke_decode_and_mfu_rows(gpu_check, tmp_path):
     out = tmp_path / "table.json"
     gpu_check.main(["--smoke", "--parts", "decode,mfu", "--threads", "1", "--out", str(out)])
     report = json.loads(out.read_text())
-    assert report["smoke"] is True
+    assert report["smoke"] is True and report["plan"]["device"] == "cpu"
     check_table(report["rows"], gpu_check.PLANS["smoke"], ["decode", "mfu"])
 
 
