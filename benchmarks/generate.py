@@ -137,7 +137,7 @@ def copy_bandwidth(device: str) -> float:
     return 2 * source.numel() * source.element_size() / seconds
 
 
-def linear_floor(model, batch: int, device: str, repeats: int) -> float:
+def linear_floor(model, batch: int, device: str, repeats: int, clock: str = "wall") -> float:
     """Seconds per decode step of the model's ``nn.Linear`` layers alone, on ``[batch, in]`` inputs.
 
     Every decoder that runs the same matmuls eagerly spends at least this per token step, so
@@ -153,7 +153,7 @@ def linear_floor(model, batch: int, device: str, repeats: int) -> float:
 
     with torch.no_grad():
         twenty_steps()  # warm-up
-        return statistics.median(timed(twenty_steps, device) / 20 for _ in range(repeats))
+        return statistics.median(timed(twenty_steps, device, clock) / 20 for _ in range(repeats))
 
 
 def bytes_per_step(model, prompt_len: int, new_tokens: int) -> float:
@@ -226,7 +226,7 @@ def main() -> None:
                     line += f"  (warm-up incl. compile {warmup[label]:.1f}s)"
                 print(line, flush=True)
             if args.linear_floor:
-                floor = linear_floor(model, batch, args.device, args.repeats)
+                floor = linear_floor(model, batch, args.device, args.repeats, args.clock)
                 print(
                     f"{name:<22}{batch:>6}  {'linear layers only':<18}{batch / floor:>10.0f}"
                     f"{baseline / (floor * args.new_tokens):>12.2f}x",
