@@ -163,3 +163,24 @@ def test_bfloat16_model_decodes_like_its_forward():
     )
     assert torch.equal(native.sequences, forward_path.sequences)
     torch.testing.assert_close(native.logprobs, forward_path.logprobs, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_norm_is_transformers_bit_for_bit_and_matmuls_within_rounding(dtype):
+    """The step's RMSNorm (scale fused into the kernel in float32) and its matmuls against contiguous
+    transposed weights give exactly transformers' LlamaRMSNorm; the matmuls give F.linear's values within
+    float rounding (the two lay out the same sum differently)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from rlcore.decode import _linear, _operand, _rms_norm
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 64, generator=generator).to(dtype)
+    norm = LlamaRMSNorm(64, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(64, generator=generator))
+        assert torch.equal(_rms_norm(x, norm.weight, 1e-5), norm(x))
+        linear = torch.nn.Linear(64, 48).to(dtype)
+        tolerance = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(_linear(x, _operand(linear.weight), linear.bias), linear(x), **tolerance)
+        torch.testing.assert_close(_linear(x, _operand(linear.weight), None), x @ linear.weight.T, **tolerance)

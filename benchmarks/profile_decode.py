@@ -1,0 +1,151 @@
+"""Where the time of ``rlcore.rollout.generate`` goes on CPU, per decode step (torch.profiler).
+
+One ``generate`` call (batch 64 ragged prompts of up to 32 tokens, 128 new tokens, EOS off, temperature 1,
+the models of ``benchmarks/generate.py``) runs under ``torch.profiler`` after a warm-up call. The time is
+split into the prefill, the decode step (:class:`rlcore.decode.LlamaDecodeStep`), sampling
+(``sample_tokens``) and the rest of the loop; inside the step, the ops called directly by the step are
+grouped: matmuls, attention over the KV cache (``scaled_dot_product_attention``), KV cache writes (the
+in-place copies), small ops (RMSNorm, RoPE, SiLU, residual adds, embedding, views) and Python (the step's
+wall time not inside any op: interpreter and dispatch). Times are profiled wall times divided by the
+number of decode steps, so they include the profiler's own overhead (~10 us per op); the unprofiled
+process time per step is printed beside them for scale.
+
+    python benchmarks/profile_decode.py                     # tiny and 20m, batch 64, one thread
+    python benchmarks/profile_decode.py --models 20m --batch-size 16
+    python benchmarks/profile_decode.py --matmuls           # also: F.linear against x @ W^T (contiguous)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile, record_function
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generate import build_model, ragged_prompts  # noqa: E402
+
+import rlcore.rollout as rollout  # noqa: E402
+
+MATMULS = {"aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::bmm"}
+ATTENTION = {"aten::scaled_dot_product_attention"}
+CACHE_WRITES = {"aten::copy_"}
+SCOPES = ("prefill", "decode step", "sampling")
+
+
+def scoped(function, name: str):
+    def wrapped(*args, **kwargs):
+        with record_function(name):
+            return function(*args, **kwargs)
+
+    return wrapped
+
+
+def instrument() -> None:
+    """Wrap the prefill, the step and the sampler of ``rlcore.rollout`` in named profiler scopes."""
+    rollout._prefill = scoped(rollout._prefill, "prefill")
+    rollout.sample_tokens = scoped(rollout.sample_tokens, "sampling")
+    make_step = rollout._step_function
+
+    def step_function(*args, **kwargs):
+        step, ready_mask = make_step(*args, **kwargs)
+        return scoped(step, "decode step"), ready_mask
+
+    rollout._step_function = step_function
+
+
+def category(op_name: str) -> str:
+    if op_name in MATMULS:
+        return "matmuls"
+    if op_name in ATTENTION:
+        return "attention over the cache"
+    if op_name in CACHE_WRITES:
+        return "cache writes"
+    return "small ops"
+
+
+def breakdown(events, total_us: float, steps: int) -> dict[str, float]:
+    """Microseconds per decode step of each scope, and of each category of the step's own ops."""
+    per_step = defaultdict(float)
+    for event in events:
+        if event.name in SCOPES:
+            per_step[event.name] += event.cpu_time_total
+        parent = event.cpu_parent
+        if parent is not None and parent.name == "decode step":
+            per_step["  " + category(event.name)] += event.cpu_time_total
+    inside = sum(value for key, value in per_step.items() if key.startswith("  "))
+    per_step["  Python (step time outside ops)"] = per_step["decode step"] - inside
+    per_step["loop bookkeeping (rest)"] = total_us - sum(per_step[name] for name in SCOPES)
+    return {key: value / steps for key, value in per_step.items()}
+
+
+def profile_model(name: str, batch: int, new_tokens: int) -> None:
+    model = build_model(name, "cpu")
+    ids, mask = ragged_prompts(batch, 32, model.config.vocab_size, "cpu")
+
+    def run():
+        rollout.generate(model, ids, mask, max_new_tokens=new_tokens, eos_token_ids=[], pad_token_id=0)
+
+    run()
+    seconds = []
+    for _ in range(3):
+        start = time.process_time()
+        run()
+        seconds.append(time.process_time() - start)
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        start = time.perf_counter()
+        run()
+        total_us = (time.perf_counter() - start) * 1e6
+    steps = new_tokens - 1  # the first token is sampled from the prefill's logits
+    rows = breakdown(profiler.events(), total_us, steps)
+    print(f"\n{name}, batch {batch}: {statistics.median(seconds) / new_tokens * 1e6:.0f} us per token step unprofiled")
+    print(f"{'':<36}{'us/step':>9}{'share':>8}")
+    order = ["prefill", "decode step"] + sorted(key for key in rows if key.startswith("  ")) + ["sampling"]
+    for key in order + ["loop bookkeeping (rest)"]:
+        print(f"{key:<36}{rows[key]:>9.0f}{rows[key] / (total_us / steps):>8.1%}")
+    print(f"{'total (profiled)':<36}{total_us / steps:>9.0f}")
+
+
+def compare_matmuls(batch: int) -> None:
+    """F.linear(x, W) against torch.mm(x, W^T contiguous) for the 20m and tiny models' shapes."""
+
+    def per_call(fn, calls=50):
+        fn()
+        start = time.process_time()
+        for _ in range(calls):
+            fn()
+        return (time.process_time() - start) / calls * 1e6
+
+    print(f"\nmatmul [{batch}, in] x [in, out], us per call: F.linear(x, W) | torch.mm(x, W.t().contiguous())")
+    for out_features, in_features in [(1024, 512), (512, 512), (2048, 512), (512, 2048), (256, 128), (512, 128)]:
+        weight, x = torch.randn(out_features, in_features), torch.randn(batch, in_features)
+        weight_t = weight.t().contiguous()
+        linear, mm = per_call(lambda: F.linear(x, weight)), per_call(lambda: torch.mm(x, weight_t))
+        print(f"  W [{out_features}, {in_features}]: {linear:8.0f} | {mm:8.0f}  ({linear / mm:.2f}x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["tiny", "20m"], choices=["tiny", "20m"])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--matmuls", action="store_true", help="also time F.linear against x @ W^T (contiguous)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"threads={torch.get_num_threads()} torch={torch.__version__} batch={args.batch_size} new_tokens={args.new_tokens}")
+    instrument()
+    for name in args.models:
+        profile_model(name, args.batch_size, args.new_tokens)
+    if args.matmuls:
+        compare_matmuls(args.batch_size)
+
+
+if __name__ == "__main__":
+    main()
