@@ -113,20 +113,20 @@ def profile_model(name: str, batch: int, new_tokens: int) -> None:
 
 
 def compare_matmuls(batch: int) -> None:
-    """F.linear(x, W) against torch.mm(x, W^T contiguous) for the 20m and tiny models' shapes."""
+    """F.linear(x, W) against torch.mm(x, W^T contiguous) for the 20m and tiny models' weight shapes."""
 
-    def per_call(fn, calls=50):
-        fn()
+    def per_call(fn, *args, calls=50):
+        fn(*args)
         start = time.process_time()
         for _ in range(calls):
-            fn()
+            fn(*args)
         return (time.process_time() - start) / calls * 1e6
 
     print(f"\nmatmul [{batch}, in] x [in, out], us per call: F.linear(x, W) | torch.mm(x, W.t().contiguous())")
     for out_features, in_features in [(1024, 512), (512, 512), (2048, 512), (512, 2048), (256, 128), (512, 128)]:
         weight, x = torch.randn(out_features, in_features), torch.randn(batch, in_features)
         weight_t = weight.t().contiguous()
-        linear, mm = per_call(lambda: F.linear(x, weight)), per_call(lambda: torch.mm(x, weight_t))
+        linear, mm = per_call(F.linear, x, weight), per_call(torch.mm, x, weight_t)
         print(f"  W [{out_features}, {in_features}]: {linear:8.0f} | {mm:8.0f}  ({linear / mm:.2f}x)")
 
 
@@ -139,7 +139,9 @@ def main() -> None:
     parser.add_argument("--matmuls", action="store_true", help="also time F.linear against x @ W^T (contiguous)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"threads={torch.get_num_threads()} torch={torch.__version__} batch={args.batch_size} new_tokens={args.new_tokens}")
+    print(
+        f"threads={torch.get_num_threads()} torch={torch.__version__} batch={args.batch_size} new_tokens={args.new_tokens}"
+    )
     instrument()
     for name in args.models:
         profile_model(name, args.batch_size, args.new_tokens)

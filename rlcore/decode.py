@@ -38,9 +38,9 @@ Where the ops go:
   matmul at N = 16-64 runs 5-10% below two ``[I, E]`` ones on this CPU.)
 - **Contiguous transposed weights on CPU.** Every matmul is ``x @ W^T`` against a ``[in, out]`` copy of
   the weight made once per :class:`LlamaDecodeStep` (the model's weights are not changed; on other devices
-  the transposed view): MKL runs ``[N, in] @ [in, out]`` 15-30% faster than ``F.linear``'s
-  ``x @ W.t()`` at N = 16-64 (``benchmarks/profile_decode.py --matmuls``), and the same within float
-  rounding. It holds a second copy of the weights for the length of a ``generate`` call.
+  the transposed view): ``F.linear``'s ``x @ W.t()`` took 1.23-1.42x the time of MKL's
+  ``[64, in] @ [in, out]`` for the benchmark models' shapes (``benchmarks/profile_decode.py --matmuls``,
+  one thread), the same values within float rounding. It holds a second copy of the weights for the length of a ``generate`` call.
 - **In-place KV cache.** Each step writes one slot of preallocated ``[N, kv_heads, max_len, head_dim]``
   buffers and attends over a view of the filled slots: nothing is concatenated or reallocated.
 

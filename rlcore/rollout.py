@@ -47,6 +47,8 @@ attention interface and rotary recomputation per layer. The native step removes 
 What remains at batch 64 is the arithmetic: matmuls (~42% of a tiny-model step, ~77% of a 19M one; they
 run at 60-80 GFLOP/s on one core, near its peak) and attention's read of the KV cache
 (~33% / ~15%), which no rewrite of the step in eager PyTorch removes; sampling is ~0.1 ms per step.
+``benchmarks/profile_decode.py`` splits a step with torch.profiler (figures in docs/results.md, "Rollout
+throughput").
 
 Sampling (:func:`sample_tokens`) applies, in the order transformers' ``generate`` does, temperature, then
 top-k, top-p and min-p (:func:`filter_logits`), and draws with the exponential-race (Gumbel-max) trick
