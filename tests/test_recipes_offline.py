@@ -199,13 +199,16 @@ def test_accumulation_gives_the_large_batch_update(tmp_path, recipe, extra):
     large, small = (read_metrics(tmp_path / name / "metrics.jsonl")[0] for name in ("large", "small"))  # step 1
     assert small["loss"] == pytest.approx(large["loss"], rel=1e-6)
     assert small["grad_norm"] == pytest.approx(large["grad_norm"], rel=1e-5)  # the same gradient, before clipping
-    # Adam's first step is lr * g / (|g| + eps), about lr * sign(g): float noise flips the few weights whose
-    # gradient is ~eps, so compare the whole update: |update_large - update_small| / |update_large|.
+    # Adam's first step is lr * g / (|g| + eps), about lr * sign(g): float noise (which differs between CPUs'
+    # matmul kernels) moves the few weights whose gradient is ~eps by up to 2 lr. So: every other weight takes
+    # the same step within 1% of lr, and at most 1 in 10^4 weights may differ more (18 of 997,120 for the
+    # reward model on one CPU: a wrong accumulation moves nearly all of them).
     start = load_file(Path(tiny_model_dir()) / "model.safetensors")
     large, small = weights(tmp_path / "large"), weights(tmp_path / "small")
-    difference = sum(((large[k] - small[k]) ** 2).sum() for k in start)
-    update = sum(((large[k] - start[k]) ** 2).sum() for k in start)
-    assert update > 0 and (difference / update).sqrt() < 1e-3
+    difference = torch.cat([(large[k] - small[k]).abs().flatten() for k in start])
+    moved = torch.cat([(large[k] - start[k]).abs().flatten() for k in start])
+    assert moved.max() > 0.5e-2  # the step did move weights, by about lr
+    assert (difference > 1e-4).sum() <= difference.numel() * 1e-4, (difference > 1e-4).sum()
 
 
 # ---------------------------------------------------------------- resume

@@ -319,7 +319,9 @@ def test_a_forward_that_names_the_cache_past_key_values_gets_it_under_that_name(
     expected = sample(llama, ids, mask, num_samples=2, native_step=False, static_cache=static_cache)
     rollout = sample(PastKeyValuesForward(llama), ids, mask, num_samples=2, static_cache=static_cache)
     assert torch.equal(rollout.sequences, expected.sequences)
-    torch.testing.assert_close(rollout.logprobs, expected.logprobs, rtol=0, atol=0)
+    # the wrapper has no logits_to_keep: its prefill multiplies every position by the LM head, not only the
+    # last, and that matmul's shape may round the first token's log-probs differently (~5e-7 on some CPUs)
+    torch.testing.assert_close(rollout.logprobs, expected.logprobs, rtol=0, atol=2e-6)
 
 
 # ----------------------------------------------------------------------------------------------------
