@@ -48,7 +48,7 @@ from rlcore.logprobs import (
     log_sum_squared_probs,
 )
 from rlcore.ops import last_valid_index
-from rlcore.packing import PackedBatch, model_attention_mask, pack_batch
+from rlcore.packing import DENSE_MASK_ATTENTION, PackedBatch, model_attention_mask, pack_batch, prompt_groups
 
 TINY = "tiny"
 # End-of-turn tokens of common chat formats (ChatML/Qwen, Llama 3, Gemma, Phi-3): a completion stops at them.
@@ -514,6 +514,37 @@ def body_hidden_states(
     return captured[0]
 
 
+def packed_batch(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    score_mask: torch.Tensor,
+    groups: torch.Tensor | None = None,
+    prompt_mask: torch.Tensor | None = None,
+    padding_free: bool = False,
+) -> PackedBatch:
+    """``rlcore.packing.pack_batch`` for ``model``, moved to the batch's device.
+
+    Padding-free rows are as long as the padded batch's rows ([B, T] -> rows of at most T tokens, fewer of
+    them) where attention is dense (sdpa, eager: the packed row's attention costs its length squared, so one
+    long row would cost more than the padded batch); one row where the implementation runs variable-length
+    attention from the position ids (flash_attention_2).
+    """
+    attention = _unwrapped(model).config._attn_implementation
+    row_length = input_ids.shape[1] if attention in DENSE_MASK_ATTENTION else None
+    packed = pack_batch(input_ids, attention_mask, score_mask, groups, prompt_mask, padding_free, row_length)
+    return packed.to(input_ids.device)
+
+
+def packed_inputs(model: nn.Module, packed: PackedBatch) -> dict[str, torch.Tensor | None]:
+    """``input_ids``, ``attention_mask`` (the block mask in the form the model's attention implementation takes,
+    ``rlcore.packing.model_attention_mask``) and ``position_ids`` of a packed batch, for ``model(**inputs)``."""
+    inner = _unwrapped(model)
+    dtype = inner.get_input_embeddings().weight.dtype
+    mask = model_attention_mask(inner.config._attn_implementation, packed.segment_ids, packed.prefix_ids, dtype)
+    return {"input_ids": packed.input_ids, "attention_mask": mask, "position_ids": packed.position_ids}
+
+
 def packed_logprobs(
     model: nn.Module,
     packed: PackedBatch,
@@ -537,15 +568,10 @@ def packed_logprobs(
     Returns:
         (logp [N] float32 with gradient, {"entropy": [N] (with gradient if entropy_grad), "argmax": [N] bool} as asked).
     """
-    inner = _unwrapped(model)
-    dtype = inner.get_input_embeddings().weight.dtype
-    mask = model_attention_mask(inner.config._attn_implementation, packed.segment_ids, packed.prefix_ids, dtype)
     if chunk_size and not (with_entropy and entropy_grad) and chunked_head_supported(model):
         return position_logprobs(
             model,
-            packed.input_ids,
-            mask,
-            packed.position_ids,
+            **packed_inputs(model, packed),
             positions=packed.positions,
             targets=packed.targets,
             chunk_size=chunk_size,
@@ -554,9 +580,7 @@ def packed_logprobs(
             with_argmax=with_argmax,
         )
     rows, columns = packed.positions.unbind(1)  # [N] each
-    logits = model(
-        input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids, use_cache=False
-    ).logits[rows, columns]  # [N, V]
+    logits = model(**packed_inputs(model, packed), use_cache=False).logits[rows, columns]  # [N, V]
     extras: dict[str, torch.Tensor] = {}
     if with_entropy:
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
@@ -602,7 +626,7 @@ def token_logprobs(
     with_entropy: bool = False,
     entropy_grad: bool = False,
     chunk_size: int = LM_HEAD_CHUNK,
-    groups: torch.Tensor | None = None,
+    share_prompts: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs of the next tokens of a batch (and, on request, their entropies).
 
@@ -628,11 +652,10 @@ def token_logprobs(
             a softmax of the scored positions, [B, n, V] floats.
         chunk_size: positions per LM-head chunk; 0 = the full-logits path (also taken with ``entropy_grad``,
             whose gradient needs the softmax of every scored position).
-        groups: [B] prompt index of each row, or None. Given, the rows of a group share their prompt (the
-            first L - n columns, left-padded, identical within the group: G consecutive rollout rows) and
-            the forward runs once per group on ``[prompt, completion_1, ..., completion_G]``
-            (:func:`packed_logprobs`, prefix sharing); only the completion's real tokens are scored
-            (zero elsewhere), each equal to the unshared value.
+        share_prompts: prefix sharing. Consecutive rows with the same prompt (the first L - n columns: the G
+            completions of a rollout's prompt) become one sequence ``[prompt, completion_1, ..., completion_G]``
+            (``rlcore.packing.prompt_groups``, :func:`packed_logprobs`), the prompt computed once; only the
+            completions' real tokens are scored (zero elsewhere), each equal to its unshared value.
 
     Returns:
         (logp [B, n] float32 with the model's gradient, entropy [B, n] (detached unless entropy_grad) or None), n = ``last`` or
@@ -648,11 +671,12 @@ def token_logprobs(
         raise ValueError(
             f"last must be in [1, {input_ids.shape[1] - 1}] (a token precedes the scored ones), got {last}"
         )
-    if groups is not None:  # prefix sharing: the prompt columns are shared, the completion columns scored
+    if share_prompts:  # prefix sharing: the prompt columns are shared, the completion columns scored
         batch, length = input_ids.shape
         prompt_mask, score_mask = attention_mask.clone(), attention_mask.clone()
         prompt_mask[:, length - n :], score_mask[:, : length - n] = 0, 0
-        packed = pack_batch(input_ids, attention_mask, score_mask, groups, prompt_mask).to(input_ids.device)
+        groups = prompt_groups(input_ids, prompt_mask)  # [B]
+        packed = packed_batch(model, input_ids, attention_mask, score_mask, groups, prompt_mask)
         logp, extras = packed_logprobs(model, packed, chunk_size, temperature, with_entropy, entropy_grad)
         entropy = packed.unpack(extras["entropy"], (batch, n), length - n) if with_entropy else None
         return packed.unpack(logp, (batch, n), length - n), entropy
@@ -785,8 +809,7 @@ def pair_logprobs(
             torch.arange(len(input_ids), device=input_ids.device) % (len(input_ids) // 2) if shared_prefix else None
         )
         prompt_mask = attention_mask * (1 - completion_mask) if shared_prefix else None
-        packed = pack_batch(input_ids, attention_mask, completion_mask, groups, prompt_mask, single_row=padding_free)
-        packed = packed.to(input_ids.device)
+        packed = packed_batch(model, input_ids, attention_mask, completion_mask, groups, prompt_mask, padding_free)
         logp, _ = packed_logprobs(model, packed, chunk_size)
         token_logp = packed.unpack(logp, tuple(mask.shape), column_offset=1)  # [2B, T-1]
         logps = token_logp.sum(dim=1)  # [2B]

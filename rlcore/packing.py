@@ -134,6 +134,19 @@ def model_attention_mask(
     return allowed if attn_implementation == "sdpa" else additive_mask(allowed, dtype)
 
 
+def prompt_groups(input_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    """[B] group id of each row: consecutive rows with identical prompt columns (ids and mask) share one.
+
+    The G completions of a prompt are G consecutive rollout rows, so they form a group; two equal prompts
+    that happen to be neighbours merge too, which changes nothing (their forwards are identical).
+    """
+    same = torch.ones(len(input_ids), dtype=torch.bool, device=input_ids.device)  # [B]
+    prompt_ids = input_ids * prompt_mask
+    same[1:] = (prompt_ids[1:] == prompt_ids[:-1]).all(dim=1) & (prompt_mask[1:] == prompt_mask[:-1]).all(dim=1)
+    same[0] = False
+    return same.logical_not().long().cumsum(0) - 1
+
+
 @dataclass(frozen=True)
 class PackedBatch:
     """A padded batch's sequences packed into fewer, longer rows (:func:`pack_batch`). R packed rows of L
@@ -173,23 +186,25 @@ def pack_batch(
     score_mask: torch.Tensor,
     groups: torch.Tensor | None = None,
     prompt_mask: torch.Tensor | None = None,
-    single_row: bool = False,
+    padding_free: bool = False,
+    row_length: int | None = None,
 ) -> PackedBatch:
     """Pack the real tokens of a padded batch, sharing prompts within groups and/or dropping padding.
 
     Each row's real tokens (``attention_mask`` 1, any padding side) form its sequence. Without ``groups``
     every sequence is one segment. With ``groups``, the rows of a group (equal ids) share their prompt
     (``prompt_mask`` 1: the first real tokens of each row, identical across the group): one prompt segment,
-    then one segment per row holding its remaining tokens, whose prefix is the prompt. ``single_row``
-    puts every segment in one row (padding-free); otherwise each group (each row without ``groups``) gets
-    its own row, right-padded to the longest.
+    then one segment per row holding its remaining tokens, whose prefix is the prompt. Without
+    ``padding_free`` each group (each row without ``groups``) gets its own packed row; with it, each group goes
+    end to end into the first row with room for it within ``row_length`` tokens (first fit; a longer group
+    alone in its row; None: everything in one row). Packed rows are right-padded to the longest.
 
     A scored token (``score_mask`` 1; never a row's first real token) is predicted by the hidden state of
     the row's previous real token: for a completion's first token, the prompt's last position.
 
     Args:
         input_ids, attention_mask, score_mask: [B, T]; groups: [B] or None; prompt_mask: [B, T] with groups.
-        single_row: pack everything into one row.
+        padding_free, row_length: several groups per packed row (first fit), rows of at most row_length tokens.
 
     Returns:
         A :class:`PackedBatch` on the CPU (move it with ``.to(device)``).
@@ -207,26 +222,36 @@ def pack_batch(
     for row, group in enumerate(group_of):
         members.setdefault(group, []).append(row)
 
-    tokens, segments, prefixes = [[]], [[]], [[]]  # per packed row: lists of 1D tensors
+    tokens, segments, prefixes = [], [], []  # per packed row: lists of 1D tensors
     positions, targets, sources = [], [], []
+
+    def add(target: int, part: torch.Tensor, prefix: int) -> None:  # a new segment at the end of row `target`
+        tokens[target].append(part)
+        segments[target].append(torch.full_like(part, len(segments[target])))
+        prefixes[target].append(torch.full_like(part, prefix))
+
     for rows in members.values():
-        if not single_row and tokens[-1]:
-            tokens.append([]), segments.append([]), prefixes.append([])
-        offset, segment = sum(map(len, tokens[-1])), len(segments[-1])
         shared = ids[rows[0]][prompt[rows[0]]]  # [Lp] the group's prompt (empty without groups)
+        if groups is not None and len(shared) == 0:
+            raise ValueError(f"pack_batch: row {rows[0]} has no prompt token to share")
+        size = int(real[rows].sum()) - (len(rows) - 1) * len(shared)  # the group's packed tokens
+        used = [sum(map(len, row_tokens)) for row_tokens in tokens]
+        fits = [r for r, n in enumerate(used) if padding_free and (row_length is None or n + size <= row_length)]
+        target = fits[0] if fits else len(tokens)  # first fit
+        if target == len(tokens):
+            tokens.append([]), segments.append([]), prefixes.append([])
+        offset = used[target] if target < len(used) else 0  # where the group starts in its row
+
         if groups is not None:
-            if len(shared) == 0:
-                raise ValueError(f"pack_batch: row {rows[0]} has no prompt token to share")
-            tokens[-1].append(shared), segments[-1].append(torch.full_like(shared, segment))
-            prefixes[-1].append(torch.full_like(shared, -1))
-            prompt_segment, prompt_offset, offset, segment = segment, offset, offset + len(shared), segment + 1
+            prompt_segment, prompt_offset = len(segments[target]), offset
+            add(target, shared, -1)
+            offset += len(shared)
         for row in rows:
             columns = real[row].nonzero().squeeze(1)  # [n_b] the row's real columns
-            sequence = ids[row][columns]
-            own = len(shared) if groups is not None else 0
+            sequence, own = ids[row][columns], len(shared)
             if groups is not None and not (
-                bool(prompt[row][columns[:own]].all())
-                and int(prompt[row].sum()) == own
+                int(prompt[row].sum()) == own
+                and bool(prompt[row][columns[:own]].all())
                 and torch.equal(sequence[:own], shared)
             ):
                 raise ValueError(f"pack_batch: row {row} does not start with the prompt of row {rows[0]} (same group)")
@@ -237,16 +262,12 @@ def pack_batch(
             wanted = scored[row][columns].nonzero().squeeze(1)  # [m] indices into the row's sequence
             if len(wanted) and int(wanted[0]) == 0:
                 raise ValueError(f"pack_batch: row {row}'s first token is scored, but nothing precedes it")
-            packed_row = len(tokens) - 1
-            positions.append(torch.stack([torch.full_like(wanted, packed_row), location[wanted - 1]], dim=1))
-            (
-                targets.append(sequence[wanted]),
-                sources.append(torch.stack([torch.full_like(wanted, row), columns[wanted]], 1)),
-            )
+            positions.append(torch.stack([torch.full_like(wanted, target), location[wanted - 1]], dim=1))
+            targets.append(sequence[wanted])
+            sources.append(torch.stack([torch.full_like(wanted, row), columns[wanted]], dim=1))
             if len(rest):
-                tokens[-1].append(rest), segments[-1].append(torch.full_like(rest, segment))
-                prefixes[-1].append(torch.full_like(rest, prompt_segment if groups is not None else -1))
-                offset, segment = offset + len(rest), segment + 1
+                add(target, rest, prompt_segment if groups is not None else -1)
+                offset += len(rest)
 
     def padded(parts: list[list[torch.Tensor]], fill: int) -> torch.Tensor:
         rows = [torch.cat(part) if part else torch.zeros(0, dtype=torch.long) for part in parts]

@@ -152,11 +152,19 @@ def test_grpo_prefix_sharing_equals_unshared(kind, implementation, chunk):
     model = _model(kind, implementation)
     sequences, attention_mask, mask, group = _rollout_batch()
     weights = torch.randn(mask.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    groups = torch.arange(len(sequences)) // group
+    prompt_mask = attention_mask * (torch.arange(sequences.shape[1]) < sequences.shape[1] - mask.shape[1])
+    assert packing.prompt_groups(sequences, prompt_mask).tolist() == (torch.arange(9) // group).tolist()
     forwards = {
         "row by row": lambda: _row_by_row_logprobs(model, sequences, attention_mask, mask.shape[1], 0.7, chunk),
         "shared": lambda: models.token_logprobs(
-            model, sequences, attention_mask, mask.shape[1], 0.7, with_entropy=True, chunk_size=chunk, groups=groups
+            model,
+            sequences,
+            attention_mask,
+            mask.shape[1],
+            0.7,
+            with_entropy=True,
+            chunk_size=chunk,
+            share_prompts=True,
         ),
     }
     if implementation == "sdpa":  # the padded batch (eager float64 pads to NaN, see _row_by_row_logprobs)
@@ -184,18 +192,19 @@ def test_grpo_prefix_sharing_entropy_gradient_and_lora_reference():
         if hasattr(module, "lora_B"):
             torch.nn.init.normal_(module.lora_B, std=0.1)
     sequences, attention_mask, mask, group = _rollout_batch(prompts=2, group=4)
-    groups = torch.arange(len(sequences)) // group
     results = []
-    for shared in (None, groups):
+    for shared in (False, True):
         _, entropy = models.token_logprobs(
-            model, sequences, attention_mask, mask.shape[1], with_entropy=True, entropy_grad=True, groups=shared
+            model, sequences, attention_mask, mask.shape[1], with_entropy=True, entropy_grad=True, share_prompts=shared
         )
         (entropy * mask).sum().backward()
         with lora.reference_context(model) as reference:
-            ref_logp, _ = models.token_logprobs(reference, sequences, attention_mask, mask.shape[1], groups=shared)
+            ref_logp, _ = models.token_logprobs(
+                reference, sequences, attention_mask, mask.shape[1], share_prompts=shared
+            )
         results.append((entropy * mask, ref_logp * mask, _grads(model)))
     with torch.no_grad():  # adapters on differ from off
-        policy_logp, _ = models.token_logprobs(model, sequences, attention_mask, mask.shape[1], groups=groups)
+        policy_logp, _ = models.token_logprobs(model, sequences, attention_mask, mask.shape[1], share_prompts=True)
     assert not torch.allclose(policy_logp * mask, results[1][1])
     for unshared_value, shared_value in zip(results[0][:2], results[1][:2]):
         torch.testing.assert_close(shared_value, unshared_value, **TOLERANCE["sdpa"])
@@ -231,15 +240,71 @@ def test_pack_batch_layout_and_bad_groups():
     batch = _preference_batch()
     groups = torch.arange(6) % 3
     prompt_mask = batch["attention_mask"] * (1 - batch["completion_mask"])
-    packed = packing.pack_batch(
-        batch["input_ids"], batch["attention_mask"], batch["completion_mask"], groups, prompt_mask
-    )
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"], groups, prompt_mask)
+    packed = packing.pack_batch(*inputs)
     # pair 0: [5 6 7 | 20 21 1 | 30 1]; the chosen's first token is predicted by the prompt's last position (2)
     assert packed.input_ids[0].tolist()[:8] == [5, 6, 7, 20, 21, 1, 30, 1]
     assert packed.position_ids[0].tolist()[:8] == [0, 1, 2, 3, 4, 5, 3, 4]
     assert packed.positions[:5].tolist() == [[0, 2], [0, 3], [0, 4], [0, 2], [0, 6]]
     assert packed.targets[:5].tolist() == [20, 21, 1, 30, 1]
+    # padding-free: everything in one row (row_length None), or first fit into rows of at most 16 tokens
+    one_row = packing.pack_batch(*inputs, padding_free=True)  # three pairs of 8 packed tokens each
+    assert one_row.input_ids.shape == (1, 24) and one_row.position_ids[0, 8:11].tolist() == [0, 1, 2]
+    bins = packing.pack_batch(*inputs, padding_free=True, row_length=16)
+    assert bins.input_ids.shape == (2, 16) and bins.segment_ids[:, 8].tolist() == [3, -1]
+    assert bins.prefix_ids[0, 9:11].tolist() == [3, 3]  # pair 1's chosen sees pair 1's prompt (segment 3)
+    model = _model("llama", "sdpa")
+    padded, _ = models.pair_logprobs(model, batch)
+    for packed in (one_row, bins):
+        logp, _ = models.packed_logprobs(model, packed)
+        summed = packed.unpack(logp, (6, batch["input_ids"].shape[1] - 1), column_offset=1).sum(1)
+        torch.testing.assert_close(summed, padded, **TOLERANCE["sdpa"])
     wrong = groups.clone()
     wrong[3] = 1  # rejected of pair 0 grouped with pair 1: a different prompt
     with pytest.raises(ValueError, match="row 3 does not start with the prompt of row 1"):
         packing.pack_batch(batch["input_ids"], batch["attention_mask"], batch["completion_mask"], wrong, prompt_mask)
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+
+
+def _losses(run_dir) -> list[tuple[int, float]]:
+    from test_recipes_online import read_metrics
+
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir) if "loss" in r and "step" in r]
+
+
+@pytest.mark.slow
+def test_grpo_recipe_with_prefix_sharing_repeats_the_unshared_run(tmp_path):
+    from test_recipes_online import run_recipe
+
+    flags = ("--max_steps", "3", "--batch_size", "2", "--num_generations", "2", "--beta", "0.1", "--seed", "1")
+    runs = []
+    for name, extra in (("unshared", ()), ("shared", ("--prefix_sharing",))):
+        (tmp_path / name).mkdir()
+        runs.append(_losses(run_recipe("grpo", tmp_path / name, *flags, *extra)))
+    assert len(runs[0]) == 3 and any(loss != 0 for _, loss in runs[0])
+    for (step, loss), (shared_step, shared_loss) in zip(*runs, strict=True):
+        assert step == shared_step and abs(shared_loss - loss) <= 1e-6 + 1e-5 * abs(loss), (step, loss, shared_loss)
+
+
+@pytest.mark.parametrize(
+    "recipe, flags",
+    [
+        ("sft", ["--padding_free"]),
+        ("dpo", ["--warm_start_steps", "0", "--padding_free"]),
+        ("dpo", ["--warm_start_steps", "0", "--rpo_alpha", "1.0", "--prefix_sharing"]),  # + the chosen NLL
+    ],
+)
+def test_packed_recipe_repeats_the_padded_run(tmp_path, recipe, flags):
+    from helpers import load_recipe
+    from test_recipes_offline import SMALL_RUN
+
+    main = load_recipe(recipe).main
+    common = ["--max_steps", "3", "--batch_size", "4", "--eval_split", "none", *SMALL_RUN, *flags[:-1]]
+    main(["--output_dir", str(tmp_path / "padded"), *common])
+    main(["--output_dir", str(tmp_path / "packed"), *common, flags[-1]])
+    padded, packed = _losses(tmp_path / "padded"), _losses(tmp_path / "packed")
+    assert len(padded) == 3 and [step for step, _ in packed] == [step for step, _ in padded]
+    for (_, loss), (_, packed_loss) in zip(padded, packed):
+        assert abs(packed_loss - loss) <= 1e-6, (padded, packed)
