@@ -652,8 +652,8 @@ def token_logprobs(
             a softmax of the scored positions, [B, n, V] floats.
         chunk_size: positions per LM-head chunk; 0 = the full-logits path (also taken with ``entropy_grad``,
             whose gradient needs the softmax of every scored position).
-        share_prompts: prefix sharing. Consecutive rows with the same prompt (the first L - n columns: the G
-            completions of a rollout's prompt) become one sequence ``[prompt, completion_1, ..., completion_G]``
+        share_prompts: prefix sharing. Rows with the same prompt (the first L - n columns: the G completions
+            of a rollout's prompt) become one sequence ``[prompt, completion_1, ..., completion_G]``
             (``rlcore.packing.prompt_groups``, :func:`packed_logprobs`), the prompt computed once; only the
             completions' real tokens are scored (zero elsewhere), each equal to its unshared value.
 
@@ -756,6 +756,7 @@ def sequence_logprobs(
     average: bool = False,
     temperature: float = 1.0,
     chunk_size: int = LM_HEAD_CHUNK,
+    share_prompts: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the completions of a batch: summed (or averaged) over their tokens, and per token.
 
@@ -768,12 +769,19 @@ def sequence_logprobs(
             left-padded prompt followed by a T-column completion (``Rollout.completion_mask``).
         average: divide by the completion's token count (IPO's length-averaged log-probs).
         chunk_size: LM-head chunk of :func:`token_logprobs` (0 = full logits).
+        share_prompts: prefix sharing across rows with the same first L - n columns (:func:`token_logprobs`).
 
     Returns:
         ([B] sequence log-probs, [B, n] per-token log-probs, zero outside the completion), with gradient.
     """
     logp, _ = token_logprobs(
-        model, input_ids, attention_mask, last=completion_mask.shape[1], temperature=temperature, chunk_size=chunk_size
+        model,
+        input_ids,
+        attention_mask,
+        last=completion_mask.shape[1],
+        temperature=temperature,
+        chunk_size=chunk_size,
+        share_prompts=share_prompts,
     )
     token_logp = logp * completion_mask  # [B, n]
     summed = token_logp.sum(dim=1)  # [B]

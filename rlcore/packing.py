@@ -135,16 +135,18 @@ def model_attention_mask(
 
 
 def prompt_groups(input_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-    """[B] group id of each row: consecutive rows with identical prompt columns (ids and mask) share one.
+    """[B] group id of each row: rows with identical prompt columns (ids where ``prompt_mask`` is 1, and the mask)
+    share one, numbered in order of first appearance.
 
-    The G completions of a prompt are G consecutive rollout rows, so they form a group; two equal prompts
-    that happen to be neighbours merge too, which changes nothing (their forwards are identical).
+    The G completions of a rollout's prompt form a group (G consecutive rows), as do the chosen and rejected
+    rows of an online DPO pair wherever they sit; two equal prompts of different rows merge too, which
+    changes nothing (their forwards are identical).
     """
-    same = torch.ones(len(input_ids), dtype=torch.bool, device=input_ids.device)  # [B]
-    prompt_ids = input_ids * prompt_mask
-    same[1:] = (prompt_ids[1:] == prompt_ids[:-1]).all(dim=1) & (prompt_mask[1:] == prompt_mask[:-1]).all(dim=1)
-    same[0] = False
-    return same.logical_not().long().cumsum(0) - 1
+    keys = torch.cat([input_ids * prompt_mask, prompt_mask], dim=1)  # [B, 2P]
+    unique, inverse = torch.unique(keys, dim=0, return_inverse=True)  # [U, 2P], [B]: ids in sorted order
+    rows = torch.arange(len(keys), device=keys.device)
+    first = torch.full((len(unique),), len(keys), device=keys.device).scatter_reduce(0, inverse, rows, "amin")  # [U]
+    return torch.argsort(torch.argsort(first))[inverse]  # [B]: renumbered by first appearance
 
 
 @dataclass(frozen=True)

@@ -212,6 +212,19 @@ def test_grpo_prefix_sharing_entropy_gradient_and_lora_reference():
         torch.testing.assert_close(shared, grad, **TOLERANCE["sdpa"])
 
 
+def test_prompt_groups_anywhere_in_the_batch():
+    """Online DPO's layout: chosen rows, then rejected rows; each pair's rows share a prompt far apart."""
+    model = _model("llama", "sdpa")
+    sequences, attention_mask, mask, _ = _rollout_batch()
+    order = torch.tensor([0, 3, 6, 1, 4, 7, 2, 5, 8])  # the groups of 3 interleaved
+    sequences, attention_mask, mask = sequences[order], attention_mask[order], mask[order]
+    prompt_mask = attention_mask * (torch.arange(sequences.shape[1]) < sequences.shape[1] - mask.shape[1])
+    assert packing.prompt_groups(sequences, prompt_mask).tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2]
+    padded, _ = models.sequence_logprobs(model, sequences, attention_mask, mask, average=True)
+    shared, _ = models.sequence_logprobs(model, sequences, attention_mask, mask, average=True, share_prompts=True)
+    torch.testing.assert_close(shared, padded, **TOLERANCE["sdpa"])
+
+
 def _preference_batch():
     prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
     chosen = [[20, 21, 1], [22, 1], [23]]
