@@ -514,6 +514,14 @@ def body_hidden_states(
     return captured[0]
 
 
+def shares_prompts(model: nn.Module) -> bool:
+    """Whether prefix sharing can run on ``model``: its attention implementation takes a dense 4D mask (sdpa,
+    eager; ``rlcore.packing.DENSE_MASK_ATTENTION``). Elsewhere (flash_attention_2) the forwards asked to share
+    prompts run the padded batch instead: the same values, without the saving."""
+    config = getattr(_unwrapped(model), "config", None)
+    return getattr(config, "_attn_implementation", None) in DENSE_MASK_ATTENTION
+
+
 def packed_batch(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -652,8 +660,9 @@ def token_logprobs(
             a softmax of the scored positions, [B, n, V] floats.
         chunk_size: positions per LM-head chunk; 0 = the full-logits path (also taken with ``entropy_grad``,
             whose gradient needs the softmax of every scored position).
-        share_prompts: prefix sharing. Rows with the same prompt (the first L - n columns: the G completions
-            of a rollout's prompt) become one sequence ``[prompt, completion_1, ..., completion_G]``
+        share_prompts: prefix sharing (where :func:`shares_prompts`; the padded batch otherwise). Rows with
+            the same prompt (the first L - n columns: the G completions of a rollout's prompt) become one
+            sequence ``[prompt, completion_1, ..., completion_G]``
             (``rlcore.packing.prompt_groups``, :func:`packed_logprobs`), the prompt computed once; only the
             completions' real tokens are scored (zero elsewhere), each equal to its unshared value.
 
@@ -671,7 +680,7 @@ def token_logprobs(
         raise ValueError(
             f"last must be in [1, {input_ids.shape[1] - 1}] (a token precedes the scored ones), got {last}"
         )
-    if share_prompts:  # prefix sharing: the prompt columns are shared, the completion columns scored
+    if share_prompts and shares_prompts(model):  # prefix sharing: prompt columns shared, completion columns scored
         batch, length = input_ids.shape
         prompt_mask, score_mask = attention_mask.clone(), attention_mask.clone()
         prompt_mask[:, length - n :], score_mask[:, : length - n] = 0, 0
@@ -799,23 +808,22 @@ def pair_logprobs(
     """Completion log-probs of a ``data.collate_preference`` batch (chosen rows, then rejected), one forward pass.
 
     ``shared_prefix``: each pair is one sequence ``[prompt, chosen, rejected]``, the prompt computed once
-    (prefix sharing); ``padding_free``: all sequences end to end in one row. Both give the same values and
-    gradients as the padded forward (:func:`packed_logprobs`); they compute only the completion tokens' log-probs.
+    (prefix sharing; only with an attention implementation that takes a dense mask, :func:`shares_prompts`);
+    ``padding_free``: the sequences end to end (:func:`packed_batch`). Both give the same values and gradients
+    as the padded forward (:func:`packed_logprobs`); they compute only the completion tokens' log-probs.
 
     Returns ([2B] summed log-probs, [2B, T-1] per token, zero outside the completions). With ``ld_alpha`` < 1
     the sums are LD-DPO's (``rlcore.logprobs.length_desensitized_logps``: the tail beyond the shorter
     completion weighs ld_alpha).
     """
     mask = batch["completion_mask"][:, 1:]  # [2B, T-1]
+    shared_prefix = shared_prefix and shares_prompts(model)
     if shared_prefix or padding_free:
         input_ids, attention_mask, completion_mask = (
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["completion_mask"],
+            batch[k] for k in ("input_ids", "attention_mask", "completion_mask")
         )
-        groups = (
-            torch.arange(len(input_ids), device=input_ids.device) % (len(input_ids) // 2) if shared_prefix else None
-        )
+        pairs = len(input_ids) // 2
+        groups = torch.arange(len(input_ids), device=input_ids.device) % pairs if shared_prefix else None
         prompt_mask = attention_mask * (1 - completion_mask) if shared_prefix else None
         packed = packed_batch(model, input_ids, attention_mask, completion_mask, groups, prompt_mask, padding_free)
         logp, _ = packed_logprobs(model, packed, chunk_size)

@@ -305,8 +305,10 @@ def test_grpo_recipe_with_prefix_sharing_repeats_the_unshared_run(tmp_path):
     "recipe, flags",
     [
         ("sft", ["--padding_free"]),
-        ("dpo", ["--warm_start_steps", "0", "--padding_free"]),
-        ("dpo", ["--warm_start_steps", "0", "--rpo_alpha", "1.0", "--prefix_sharing"]),  # + the chosen NLL
+        pytest.param("dpo", ["--warm_start_steps", "0", "--padding_free"], marks=pytest.mark.slow),
+        pytest.param(  # + the chosen NLL
+            "dpo", ["--warm_start_steps", "0", "--rpo_alpha", "1.0", "--prefix_sharing"], marks=pytest.mark.slow
+        ),
     ],
 )
 def test_packed_recipe_repeats_the_padded_run(tmp_path, recipe, flags):
