@@ -33,8 +33,8 @@ KL term uses the k3 estimator. RLOO and REINFORCE++ use the same loop and the sa
 advantage is 0 at every token (a group whose rewards are all equal) are left out of the forward and backward
 passes: they add nothing to the loss or its gradient, and the loss normalisers still count them (not for bnpo,
 whose normaliser is per micro-batch). The fraction trained on is logged as ``learning_rows_frac``.
---prefix_sharing runs each prompt once with its G completions in the policy and reference forwards
-(rlcore.packing; the same log-probs and gradients).
+--prefix_sharing (on by default) runs each prompt once with its G completions in the policy and reference
+forwards (rlcore.packing; the same log-probs and gradients, less compute); --no-prefix_sharing: padded rows.
 
 Evaluation (before the first step, every --eval_steps, at the end) logs ``eval/reward`` and
 ``eval/reward/<source>``: one sampled completion per held-out prompt at the training temperature, the
@@ -118,7 +118,7 @@ class GRPOConfig(OnlineConfig):
     tis_cap: float | None = None  # truncated importance sampling: weight min(pi_old / pi_sampler, C) (None = off)
     tis_mode: str = "token_truncate"  # token_truncate, token_mask, sequence_truncate or sequence_mask
     entropy_coef: float = 0.0  # entropy bonus: the loss subtracts entropy_coef * aggregate(entropy)
-    prefix_sharing: bool = False  # one forward row [prompt, completion_1..G] per prompt (rlcore.packing)
+    prefix_sharing: bool = True  # one forward row [prompt, completion_1..G] per prompt (rlcore.packing)
 
     def __post_init__(self) -> None:
         super().__post_init__()

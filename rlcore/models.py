@@ -825,7 +825,8 @@ def pair_logprobs(
         pairs = len(input_ids) // 2
         groups = torch.arange(len(input_ids), device=input_ids.device) % pairs if shared_prefix else None
         prompt_mask = attention_mask * (1 - completion_mask) if shared_prefix else None
-        packed = packed_batch(model, input_ids, attention_mask, completion_mask, groups, prompt_mask, padding_free)
+        scored = completion_mask * (torch.arange(input_ids.shape[1], device=input_ids.device) > 0)  # as mask
+        packed = packed_batch(model, input_ids, attention_mask, scored, groups, prompt_mask, padding_free)
         logp, _ = packed_logprobs(model, packed, chunk_size)
         token_logp = packed.unpack(logp, tuple(mask.shape), column_offset=1)  # [2B, T-1]
         logps = token_logp.sum(dim=1)  # [2B]

@@ -196,7 +196,8 @@ def pack_batch(
     Each row's real tokens (``attention_mask`` 1, any padding side) form its sequence. Without ``groups``
     every sequence is one segment. With ``groups``, the rows of a group (equal ids) share their prompt
     (``prompt_mask`` 1: the first real tokens of each row, identical across the group): one prompt segment,
-    then one segment per row holding its remaining tokens, whose prefix is the prompt. Without
+    then one segment per row holding its remaining tokens, whose prefix is the prompt (an empty prompt:
+    nothing shared, one segment per row). Without
     ``padding_free`` each group (each row without ``groups``) gets its own packed row; with it, each group goes
     end to end into the first row with room for it within ``row_length`` tokens (first fit; a longer group
     alone in its row; None: everything in one row). Packed rows are right-padded to the longest.
@@ -233,9 +234,7 @@ def pack_batch(
         prefixes[target].append(torch.full_like(part, prefix))
 
     for rows in members.values():
-        shared = ids[rows[0]][prompt[rows[0]]]  # [Lp] the group's prompt (empty without groups)
-        if groups is not None and len(shared) == 0:
-            raise ValueError(f"pack_batch: row {rows[0]} has no prompt token to share")
+        shared = ids[rows[0]][prompt[rows[0]]]  # [Lp] the group's prompt (empty without groups: nothing shared)
         size = int(real[rows].sum()) - (len(rows) - 1) * len(shared)  # the group's packed tokens
         used = [sum(map(len, row_tokens)) for row_tokens in tokens]
         fits = [r for r, n in enumerate(used) if padding_free and (row_length is None or n + size <= row_length)]
@@ -244,14 +243,14 @@ def pack_batch(
             tokens.append([]), segments.append([]), prefixes.append([])
         offset = used[target] if target < len(used) else 0  # where the group starts in its row
 
-        if groups is not None:
+        if len(shared):
             prompt_segment, prompt_offset = len(segments[target]), offset
             add(target, shared, -1)
             offset += len(shared)
         for row in rows:
             columns = real[row].nonzero().squeeze(1)  # [n_b] the row's real columns
             sequence, own = ids[row][columns], len(shared)
-            if groups is not None and not (
+            if own and not (
                 int(prompt[row].sum()) == own
                 and bool(prompt[row][columns[:own]].all())
                 and torch.equal(sequence[:own], shared)
@@ -268,7 +267,7 @@ def pack_batch(
             targets.append(sequence[wanted])
             sources.append(torch.stack([torch.full_like(wanted, row), columns[wanted]], dim=1))
             if len(rest):
-                add(target, rest, prompt_segment if groups is not None else -1)
+                add(target, rest, prompt_segment if own else -1)
                 offset += len(rest)
 
     def padded(parts: list[list[torch.Tensor]], fill: int) -> torch.Tensor:

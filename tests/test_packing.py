@@ -293,7 +293,7 @@ def test_grpo_recipe_with_prefix_sharing_repeats_the_unshared_run(tmp_path):
 
     flags = ("--max_steps", "3", "--batch_size", "2", "--num_generations", "2", "--beta", "0.1", "--seed", "1")
     runs = []
-    for name, extra in (("unshared", ()), ("shared", ("--prefix_sharing",))):
+    for name, extra in (("unshared", ("--no-prefix_sharing",)), ("shared", ("--prefix_sharing",))):
         (tmp_path / name).mkdir()
         runs.append(_losses(run_recipe("grpo", tmp_path / name, *flags, *extra)))
     assert len(runs[0]) == 3 and any(loss != 0 for _, loss in runs[0])
@@ -302,23 +302,26 @@ def test_grpo_recipe_with_prefix_sharing_repeats_the_unshared_run(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "recipe, flags",
+    "recipe, flags, packed_flags",
     [
-        ("sft", ["--padding_free"]),
-        pytest.param("dpo", ["--warm_start_steps", "0", "--padding_free"], marks=pytest.mark.slow),
+        ("sft", [], ["--padding_free"]),
+        pytest.param(
+            "dpo", ["--warm_start_steps", "0", "--no-prefix_sharing"], ["--padding_free"], marks=pytest.mark.slow
+        ),
         pytest.param(  # + the chosen NLL
-            "dpo", ["--warm_start_steps", "0", "--rpo_alpha", "1.0", "--prefix_sharing"], marks=pytest.mark.slow
+            "dpo", ["--warm_start_steps", "0", "--rpo_alpha", "1.0"], ["--prefix_sharing"], marks=pytest.mark.slow
         ),
     ],
 )
-def test_packed_recipe_repeats_the_padded_run(tmp_path, recipe, flags):
+def test_packed_recipe_repeats_the_padded_run(tmp_path, recipe, flags, packed_flags):
     from helpers import load_recipe
     from test_recipes_offline import SMALL_RUN
 
     main = load_recipe(recipe).main
-    common = ["--max_steps", "3", "--batch_size", "4", "--eval_split", "none", *SMALL_RUN, *flags[:-1]]
-    main(["--output_dir", str(tmp_path / "padded"), *common])
-    main(["--output_dir", str(tmp_path / "packed"), *common, flags[-1]])
+    common = ["--max_steps", "3", "--batch_size", "4", "--eval_split", "none", *SMALL_RUN, *flags]
+    padded_flags = ["--no-prefix_sharing"] if recipe == "dpo" else []
+    main(["--output_dir", str(tmp_path / "padded"), *common, *padded_flags])
+    main(["--output_dir", str(tmp_path / "packed"), *common, *packed_flags])
     padded, packed = _losses(tmp_path / "padded"), _losses(tmp_path / "packed")
     assert len(padded) == 3 and [step for step, _ in packed] == [step for step, _ in padded]
     for (_, loss), (_, packed_loss) in zip(padded, packed):
