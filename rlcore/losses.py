@@ -9,7 +9,6 @@ detached tensors for logging (nothing here calls ``.item()``, so nothing forces 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -342,7 +341,7 @@ def cispo_loss(
     return loss, stats
 
 
-def surrogate_for(loss_type: str, epsilon: float = 0.2, epsilon_high: float | None = None) -> tuple[Callable, dict]:
+def surrogate_for(loss_type: str, epsilon: float = 0.2, epsilon_high: float | None = None) -> tuple:
     """(loss function, its clip keyword arguments) of a ``--loss_type``: :func:`cispo_loss` clipping the detached
     weight from above only (at ``epsilon_high``, or ``epsilon`` when None) for ``"cispo"``; :func:`policy_loss`
     with ``clip_low=epsilon, clip_high=epsilon_high`` for every other name of ``LOSS_TYPE_AGGREGATION``."""
