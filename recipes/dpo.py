@@ -98,7 +98,7 @@ class DPOConfig(TrainConfig):
     precompute_ref: bool = False  # compute reference log-probs once up front and keep no reference model
     rejected_from_policy: bool = False  # rejected = the starting policy's greedy answer where it differs from chosen
     prefix_sharing: bool = True  # the prompt once per pair: one sequence [prompt, chosen, rejected] (rlcore.packing)
-    padding_free: bool = False  # a micro-batch's sequences end to end in one row, attention kept within each
+    padding_free: bool = False  # a micro-batch's sequences end to end (fewer rows), attention kept within each
     lr: float = 5e-5  # peak learning rate (AdamW)
     warmup_steps: int = 10  # linear warmup steps
     batch_size: int = 32  # pairs per micro-batch

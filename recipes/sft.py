@@ -65,7 +65,7 @@ class SFTConfig(TrainConfig):
     output_dir: str = "outputs/sft"
     completion_only: bool = True  # train on completion tokens only (text data: every token anyway)
     packing: bool = False  # pack rows into bins of --max_length tokens (no attention across rows)
-    padding_free: bool = False  # a micro-batch's rows end to end in one row, attention within each (rlcore.packing)
+    padding_free: bool = False  # a micro-batch's rows end to end (fewer rows), attention within each (rlcore.packing)
     lr: float = 1e-3  # peak learning rate (AdamW)
     adam_beta2: float = 0.99  # AdamW beta2
     warmup_steps: int = 100  # linear warmup steps

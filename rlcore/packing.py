@@ -2,8 +2,9 @@
 
 Two uses, both exactly equal to the padded computation (values and gradients; tests/test_packing.py):
 
-- **padding-free batches**: a micro-batch's sequences end to end in one row, each attending causally to
-  itself only, position ids restarting at 0 (no padding is computed at all);
+- **padding-free batches**: a micro-batch's sequences end to end in fewer rows, each attending causally to
+  itself only, position ids restarting at 0 (rows as long as the padded ones under dense attention, one row
+  under variable-length attention: ``rlcore.models.packed_batch``);
 - **prefix sharing** (Wang et al. 2024, "Accelerating Direct Preference Optimization with Prefix Sharing",
   https://arxiv.org/abs/2410.20305): the rows that share a prompt (the G completions of a GRPO prompt, the
   chosen and rejected completions of a DPO pair) become one sequence ``[prompt, c_1, ..., c_G]`` whose
