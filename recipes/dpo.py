@@ -10,7 +10,9 @@ Options as TRL's DPOTrainer names them: ``--f_divergence``/``--f_alpha`` (f-DPO)
 ``--ld_alpha`` (LD-DPO: tokens beyond the shorter completion's length count ld_alpha times, for the policy and
 the reference), ``--use_weighting`` (WPO pair weights), ``--rpo_alpha`` (RPO: + alpha * NLL of the chosen
 tokens). Log-probs are sums over the completion tokens; ipo and sigmoid_norm divide by the token counts, as
-TRL does. Chosen and rejected sequences go through the policy in ONE forward pass ([2B, T]). The reference
+TRL does. Chosen and rejected sequences go through the policy in ONE forward pass: [B] rows [prompt, chosen,
+rejected] by default (--prefix_sharing; --no-prefix_sharing: [2B, T] padded rows; --padding_free: end to end,
+no padding; rlcore.packing: the same log-probs and gradients). The reference
 pi_ref is, by choice:
 - a frozen copy of the starting policy (full fine-tuning, the default);
 - the same model with its adapters switched off (``--lora_r > 0``: no second model in memory);
@@ -95,6 +97,8 @@ class DPOConfig(TrainConfig):
     rpo_alpha: float = 0.0  # RPO: add rpo_alpha * NLL of the chosen tokens (TRL's loss_type [..., "sft"]); 0 = off
     precompute_ref: bool = False  # compute reference log-probs once up front and keep no reference model
     rejected_from_policy: bool = False  # rejected = the starting policy's greedy answer where it differs from chosen
+    prefix_sharing: bool = True  # the prompt once per pair: one sequence [prompt, chosen, rejected] (rlcore.packing)
+    padding_free: bool = False  # a micro-batch's sequences end to end (fewer rows), attention kept within each
     lr: float = 5e-5  # peak learning rate (AdamW)
     warmup_steps: int = 10  # linear warmup steps
     batch_size: int = 32  # pairs per micro-batch
@@ -159,7 +163,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return {k: v.to(device) for k, v in batch.items()}  # each [2B, T]
 
     def completion_logps(forward, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return models.pair_logprobs(forward, batch, config.lm_head_chunk, config.ld_alpha)  # [2B], [2B, T-1]
+        packing = {"shared_prefix": config.prefix_sharing, "padding_free": config.padding_free}
+        return models.pair_logprobs(forward, batch, config.lm_head_chunk, config.ld_alpha, **packing)  # [2B], [2B, T-1]
 
     # ---------------------------------------------------------------- on-policy rejected answers and the reference
     # Both come from the starting policy, before any checkpoint is loaded, so a resumed run sees the same.

@@ -30,9 +30,11 @@ Departures from the paper: beta defaults to 0 (no reference model is loaded, as 
 --num_iterations 1 the ratio is exactly 1 and the clip is inactive (pi_old is the detached policy); the
 KL term uses the k3 estimator. RLOO and REINFORCE++ use the same loop and the same optional KL loss term
 (the papers put a KL penalty into the reward instead). With beta 0 and no entropy bonus, completions whose
-advantage is 0 at every token (a group whose rewards are all equal) are left out of the forward and
-backward passes: they add nothing to the loss or its gradient, and the loss normalisers still count them (not for bnpo, whose
-normaliser is per micro-batch). The fraction trained on is logged as ``learning_rows_frac``.
+advantage is 0 at every token (a group whose rewards are all equal) are left out of the forward and backward
+passes: they add nothing to the loss or its gradient, and the loss normalisers still count them (not for bnpo,
+whose normaliser is per micro-batch). The fraction trained on is logged as ``learning_rows_frac``.
+--prefix_sharing (on by default) runs each prompt once with its G completions in the policy and reference
+forwards (rlcore.packing; the same log-probs and gradients, less compute); --no-prefix_sharing: padded rows.
 
 Evaluation (before the first step, every --eval_steps, at the end) logs ``eval/reward`` and
 ``eval/reward/<source>``: one sampled completion per held-out prompt at the training temperature, the
@@ -69,7 +71,6 @@ from rlcore import (
     LOSS_TYPE_AGGREGATION,
     TIS_MODES,
     aggregate,
-    cispo_loss,
     data,
     distributed,
     estimate_advantages,
@@ -80,8 +81,8 @@ from rlcore import (
     masked_mean,
     models,
     optim,
-    policy_loss,
     runtime,
+    surrogate_for,
     tracking,
     truncated_importance_weights,
 )
@@ -117,6 +118,7 @@ class GRPOConfig(OnlineConfig):
     tis_cap: float | None = None  # truncated importance sampling: weight min(pi_old / pi_sampler, C) (None = off)
     tis_mode: str = "token_truncate"  # token_truncate, token_mask, sequence_truncate or sequence_mask
     entropy_coef: float = 0.0  # entropy bonus: the loss subtracts entropy_coef * aggregate(entropy)
+    prefix_sharing: bool = True  # one forward row [prompt, completion_1..G] per prompt (rlcore.packing)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -209,6 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         completion_length,
                         config.temperature,
                         chunk_size=config.lm_head_chunk,
+                        share_prompts=config.prefix_sharing,
                     )
             grouped_rewards = rearrange(rewards, "(p g) -> p g", g=group_size)  # [P, G]
             stats = {
@@ -229,11 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     learning_rows = learning_rows[:0]
             stats["learning_rows_frac"] = torch.tensor(len(learning_rows) / num_rows)
             old_logp = torch.zeros_like(mask, dtype=torch.float32)  # [B, T], filled on the first pass
-            loss_function, clip = (  # CISPO clips the detached weight from above only
-                (cispo_loss, {"clip_high": config.epsilon_high or config.epsilon})
-                if config.loss_type == "cispo"
-                else (policy_loss, {"clip_low": config.epsilon, "clip_high": config.epsilon_high})
-            )
+            loss_function, clip = surrogate_for(config.loss_type, config.epsilon, config.epsilon_high)
             micro_rows = max(1, config.batch_size // distributed.world_size())  # this process's share of a micro-batch
             micro_batches = learning_rows.split(micro_rows) if len(learning_rows) else ()
             for iteration in range(config.num_iterations):
@@ -248,6 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                             with_entropy=True,
                             entropy_grad=config.entropy_coef > 0,
                             chunk_size=config.lm_head_chunk,
+                            share_prompts=config.prefix_sharing,
                         )
                     if iteration == 0:
                         old_logp[micro] = logp.detach()

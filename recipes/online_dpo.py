@@ -57,6 +57,7 @@ class OnlineDPOConfig(OnlineConfig):
     max_steps: int = 4000  # sampling steps, one optimizer step each
     logging_steps: int = 10  # log the mean of the metrics over this many steps
     eval_steps: int = 500  # evaluate every N steps (0 = only at the start and end)
+    prefix_sharing: bool = False  # a pair's prompt once: one forward row [prompt, chosen, rejected] (rlcore.packing)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         mask[pair_rows],
                         length_average,
                         chunk_size=config.lm_head_chunk,
+                        share_prompts=config.prefix_sharing,
                     )  # [2N]
             stats = {
                 **rollout_stats(rollout, rewards, per_source, scorer),
@@ -162,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         mask[pair_rows][rows_of_pairs],
                         length_average,
                         chunk_size=config.lm_head_chunk,
+                        share_prompts=config.prefix_sharing,
                     )  # [2n]
                 chosen_logps, rejected_logps = logps.float().chunk(2)
                 loss, loss_stats = dpo_loss(

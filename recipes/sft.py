@@ -12,6 +12,8 @@ Departures from the common setup (TRL's SFTTrainer):
   on 2 CPU cores (a high learning rate, small batches, many steps); use ~1e-5..2e-5 for a real model;
 - ``--packing`` packs rows into bins of ``--max_length`` tokens without attention across rows (position
   ids restart per row), see ``rlcore.data.pack_sequences``;
+- ``--padding_free`` puts each micro-batch's rows end to end (``rlcore.models.packed_batch``), attention kept
+  within each row and position ids restarting (``rlcore.packing``): the same loss and gradients, no padding;
 - speed and memory without changing the loss: each row's last token (which predicts nothing) is not fed,
   the LM head runs at the loss positions only, chunk-wise (``--lm_head_chunk``; 0 = the full logits), and
   on CPU rows of at most 128 tokens use eager
@@ -63,6 +65,7 @@ class SFTConfig(TrainConfig):
     output_dir: str = "outputs/sft"
     completion_only: bool = True  # train on completion tokens only (text data: every token anyway)
     packing: bool = False  # pack rows into bins of --max_length tokens (no attention across rows)
+    padding_free: bool = False  # a micro-batch's rows end to end (fewer rows), attention within each (rlcore.packing)
     lr: float = 1e-3  # peak learning rate (AdamW)
     adam_beta2: float = 0.99  # AdamW beta2
     warmup_steps: int = 100  # linear warmup steps
@@ -71,6 +74,11 @@ class SFTConfig(TrainConfig):
     logging_steps: int = 25  # log the mean of the metrics over this many steps
     eval_steps: int = 500  # evaluate every N steps (0 = only at the start and end)
     max_new_tokens: int = 8  # completion length limit of the greedy-generation metric
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.packing and self.padding_free:
+            raise ValueError("--packing and --padding_free are two ways to drop padding: choose one")
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -131,6 +139,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             batch = {k: packed[k][indices] for k in ("input_ids", "position_ids", "completion_mask")}
         else:
             batch = data.collate_right([train_ids[i] for i in indices], [train_masks[i] for i in indices], pad_id)
+        if config.padding_free:  # rows end to end: each attends to itself, positions restart (rlcore.packing)
+            loss_mask = batch["completion_mask"] * (torch.arange(batch["input_ids"].shape[1]) > 0)  # not first tokens
+            packed = models.packed_batch(
+                model,
+                *(batch[k].to(device) for k in ("input_ids", "attention_mask")),
+                loss_mask.to(device),
+                padding_free=True,
+            )
+            return models.packed_inputs(model, packed), packed.positions, packed.targets
         loss_mask = batch.pop("completion_mask")[:, 1:].bool()  # [B, T-1]
         labels = batch["input_ids"][:, 1:][loss_mask]  # [N]
         inputs = {k: v[:, :-1].to(device) for k, v in batch.items()}  # [B, T-1] each

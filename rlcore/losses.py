@@ -32,6 +32,7 @@ __all__ = [
     "policy_loss",
     "importance_ratio",
     "cispo_loss",
+    "surrogate_for",
     "truncated_importance_weights",
     "value_loss",
     "dpo_loss",
@@ -338,6 +339,15 @@ def cispo_loss(
         clipped = clipped | (ratio < low)
     stats = {"clip_frac": _fraction(clipped, valid), **_ratio_stats(logp, old_logp, ratio, valid)}
     return loss, stats
+
+
+def surrogate_for(loss_type: str, epsilon: float = 0.2, epsilon_high: float | None = None) -> tuple:
+    """(loss function, its clip keyword arguments) of a ``--loss_type``: :func:`cispo_loss` clipping the detached
+    weight from above only (at ``epsilon_high``, or ``epsilon`` when None) for ``"cispo"``; :func:`policy_loss`
+    with ``clip_low=epsilon, clip_high=epsilon_high`` for every other name of ``LOSS_TYPE_AGGREGATION``."""
+    if loss_type == "cispo":
+        return cispo_loss, {"clip_high": epsilon_high or epsilon}
+    return policy_loss, {"clip_low": epsilon, "clip_high": epsilon_high}
 
 
 TIS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")

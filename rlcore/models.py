@@ -48,6 +48,7 @@ from rlcore.logprobs import (
     log_sum_squared_probs,
 )
 from rlcore.ops import last_valid_index
+from rlcore.packing import DENSE_MASK_ATTENTION, PackedBatch, model_attention_mask, pack_batch, prompt_groups
 
 TINY = "tiny"
 # End-of-turn tokens of common chat formats (ChatML/Qwen, Llama 3, Gemma, Phi-3): a completion stops at them.
@@ -513,6 +514,90 @@ def body_hidden_states(
     return captured[0]
 
 
+def shares_prompts(model: nn.Module) -> bool:
+    """Whether prefix sharing can run on ``model``: its attention implementation takes a dense 4D mask (sdpa,
+    eager; ``rlcore.packing.DENSE_MASK_ATTENTION``). Elsewhere (flash_attention_2) the forwards asked to share
+    prompts run the padded batch instead: the same values, without the saving."""
+    config = getattr(_unwrapped(model), "config", None)
+    return getattr(config, "_attn_implementation", None) in DENSE_MASK_ATTENTION
+
+
+def packed_batch(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    score_mask: torch.Tensor,
+    groups: torch.Tensor | None = None,
+    prompt_mask: torch.Tensor | None = None,
+    padding_free: bool = False,
+) -> PackedBatch:
+    """``rlcore.packing.pack_batch`` for ``model``, moved to the batch's device.
+
+    Padding-free rows are as long as the padded batch's rows ([B, T] -> rows of at most T tokens, fewer of
+    them) where attention is dense (sdpa, eager: the packed row's attention costs its length squared, so one
+    long row would cost more than the padded batch); one row where the implementation runs variable-length
+    attention from the position ids (flash_attention_2).
+    """
+    attention = _unwrapped(model).config._attn_implementation
+    row_length = input_ids.shape[1] if attention in DENSE_MASK_ATTENTION else None
+    packed = pack_batch(input_ids, attention_mask, score_mask, groups, prompt_mask, padding_free, row_length)
+    return packed.to(input_ids.device)
+
+
+def packed_inputs(model: nn.Module, packed: PackedBatch) -> dict[str, torch.Tensor | None]:
+    """``input_ids``, ``attention_mask`` (the block mask in the form the model's attention implementation takes,
+    ``rlcore.packing.model_attention_mask``) and ``position_ids`` of a packed batch, for ``model(**inputs)``."""
+    inner = _unwrapped(model)
+    dtype = inner.get_input_embeddings().weight.dtype
+    mask = model_attention_mask(inner.config._attn_implementation, packed.segment_ids, packed.prefix_ids, dtype)
+    return {"input_ids": packed.input_ids, "attention_mask": mask, "position_ids": packed.position_ids}
+
+
+def packed_logprobs(
+    model: nn.Module,
+    packed: PackedBatch,
+    chunk_size: int = LM_HEAD_CHUNK,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+    with_argmax: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Log-probs of the scored tokens of a packed batch (``rlcore.packing.pack_batch``): one call of the
+    top-level ``model`` on the packed rows with their block attention mask and position ids.
+
+        logp_n = log softmax(logits(packed row, column of positions_n) / temperature)[targets_n]
+
+    Each equals the value of the padded forward: a token sees exactly the tokens it saw in its own row, at
+    the same positions (``rlcore.packing``). The mask takes the form the model's attention implementation
+    needs (``rlcore.packing.model_attention_mask``). With ``chunk_size > 0`` the LM head runs chunk-wise
+    at the scored positions only (:func:`position_logprobs`); with 0 (or ``entropy_grad``) the model's own
+    logits are read at them.
+
+    Returns:
+        (logp [N] float32 with gradient, {"entropy": [N] (with gradient if entropy_grad), "argmax": [N] bool} as asked).
+    """
+    if chunk_size and not (with_entropy and entropy_grad) and chunked_head_supported(model):
+        return position_logprobs(
+            model,
+            **packed_inputs(model, packed),
+            positions=packed.positions,
+            targets=packed.targets,
+            chunk_size=chunk_size,
+            temperature=temperature,
+            with_entropy=with_entropy,
+            with_argmax=with_argmax,
+        )
+    rows, columns = packed.positions.unbind(1)  # [N] each
+    logits = model(**packed_inputs(model, packed), use_cache=False).logits[rows, columns]  # [N, V]
+    extras: dict[str, torch.Tensor] = {}
+    if with_entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            extras["entropy"] = entropy_from_logits(logits if entropy_grad else logits.detach(), temperature)
+    if with_argmax:
+        extras["argmax"] = logits.detach().argmax(-1) == packed.targets
+    return gather_logprobs(logits, packed.targets, temperature=temperature), extras
+
+
 def _head_logprobs(
     model: nn.Module,
     hidden: torch.Tensor,
@@ -549,6 +634,7 @@ def token_logprobs(
     with_entropy: bool = False,
     entropy_grad: bool = False,
     chunk_size: int = LM_HEAD_CHUNK,
+    share_prompts: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs of the next tokens of a batch (and, on request, their entropies).
 
@@ -574,6 +660,11 @@ def token_logprobs(
             a softmax of the scored positions, [B, n, V] floats.
         chunk_size: positions per LM-head chunk; 0 = the full-logits path (also taken with ``entropy_grad``,
             whose gradient needs the softmax of every scored position).
+        share_prompts: prefix sharing (where :func:`shares_prompts`; the padded batch otherwise). Rows with
+            the same prompt (the first L - n columns: the G completions of a rollout's prompt) become one
+            sequence ``[prompt, completion_1, ..., completion_G]``
+            (``rlcore.packing.prompt_groups``, :func:`packed_logprobs`), the prompt computed once; only the
+            completions' real tokens are scored (zero elsewhere), each equal to its unshared value.
 
     Returns:
         (logp [B, n] float32 with the model's gradient, entropy [B, n] (detached unless entropy_grad) or None), n = ``last`` or
@@ -589,6 +680,15 @@ def token_logprobs(
         raise ValueError(
             f"last must be in [1, {input_ids.shape[1] - 1}] (a token precedes the scored ones), got {last}"
         )
+    if share_prompts and shares_prompts(model):  # prefix sharing: prompt columns shared, completion columns scored
+        batch, length = input_ids.shape
+        prompt_mask, score_mask = attention_mask.clone(), attention_mask.clone()
+        prompt_mask[:, length - n :], score_mask[:, : length - n] = 0, 0
+        groups = prompt_groups(input_ids, prompt_mask)  # [B]
+        packed = packed_batch(model, input_ids, attention_mask, score_mask, groups, prompt_mask)
+        logp, extras = packed_logprobs(model, packed, chunk_size, temperature, with_entropy, entropy_grad)
+        entropy = packed.unpack(extras["entropy"], (batch, n), length - n) if with_entropy else None
+        return packed.unpack(logp, (batch, n), length - n), entropy
     position_ids = position_ids_from_mask(attention_mask)
     if chunk_size and not (with_entropy and entropy_grad) and chunked_head_supported(model):
         batch, length = input_ids.shape
@@ -665,6 +765,7 @@ def sequence_logprobs(
     average: bool = False,
     temperature: float = 1.0,
     chunk_size: int = LM_HEAD_CHUNK,
+    share_prompts: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the completions of a batch: summed (or averaged) over their tokens, and per token.
 
@@ -677,12 +778,19 @@ def sequence_logprobs(
             left-padded prompt followed by a T-column completion (``Rollout.completion_mask``).
         average: divide by the completion's token count (IPO's length-averaged log-probs).
         chunk_size: LM-head chunk of :func:`token_logprobs` (0 = full logits).
+        share_prompts: prefix sharing across rows with the same first L - n columns (:func:`token_logprobs`).
 
     Returns:
         ([B] sequence log-probs, [B, n] per-token log-probs, zero outside the completion), with gradient.
     """
     logp, _ = token_logprobs(
-        model, input_ids, attention_mask, last=completion_mask.shape[1], temperature=temperature, chunk_size=chunk_size
+        model,
+        input_ids,
+        attention_mask,
+        last=completion_mask.shape[1],
+        temperature=temperature,
+        chunk_size=chunk_size,
+        share_prompts=share_prompts,
     )
     token_logp = logp * completion_mask  # [B, n]
     summed = token_logp.sum(dim=1)  # [B]
@@ -690,17 +798,42 @@ def sequence_logprobs(
 
 
 def pair_logprobs(
-    model, batch: dict[str, torch.Tensor], chunk_size: int = 0, ld_alpha: float = 1.0
+    model,
+    batch: dict[str, torch.Tensor],
+    chunk_size: int = 0,
+    ld_alpha: float = 1.0,
+    shared_prefix: bool = False,
+    padding_free: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Completion log-probs of a ``data.collate_preference`` batch (chosen rows, then rejected), one forward pass.
 
-    Returns ([2B] summed log-probs, [2B, T-1] per token). With ``ld_alpha`` < 1 the sums are LD-DPO's
-    (``rlcore.logprobs.length_desensitized_logps``: the tail beyond the shorter completion weighs ld_alpha).
+    ``shared_prefix``: each pair is one sequence ``[prompt, chosen, rejected]``, the prompt computed once
+    (prefix sharing; only with an attention implementation that takes a dense mask, :func:`shares_prompts`);
+    ``padding_free``: the sequences end to end (:func:`packed_batch`). Both give the same values and gradients
+    as the padded forward (:func:`packed_logprobs`); they compute only the completion tokens' log-probs.
+
+    Returns ([2B] summed log-probs, [2B, T-1] per token, zero outside the completions). With ``ld_alpha`` < 1
+    the sums are LD-DPO's (``rlcore.logprobs.length_desensitized_logps``: the tail beyond the shorter
+    completion weighs ld_alpha).
     """
     mask = batch["completion_mask"][:, 1:]  # [2B, T-1]
-    logps, token_logp = sequence_logprobs(
-        model, batch["input_ids"], batch["attention_mask"], mask, chunk_size=chunk_size
-    )
+    shared_prefix = shared_prefix and shares_prompts(model)
+    if shared_prefix or padding_free:
+        input_ids, attention_mask, completion_mask = (
+            batch[k] for k in ("input_ids", "attention_mask", "completion_mask")
+        )
+        pairs = len(input_ids) // 2
+        groups = torch.arange(len(input_ids), device=input_ids.device) % pairs if shared_prefix else None
+        prompt_mask = attention_mask * (1 - completion_mask) if shared_prefix else None
+        scored = completion_mask * (torch.arange(input_ids.shape[1], device=input_ids.device) > 0)  # as mask
+        packed = packed_batch(model, input_ids, attention_mask, scored, groups, prompt_mask, padding_free)
+        logp, _ = packed_logprobs(model, packed, chunk_size)
+        token_logp = packed.unpack(logp, tuple(mask.shape), column_offset=1)  # [2B, T-1]
+        logps = token_logp.sum(dim=1)  # [2B]
+    else:
+        logps, token_logp = sequence_logprobs(
+            model, batch["input_ids"], batch["attention_mask"], mask, chunk_size=chunk_size
+        )
     if ld_alpha < 1.0:
         (chosen_logp, rejected_logp), (chosen_mask, rejected_mask) = token_logp.chunk(2), mask.chunk(2)
         logps = torch.cat(length_desensitized_logps(chosen_logp, chosen_mask, rejected_logp, rejected_mask, ld_alpha))

@@ -527,3 +527,11 @@ def test_losses_do_not_modify_inputs():
     reward_pairwise_loss(scores[0], scores[1], margin=scores[2], center_coef=0.1)
     sft_loss(logits, labels, mask)
     assert all(torch.equal(x, y) for x, y in zip(tensors, copies))
+
+
+def test_surrogate_for_names_the_loss_function_and_its_clip():
+    from rlcore import cispo_loss, policy_loss, surrogate_for
+
+    assert surrogate_for("cispo", 0.2, None) == (cispo_loss, {"clip_high": 0.2})  # epsilon_high falls back
+    assert surrogate_for("cispo", 0.2, 0.28) == (cispo_loss, {"clip_high": 0.28})
+    assert surrogate_for("dapo", 0.2, 0.28) == (policy_loss, {"clip_low": 0.2, "clip_high": 0.28})
