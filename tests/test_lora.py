@@ -126,7 +126,7 @@ def test_zero_init_adapters_keep_logits_and_a_step_changes_only_adapters(input_i
     wrapped = [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]
     assert len(wrapped) == 2 * len(DEFAULT_TARGETS)  # 2 layers x 7 projections
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"{name}.lora_{ab}" for name in wrapped for ab in "AB"}
+    assert trainable == {f"{name}.adapters.default.lora_{ab}" for name in wrapped for ab in "AB"}
     # r (in + out) per layer: q 64+64, k 64+32, v 64+32, o 64+64, gate 64+128, up 64+128, down 128+64.
     assert sum(p.numel() for p in lora_parameters(model)) == 2 * 4 * (128 + 96 + 96 + 128 + 192 + 192 + 192)
 
