@@ -344,6 +344,27 @@ class ValueModel(nn.Module):
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)  # [B, T]
 
 
+def new_critic(
+    policy: nn.Module,
+    on_policy: bool,
+    value_model: str | None = None,
+    dtype: str | None = None,
+    device: str | torch.device | None = None,
+    gradient_checkpointing: bool = False,
+) -> tuple[str, nn.Module]:
+    """PPO's value function, ``(name, module)``: ``("value_head", zero Linear(H, 1))`` for a head on the
+    policy's own trunk (``on_policy``), else ``("value_model", ValueModel)``, a backbone from ``value_model``
+    (default: where the policy started) with a zero head, trained in full: in ``dtype``, float32 for float16
+    (no loss scaling here), with gradient checkpointing on request."""
+    if on_policy:
+        return "value_head", new_value_head(policy.config.get_text_config().hidden_size, device)
+    dtype = "float32" if dtype == "float16" else dtype
+    critic = ValueModel.from_pretrained(value_model or policy.name_or_path, dtype=dtype, device=device)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(critic)
+    return "value_model", critic
+
+
 def completion_values(
     value_model, sequences: torch.Tensor, attention_mask: torch.Tensor, completion_length: int
 ) -> torch.Tensor:
