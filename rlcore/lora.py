@@ -619,15 +619,16 @@ def load_adapter(
     """
     config = read_adapter_config(directory)
     if adapter_name not in adapter_names(model):
-        apply_lora(
-            model,
-            r=config["r"],
-            alpha=config["lora_alpha"],
-            dropout=config.get("lora_dropout", 0.0),
-            targets=config["target_modules"],
-            use_rslora=config.get("use_rslora", False),
-            adapter_name=adapter_name,
-        )
+        with _rng_untouched():  # the random initial values are overwritten: leave the run's random stream alone
+            apply_lora(
+                model,
+                r=config["r"],
+                alpha=config["lora_alpha"],
+                dropout=config.get("lora_dropout", 0.0),
+                targets=config["target_modules"],
+                use_rslora=config.get("use_rslora", False),
+                adapter_name=adapter_name,
+            )
     own = lora_state_dict(model, adapter_name)
     heads = read_adapter_heads(directory) if with_heads else {}
     if heads:
@@ -648,6 +649,12 @@ def load_adapter(
         for key, tensor in own.items():
             tensor.copy_(loaded[key])
     return model
+
+
+def _rng_untouched() -> contextlib.AbstractContextManager:
+    """torch's CPU random state (and the current CUDA device's, once CUDA is in use) restored after the block."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=devices)
 
 
 def _head_tensors(model: nn.Module, heads: dict[str, torch.Tensor], directory: str) -> dict[str, torch.Tensor]:

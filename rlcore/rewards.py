@@ -287,8 +287,8 @@ def _score_head(directory: str) -> nn.Linear:
             f"reward adapter {directory!r} holds no one-output score head (score.weight [1, H]) in its adapter file "
             "or a score.safetensors beside it: save it from a reward model (recipes/reward_model.py --lora_r N)"
         )
-    head = nn.Linear(tensors["weight"].shape[1], 1, bias="bias" in tensors, dtype=torch.float32)
-    head.load_state_dict({key: value.float() for key, value in tensors.items()})
+    head = nn.Linear(tensors["weight"].shape[1], 1, bias="bias" in tensors, device="meta").to_empty(device="cpu")
+    head.load_state_dict({key: value.float() for key, value in tensors.items()})  # no random initial values
     return head.requires_grad_(False)
 
 

@@ -1,6 +1,7 @@
 """Memory at scale: gradient checkpointing, weight dtypes, 4-bit loading, bitsandbytes optimizers, the chunked
 LM head, parameter counts."""
 
+import gc
 import json
 import os
 import shutil
@@ -10,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_recipe, tiny_cache  # noqa: F401 (tiny_cache: an autouse fixture)
+from helpers import load_recipe, lora_reward_model_dir, tiny_cache  # noqa: F401 (tiny_cache: an autouse fixture)
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rlcore import lora, models
 from rlcore.config import TrainConfig
+from rlcore.run import Run
 from rlcore.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -413,3 +415,38 @@ def test_4bit_loading_peak_memory_stays_under_the_float_model(tmp_path):
         f"{full['peak_anonymous'] / gib:.2f} GiB, peak RSS {full['peak_rss'] / gib:.2f} GiB"
     )
     assert quantized["peak_anonymous"] < float_bytes
+
+
+def base_copies(model: torch.nn.Module) -> int:
+    """How many distinct storages in the whole process hold a tensor shaped as ``model``'s input embeddings:
+    the number of copies of the base weights alive (frozen under LoRA: no gradient or optimizer state)."""
+    shape = model.get_input_embeddings().weight.shape
+    gc.collect()
+    tensors = [t for t in gc.get_objects() if isinstance(t, torch.Tensor) and t.shape == shape]
+    return len({t.untyped_storage().data_ptr() for t in tensors})
+
+
+@pytest.mark.slow  # two PPO runs: ~30 s on 2 busy CPU cores
+def test_ppo_with_lora_holds_one_copy_of_the_base_and_scores_as_the_separate_reward_model(tmp_path, monkeypatch):
+    """--lora_r --value_on_policy --reward_on_policy: policy, reference, value and reward share one base. The
+    first step samples the same completions as with the separate (merged) reward model and scores them alike."""
+    reward_dir = lora_reward_model_dir(tmp_path / "rm")  # on the tiny model, the base of --warm_start_steps 0
+    copies = []
+    end_step = Run.end_step
+    monkeypatch.setattr(
+        Run, "end_step", lambda run, stats: (copies.append(base_copies(run.model)), end_step(run, stats))[1]
+    )
+    main = load_recipe("ppo").main
+    common = ["--warm_start_steps", "0", "--max_steps", "1", "--batch_size", "4", "--num_ppo_epochs", "1"]
+    common += ["--max_new_tokens", "4", "--eval_split", "none", "--save_steps", "0", *SMALL_RUN]
+    common += ["--lora_r", "4", "--value_on_policy", "--reward_model", str(reward_dir), "--reward_funcs", "none"]
+    main([*common, "--output_dir", str(tmp_path / "separate")])
+    main([*common, "--output_dir", str(tmp_path / "one_base"), "--reward_on_policy"])
+    assert copies == [2, 1]  # the separate reward model is the second copy
+    first = [read_metrics(tmp_path / name / "metrics.jsonl")[0] for name in ("separate", "one_base")]
+    assert first[0]["completions/mean_length"] == first[1]["completions/mean_length"]
+    assert abs(first[0]["reward"] - first[1]["reward"]) < 1e-5
+    assert first[0]["reward_std"] > 0.01  # the scores differ between rows: the comparison means something
+    # the policy's adapter alone is saved; the reward adapter stays where it came from
+    assert json.loads((tmp_path / "one_base" / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    assert not (tmp_path / "one_base" / "adapter" / "reward").exists()
