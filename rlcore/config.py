@@ -172,7 +172,9 @@ class TrainConfig:
             raise ValueError(
                 f"--bnb_compute_dtype must be float32, bfloat16 or float16; got {self.bnb_compute_dtype!r}"
             )
-        if (self.bnb_double_quant or self.bnb_compute_dtype) and not self.load_in_4bit:
+        if (self.bnb_double_quant or self.bnb_compute_dtype) and not (
+            self.load_in_4bit or getattr(self, "teacher_load_in_4bit", False)
+        ):
             raise ValueError("--bnb_double_quant and --bnb_compute_dtype apply with --load_in_4bit only")
         if self.optim not in ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
             raise ValueError(

@@ -118,12 +118,15 @@ def quantization_config(double_quant: bool = False, compute_dtype=None, device=N
     )
 
 
-def load_options(config) -> dict:
+def load_options(config, prefix: str = "") -> dict:
     """The loading keyword arguments of a recipe's flags: ``--dtype``, ``--load_in_4bit``,
-    ``--bnb_double_quant``, ``--bnb_compute_dtype`` (for ``load_policy``, ``load_reward_model``, ``ValueModel``)."""
+    ``--bnb_double_quant``, ``--bnb_compute_dtype`` (for ``load_policy``, ``load_reward_model``, ``ValueModel``).
+
+    ``prefix="teacher_"`` reads a second model's own ``--teacher_dtype`` (None = ``--dtype``) and
+    ``--teacher_load_in_4bit``, with the same ``--bnb_*`` settings."""
     return {
-        "dtype": config.dtype,
-        "load_in_4bit": config.load_in_4bit,
+        "dtype": getattr(config, prefix + "dtype") or config.dtype,
+        "load_in_4bit": getattr(config, prefix + "load_in_4bit"),
         "double_quant": config.bnb_double_quant,
         "compute_dtype": config.bnb_compute_dtype,
     }
