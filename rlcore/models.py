@@ -24,7 +24,8 @@ Precision policy (``--dtype``, separate from ``--bf16`` autocast):
   float32 and cast back; their weights are stored in ``--dtype``);
 - optimizer state follows the parameters it updates: float32 for adapters and heads; with full fine-tuning
   in bfloat16 torch's AdamW keeps its moments in bfloat16 and updates smaller than a weight's bfloat16
-  spacing are lost (prefer float32 weights with ``--bf16`` autocast, or LoRA); ``--optim adamw_8bit``
+  spacing are lost (prefer ``--master_weights float32``: AdamW on float32 copies,
+  ``rlcore.optim.MasterWeightAdamW``; or float32 weights with ``--bf16`` autocast, or LoRA); ``--optim adamw_8bit``
   stores the moments in 8 bits (blockwise, dequantised to float32 for each update). float16 weights are
   refused for full fine-tuning (no loss scaling here) and allowed under LoRA.
 """

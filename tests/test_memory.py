@@ -14,7 +14,7 @@ import torch
 from helpers import load_recipe, lora_reward_model_dir, tiny_cache  # noqa: F401 (tiny_cache: an autouse fixture)
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from rlcore import lora, models
+from rlcore import lora, models, optim
 from rlcore.config import TrainConfig
 from rlcore.run import Run
 from rlcore.tracking import read_metrics
@@ -350,6 +350,49 @@ def test_bitsandbytes_optimizers_step_save_and_resume(tmp_path, optim):
     b = AutoModelForCausalLM.from_pretrained(resumed).state_dict()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------- float32 master weights for bfloat16 training
+
+
+def adamw_steps(weight: torch.Tensor, steps: int, **options) -> tuple[torch.nn.Parameter, torch.optim.Optimizer]:
+    """``steps`` AdamW updates at lr 1e-4 on a copy of ``weight`` with a constant gradient of 1."""
+    parameter = torch.nn.Parameter(weight.clone())
+    optimizer = optim.build_optimizer(torch.nn.ParameterList([parameter]), lr=1e-4, **options)
+    for _ in range(steps):
+        parameter.grad = torch.ones_like(parameter)
+        optimizer.step()
+        optimizer.zero_grad()
+    return parameter, optimizer
+
+
+def test_master_weights_keep_tiny_updates_that_bfloat16_weights_round_away():
+    # AdamW moves each weight by ~lr = 1e-4 per step (m / sqrt(v) = 1 for a constant gradient). Just below 1.0
+    # bfloat16's spacing is 2^-8 = 0.0039, so in place every update rounds back to 1.0: 100 steps, no
+    # change. With float32 master weights the 100 updates add up to -0.01 and the bfloat16 weight follows.
+    weight = torch.ones(4, 4, dtype=torch.bfloat16)
+    plain, plain_optimizer = adamw_steps(weight, 100)
+    assert torch.equal(plain, weight) and plain_optimizer.state[plain]["exp_avg"].dtype == torch.bfloat16
+    mastered, optimizer = adamw_steps(weight, 100, master_weights="float32")
+    reference, _ = adamw_steps(weight.float(), 100)  # the same updates on float32 weights
+    (master,) = optimizer.param_groups[0]["params"]
+    assert master.dtype == torch.float32 and torch.equal(master, reference)  # exactly the float32 run
+    assert torch.equal(mastered, reference.to(torch.bfloat16)) and mastered.dtype == torch.bfloat16
+    assert (
+        abs(reference[0, 0].item() - 0.99) < 1e-4 and mastered[0, 0].item() == 0.98828125
+    )  # 1 - 3 * 2^-8: nearest 0.99
+
+    # the master weights are in the optimizer state: a resumed run continues from them, not from the rounding
+    resumed, _ = adamw_steps(mastered.detach(), 0, master_weights="float32")
+    resumed_optimizer = optim.build_optimizer(torch.nn.ParameterList([resumed]), lr=1e-4, master_weights="float32")
+    resumed_optimizer.load_state_dict(optimizer.state_dict())
+    assert torch.equal(resumed_optimizer.param_groups[0]["params"][0], reference)
+    with pytest.raises(ValueError, match="resume with the --master_weights the run was saved with"):
+        resumed_optimizer.load_state_dict(plain_optimizer.state_dict())
+    with pytest.raises(ValueError, match="--master_weights must be float32"):
+        TrainConfig(master_weights="float32", optim="adamw_8bit")
+    float32_parameter, float32_optimizer = adamw_steps(weight.float(), 1, master_weights="float32")
+    assert float32_optimizer.param_groups[0]["params"][0] is float32_parameter  # no copy of float32 weights
 
 
 # ---------------------------------------------------------------- peak memory of 4-bit loading
