@@ -292,7 +292,7 @@ def _score_head(directory: str) -> nn.Linear:
     return head.requires_grad_(False)
 
 
-class _PolicyRewardModel(nn.Module):
+class PolicyRewardModel(nn.Module):
     """What ``sequence_scores`` reads, on the policy's own base: its body as the backbone, and a score head."""
 
     base_model_prefix = "backbone"
@@ -327,7 +327,7 @@ class AdapterRewardScorer(RewardModelScorer):
         self.path, self.batch_size, self.tokenizer = path, batch_size, policy_tokenizer
         self.directory = reward_adapter_dir(path)
         self.adapter_config = lora.read_adapter_config(self.directory)
-        self.model = _PolicyRewardModel(None, _score_head(self.directory).to(device))
+        self.model = PolicyRewardModel(None, _score_head(self.directory).to(device))
         self.same_vocabulary = True  # the policy's own base and tokenizer
         self.policy_stop_ids = set(eos_token_ids(policy_tokenizer))
         self.max_length = None
