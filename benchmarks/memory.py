@@ -257,7 +257,7 @@ def run_row(
             logp = logprobs(policy, input_ids, completion)
             values = models.completion_values(value_model, input_ids, torch.ones_like(input_ids), completion)
         else:
-            logp, values = models.token_logprobs_and_values(
+            logp, _, values = models.token_logprobs_and_values(
                 policy, value_head, input_ids, torch.ones_like(input_ids), completion
             )
         returns = score.float().expand(1, completion)
