@@ -18,9 +18,10 @@ the optimizer step). What each step holds, as the recipes do:
 - GRPO: the policy and the reference as in DPO; clipped surrogate + k3 KL (beta 0.04);
 - PPO: the policy, the reference (as in DPO), a value model (``ValueModel``: full variants, a second
   backbone trained in full; LoRA variants, a value head on the policy's own trunk, the one-base layout of
-  recipes/ppo.py ``--value_on_policy``) and a reward model (a separate frozen sequence classifier of the
-  variant's base dtype, 4-bit for qlora: rlcore has no multi-adapter reward model yet, so LoRA PPO holds two
-  bases: the policy's and the reward model's).
+  recipes/ppo.py ``--value_on_policy``) and a reward model: for LoRA variants by default a frozen LoRA
+  adapter (r=16, the same targets) and score head on the policy's own base, switched on for the scoring pass
+  (recipes/ppo.py ``--reward_on_policy``: one base in all); with ``--ppo_reward separate``, and for the full
+  variants, a separate frozen sequence classifier of the variant's base dtype (4-bit for qlora).
 
 Log-probs come from the body's hidden states through the chunked LM head (``rlcore.models.token_logprobs``,
 256 positions per chunk): no ``[B, T, V]`` logits. Weights are random, built one decoder layer at a time
@@ -44,12 +45,14 @@ rows left out by ``--only`` print "not run"; both with the estimate.
     python benchmarks/memory.py --only 0.5B                # CPU, sequence 512, every 0.5B row
     python benchmarks/memory.py --only dpo:7B:qlora --seq_len 128
     python benchmarks/memory.py --device cuda --budget_gib 130    # every row, on one GPU
+    python benchmarks/memory.py --only ppo:0.5B:lora --ppo_reward separate   # LoRA PPO with two bases
 
 ``--logprob_part`` measures instead the log-prob part of a GRPO step at the 0.5B shape (8 completions x 512
 tokens, vocabulary 151,936): the naive ``[B, T, V]`` logits path against the chunked LM head.
 """
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -74,6 +77,7 @@ from rlcore import (
     policy_loss,
     value_loss,
 )
+from rlcore.rewards import PolicyRewardModel
 
 ALGORITHMS = ("sft", "dpo", "grpo", "ppo")
 VARIANTS = ("full_fp32", "full_bf16", "lora", "qlora")
@@ -174,7 +178,9 @@ def logprobs(model, input_ids, last):
     return models.token_logprobs(model, input_ids, attention_mask, last)[0]  # [B, last]
 
 
-def run_row(algorithm: str, shape: str, variant: str, checkpointing: bool, seq_len: int, device: str) -> dict:
+def run_row(
+    algorithm: str, shape: str, variant: str, checkpointing: bool, seq_len: int, device: str, ppo_reward: str
+) -> dict:
     torch.manual_seed(0)
     config = Qwen2Config(**SHAPES[shape], max_position_embeddings=4096, attn_implementation="sdpa", num_labels=1)
     config.pad_token_id = 0
@@ -185,8 +191,15 @@ def run_row(algorithm: str, shape: str, variant: str, checkpointing: bool, seq_l
     reference = models.frozen_copy(policy) if full and algorithm != "sft" else None
     trained: list[nn.Module] = [policy]
     value_model = value_head = reward_model = None
-    if algorithm == "ppo":
+    if algorithm == "ppo" and (full or ppo_reward == "separate"):
         reward_model = build(Qwen2ForSequenceClassification, config, variant, device).eval().requires_grad_(False)
+    elif algorithm == "ppo":  # the reward model's adapter and score head on the policy's base
+        lora.apply_lora(policy, r=LORA_R, alpha=2 * LORA_R, adapter_name="reward")
+        for parameter in lora.lora_parameters(policy, "reward"):  # frozen, as AdapterRewardScorer keeps it
+            parameter.requires_grad_(False)
+        score = nn.Linear(config.hidden_size, 1, bias=False, device=device).requires_grad_(False)
+        reward_model = PolicyRewardModel(policy, score)
+    if algorithm == "ppo":
         if full:
             value_model = models.ValueModel(build(Qwen2Model, config, variant, device), config.hidden_size).to(device)
             trained.append(value_model)
@@ -237,13 +250,14 @@ def run_row(algorithm: str, shape: str, variant: str, checkpointing: bool, seq_l
         loss, _ = policy_loss(logp, logp.detach(), advantages, mask)
         loss = loss + 0.04 * masked_mean(kl_estimate(logp, ref_logp, kind="k3"), mask)
     else:  # ppo: score with the reward model, values, then the clipped policy and value losses
-        with torch.no_grad():
+        on_policy = isinstance(reward_model, PolicyRewardModel)
+        with torch.no_grad(), lora.use_adapter(policy, "reward") if on_policy else contextlib.nullcontext():
             score = models.sequence_scores(reward_model, input_ids, torch.ones_like(input_ids))  # [1]
         if full:
             logp = logprobs(policy, input_ids, completion)
             values = models.completion_values(value_model, input_ids, torch.ones_like(input_ids), completion)
         else:
-            logp, values = models.token_logprobs_and_values(
+            logp, _, values = models.token_logprobs_and_values(
                 policy, value_head, input_ids, torch.ones_like(input_ids), completion
             )
         returns = score.float().expand(1, completion)
@@ -294,7 +308,9 @@ def parameter_split(shape: str) -> dict[str, int]:
     return {"linear": linear, "rest": total - linear, "adapters": adapters, "total": total, "head": head}
 
 
-def estimate(algorithm: str, shape: str, variant: str, checkpointing: bool, seq_len: int) -> int:
+def estimate(
+    algorithm: str, shape: str, variant: str, checkpointing: bool, seq_len: int, ppo_reward: str = "adapter"
+) -> int:
     """Bytes: weights of every model held + gradients + optimizer state + saved activations + LM-head chunks.
 
     Activations per layer and token, as autograd saves them (inputs of every matmul, the attention output
@@ -316,7 +332,8 @@ def estimate(algorithm: str, shape: str, variant: str, checkpointing: bool, seq_
         base = split["linear"] * (0.5 + 1 / 64 + 4 / (64 * 256)) + split["rest"] * 2
     else:
         base = split["total"] * weight_bytes
-    copies = {"sft": 1, "dpo": 2, "grpo": 2, "ppo": 4}[algorithm] if full else (2 if algorithm == "ppo" else 1)
+    ppo_bases = 2 if ppo_reward == "separate" else 1  # LoRA: the reward model apart, or as an adapter
+    copies = {"sft": 1, "dpo": 2, "grpo": 2, "ppo": 4}[algorithm] if full else (ppo_bases if algorithm == "ppo" else 1)
     weights = base * copies - (2 * split["head"] * weight_bytes if full and algorithm == "ppo" else 0)
     if full:
         trainable = split["total"] * (2 if algorithm == "ppo" else 1)
@@ -324,7 +341,7 @@ def estimate(algorithm: str, shape: str, variant: str, checkpointing: bool, seq_
     else:
         trainable = split["adapters"] + (hidden + 1 if algorithm == "ppo" else 0)
         gradients_and_state = trainable * 4 * (1 + (0.5 if variant == "qlora" else 2))
-        weights += split["adapters"] * 4
+        weights += split["adapters"] * 4 * (2 if algorithm == "ppo" and ppo_reward != "separate" else 1)
     rows = {"sft": 1, "dpo": 2, "grpo": 2, "ppo": 1}[algorithm] * (2 if full and algorithm == "ppo" else 1)
     act_bytes = weight_bytes if full else 2
     per_layer = seq_len * ((10 * hidden + 4 * inter) * act_bytes + (0 if full else (6 * hidden + inter) * 4))
@@ -399,6 +416,9 @@ def main() -> None:
     parser.add_argument("--budget_gib", type=float, default=20.0, help="rows estimated above this do not run")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--logprob_part", action="store_true")
+    parser.add_argument(
+        "--ppo_reward", default="adapter", choices=["adapter", "separate"], help="LoRA PPO's reward model"
+    )
     parser.add_argument("--row", help=argparse.SUPPRESS)  # one row in this process: alg,shape,variant,gc
     parser.add_argument("--part", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -406,13 +426,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.row:
         algorithm, shape, variant, checkpointing = args.row.split(",")
-        print(json.dumps(run_row(algorithm, shape, variant, checkpointing == "1", args.seq_len, args.device)))
+        row = run_row(algorithm, shape, variant, checkpointing == "1", args.seq_len, args.device, args.ppo_reward)
+        print(json.dumps(row))
         return
     if args.part:
         print(json.dumps(logprob_part(args.part, args.device)))
         return
     environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    extra = ["--device", args.device, "--seq_len", str(args.seq_len)] + (
+    extra = ["--device", args.device, "--seq_len", str(args.seq_len), "--ppo_reward", args.ppo_reward] + (
         ["--threads", str(args.threads)] if args.threads else []
     )
     measure = "peak RSS" if args.device == "cpu" else "max_memory_allocated"
@@ -427,7 +448,8 @@ def main() -> None:
         return
     print(
         f"One optimizer step, batch 1, sequence {args.seq_len}, device {args.device} ({measure}; "
-        f"MALLOC_MMAP_THRESHOLD_=131072), LoRA r={LORA_R}, torch {torch.__version__}"
+        f"MALLOC_MMAP_THRESHOLD_=131072), LoRA r={LORA_R}, LoRA PPO's reward model: {args.ppo_reward}, "
+        f"torch {torch.__version__}"
     )
     header = f"{'algorithm':<9} {'shape':<5} {'variant':<10} {'ckpt':<4} {'params':>8} {'trainable':>10}"
     print(f"{header} {'estimate':>9} {'measured':>19} {'fwd+bwd growth':>15} {'activations':>12} {'step s':>7}")
@@ -437,7 +459,7 @@ def main() -> None:
             for variant in VARIANTS:
                 for checkpointing in (False, True):
                     row = (algorithm, shape, variant, checkpointing)
-                    guess = estimate(*row, args.seq_len)
+                    guess = estimate(*row, args.seq_len, args.ppo_reward)
                     line = f"{algorithm:<9} {shape:<5} {variant:<10} {'on' if checkpointing else 'off':<4} "
                     line += f"{total / 1e9:>7.2f}B "
                     if guess > args.budget_gib * GIB:

@@ -18,6 +18,8 @@ token of an optimizer step (all micro-batches are sampled first), so --grad_accu
 Departures: the on-policy/off-policy draw is made once per optimizer step (GKD draws per batch), from a
 generator seeded by --seed and the step, so a resumed run draws the same; sampling and the loss use the same
 --temperature (as TRL); the teacher must share the student's tokenizer (same vocabulary size is checked).
+The teacher is frozen, so its precision is free of the student's: --teacher_dtype bfloat16 halves its
+weights, --teacher_load_in_4bit holds them in nf4 (about a quarter; its LM head stays in --teacher_dtype).
 
 The embedded default: the teacher is the toy task's SFT warm start of --teacher_steps (1500) steps, the
 one the online recipes start from (``rlcore.toy.warm_start``, cached); the student is an earlier SFT run of
@@ -59,6 +61,8 @@ class DistillConfig(OnlineConfig):
     output_dir: str = "outputs/distill"
     teacher: str = "tiny"  # a directory or hub id; "tiny" = the toy's SFT warm start of --teacher_steps steps
     teacher_steps: int = 1500  # with --teacher tiny: SFT steps of the teacher (the online recipes' cached warm start)
+    teacher_dtype: str | None = None  # the frozen teacher's weights: float32, bfloat16 or float16 (None = --dtype)
+    teacher_load_in_4bit: bool = False  # quantise the teacher to nf4 as it loads (--bnb_* flags apply; no LoRA needed)
     warm_start_steps: int = 700  # with --model tiny: the student is an SFT run of this many steps (cached)
     lmbda: float = 1.0  # fraction of steps on the student's samples (GKD's lambda); others: the dataset's
     beta: float = 1.0  # generalised JSD: 0 = forward KL(teacher || student), 1 = reverse KL(student || teacher)
@@ -78,6 +82,10 @@ class DistillConfig(OnlineConfig):
             raise ValueError(f"--lmbda and --beta must be in [0, 1], got {self.lmbda} and {self.beta}")
         if self.teacher_steps < 0 or self.chunk_size < 1 or (self.distill_top_k is not None and self.distill_top_k < 1):
             raise ValueError("--teacher_steps must be >= 0, --chunk_size >= 1 and --distill_top_k >= 1 (or none)")
+        if self.teacher_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"--teacher_dtype must be float32, bfloat16 or float16 (or none), got {self.teacher_dtype!r}"
+            )
         if self.sharding == "fsdp2":  # the loss reads the LM heads' weights outside a forward pass
             raise ValueError("--sharding fsdp2 is not yet supported by this recipe: use --sharding ddp")
 
@@ -106,7 +114,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     sft_script = Path(__file__).with_name("sft.py")
     student, tokenizer, sampling = load_start_policy(config, device, sft_script)
     teacher_path = warm_start(config.teacher, config.teacher_steps, config.seed, sft_script, ONLINE_WARM_START_FLAGS)
-    teacher = models.load_policy(teacher_path, device=device)[0].eval().requires_grad_(False)
+    teacher = models.load_policy(teacher_path, device=device, **models.load_options(config, "teacher_"))[0]
+    teacher.eval().requires_grad_(False)  # frozen: --teacher_dtype, --teacher_load_in_4bit (no gradient or state)
     student_head, teacher_head = student.get_output_embeddings(), teacher.get_output_embeddings()
     if student_head.weight.shape[0] != teacher_head.weight.shape[0]:
         raise ValueError(

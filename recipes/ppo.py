@@ -16,25 +16,32 @@ follows Huang et al. 2024, "The N+ implementation details of RLHF with PPO", htt
 
 V_t is the value of the state *before* completion token t (read at the position of the previous token:
 ``rlcore.models.completion_values``).
-Two layouts of the value function, each with one optimizer over everything trained:
-- separate (the default): a second backbone with a linear head (rlcore.models.ValueModel), initialised
-  from --value_model (default: the policy's starting checkpoint; a reward model directory is the classic
-  choice) with a zero head, trained in full. Cost: a second copy of the weights, its gradients and AdamW
-  state (16 bytes per parameter in float32), a second forward and backward per mini-batch; the critic
-  learns apart from the policy.
-- --value_on_policy: a zero-initialised head on the policy's own trunk
-  (rlcore.models.token_logprobs_and_values): one forward pass gives log-probs and values, no second
-  backbone; with --lora_r the reference is the adapters-off policy, so policy, reference and value
-  function hold one copy of the base weights. Cost: hidden-size + 1 more parameters; the value loss
-  (weighted by --vf_coef) trains the shared trunk or adapters too, so the two objectives compete.
-The reward model, when given (--reward_model), is loaded apart by rlcore.rewards (a third copy for now:
-no adapter switching between policy and reward model yet). Departures: one sample per prompt and no
-reward whitening by default (--whiten_rewards); with --lora_r the policy trains adapters (its reference is
-the adapters-off base).
+Layouts (one optimizer over everything trained). Per step over B rows, E = --num_ppo_epochs, generation apart:
+- value, separate (the default): a backbone with a zero linear head (rlcore.models.ValueModel) from
+  --value_model (default: the policy's start; a reward model is the classic choice), trained in full. Cost:
+  one more copy of the weights with its gradients and AdamW state (16 bytes per parameter in float32), one
+  more forward at scoring and one more forward+backward per row and epoch; the critic learns apart.
+- --value_on_policy: a zero head on the policy's own trunk (rlcore.models.token_logprobs_and_values): one
+  pass gives log-probs and values. Cost: hidden-size + 1 parameters; the value loss (x --vf_coef) trains
+  the shared trunk or adapters too, so the two objectives compete.
+- reward, separate (--reward_model DIR): loaded apart (rlcore.rewards). Cost: one more copy (frozen), one
+  forward per row at scoring.
+- --reward_on_policy (--lora_r, and --reward_model trained with --lora_r on the policy's own base): its
+  adapter and score head go onto the policy's base, switched on for the scoring pass
+  (rlcore.rewards.AdapterRewardScorer, rlcore.lora.use_adapter). Cost: no copy; the same forward plus the
+  adapter's rank-r matmuls (a checkpoint of another base is refused).
+- reference: with --lora_r the adapters-off policy (no copy); full fine-tuning keeps a frozen copy.
+Copies of the base weights in all, LoRA: 3 with both separate, 2 with one on the policy, 1 with
+--value_on_policy --reward_on_policy (policy, reference, value, reward); full fine-tuning: one more.
+Transformer passes per step: 3 forwards (reward, old log-probs, reference) + E forward+backward, plus
+1 + E with a separate value model. Departures: one sample per prompt and no reward whitening by default
+(--whiten_rewards); with --lora_r the policy trains adapters.
 
 Run:
     python recipes/ppo.py                                    # toy task, accuracy reward, SFT warm start
     python recipes/ppo.py --reward_model outputs/reward_model --reward_funcs none
+    python recipes/ppo.py --model SFT_DIR --lora_r 16 --value_on_policy --reward_on_policy \\
+        --reward_model RM_DIR --reward_funcs none     # RM_DIR: reward_model.py --model SFT_DIR --lora_r 16
     python recipes/ppo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset prompts.jsonl \
         --reward_model my-rm-dir --reward_funcs none --max_new_tokens 256 --batch_size 8 --grad_accum_steps 4
 Several processes: ``torchrun --nproc_per_node 2 recipes/ppo.py`` samples and trains the same global batch
@@ -85,6 +92,7 @@ class PPOConfig(OnlineConfig):
     num_ppo_epochs: int = 4  # passes over each batch of samples
     value_model: str | None = None  # value model backbone: a directory or hub id (None = the policy's start model)
     value_on_policy: bool = False  # the value function as a head on the policy's own trunk (one base; see above)
+    reward_on_policy: bool = False  # --reward_model's LoRA adapter + score head on the policy's base (see above)
     kl_coef: float = 0.05  # weight of the per-token KL penalty in the reward
     kl_estimator: str = "k1"  # "k1" or "k3", the per-token KL in the reward
     gamma: float = 1.0  # discount
@@ -112,6 +120,8 @@ class PPOConfig(OnlineConfig):
                 "--value_on_policy reads the policy's hidden states: no --value_model, --lm_head_chunk > 0, "
                 "--entropy_coef 0"
             )
+        if self.reward_on_policy and not (self.reward_model and self.lora_r):
+            raise ValueError("--reward_on_policy puts --reward_model's adapter on the LoRA policy's base: give both")
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -121,19 +131,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # ---------------------------------------------------------------- task (checked first), models
     task = load_prompt_task(config, device)
     policy, tokenizer, sampling = load_start_policy(config, device, sft_script=Path(__file__).with_name("sft.py"))
-    # the critic: a head on the policy's trunk, or a backbone with a value head (trained in full) from
-    # --value_model or where the policy started
-    value_head = value_model = None
-    if config.value_on_policy:
-        value_head = models.new_value_head(policy.config.get_text_config().hidden_size, device)
-    else:
-        value_dtype = "float32" if config.dtype == "float16" else config.dtype  # trained in full: no float16 weights
-        value_model = models.ValueModel.from_pretrained(
-            config.value_model or policy.name_or_path, dtype=value_dtype, device=device
-        )
-        if config.gradient_checkpointing:
-            models.enable_gradient_checkpointing(value_model)
-    critic_name, critic = ("value_head", value_head) if value_head is not None else ("value_model", value_model)
+    if config.reward_on_policy:  # the reward model: an adapter on the policy's base, switched per forward pass
+        task.scorer.reward_model.attach(policy)
+    critic_name, critic = models.new_critic(  # a head on the policy's trunk, or a backbone with a value head
+        policy, config.value_on_policy, config.value_model, config.dtype, device, config.gradient_checkpointing
+    )
+    value_head, value_model = (critic, None) if config.value_on_policy else (None, critic)
     reference = models.frozen_copy(policy) if config.lora_r == 0 else None  # LoRA: the adapters-off policy
     for model in filter(None, (policy, value_model)):  # the value head starts at zero on every process
         distributed.prepare(model, config.sharding, bf16)  # torchrun: same weights everywhere (or FSDP2)

@@ -14,7 +14,9 @@ Departures from the common setup (Ouyang et al. 2022; TRL's RewardTrainer):
   (built once and cached, as the online recipes do): knowing how to add makes "is this sum right?" far
   easier to learn;
 - with LoRA, the score head is trained in full beside the adapters (PEFT's ``modules_to_save``); it is
-  saved in each checkpoint as ``score.safetensors`` and inside the merged final model;
+  saved inside the merged final model and, with the adapters, in OUTPUT_DIR/adapter and each checkpoint
+  (PEFT's SEQ_CLS layout; checkpoints also keep ``score.safetensors``): ``recipes/ppo.py --lora_r N
+  --reward_on_policy --reward_model OUTPUT_DIR`` puts it on the policy's base when the bases match;
 - the score head, new and randomly initialised, has its own learning rate (``--head_lr``, 10x the body's
   by default), so that the body adapts to a head that already points somewhere useful.
 

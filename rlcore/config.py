@@ -134,6 +134,7 @@ class TrainConfig:
     bnb_double_quant: bool = False  # with --load_in_4bit: also quantise the quantisation constants (~0.4 bit/weight)
     bnb_compute_dtype: str | None = None  # with --load_in_4bit: matmul dtype (None = bfloat16 on CUDA, float32 on CPU)
     optim: str = "adamw"  # adamw (torch), adamw_8bit, paged_adamw_8bit, paged_adamw_32bit (bitsandbytes)
+    master_weights: str | None = None  # "float32": AdamW updates float32 copies of bfloat16/float16 weights
     lm_head_chunk: int = 256  # positions per LM-head chunk in log-prob passes (0 = the model's full [B, T, V] logits)
 
     def __post_init__(self) -> None:
@@ -172,12 +173,20 @@ class TrainConfig:
             raise ValueError(
                 f"--bnb_compute_dtype must be float32, bfloat16 or float16; got {self.bnb_compute_dtype!r}"
             )
-        if (self.bnb_double_quant or self.bnb_compute_dtype) and not self.load_in_4bit:
+        if (self.bnb_double_quant or self.bnb_compute_dtype) and not (
+            self.load_in_4bit or getattr(self, "teacher_load_in_4bit", False)
+        ):
             raise ValueError("--bnb_double_quant and --bnb_compute_dtype apply with --load_in_4bit only")
         if self.optim not in ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
             raise ValueError(
                 f"--optim must be adamw, adamw_8bit, paged_adamw_8bit or paged_adamw_32bit; got {self.optim!r}"
             )
+        if self.master_weights not in (None, "float32") or (self.master_weights and self.optim != "adamw"):
+            raise ValueError(
+                f"--master_weights must be float32 (or none), with --optim adamw; got {self.master_weights!r}"
+            )
+        if self.master_weights and self.sharding == "fsdp2":
+            raise ValueError("--master_weights float32 is not yet supported with --sharding fsdp2: use --sharding ddp")
         if self.lm_head_chunk < 0:
             raise ValueError(f"--lm_head_chunk must be >= 0 (0 = full logits), got {self.lm_head_chunk}")
 

@@ -15,7 +15,10 @@ Two consequences shape the post-training recipes:
 - the reference model of DPO/PPO/GRPO is free: it is the same model with the adapters switched off
   (``disable_adapters`` / ``reference_context``), so no second copy of the weights is held;
 - a trained policy is saved either as an adapter (``save_adapter``, the files ``peft.PeftModel`` reads)
-  or as a standalone transformers model with the update merged in (``export_merged``).
+  or as a standalone transformers model with the update merged in (``export_merged``);
+- one frozen base can hold several named adapters, one active per forward pass (``use_adapter``): the
+  policy (``"default"``) beside a reward model's adapter, each saved and loaded in PEFT's multi-adapter
+  layout (``save_adapters``/``load_adapters``: the default adapter at the top, the others in subdirectories).
 
 Typical use, right after loading::
 
@@ -50,21 +53,29 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 __all__ = [
+    "DEFAULT_ADAPTER",
     "DEFAULT_TARGETS",
+    "LoRAAdapter",
     "LoRALinear",
+    "adapter_names",
     "apply_lora",
     "disable_adapters",
     "export_merged",
     "has_lora",
     "load_adapter",
+    "load_adapters",
     "lora_parameters",
     "lora_state_dict",
     "merge_lora",
     "prepare_model",
     "quantize_4bit",
+    "read_adapter_config",
+    "read_adapter_heads",
     "reference_context",
     "save_adapter",
+    "save_adapters",
     "unmerge_lora",
+    "use_adapter",
 ]
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -75,53 +86,106 @@ HEAD_NAMES = ("lm_head", "score", "classifier")  # top-level output heads that "
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 PEFT_KEY_PREFIX = "base_model.model."
+DEFAULT_ADAPTER = "default"  # PEFT's name for the first adapter, saved at the top of an adapter directory
 
 
-class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable low-rank update: ``base(x) + scaling * B (A dropout(x))``.
+class LoRAAdapter(nn.Module):
+    """One named low-rank update ``scaling * B (A dropout(x))``: ``lora_A`` [r, in], ``lora_B`` [out, r], float32.
 
-    ``base`` is an ``nn.Linear`` or a ``bitsandbytes.nn.Linear4bit``; ``lora_A`` [r, in] and ``lora_B``
-    [out, r] are float32 whatever the base dtype (the input is cast to float32 for the update and the
-    update back to the base output's dtype, as PEFT does). ``scaling`` is alpha / r, or alpha / sqrt(r)
-    with rsLoRA. Initialisation as PEFT's: A kaiming-uniform (a = sqrt(5), as ``nn.Linear``), B zeros.
+    Initialisation as PEFT's: A kaiming-uniform (a = sqrt(5), as ``nn.Linear``), B zeros. ``scaling`` is
+    alpha / r, or alpha / sqrt(r) with rsLoRA.
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+    def __init__(
+        self, in_features: int, out_features: int, r: int, alpha: float, dropout: float, use_rslora: bool, device
+    ):
         super().__init__()
-        self.base = base
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.fan_in_fan_out = isinstance(base, Conv1D)  # GPT-2's Conv1D stores W as [in, out]
-        in_features, out_features = (base.nx, base.nf) if self.fan_in_fan_out else (base.in_features, base.out_features)
-        device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        if _is_4bit(base):
-            _keep_standard_4bit_path(base)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False  # the update is currently added into base.weight
-        self.adapters_enabled = True  # False inside disable_adapters(): forward = base(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)  # [..., out]
-        if self.merged or not self.adapters_enabled:
-            return out
+        """[..., in] -> [..., out] float32 update."""
         hidden = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)  # [..., r]
-        update = F.linear(hidden, self.lora_B) * self.scaling  # [..., out]
-        return out + update.to(out.dtype)
+        return F.linear(hidden, self.lora_B) * self.scaling  # [..., out]
 
     def delta_weight(self) -> torch.Tensor:
         """The update as a dense matrix, ``scaling * B @ A``: [out, in], float32."""
         return self.scaling * (self.lora_B @ self.lora_A)
 
-    def delta_in_base_layout(self) -> torch.Tensor:
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus named low-rank updates, one active at a time: ``base(x) + update_active(x)``.
+
+    ``base`` is an ``nn.Linear``, a GPT-2 ``Conv1D`` or a ``bitsandbytes.nn.Linear4bit``; ``adapters`` maps
+    a name to a :class:`LoRAAdapter` (float32 whatever the base dtype: the input is cast to float32 for the
+    update and the update back to the base output's dtype, as PEFT does). The adapter named ``active``
+    (``"default"`` unless ``use_adapter`` says otherwise) runs; a layer without it computes ``base(x)``.
+    ``lora_A``, ``lora_B``, ``r``, ``alpha``, ``scaling``, ``use_rslora`` and ``dropout`` are those of
+    the default adapter (the one a single-adapter model has), and ``merge``/``unmerge`` fold it in and out.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        adapter_name: str = DEFAULT_ADAPTER,
+    ):
+        super().__init__()
+        self.base = base
+        self.fan_in_fan_out = isinstance(base, Conv1D)  # GPT-2's Conv1D stores W as [in, out]
+        self.active = DEFAULT_ADAPTER  # the adapter forward() runs (use_adapter switches it)
+        self.merged = False  # the default adapter's update is currently added into base.weight
+        self.adapters_enabled = True  # False inside disable_adapters(): forward = base(x)
+        self.adapters = nn.ModuleDict()
+        self.add(adapter_name, r, alpha, dropout, use_rslora)
+        if _is_4bit(base):
+            _keep_standard_4bit_path(base)
+
+    def add(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False) -> None:
+        """Add a new adapter called ``name`` beside the others (B = 0: the layer's outputs do not change)."""
+        if name in self.adapters or self.merged:
+            raise ValueError(f"cannot add adapter {name!r}: the layer has one of that name, or is merged")
+        base = self.base
+        in_features, out_features = (base.nx, base.nf) if self.fan_in_fan_out else (base.in_features, base.out_features)
+        device = base.weight.device
+        self.adapters[name] = LoRAAdapter(in_features, out_features, r, alpha, dropout, use_rslora, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)  # [..., out]
+        if self.merged or not self.adapters_enabled or self.active not in self.adapters:
+            return out
+        return out + self.adapters[self.active](x).to(out.dtype)
+
+    @property
+    def default(self) -> LoRAAdapter:
+        return self.adapters[DEFAULT_ADAPTER]
+
+    lora_A = property(lambda self: self.default.lora_A)
+    lora_B = property(lambda self: self.default.lora_B)
+    r = property(lambda self: self.default.r)
+    alpha = property(lambda self: self.default.alpha)
+    scaling = property(lambda self: self.default.scaling)
+    use_rslora = property(lambda self: self.default.use_rslora)
+    dropout = property(lambda self: self.default.dropout)
+
+    def delta_weight(self, name: str = DEFAULT_ADAPTER) -> torch.Tensor:
+        """The update of adapter ``name`` as a dense matrix, ``scaling * B @ A``: [out, in], float32."""
+        return self.adapters[name].delta_weight()
+
+    def delta_in_base_layout(self, name: str = DEFAULT_ADAPTER) -> torch.Tensor:
         """:meth:`delta_weight` laid out as ``base.weight``: [out, in], or [in, out] for a ``Conv1D`` base."""
-        delta = self.delta_weight()
+        delta = self.delta_weight(name)
         return delta.T if self.fan_in_fan_out else delta
 
     def merge(self) -> None:
-        """Add the update into ``base.weight`` (forward is then one matmul); a no-op if already merged."""
+        """Add the default update into ``base.weight`` (forward is then one matmul); a no-op if already merged."""
         if not self.merged:
             with torch.no_grad():
                 self._float_base_weight().add_(self.delta_in_base_layout().to(self.base.weight.dtype))
@@ -140,10 +204,16 @@ class LoRALinear(nn.Module):
                 "cannot merge LoRA into a 4-bit base weight without re-quantising it (lossy); "
                 "use export_merged() to write a float model with the update merged"
             )
+        if DEFAULT_ADAPTER not in self.adapters or len(self.adapters) > 1:
+            raise ValueError(
+                f"cannot merge: this layer holds the adapters {list(self.adapters)}; merging one would change "
+                "what the others compute (use export_merged() to write the default adapter merged)"
+            )
         return self.base.weight
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
+        described = ", ".join(f"{name}: r={a.r}, scaling={a.scaling:.4g}" for name, a in self.adapters.items())
+        return f"adapters=({described}), active={self.active}, merged={self.merged}"
 
 
 def _matches(name: str, targets: str | Sequence[str]) -> bool:
@@ -158,15 +228,22 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
+def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every linear layer of ``model``; a layer already wrapped in ``LoRALinear`` (for
+    another adapter) appears as the wrapper, not as its ``.base``."""
+    wrapped = {name for name, _ in _lora_layers(model)}
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if name in wrapped or (_is_linear(module) and name.rpartition(".")[0] not in wrapped)
+    ]
+
+
 def _all_linear_names(model: nn.Module) -> list[str]:
     """Names of every linear layer of ``model`` but its output head (the output embeddings, and any top-level
     ``lm_head``/``score``/``classifier``): the layers PEFT's ``"all-linear"`` picks."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [
-        name
-        for name, module in model.named_modules()
-        if _is_linear(module) and module is not head and name not in HEAD_NAMES
-    ]
+    return [name for name, module in _linear_layers(model) if module is not head and name not in HEAD_NAMES]
 
 
 def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -178,6 +255,23 @@ def _require_lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRA adapters: call apply_lora() or prepare_model() first")
     return layers
+
+
+def _adapter_layers(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> list[tuple[str, LoRAAdapter]]:
+    """(layer name, adapter) of every layer holding the adapter called ``adapter_name``, in module order."""
+    _require_lora_layers(model)
+    found = [
+        (name, layer.adapters[adapter_name]) for name, layer in _lora_layers(model) if adapter_name in layer.adapters
+    ]
+    if not found:
+        names = adapter_names(model)
+        raise ValueError(f"{type(model).__name__} has no LoRA adapter named {adapter_name!r}; it has {names}")
+    return found
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of the adapters ``model`` holds, in the order they were added (``"default"`` first)."""
+    return list(dict.fromkeys(name for _, layer in _lora_layers(model) for name in layer.adapters))
 
 
 def has_lora(model: nn.Module) -> bool:
@@ -211,6 +305,7 @@ def apply_lora(
     dropout: float = 0.0,
     targets: str | Sequence[str] | None = None,
     use_rslora: bool = False,
+    adapter_name: str = DEFAULT_ADAPTER,
 ) -> nn.Module:
     """Wrap the target linear layers of ``model`` in ``LoRALinear`` and freeze everything else, in place.
 
@@ -228,9 +323,12 @@ def apply_lora(
             module name (``r".*\\.layers\\.[0-3]\\..*proj"``) or ``"all-linear"`` (every linear layer but the
             output head); default ``DEFAULT_TARGETS``.
         use_rslora: scale by alpha / sqrt(r) instead of alpha / r.
+        adapter_name: a model that already has adapters gets one more under this name (each adapter has
+            its own r, alpha, dropout and targets; layers wrapped before keep their adapters and their
+            ``requires_grad``); ``use_adapter(model, adapter_name)`` runs it.
 
     Returns:
-        ``model``, whose only trainable parameters are now the adapters (``lora_parameters(model)``).
+        ``model``, whose trainable parameters are now the adapters (``lora_parameters(model, adapter_name)``).
     """
     if not isinstance(r, int) or r <= 0:
         raise ValueError(f"r must be a positive integer, got {r!r}")
@@ -238,13 +336,18 @@ def apply_lora(
         raise ValueError(f"alpha must be positive, got {alpha!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-    if has_lora(model):
-        raise ValueError("model already has LoRA adapters; apply_lora() can be called once per model")
+    if adapter_name in adapter_names(model):
+        raise ValueError(
+            f"model already has LoRA adapters named {adapter_name!r}; apply_lora() adds each adapter name once"
+        )
+    if not isinstance(adapter_name, str) or not re.fullmatch(r"[\w.-]+", adapter_name) or adapter_name == ".":
+        raise ValueError(f"adapter_name must be a plain name (letters, digits, _ - .), got {adapter_name!r}")
     targets = DEFAULT_TARGETS if targets is None else targets
     if not isinstance(targets, str) and (not targets or not all(isinstance(t, str) for t in targets)):
         raise ValueError(f"targets must be a regex string or a non-empty list of name suffixes, got {targets!r}")
 
-    linears = [(name, module) for name, module in model.named_modules() if _is_linear(module)]
+    wrapped = dict(_lora_layers(model))  # layers wrapped for other adapters: they get one more
+    linears = _linear_layers(model)
     if targets == ALL_LINEAR:
         names = set(_all_linear_names(model))
         chosen = [(name, linear) for name, linear in linears if name in names]
@@ -256,29 +359,59 @@ def apply_lora(
             f"LoRA targets {targets!r} matched no nn.Linear in {type(model).__name__}; "
             f"{len(available)} Linear layers exist, e.g. {available[:8]}"
         )
-    _check_untied(model, chosen, "add LoRA to")
+    _check_untied(model, [(n, m.base if n in wrapped else m) for n, m in chosen], "add LoRA to")
 
-    model.requires_grad_(False)
+    if not wrapped:
+        model.requires_grad_(False)
     for name, linear in chosen:
-        _replace_module(model, name, LoRALinear(linear, r, alpha, dropout=dropout, use_rslora=use_rslora))
+        if name in wrapped:
+            wrapped[name].add(adapter_name, r, alpha, dropout=dropout, use_rslora=use_rslora)
+        else:
+            linear.requires_grad_(False)
+            layer = LoRALinear(linear, r, alpha, dropout=dropout, use_rslora=use_rslora, adapter_name=adapter_name)
+            _replace_module(model, name, layer)
     return model
 
 
-def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The adapter parameters (every ``lora_A`` and ``lora_B``), in module order: what the optimizer trains."""
-    return [p for _, layer in _require_lora_layers(model) for p in (layer.lora_A, layer.lora_B)]
+def lora_parameters(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> list[nn.Parameter]:
+    """The parameters of one adapter (every ``lora_A`` and ``lora_B``), in module order: what the optimizer
+    trains."""
+    return [p for _, adapter in _adapter_layers(model, adapter_name) for p in (adapter.lora_A, adapter.lora_B)]
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors (detached) under PEFT's names: ``base_model.model.<module>.lora_A.weight``, ...
+def lora_state_dict(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
+    """One adapter's tensors (detached) under PEFT's names: ``base_model.model.<module>.lora_A.weight``, ...
 
     These are the keys of PEFT's ``adapter_model.safetensors`` for a causal LM (adapter name removed).
     """
     state = {}
-    for name, layer in _require_lora_layers(model):
-        state[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach()
-        state[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach()
+    for name, adapter in _adapter_layers(model, adapter_name):
+        state[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = adapter.lora_A.detach()
+        state[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = adapter.lora_B.detach()
     return state
+
+
+@contextlib.contextmanager
+def use_adapter(model: nn.Module, adapter_name: str) -> Iterator[nn.Module]:
+    """Within the block, ``model`` runs the adapter called ``adapter_name``: base + that adapter's update in
+    the layers that hold it, the base alone elsewhere; the other adapters are bypassed (not removed).
+
+    One frozen base, several roles switched per forward pass (the policy as ``"default"``, a reward model as
+    ``"reward"``, ...). Only the active adapter takes part in the forward pass, so only its parameters get
+    gradients. Refuses merged adapters, whose update is inside the base weights.
+    """
+    _adapter_layers(model, adapter_name)  # refuses a name no layer holds
+    layers = [layer for _, layer in _lora_layers(model)]
+    if any(layer.merged for layer in layers):
+        raise ValueError("adapters are merged into the base weights; call unmerge_lora(model) before switching them")
+    previous = [layer.active for layer in layers]
+    for layer in layers:
+        layer.active = adapter_name
+    try:
+        yield model
+    finally:
+        for layer, active in zip(layers, previous):
+            layer.active = active
 
 
 @contextlib.contextmanager
@@ -357,25 +490,37 @@ def _peft_target_modules(model: nn.Module, layers: list[tuple[str, LoRALinear]])
     return suffixes if selected == wrapped else wrapped
 
 
-def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str | None = None) -> None:
-    """Write the adapters as PEFT writes them: ``adapter_model.safetensors`` + ``adapter_config.json``.
+def _score_head(model: nn.Module) -> nn.Module | None:
+    """A sequence classifier's ``score`` head (saved with its adapters, as PEFT's SEQ_CLS task does), else None."""
+    head = getattr(model, "score", None)
+    return head if type(model).__name__.endswith("ForSequenceClassification") and isinstance(head, nn.Module) else None
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: str,
+    base_model_name_or_path: str | None = None,
+    adapter_name: str = DEFAULT_ADAPTER,
+) -> None:
+    """Write one adapter as PEFT writes it: ``adapter_model.safetensors`` + ``adapter_config.json``.
 
     ``peft.PeftModel.from_pretrained(base_model, directory)`` and ``load_adapter`` read it back. Each file
     is written to a temporary name and renamed, so a crash never leaves a half-written file.
-    ``base_model_name_or_path`` defaults to ``model.name_or_path`` when transformers set it.
+    ``base_model_name_or_path`` defaults to ``model.name_or_path`` when transformers set it. A sequence
+    classifier's adapter also holds its ``score`` head (PEFT's ``SEQ_CLS`` task: ``modules_to_save``, under
+    ``base_model.model.score.weight``), without which it scores nothing. Several adapters:
+    :func:`save_adapters`.
     """
-    layers = _require_lora_layers(model)
+    layers = _adapter_layers(model, adapter_name)
     first = layers[0][1]
-    hyperparameters = {
-        (layer.r, layer.alpha, layer.use_rslora, _dropout_p(layer), layer.fan_in_fan_out) for _, layer in layers
-    }
-    if len(hyperparameters) > 1:
-        raise ValueError(
-            f"layers have different (r, alpha, use_rslora, dropout, fan_in_fan_out): {sorted(hyperparameters)}"
-        )
+    hyperparameters = {(a.r, a.alpha, a.use_rslora, _dropout_p(a)) for _, a in layers}
+    layouts = {layer.fan_in_fan_out for name, layer in _lora_layers(model) if adapter_name in layer.adapters}
+    if len(hyperparameters) > 1 or len(layouts) > 1:
+        raise ValueError(f"layers have different (r, alpha, use_rslora, dropout): {sorted(hyperparameters)}")
+    head = _score_head(model)
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": "CAUSAL_LM" if head is None else "SEQ_CLS",
         "base_model_name_or_path": base_model_name_or_path or getattr(model, "name_or_path", None) or None,
         "r": first.r,
         "lora_alpha": first.alpha,
@@ -383,15 +528,18 @@ def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str 
         "target_modules": _peft_target_modules(model, layers),
         "use_rslora": first.use_rslora,
         "bias": "none",
-        "fan_in_fan_out": first.fan_in_fan_out,
+        "fan_in_fan_out": layouts.pop(),
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": None if head is None else ["score"],
         "use_dora": False,
         "rank_pattern": {},
         "alpha_pattern": {},
     }
-    tensors = {key: value.cpu().contiguous() for key, value in lora_state_dict(model).items()}
+    tensors = lora_state_dict(model, adapter_name)
+    if head is not None:
+        tensors |= {f"{PEFT_KEY_PREFIX}score.{key}": value.detach() for key, value in head.state_dict().items()}
+    tensors = {key: value.cpu().contiguous() for key, value in tensors.items()}
     os.makedirs(directory, exist_ok=True)
     _atomic_write(
         os.path.join(directory, ADAPTER_WEIGHTS_NAME), lambda path: save_file(tensors, path, metadata={"format": "pt"})
@@ -399,8 +547,21 @@ def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str 
     _atomic_write(os.path.join(directory, ADAPTER_CONFIG_NAME), lambda path: _write_json(config, path))
 
 
-def _dropout_p(layer: LoRALinear) -> float:
-    return layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0
+def save_adapters(model: nn.Module, directory: str, base_model_name_or_path: str | None = None) -> None:
+    """Every adapter of ``model`` in PEFT's multi-adapter layout: ``"default"`` at the top of ``directory``,
+    each other adapter in the subdirectory of its name (``directory/reward/adapter_model.safetensors``).
+
+    PEFT reads it as it wrote it: ``PeftModel.from_pretrained(base, directory)`` for the default adapter,
+    ``peft_model.load_adapter(directory + "/reward", adapter_name="reward")`` for the others;
+    :func:`load_adapters` reads them all.
+    """
+    for name in adapter_names(model):
+        target = directory if name == DEFAULT_ADAPTER else os.path.join(directory, name)
+        save_adapter(model, target, base_model_name_or_path, adapter_name=name)
+
+
+def _dropout_p(adapter: LoRAAdapter) -> float:
+    return adapter.dropout.p if isinstance(adapter.dropout, nn.Dropout) else 0.0
 
 
 def _write_json(value: dict, path: str) -> None:
@@ -408,7 +569,9 @@ def _write_json(value: dict, path: str) -> None:
         json.dump(value, file, indent=2, sort_keys=True)
 
 
-def _read_adapter_config(directory: str) -> dict:
+def read_adapter_config(directory: str) -> dict:
+    """The ``adapter_config.json`` of an adapter directory, checked: LoRA, and no option rlcore lacks (a
+    sequence classifier's ``modules_to_save`` of its score head is read, as PEFT's SEQ_CLS task writes it)."""
     path = os.path.join(directory, ADAPTER_CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {ADAPTER_CONFIG_NAME} in {directory!r}: not an adapter directory")
@@ -416,12 +579,13 @@ def _read_adapter_config(directory: str) -> dict:
         config = json.load(file)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}, only 'LORA' is supported")
+    heads = set(config.get("modules_to_save") or ())
     unsupported = {
         "use_dora": config.get("use_dora", False),
         "bias": config.get("bias", "none") != "none" and config.get("bias"),
         "rank_pattern": config.get("rank_pattern") or {},
         "alpha_pattern": config.get("alpha_pattern") or {},
-        "modules_to_save": config.get("modules_to_save"),
+        "modules_to_save": sorted(heads) if heads - {"score", "classifier"} else None,
         "layers_to_transform": config.get("layers_to_transform"),
         "exclude_modules": config.get("exclude_modules"),
     }
@@ -431,24 +595,47 @@ def _read_adapter_config(directory: str) -> dict:
     return config
 
 
-def load_adapter(model: nn.Module, directory: str) -> nn.Module:
+def read_adapter_heads(directory: str) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter file that are not LoRA's: a sequence classifier's score head, under its own
+    names (``{"score.weight": [1, H]}``); {} for a causal LM's adapter."""
+    loaded = load_file(os.path.join(directory, ADAPTER_WEIGHTS_NAME))
+    return {
+        key.removeprefix(PEFT_KEY_PREFIX): value
+        for key, value in loaded.items()
+        if not key.endswith((".lora_A.weight", ".lora_B.weight"))
+    }
+
+
+def load_adapter(
+    model: nn.Module, directory: str, adapter_name: str = DEFAULT_ADAPTER, with_heads: bool = True
+) -> nn.Module:
     """Load an adapter saved by ``save_adapter`` or by PEFT's ``save_pretrained`` into ``model``, in place.
 
-    A model without adapters gets them first (``apply_lora`` with the file's r, lora_alpha, lora_dropout,
-    target_modules and use_rslora); a model with adapters must match the file's keys and shapes.
+    A model without the adapter ``adapter_name`` gets it first (``apply_lora`` with the file's r,
+    lora_alpha, lora_dropout, target_modules and use_rslora, beside any adapters it has); a model with it
+    must match the file's keys and shapes. A score head in the file (a sequence classifier's adapter) is
+    loaded into ``model.score`` when ``with_heads``, and left out otherwise (read it with
+    :func:`read_adapter_heads`).
     """
-    config = _read_adapter_config(directory)
-    if not has_lora(model):
-        apply_lora(
-            model,
-            r=config["r"],
-            alpha=config["lora_alpha"],
-            dropout=config.get("lora_dropout", 0.0),
-            targets=config["target_modules"],
-            use_rslora=config.get("use_rslora", False),
-        )
-    own = lora_state_dict(model)
+    config = read_adapter_config(directory)
+    if adapter_name not in adapter_names(model):
+        with _rng_untouched():  # the random initial values are overwritten: leave the run's random stream alone
+            apply_lora(
+                model,
+                r=config["r"],
+                alpha=config["lora_alpha"],
+                dropout=config.get("lora_dropout", 0.0),
+                targets=config["target_modules"],
+                use_rslora=config.get("use_rslora", False),
+                adapter_name=adapter_name,
+            )
+    own = lora_state_dict(model, adapter_name)
+    heads = read_adapter_heads(directory) if with_heads else {}
+    if heads:
+        own |= {PEFT_KEY_PREFIX + key: tensor for key, tensor in _head_tensors(model, heads, directory).items()}
     loaded = load_file(os.path.join(directory, ADAPTER_WEIGHTS_NAME))
+    if not with_heads:
+        loaded = {key: value for key, value in loaded.items() if key.endswith((".lora_A.weight", ".lora_B.weight"))}
     missing, unexpected = sorted(own.keys() - loaded.keys()), sorted(loaded.keys() - own.keys())
     if missing or unexpected:
         raise ValueError(
@@ -461,6 +648,37 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
     with torch.no_grad():
         for key, tensor in own.items():
             tensor.copy_(loaded[key])
+    return model
+
+
+def _rng_untouched() -> contextlib.AbstractContextManager:
+    """torch's CPU random state (and the current CUDA device's, once CUDA is in use) restored after the block."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=devices)
+
+
+def _head_tensors(model: nn.Module, heads: dict[str, torch.Tensor], directory: str) -> dict[str, torch.Tensor]:
+    """The model's tensors (detached views, to copy into) named as the adapter file's head tensors."""
+    own = {}
+    for key in heads:
+        module_name, _, tensor_name = key.rpartition(".")
+        module = getattr(model, module_name, None)
+        if not isinstance(module, nn.Module) or tensor_name not in dict(module.named_parameters(recurse=False)):
+            raise ValueError(
+                f"adapter in {directory!r} holds {key} (a sequence classifier's head) but "
+                f"{type(model).__name__} has no such tensor: load it into a *ForSequenceClassification model"
+            )
+        own[key] = getattr(module, tensor_name).data
+    return own
+
+
+def load_adapters(model: nn.Module, directory: str) -> nn.Module:
+    """Load every adapter of a :func:`save_adapters` (or PEFT multi-adapter) directory: the one at its top
+    as ``"default"``, each subdirectory holding an ``adapter_config.json`` under the subdirectory's name."""
+    load_adapter(model, directory)
+    for name in sorted(os.listdir(directory)):
+        if os.path.isfile(os.path.join(directory, name, ADAPTER_CONFIG_NAME)):
+            load_adapter(model, os.path.join(directory, name), adapter_name=name)
     return model
 
 
@@ -514,7 +732,7 @@ def _merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             del state[key]
         base = module.base if isinstance(module, LoRALinear) else module
         weight = _dense_weight(base)  # [out, in] ([in, out] for a Conv1D base)
-        if isinstance(module, LoRALinear) and not module.merged:
+        if isinstance(module, LoRALinear) and not module.merged and DEFAULT_ADAPTER in module.adapters:
             weight = weight + module.delta_in_base_layout().to(weight.dtype)
         state[name + ".weight"] = weight
         if base.bias is not None:

@@ -24,7 +24,8 @@ Precision policy (``--dtype``, separate from ``--bf16`` autocast):
   float32 and cast back; their weights are stored in ``--dtype``);
 - optimizer state follows the parameters it updates: float32 for adapters and heads; with full fine-tuning
   in bfloat16 torch's AdamW keeps its moments in bfloat16 and updates smaller than a weight's bfloat16
-  spacing are lost (prefer float32 weights with ``--bf16`` autocast, or LoRA); ``--optim adamw_8bit``
+  spacing are lost (prefer ``--master_weights float32``: AdamW on float32 copies,
+  ``rlcore.optim.MasterWeightAdamW``; or float32 weights with ``--bf16`` autocast, or LoRA); ``--optim adamw_8bit``
   stores the moments in 8 bits (blockwise, dequantised to float32 for each update). float16 weights are
   refused for full fine-tuning (no loss scaling here) and allowed under LoRA.
 """
@@ -119,12 +120,15 @@ def quantization_config(double_quant: bool = False, compute_dtype=None, device=N
     )
 
 
-def load_options(config) -> dict:
+def load_options(config, prefix: str = "") -> dict:
     """The loading keyword arguments of a recipe's flags: ``--dtype``, ``--load_in_4bit``,
-    ``--bnb_double_quant``, ``--bnb_compute_dtype`` (for ``load_policy``, ``load_reward_model``, ``ValueModel``)."""
+    ``--bnb_double_quant``, ``--bnb_compute_dtype`` (for ``load_policy``, ``load_reward_model``, ``ValueModel``).
+
+    ``prefix="teacher_"`` reads a second model's own ``--teacher_dtype`` (None = ``--dtype``) and
+    ``--teacher_load_in_4bit``, with the same ``--bnb_*`` settings."""
     return {
-        "dtype": config.dtype,
-        "load_in_4bit": config.load_in_4bit,
+        "dtype": getattr(config, prefix + "dtype") or config.dtype,
+        "load_in_4bit": getattr(config, prefix + "load_in_4bit"),
         "double_quant": config.bnb_double_quant,
         "compute_dtype": config.bnb_compute_dtype,
     }
@@ -343,6 +347,27 @@ class ValueModel(nn.Module):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
         ).last_hidden_state  # [B, T, H]
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)  # [B, T]
+
+
+def new_critic(
+    policy: nn.Module,
+    on_policy: bool,
+    value_model: str | None = None,
+    dtype: str | None = None,
+    device: str | torch.device | None = None,
+    gradient_checkpointing: bool = False,
+) -> tuple[str, nn.Module]:
+    """PPO's value function, ``(name, module)``: ``("value_head", zero Linear(H, 1))`` for a head on the
+    policy's own trunk (``on_policy``), else ``("value_model", ValueModel)``, a backbone from ``value_model``
+    (default: where the policy started) with a zero head, trained in full: in ``dtype``, float32 for float16
+    (no loss scaling here), with gradient checkpointing on request."""
+    if on_policy:
+        return "value_head", new_value_head(policy.config.get_text_config().hidden_size, device)
+    dtype = "float32" if dtype == "float16" else dtype
+    critic = ValueModel.from_pretrained(value_model or policy.name_or_path, dtype=dtype, device=device)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(critic)
+    return "value_model", critic
 
 
 def completion_values(

@@ -40,6 +40,7 @@ def build_optimizer(
     eps: float = 1e-8,
     extra_groups: Sequence[dict] = (),
     kind: str = "adamw",
+    master_weights: str | None = None,
 ) -> torch.optim.Optimizer:
     """AdamW (Loshchilov & Hutter 2019, https://arxiv.org/abs/1711.05101) over the trainable parameters.
 
@@ -55,7 +56,8 @@ def build_optimizer(
     scales (1-d) are not decayed. Frozen parameters (``requires_grad=False``, e.g. a LoRA base) are left out.
     ``extra_groups`` are optimizer parameter groups with their own settings (e.g. a new head at its own
     ``lr``), placed after the default groups; their parameters are left out of the default groups.
-    On CUDA the fused kernel is used.
+    On CUDA the fused kernel is used. ``master_weights="float32"`` (torch's AdamW only) updates float32
+    copies of bfloat16/float16 parameters (:class:`MasterWeightAdamW`).
     """
     own = {id(p) for group in extra_groups for p in group["params"]}
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad and id(p) not in own]
@@ -71,8 +73,76 @@ def build_optimizer(
         return getattr(bnb.optim, _BITSANDBYTES_OPTIMIZERS[kind])(groups, lr=lr, betas=betas, eps=eps)
     if kind != "adamw":
         raise ValueError(f"unknown optimizer {kind!r}; expected one of {OPTIMIZERS}")
+    if master_weights not in (None, "float32"):
+        raise ValueError(f"master_weights must be None or 'float32', got {master_weights!r}")
     fused = all(p.is_cuda for group in groups for p in group["params"])
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+    adamw = MasterWeightAdamW if master_weights == "float32" else torch.optim.AdamW
+    return adamw(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+
+
+class MasterWeightAdamW(torch.optim.AdamW):
+    """AdamW that updates float32 master copies of low-precision (bfloat16, float16) parameters.
+
+    Mixed-precision training as Micikevicius et al. 2018 (https://arxiv.org/abs/1710.03740) lay it out: the
+    model's weights stay in their dtype (forward and backward run on them), and the optimizer keeps
+
+        w32 <- AdamW(w32, g.float())   (moments m, v in float32)        w <- round(w32)  (to the model's dtype)
+
+    so an update smaller than half a weight's spacing in its dtype (2^-8 relative in bfloat16) accumulates in
+    w32 instead of being rounded away at every step, as it is when AdamW updates bfloat16 weights in place.
+    float32 parameters are updated in place, with no copy. Memory per low-precision parameter: 2 bytes of
+    weight, 2 of gradient, 4 of master copy and 8 of moments (16 bytes, as float32 weights with bfloat16
+    autocast; the forward and backward run in bfloat16). ``state_dict`` holds the master copies, so a resumed
+    run continues from them and not from the rounded weights.
+    """
+
+    def __init__(self, groups: Sequence[dict], **kwargs):
+        self._pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []  # (model parameter, its master copy)
+        master_groups = []
+        for group in groups:
+            params = []
+            for parameter in group["params"]:
+                if parameter.dtype in (torch.bfloat16, torch.float16):
+                    master = parameter.detach().float().clone().requires_grad_(True)
+                    self._pairs.append((parameter, master))
+                    parameter = master
+                params.append(parameter)
+            master_groups.append({**group, "params": params})
+        super().__init__(master_groups, **kwargs)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for parameter, master in self._pairs:
+            master.grad = None if parameter.grad is None else parameter.grad.float()
+        loss = super().step(closure)
+        for parameter, master in self._pairs:
+            parameter.copy_(master)  # rounded to the model's dtype
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for parameter, _ in self._pairs:
+            if set_to_none:
+                parameter.grad = None
+            elif parameter.grad is not None:
+                parameter.grad.zero_()
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "master_weights": [master.detach().clone() for _, master in self._pairs]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        masters = state_dict.pop("master_weights", None)
+        if masters is None or len(masters) != len(self._pairs):
+            raise ValueError(
+                f"the optimizer state holds {'no' if masters is None else len(masters)} float32 master weights, "
+                f"this run has {len(self._pairs)}: resume with the --master_weights the run was saved with"
+            )
+        super().load_state_dict(state_dict)
+        with torch.no_grad():
+            for (parameter, master), saved in zip(self._pairs, masters):
+                master.copy_(saved)
+                parameter.copy_(master)
 
 
 def lr_multiplier(
@@ -171,7 +241,8 @@ def from_flags(
     num_rows: int | None = None,
     rows_per_step: int | None = None,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """(AdamW, schedule) as a recipe's flags say: ``--optim --lr --weight_decay --adam_beta1 --adam_beta2`` and
+    """(AdamW, schedule) as a recipe's flags say: ``--optim --master_weights --lr --weight_decay --adam_beta1
+    --adam_beta2`` and
     ``--warmup_steps --lr_schedule --min_lr_ratio``, the schedule laid out over ``--max_steps`` steps of
     ``updates_per_step`` optimizer updates each (GRPO's ``--num_iterations``, PPO's epochs x mini-batches).
 
@@ -188,7 +259,13 @@ def from_flags(
     total_steps = config.max_steps * updates_per_step
     betas = (config.adam_beta1, config.adam_beta2)
     optimizer = build_optimizer(
-        model, config.lr, config.weight_decay, betas, extra_groups=extra_groups, kind=config.optim
+        model,
+        config.lr,
+        config.weight_decay,
+        betas,
+        extra_groups=extra_groups,
+        kind=config.optim,
+        master_weights=getattr(config, "master_weights", None),
     )
     scheduler = build_scheduler(
         optimizer,

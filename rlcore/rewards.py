@@ -45,16 +45,19 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors.torch import load_file
+from torch import nn
 
-from rlcore import data
+from rlcore import data, lora
 from rlcore.data import PromptBatch, is_toy_source, repeat_each
-from rlcore.models import eos_token_ids, load_reward_model, sequence_scores
+from rlcore.models import eos_token_ids, eval_mode, load_reward_model, sequence_scores
 
 if TYPE_CHECKING:
     from rlcore.rollout import Rollout
@@ -256,6 +259,112 @@ class RewardModelScorer:
         return torch.cat(scores).float()  # [B]
 
 
+REWARD_ADAPTER = "reward"  # the name of a reward model's adapter on the policy's base (rlcore.lora.use_adapter)
+
+
+def reward_adapter_dir(path: str) -> str:
+    """The adapter directory of a reward model trained with LoRA: ``path`` itself (an adapter or a checkpoint
+    directory) or ``path/adapter`` (``recipes/reward_model.py``'s output directory)."""
+    for candidate in (path, os.path.join(path, "adapter")):
+        if os.path.isfile(os.path.join(candidate, lora.ADAPTER_CONFIG_NAME)):
+            return candidate
+    raise ValueError(
+        f"--reward_model {path!r} with --reward_on_policy: no {lora.ADAPTER_CONFIG_NAME} in it or in its adapter/ "
+        "subdirectory; train the reward model with --lora_r > 0 on the policy's base (recipes/reward_model.py)"
+    )
+
+
+def _score_head(directory: str) -> nn.Linear:
+    """The float32 ``Linear(H, 1)`` score head of a reward adapter: in its adapter file (PEFT's SEQ_CLS
+    layout) or, in a checkpoint directory, in ``score.safetensors`` beside it."""
+    tensors = lora.read_adapter_heads(directory)
+    tensors = {key.removeprefix("score."): value for key, value in tensors.items() if key.startswith("score.")}
+    sidecar = os.path.join(directory, "score.safetensors")
+    if not tensors and os.path.isfile(sidecar):
+        tensors = load_file(sidecar)
+    if "weight" not in tensors or tensors["weight"].shape[0] != 1:
+        raise ValueError(
+            f"reward adapter {directory!r} holds no one-output score head (score.weight [1, H]) in its adapter file "
+            "or a score.safetensors beside it: save it from a reward model (recipes/reward_model.py --lora_r N)"
+        )
+    head = nn.Linear(tensors["weight"].shape[1], 1, bias="bias" in tensors, device="meta").to_empty(device="cpu")
+    head.load_state_dict({key: value.float() for key, value in tensors.items()})  # no random initial values
+    return head.requires_grad_(False)
+
+
+class PolicyRewardModel(nn.Module):
+    """What ``sequence_scores`` reads, on the policy's own base: its body as the backbone, and a score head."""
+
+    base_model_prefix = "backbone"
+
+    def __init__(self, policy: nn.Module, score: nn.Linear):
+        super().__init__()
+        self.score = score
+        self.policy = [policy]  # in a list: not a submodule, its weights stay the policy's alone
+
+    @property
+    def backbone(self) -> nn.Module:
+        policy = self.policy[0]
+        return getattr(policy, policy.base_model_prefix)
+
+
+class AdapterRewardScorer(RewardModelScorer):
+    """A reward model as a LoRA adapter and score head on the policy's own frozen base, switched per forward
+    pass: the run holds one copy of the base weights for policy, reference and reward model.
+
+    The reward model must have been trained with LoRA (``recipes/reward_model.py --lora_r N``) on the base
+    the policy starts from: its ``adapter_config.json`` names that base, and :meth:`attach` refuses another.
+    Scores are then those of the separate reward model built from the same base and adapter (up to the
+    base's precision: a 4-bit or bfloat16 policy base scores through the same rounded weights). The policy
+    must itself be trained with LoRA: full fine-tuning would move the base under the reward adapter.
+
+    Cost: no second model's weights; the same forward passes as a separate reward model, plus the adapter's
+    rank-r matmuls (the merged separate model has none). Built before the policy exists (the directory is
+    checked at once), usable after :meth:`attach`.
+    """
+
+    def __init__(self, path: str, policy_tokenizer, device: torch.device | str = "cpu", batch_size: int = 64):
+        self.path, self.batch_size, self.tokenizer = path, batch_size, policy_tokenizer
+        self.directory = reward_adapter_dir(path)
+        self.adapter_config = lora.read_adapter_config(self.directory)
+        self.model = PolicyRewardModel(None, _score_head(self.directory).to(device))
+        self.same_vocabulary = True  # the policy's own base and tokenizer
+        self.policy_stop_ids = set(eos_token_ids(policy_tokenizer))
+        self.max_length = None
+
+    def attach(self, policy: nn.Module) -> None:
+        """Load the reward adapter onto ``policy`` (named ``"reward"``, frozen) after checking the base."""
+        if lora.DEFAULT_ADAPTER not in lora.adapter_names(policy):
+            raise ValueError("--reward_on_policy needs a LoRA policy (--lora_r > 0): full fine-tuning moves the base")
+        base, own = self.adapter_config.get("base_model_name_or_path"), policy.name_or_path
+        if base is None:
+            warnings.warn(f"reward adapter {self.directory!r} does not name its base model; not checked", stacklevel=2)
+        elif not _same_model(base, own):
+            raise ValueError(
+                f"--reward_on_policy: the reward adapter {self.directory!r} was trained on {base!r}, the policy "
+                f"starts from {own!r}; give --model {base} or score with a separate --reward_model (no --reward_on_policy)"
+            )
+        lora.load_adapter(policy, self.directory, adapter_name=REWARD_ADAPTER, with_heads=False)
+        for parameter in lora.lora_parameters(policy, REWARD_ADAPTER):
+            parameter.requires_grad_(False)
+        self.model.policy[0] = policy
+        self.max_length = getattr(policy.config.get_text_config(), "max_position_embeddings", None)
+
+    def __call__(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        policy = self.model.policy[0]
+        if policy is None:
+            raise ValueError("AdapterRewardScorer: call attach(policy) before scoring")
+        with eval_mode(policy), lora.use_adapter(policy, REWARD_ADAPTER):  # no dropout, no gradient
+            return super().__call__(sequences, attention_mask)
+
+
+def _same_model(first: str, second: str) -> bool:
+    """Whether two model names are the same checkpoint: equal hub ids, or directories that are one."""
+    if os.path.isdir(first) and os.path.isdir(second):
+        return os.path.samefile(first, second)
+    return first == second
+
+
 class RewardScorer:
     """Weighted sum of reward functions and an optional reward model (see the module docstring).
 
@@ -420,6 +529,7 @@ def build_reward_scorer(
     reward_weights: str | None,
     policy_tokenizer,
     device: torch.device | str = "cpu",
+    reward_on_policy: bool = False,
 ) -> RewardScorer:
     """The :class:`RewardScorer` of the command-line flags.
 
@@ -429,9 +539,12 @@ def build_reward_scorer(
         reward_weights: comma-separated floats, one per source (functions, then the reward model); None: all 1.
         policy_tokenizer: the policy's tokenizer (a reward model with another vocabulary re-tokenises text).
         device: where the reward model runs.
+        reward_on_policy: the reward model is a LoRA adapter and score head to put on the policy's base
+            (:class:`AdapterRewardScorer`; ``scorer.reward_model.attach(policy)`` once the policy is loaded).
     """
     functions = [load_reward_function(spec) for spec in (reward_funcs or "").split(",") if spec.strip()]
-    scorer = RewardModelScorer(reward_model, policy_tokenizer, device) if reward_model else None
+    reward_class = AdapterRewardScorer if reward_on_policy else RewardModelScorer
+    scorer = reward_class(reward_model, policy_tokenizer, device) if reward_model else None
     weights = None
     if reward_weights:
         try:

@@ -147,7 +147,10 @@ def load_prompt_task(config: OnlineConfig, device: torch.device) -> PromptTask:
     start keeps it); every reward function's columns are checked."""
     tokenizer = load_tokenizer(config.model)
     rows, eval_rows, metric = load_task_rows(config, PROMPT_FORMATS)
-    scorer = build_reward_scorer(config.reward_funcs, config.reward_model, config.reward_weights, tokenizer, device)
+    on_policy = getattr(config, "reward_on_policy", False)  # PPO: a reward adapter on the policy's base
+    scorer = build_reward_scorer(
+        config.reward_funcs, config.reward_model, config.reward_weights, tokenizer, device, on_policy
+    )
     check_reward_columns(scorer.functions, rows.column_names, f"--dataset {config.dataset}")
     eval_prompts = None
     if eval_rows is not None:

@@ -55,3 +55,19 @@ def load_recipe(name: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def lora_reward_model_dir(directory: Path, base: str = "tiny", seed: int = 0) -> Path:
+    """A LoRA reward model on ``base`` laid out as ``recipes/reward_model.py --lora_r 4`` writes it: the merged
+    sequence classifier in ``directory``, the adapter and its score head in ``directory/adapter``; random
+    adapters and head, so that the scores depend on them."""
+    from rlcore import checkpoint, lora, models
+
+    model, tokenizer = models.load_reward_model(base)
+    lora.prepare_model(model, lora_r=4, lora_targets="q_proj,v_proj,up_proj")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in [*lora.lora_parameters(model)[1::2], model.score.weight]:
+            parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
+    checkpoint.save_final_model(model, tokenizer, directory)
+    return directory

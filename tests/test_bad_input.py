@@ -10,7 +10,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import load_recipe, tiny_cache  # noqa: F401 (tiny_cache: an autouse fixture)
+from safetensors.torch import save_file
 
 from rlcore.run import cli
 
@@ -42,6 +44,11 @@ def files(tmp_path_factory) -> Path:
     (root / "empty_dir").mkdir()
     (root / "not_a_model").mkdir()
     (root / "not_a_model" / "weights.bin").write_bytes(b"\0" * 16)
+    other_base = root / "reward_adapter_of_another_base"  # a reward model's adapter and score head
+    other_base.mkdir()
+    config = {"peft_type": "LORA", "task_type": "SEQ_CLS", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    (other_base / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "other-model"}))
+    save_file({"base_model.model.score.weight": torch.zeros(1, 8)}, other_base / "adapter_model.safetensors")
     return root
 
 
@@ -111,6 +118,13 @@ CASES = [
     ("grpo", ["--temperature", "0"], "--temperature must be > 0"),
     ("online_dpo", ["--reward_funcs", "none"], "no reward: give --reward_funcs or --reward_model"),
     ("ppo", ["--top_p", "0"], "--top_p must be in (0, 1]"),
+    ("ppo", ["--reward_on_policy", "--reward_model", "{f}/empty_dir"], "adapter on the LoRA policy's base: give both"),
+    ("ppo", ["--reward_on_policy", "--reward_model", "{f}/empty_dir", "--lora_r", "4"], "no adapter_config.json in it"),
+    (
+        "ppo",
+        ["--reward_on_policy", "--reward_model", "{f}/reward_adapter_of_another_base", "--lora_r", "4"],
+        "was trained on 'other-model', the policy starts from",
+    ),
     ("grpo", ["--collapse_patience", "0"], "--collapse_patience must be > 0"),
     # the output directory and --resume
     ("sft", [], "holds checkpoints of an earlier run (checkpoint-1, checkpoint-2)"),

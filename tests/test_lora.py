@@ -8,24 +8,35 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2ForSequenceClassification,
+)
 
 from rlcore.lora import (
     DEFAULT_TARGETS,
     LoRALinear,
+    adapter_names,
     apply_lora,
     disable_adapters,
     export_merged,
     has_lora,
     load_adapter,
+    load_adapters,
     lora_parameters,
     lora_state_dict,
     merge_lora,
     prepare_model,
     quantize_4bit,
+    read_adapter_heads,
     reference_context,
     save_adapter,
+    save_adapters,
     unmerge_lora,
+    use_adapter,
 )
 from rlcore.toy import tiny_model, tiny_tokenizer
 
@@ -126,7 +137,7 @@ def test_zero_init_adapters_keep_logits_and_a_step_changes_only_adapters(input_i
     wrapped = [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]
     assert len(wrapped) == 2 * len(DEFAULT_TARGETS)  # 2 layers x 7 projections
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"{name}.lora_{ab}" for name in wrapped for ab in "AB"}
+    assert trainable == {f"{name}.adapters.default.lora_{ab}" for name in wrapped for ab in "AB"}
     # r (in + out) per layer: q 64+64, k 64+32, v 64+32, o 64+64, gate 64+128, up 64+128, down 128+64.
     assert sum(p.numel() for p in lora_parameters(model)) == 2 * 4 * (128 + 96 + 96 + 128 + 192 + 192 + 192)
 
@@ -381,3 +392,120 @@ def test_4bit_layers_keep_float32_and_their_bytes_in_eval_mode(input_ids, monkey
     assert layer.support_avx512bf16_for_cpu
     LoRALinear(layer, r=2, alpha=4)
     assert not layer.support_avx512bf16_for_cpu
+
+
+# ------------------------------------------------------------------------------------------------------
+# Several named adapters on one base
+# ------------------------------------------------------------------------------------------------------
+
+REWARD_TARGETS = ["q_proj", "up_proj", "down_proj"]  # overlaps the default adapter's q/v only on q_proj
+
+
+def randomize_adapter(model: nn.Module, adapter_name: str, seed: int) -> None:
+    """Give every lora_B of one adapter random values, so that the adapter changes the outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in lora_parameters(model, adapter_name)[1::2]:  # the B matrices
+            parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+
+
+def copy_adapter(source: nn.Module, source_name: str, target: nn.Module, target_name: str = "default") -> None:
+    with torch.no_grad():
+        for into, value in zip(lora_parameters(target, target_name), lora_parameters(source, source_name), strict=True):
+            into.copy_(value)
+
+
+def two_adapter_model() -> nn.Module:
+    """float64 Qwen2 with a default adapter (q, v; r 4) and a "reward" adapter (q, up, down; r 2, rsLoRA)."""
+    model = apply_lora(qwen_model().double(), r=4, alpha=8, targets=["q_proj", "v_proj"])
+    apply_lora(model, r=2, alpha=3, targets=REWARD_TARGETS, use_rslora=True, adapter_name="reward")
+    randomize_adapter(model, "default", seed=1)
+    randomize_adapter(model, "reward", seed=2)
+    return model
+
+
+def test_switching_adapters_equals_separate_models_in_values_and_gradients(input_ids):
+    model = two_adapter_model()
+    assert adapter_names(model) == ["default", "reward"]
+    assert all(p.requires_grad for p in lora_parameters(model, "reward") + lora_parameters(model, "default"))
+    policy = apply_lora(qwen_model().double(), r=4, alpha=8, targets=["q_proj", "v_proj"])  # separate copies
+    reward = apply_lora(qwen_model().double(), r=2, alpha=3, targets=REWARD_TARGETS, use_rslora=True)
+    copy_adapter(model, "default", policy)
+    copy_adapter(model, "reward", reward)
+
+    for separate, name in ((reward, "reward"), (policy, "default")):
+        with use_adapter(model, name):
+            loss = model(input_ids, labels=input_ids).loss
+        expected = separate(input_ids, labels=input_ids).loss
+        assert torch.equal(loss, expected)  # float64, same operations: exactly equal
+        loss.backward()
+        expected.backward()
+        for got, want in zip(lora_parameters(model, name), lora_parameters(separate), strict=True):
+            assert torch.equal(got.grad, want.grad)
+        other = "default" if name == "reward" else "reward"
+        assert all(p.grad is None for p in lora_parameters(model, other))  # only the active adapter is used
+        model.zero_grad(set_to_none=True)
+
+    assert all(layer.active == "default" for layer in model.modules() if isinstance(layer, LoRALinear))
+    with disable_adapters(model), use_adapter(model, "reward"):  # adapters off wins: the base model
+        torch.testing.assert_close(logits_of(model, input_ids), logits_of(qwen_model().double(), input_ids))
+    with pytest.raises(ValueError, match=r"no LoRA adapter named 'value'; it has \['default', 'reward'\]"):
+        with use_adapter(model, "value"):
+            pass
+    with pytest.raises(ValueError, match="already has LoRA adapters named 'reward'"):
+        apply_lora(model, r=2, targets=["q_proj"], adapter_name="reward")
+    with pytest.raises(ValueError, match="cannot merge"):
+        merge_lora(model)
+
+
+def test_several_adapters_saved_in_peft_layout_load_in_peft_and_back(tmp_path, input_ids):
+    model = two_adapter_model().float()
+    expected = {}
+    for name in ("default", "reward"):
+        with use_adapter(model, name):
+            expected[name] = logits_of(model, input_ids)
+    save_adapters(model, str(tmp_path), base_model_name_or_path="qwen-test")
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors", "reward"]
+    config = json.loads((tmp_path / "reward" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (2, 3, True)
+    assert config["target_modules"] == sorted(REWARD_TARGETS)
+
+    peft_model = peft.PeftModel.from_pretrained(qwen_model(), str(tmp_path)).eval()
+    peft_model.load_adapter(str(tmp_path / "reward"), adapter_name="reward")
+    for name in ("default", "reward"):
+        peft_model.set_adapter(name)
+        torch.testing.assert_close(logits_of(peft_model, input_ids), expected[name], rtol=1e-6, atol=1e-6)
+
+    reloaded = load_adapters(qwen_model(), str(tmp_path))
+    assert adapter_names(reloaded) == ["default", "reward"]
+    for name in ("default", "reward"):
+        with use_adapter(reloaded, name):
+            assert torch.equal(logits_of(reloaded, input_ids), expected[name])
+
+
+def test_sequence_classifier_adapter_holds_its_score_head_as_peft_writes_it(tmp_path, input_ids):
+    config = qwen_model().config
+    config.num_labels, config.pad_token_id = 1, 0
+
+    def classifier():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(3)
+            return Qwen2ForSequenceClassification(config).eval()
+
+    model = apply_lora(classifier(), r=2, alpha=4, targets=["q_proj", "v_proj"])
+    randomize_adapter(model, "default", seed=4)
+    with torch.no_grad():
+        model.score.weight.normal_()
+    save_adapter(model, str(tmp_path))
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (saved["task_type"], saved["modules_to_save"]) == ("SEQ_CLS", ["score"])
+    assert torch.equal(read_adapter_heads(str(tmp_path))["score.weight"], model.score.weight)
+
+    peft_model = peft.PeftModel.from_pretrained(classifier(), str(tmp_path)).eval()
+    torch.testing.assert_close(logits_of(peft_model, input_ids), logits_of(model, input_ids), rtol=1e-6, atol=1e-6)
+    reloaded = load_adapter(classifier(), str(tmp_path))
+    assert torch.equal(logits_of(reloaded, input_ids), logits_of(model, input_ids))
+    policy = load_adapter(qwen_model(), str(tmp_path), adapter_name="reward", with_heads=False)
+    assert adapter_names(policy) == ["reward"]  # the head is left out of a causal LM: read_adapter_heads
+    with pytest.raises(ValueError, match="holds score.weight.*ForSequenceClassification"):
+        load_adapter(qwen_model(), str(tmp_path))

@@ -1,6 +1,7 @@
 """Memory at scale: gradient checkpointing, weight dtypes, 4-bit loading, bitsandbytes optimizers, the chunked
 LM head, parameter counts."""
 
+import gc
 import json
 import os
 import shutil
@@ -10,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_recipe, tiny_cache  # noqa: F401 (tiny_cache: an autouse fixture)
+from helpers import load_recipe, lora_reward_model_dir, tiny_cache  # noqa: F401 (tiny_cache: an autouse fixture)
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from rlcore import lora, models
+from rlcore import lora, models, optim
 from rlcore.config import TrainConfig
+from rlcore.run import Run
 from rlcore.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -350,6 +352,49 @@ def test_bitsandbytes_optimizers_step_save_and_resume(tmp_path, optim):
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
 
 
+# ---------------------------------------------------------------- float32 master weights for bfloat16 training
+
+
+def adamw_steps(weight: torch.Tensor, steps: int, **options) -> tuple[torch.nn.Parameter, torch.optim.Optimizer]:
+    """``steps`` AdamW updates at lr 1e-4 on a copy of ``weight`` with a constant gradient of 1."""
+    parameter = torch.nn.Parameter(weight.clone())
+    optimizer = optim.build_optimizer(torch.nn.ParameterList([parameter]), lr=1e-4, **options)
+    for _ in range(steps):
+        parameter.grad = torch.ones_like(parameter)
+        optimizer.step()
+        optimizer.zero_grad()
+    return parameter, optimizer
+
+
+def test_master_weights_keep_tiny_updates_that_bfloat16_weights_round_away():
+    # AdamW moves each weight by ~lr = 1e-4 per step (m / sqrt(v) = 1 for a constant gradient). Just below 1.0
+    # bfloat16's spacing is 2^-8 = 0.0039, so in place every update rounds back to 1.0: 100 steps, no
+    # change. With float32 master weights the 100 updates add up to -0.01 and the bfloat16 weight follows.
+    weight = torch.ones(4, 4, dtype=torch.bfloat16)
+    plain, plain_optimizer = adamw_steps(weight, 100)
+    assert torch.equal(plain, weight) and plain_optimizer.state[plain]["exp_avg"].dtype == torch.bfloat16
+    mastered, optimizer = adamw_steps(weight, 100, master_weights="float32")
+    reference, _ = adamw_steps(weight.float(), 100)  # the same updates on float32 weights
+    (master,) = optimizer.param_groups[0]["params"]
+    assert master.dtype == torch.float32 and torch.equal(master, reference)  # exactly the float32 run
+    assert torch.equal(mastered, reference.to(torch.bfloat16)) and mastered.dtype == torch.bfloat16
+    assert (
+        abs(reference[0, 0].item() - 0.99) < 1e-4 and mastered[0, 0].item() == 0.98828125
+    )  # 1 - 3 * 2^-8: nearest 0.99
+
+    # the master weights are in the optimizer state: a resumed run continues from them, not from the rounding
+    resumed, _ = adamw_steps(mastered.detach(), 0, master_weights="float32")
+    resumed_optimizer = optim.build_optimizer(torch.nn.ParameterList([resumed]), lr=1e-4, master_weights="float32")
+    resumed_optimizer.load_state_dict(optimizer.state_dict())
+    assert torch.equal(resumed_optimizer.param_groups[0]["params"][0], reference)
+    with pytest.raises(ValueError, match="resume with the --master_weights the run was saved with"):
+        resumed_optimizer.load_state_dict(plain_optimizer.state_dict())
+    with pytest.raises(ValueError, match="--master_weights must be float32"):
+        TrainConfig(master_weights="float32", optim="adamw_8bit")
+    float32_parameter, float32_optimizer = adamw_steps(weight.float(), 1, master_weights="float32")
+    assert float32_optimizer.param_groups[0]["params"][0] is float32_parameter  # no copy of float32 weights
+
+
 # ---------------------------------------------------------------- peak memory of 4-bit loading
 
 BUILD = """
@@ -413,3 +458,38 @@ def test_4bit_loading_peak_memory_stays_under_the_float_model(tmp_path):
         f"{full['peak_anonymous'] / gib:.2f} GiB, peak RSS {full['peak_rss'] / gib:.2f} GiB"
     )
     assert quantized["peak_anonymous"] < float_bytes
+
+
+def base_copies(model: torch.nn.Module) -> int:
+    """How many distinct storages in the whole process hold a tensor shaped as ``model``'s input embeddings:
+    the number of copies of the base weights alive (frozen under LoRA: no gradient or optimizer state)."""
+    shape = model.get_input_embeddings().weight.shape
+    gc.collect()
+    tensors = [t for t in gc.get_objects() if isinstance(t, torch.Tensor) and t.shape == shape]
+    return len({t.untyped_storage().data_ptr() for t in tensors})
+
+
+@pytest.mark.slow  # two PPO runs: ~30 s on 2 busy CPU cores
+def test_ppo_with_lora_holds_one_copy_of_the_base_and_scores_as_the_separate_reward_model(tmp_path, monkeypatch):
+    """--lora_r --value_on_policy --reward_on_policy: policy, reference, value and reward share one base. The
+    first step samples the same completions as with the separate (merged) reward model and scores them alike."""
+    reward_dir = lora_reward_model_dir(tmp_path / "rm")  # on the tiny model, the base of --warm_start_steps 0
+    copies = []
+    end_step = Run.end_step
+    monkeypatch.setattr(
+        Run, "end_step", lambda run, stats: (copies.append(base_copies(run.model)), end_step(run, stats))[1]
+    )
+    main = load_recipe("ppo").main
+    common = ["--warm_start_steps", "0", "--max_steps", "1", "--batch_size", "4", "--num_ppo_epochs", "1"]
+    common += ["--max_new_tokens", "4", "--eval_split", "none", "--save_steps", "0", *SMALL_RUN]
+    common += ["--lora_r", "4", "--value_on_policy", "--reward_model", str(reward_dir), "--reward_funcs", "none"]
+    main([*common, "--output_dir", str(tmp_path / "separate")])
+    main([*common, "--output_dir", str(tmp_path / "one_base"), "--reward_on_policy"])
+    assert copies == [2, 1]  # the separate reward model is the second copy
+    first = [read_metrics(tmp_path / name / "metrics.jsonl")[0] for name in ("separate", "one_base")]
+    assert first[0]["completions/mean_length"] == first[1]["completions/mean_length"]
+    assert abs(first[0]["reward"] - first[1]["reward"]) < 1e-5
+    assert first[0]["reward_std"] > 0.01  # the scores differ between rows: the comparison means something
+    # the policy's adapter alone is saved; the reward adapter stays where it came from
+    assert json.loads((tmp_path / "one_base" / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    assert not (tmp_path / "one_base" / "adapter" / "reward").exists()

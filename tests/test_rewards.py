@@ -4,10 +4,12 @@ import math
 
 import pytest
 import torch
-from helpers import tiny_cache  # noqa: F401 (tiny_cache: an autouse fixture)
+from helpers import lora_reward_model_dir, tiny_cache  # noqa: F401 (tiny_cache: an autouse fixture)
 
-from rlcore.models import load_reward_model, load_tokenizer, sequence_scores
+from rlcore.lora import LoRALinear, adapter_names, load_adapter, lora_parameters, prepare_model
+from rlcore.models import load_policy, load_reward_model, load_tokenizer, sequence_scores
 from rlcore.rewards import (
+    AdapterRewardScorer,
     RewardModelScorer,
     RewardScorer,
     build_reward_scorer,
@@ -163,3 +165,55 @@ def test_reward_model_with_another_vocabulary_reads_text(reward_model_dir):
 def test_an_unimportable_reward_module_is_one_clear_error():
     with pytest.raises(ValueError, match="cannot import 'no_such_package.rewards'"):
         load_reward_function("no_such_package.rewards:correct")
+
+
+# ---------------------------------------------------------------- the reward model as an adapter on the policy
+
+
+def test_reward_adapter_on_the_policy_scores_as_the_separate_reward_model(tmp_path):
+    """The same base + adapter + score head, as a separate model and switched on over the LoRA policy."""
+    reward_dir = lora_reward_model_dir(tmp_path / "rm")
+    tokenizer = load_tokenizer("tiny")
+    policy, _ = load_policy("tiny")
+    policy = prepare_model(policy, lora_r=2, lora_targets="q_proj,k_proj")  # other targets than the reward's
+    with torch.no_grad():
+        for parameter in lora_parameters(policy)[1::2]:
+            parameter.normal_(std=0.5)  # a trained policy: its adapters must not leak into the reward
+    sequences = torch.randint(5, 100, (5, 11), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(sequences)
+    attention_mask[0, :4] = attention_mask[1, :2] = attention_mask[3, -3:] = 0  # left-padded, right-padded rows
+
+    policy.train()
+    on_policy = AdapterRewardScorer(str(reward_dir), tokenizer, batch_size=2)
+    with pytest.raises(ValueError, match="attach"):
+        on_policy(sequences, attention_mask)
+    on_policy.attach(policy)
+    assert adapter_names(policy) == ["default", "reward"]
+    assert not any(p.requires_grad for p in lora_parameters(policy, "reward"))
+    scores = on_policy(sequences, attention_mask)  # [5]
+    separate_scorer = RewardModelScorer(str(reward_dir), tokenizer)  # the merged model of the directory
+    merged = separate_scorer(sequences, attention_mask)
+    separate, _ = load_reward_model("tiny")
+    separate_scorer.model = load_adapter(separate, str(reward_dir / "adapter")).eval()  # base + adapter + head
+    expected = separate_scorer(sequences, attention_mask)
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scores, merged, rtol=1e-5, atol=1e-5)
+    assert scores.std() > 0.01  # the adapter and head are random: the scores differ between rows
+    assert all(layer.active == "default" for layer in policy.modules() if isinstance(layer, LoRALinear))
+    assert policy.training  # scored in eval mode, then put back
+
+
+def test_reward_adapter_refuses_another_base_a_full_policy_and_a_directory_without_adapter(tmp_path):
+    reward_dir = lora_reward_model_dir(tmp_path / "rm")
+    tokenizer = load_tokenizer("tiny")
+    with pytest.raises(ValueError, match="no adapter_config.json in it or in its adapter/ subdirectory"):
+        AdapterRewardScorer(str(tmp_path), tokenizer)
+    full_policy, _ = load_policy("tiny")
+    with pytest.raises(ValueError, match="needs a LoRA policy"):
+        AdapterRewardScorer(str(reward_dir), tokenizer).attach(prepare_model(full_policy, lora_r=0))
+    other_base = tmp_path / "other"
+    for part in load_policy("tiny"):  # the same weights in another checkpoint: the name is what is checked
+        part.save_pretrained(other_base)
+    policy = prepare_model(load_policy(str(other_base))[0], lora_r=2)
+    with pytest.raises(ValueError, match=r"was trained on '.*tiny.*', the policy starts from '.*other'"):
+        AdapterRewardScorer(str(reward_dir), tokenizer).attach(policy)
