@@ -102,7 +102,7 @@ def save_model(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if lora.has_lora(model):
-        lora.save_adapter(model, directory)
+        lora.save_adapter(model, directory, full_state=state_dict)
     else:
         model.save_pretrained(directory, state_dict=state_dict)
     if tokenizer is not None:
@@ -490,8 +490,8 @@ def save_final_model(
     with disk_errors(output_dir), tempfile.TemporaryDirectory(prefix=".tmp-final-", dir=output_dir) as tmp:
         tmp = Path(tmp)
         if lora.has_lora(model):
-            lora.export_merged(model, tokenizer, tmp / "merged")
-            lora.save_adapter(model, tmp / ADAPTER_DIR_NAME)
+            lora.export_merged(model, tokenizer, tmp / "merged", state_dict)
+            lora.save_adapter(model, tmp / ADAPTER_DIR_NAME, full_state=state_dict)
             _move_files(tmp / ADAPTER_DIR_NAME, output_dir / ADAPTER_DIR_NAME)
             _move_files(tmp / "merged", output_dir)
         else:

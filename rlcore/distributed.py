@@ -45,8 +45,10 @@ Sharding modes (``--sharding``):
   the same number of forward and backward passes of the sharded model (its collectives are inside them):
   GRPO then keeps the rows with nothing to learn, and PPO and online DPO (whose processes hold different
   numbers of mini-batch rows or pairs) refuse FSDP2 for now, and so does distillation (its loss reads the LM
-  heads' weights outside a forward pass). LoRA under FSDP2 is not implemented yet (``rlcore.config`` refuses
-  it). Checkpoints are sharded: every process writes its shards of the model and optimizer state
+  heads' weights outside a forward pass). LoRA under FSDP2: the frozen base weights are sharded with the
+  adapters, and only the adapters (the parameters with a gradient) are reduce-scattered; the final adapter and
+  merged model are written from the full state gathered on rank 0 (a 4-bit base is refused: bitsandbytes'
+  packed weights cannot be split). Checkpoints are sharded: every process writes its shards of the model and optimizer state
   (``torch.distributed.checkpoint``; ``rlcore.checkpoint``) and resumes from them at the same world size.
   Generation gathers the full parameters once per rollout (:func:`full_parameters`), not layer by layer at
   every token (the classic slow path): the memory of one full copy during sampling is the price.

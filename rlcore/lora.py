@@ -269,15 +269,18 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for _, layer in _require_lora_layers(model) for p in (layer.lora_A, layer.lora_B)]
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def lora_state_dict(model: nn.Module, full_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The adapter tensors (detached) under PEFT's names: ``base_model.model.<module>.lora_A.weight``, ...
 
     These are the keys of PEFT's ``adapter_model.safetensors`` for a causal LM (adapter name removed).
+    ``full_state``: read the tensors from this state dict (module names, e.g. the full state of an FSDP2-sharded
+    model from ``rlcore.distributed.full_state_dict``) instead of the model's own parameters.
     """
     state = {}
     for name, layer in _require_lora_layers(model):
-        state[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach()
-        state[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach()
+        for part in ("lora_A", "lora_B"):
+            value = getattr(layer, part).detach() if full_state is None else full_state[f"{name}.{part}"]
+            state[f"{PEFT_KEY_PREFIX}{name}.{part}.weight"] = value
     return state
 
 
@@ -357,12 +360,18 @@ def _peft_target_modules(model: nn.Module, layers: list[tuple[str, LoRALinear]])
     return suffixes if selected == wrapped else wrapped
 
 
-def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str | None = None) -> None:
+def save_adapter(
+    model: nn.Module,
+    directory: str,
+    base_model_name_or_path: str | None = None,
+    full_state: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Write the adapters as PEFT writes them: ``adapter_model.safetensors`` + ``adapter_config.json``.
 
     ``peft.PeftModel.from_pretrained(base_model, directory)`` and ``load_adapter`` read it back. Each file
     is written to a temporary name and renamed, so a crash never leaves a half-written file.
-    ``base_model_name_or_path`` defaults to ``model.name_or_path`` when transformers set it.
+    ``base_model_name_or_path`` defaults to ``model.name_or_path`` when transformers set it. ``full_state``: the
+    tensors to write, as in :func:`lora_state_dict` (an FSDP2-sharded model's gathered state).
     """
     layers = _require_lora_layers(model)
     first = layers[0][1]
@@ -391,7 +400,7 @@ def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str 
         "rank_pattern": {},
         "alpha_pattern": {},
     }
-    tensors = {key: value.cpu().contiguous() for key, value in lora_state_dict(model).items()}
+    tensors = {key: value.cpu().contiguous() for key, value in lora_state_dict(model, full_state).items()}
     os.makedirs(directory, exist_ok=True)
     _atomic_write(
         os.path.join(directory, ADAPTER_WEIGHTS_NAME), lambda path: save_file(tensors, path, metadata={"format": "pt"})
@@ -500,36 +509,48 @@ def _dense_weight(linear: nn.Linear) -> torch.Tensor:
     return linear.weight.detach()
 
 
-def _merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with every LoRA layer merged and every 4-bit layer dequantised, under base names."""
+def _merged_state_dict(model: nn.Module, full_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every LoRA layer merged and every 4-bit layer dequantised, under base names.
+
+    ``full_state``: merge the tensors of this state dict (module names: an FSDP2-sharded model's gathered state,
+    float bases) instead of the model's own.
+    """
     # 4-bit layers are in bitsandbytes' standard layout: _keep_standard_4bit_path keeps its CPU repacking off.
-    state = model.state_dict()
+    state = model.state_dict() if full_state is None else dict(full_state)
     dense_layers = [
         (name, module)
         for name, module in model.named_modules()
         if (isinstance(module, LoRALinear) or _is_4bit(module)) and not name.endswith(".base")
     ]
     for name, module in dense_layers:
-        for key in [key for key in state if key.startswith(name + ".")]:
-            del state[key]
+        layer_state = {key[len(name) + 1 :]: state.pop(key) for key in [k for k in state if k.startswith(name + ".")]}
         base = module.base if isinstance(module, LoRALinear) else module
-        weight = _dense_weight(base)  # [out, in] ([in, out] for a Conv1D base)
+        prefix = "base." if isinstance(module, LoRALinear) else ""
+        weight = _dense_weight(base) if full_state is None else layer_state[prefix + "weight"]  # [out, in]
         if isinstance(module, LoRALinear) and not module.merged:
-            weight = weight + module.delta_in_base_layout().to(weight.dtype)
+            if full_state is None:
+                delta = module.delta_in_base_layout()
+            else:  # scaling * B @ A from the gathered tensors ([in, out] for a Conv1D base)
+                delta = module.scaling * (layer_state["lora_B"] @ layer_state["lora_A"])
+                delta = delta.T if module.fan_in_fan_out else delta
+            weight = weight + delta.to(weight.dtype)
         state[name + ".weight"] = weight
         if base.bias is not None:
-            state[name + ".bias"] = base.bias.detach()
+            state[name + ".bias"] = base.bias.detach() if full_state is None else layer_state[prefix + "bias"]
     return state
 
 
-def export_merged(model: nn.Module, tokenizer, directory: str) -> None:
+def export_merged(
+    model: nn.Module, tokenizer, directory: str, full_state: dict[str, torch.Tensor] | None = None
+) -> None:
     """Save a standalone transformers model directory: adapters merged, 4-bit layers dequantised.
 
     ``AutoModelForCausalLM.from_pretrained(directory)`` loads it with no PEFT or rlcore code: the keys are the
     base model's own (``...q_proj.weight``), written as safetensors by ``model.save_pretrained``. ``model``
-    is not modified. ``tokenizer`` (may be None) is saved beside it.
+    is not modified. ``tokenizer`` (may be None) is saved beside it. ``full_state``: the tensors to merge and
+    write instead of the model's own (an FSDP2-sharded model's, gathered by ``rlcore.distributed.full_state_dict``).
     """
-    state = _merged_state_dict(model)
+    state = _merged_state_dict(model, full_state)
     with _float_model_config(model):  # quantised while loading: the files written are a float model's
         model.save_pretrained(directory, state_dict=state)
     if tokenizer is not None:

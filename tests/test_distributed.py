@@ -285,12 +285,12 @@ def test_fsdp2_two_processes_equal_one(recipe, extra, tmp_path):
     check_invariance(recipe, tmp_path, extra, nproc_extra=("--sharding", "fsdp2"))
 
 
-def test_fsdp2_flags_it_does_not_take_yet():
+def test_fsdp2_flags_it_does_not_take():
     from rlcore.config import TrainConfig
 
-    with pytest.raises(ValueError, match="fsdp2 does not yet take --lora_r"):
-        TrainConfig(sharding="fsdp2", lora_r=4)
-    TrainConfig(sharding="fsdp2", save_steps=10, resume="auto")  # sharded checkpoints and resume: taken
+    with pytest.raises(ValueError, match="fsdp2 does not take --load_in_4bit"):
+        TrainConfig(sharding="fsdp2", lora_r=4, load_in_4bit=True)
+    TrainConfig(sharding="fsdp2", lora_r=4, save_steps=10, resume="auto")  # LoRA, sharded checkpoints, resume
 
 
 @pytest.mark.slow
@@ -353,14 +353,26 @@ def test_kill_minus_9_then_resume_continues_the_curve(tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_under_two_processes_saves_an_adapter_peft_loads(tmp_path):
-    """LoRA under 2 processes: only the adapters have gradients to average; the adapter directory loads in PEFT."""
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp2"])
+def test_lora_under_two_processes_saves_an_adapter_peft_loads(sharding, tmp_path):
+    """LoRA under 2 processes (DDP, or FSDP2 with frozen sharded base weights): only the adapters have gradients
+    to reduce; the losses, the merged model and the adapter equal one process's; the adapter loads in PEFT."""
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
     from rlcore.models import resolve_model
 
-    check_invariance("sft", tmp_path, ("--lora_r", "4"))
+    check_invariance("sft", tmp_path, ("--lora_r", "4"), nproc_extra=("--sharding", sharding))
+    adapters = [
+        safetensors.torch.load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("one", "two")
+    ]
+    assert adapters[0].keys() == adapters[1].keys() and any("lora_B" in name for name in adapters[0])
+    for name, value in adapters[0].items():
+        torch.testing.assert_close(adapters[1][name], value, rtol=0, atol=1e-5, msg=name)
+    assert any(value.abs().max() > 0 for name, value in adapters[1].items() if "lora_B" in name)  # trained
     base = AutoModelForCausalLM.from_pretrained(resolve_model("tiny"))
     model = peft.PeftModel.from_pretrained(base, str(tmp_path / "two" / "adapter"))
-    assert any("lora_A" in name for name, _ in model.named_parameters())
+    loaded = {name: p for name, p in model.named_parameters() if "lora_B" in name}
+    assert loaded and all(
+        torch.equal(p.detach(), adapters[1][name.replace(".default", "")]) for name, p in loaded.items()
+    )
