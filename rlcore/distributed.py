@@ -302,6 +302,22 @@ def fully_shard_model(model: torch.nn.Module, bf16: bool = False) -> torch.nn.Mo
     return model
 
 
+def equal_passes(micro_batches: Sequence[T], model: torch.nn.Module, filler: T) -> list[tuple[T, bool]]:
+    """``(micro_batch, True)`` for each of this process's micro-batches; under FSDP2 then ``(filler, False)``
+    until it has as many as the process with the most (one all-reduce of the counts).
+
+    FSDP2's collectives are inside the forward and backward passes, so every process must run the same number
+    of them; a recipe whose processes hold different numbers of rows (PPO's mini-batches, online DPO's decided
+    pairs) runs the filler passes with its loss multiplied by 0: the gradients and metrics are the real
+    micro-batches' only (``0 * loss`` adds exact zeros to the gradients). Under DDP and in one process: the
+    micro-batches as they are, no collective.
+    """
+    passes = [(micro_batch, True) for micro_batch in micro_batches]
+    if world_size() > 1 and is_sharded(model):
+        passes += [(filler, False)] * (all_reduce_max(len(passes)) - len(passes))
+    return passes
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether ``model`` (or a submodule) was made an FSDP2 module by :func:`fully_shard_model`."""
     from torch.distributed.fsdp import FSDPModule

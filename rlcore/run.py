@@ -117,7 +117,8 @@ class Run:
         evaluate: ``() -> {name: float}`` held-out metrics, or None for no evaluation.
         bar_keys: training metrics shown on the progress bar.
         extra_modules: other trained modules checkpointed beside the model (PPO's value model).
-        save_extra: ``(output_dir) -> None``, writes what the final model directory holds beside the model.
+        save_extra: ``(output_dir, full_states) -> None``, writes what the final model directory holds beside the
+            model (rank 0); ``full_states[name]`` is the extra module's full state dict under FSDP2, else None.
         guard: the loop's guard (``rlcore.guards.supervised(config)`` when None).
     """
 
@@ -281,10 +282,11 @@ class Run:
                     f"the weights are not finite ({broken[0]}, ...): the final model was not written"
                 )
             full_state = distributed.full_state_dict(self.model)  # FSDP2: gathered on rank 0 (None otherwise)
+            extra_states = {name: distributed.full_state_dict(m) for name, m in (self.extra_modules or {}).items()}
             if distributed.is_main():
                 save_final_model(self.model, self.tokenizer, self.config.output_dir, full_state)
                 if self._save_extra is not None:
-                    self._save_extra(self.config.output_dir)
+                    self._save_extra(self.config.output_dir, extra_states)
             distributed.barrier()
             self.print(f"final model: {self.config.output_dir}")
             phase = "final evaluation"

@@ -276,12 +276,16 @@ def test_sharded_evaluation_equals_one_process(recipe, tmp_path):
         ("grpo", ("--beta", "0.05")),
         ("kto", ()),
         ("orpo", ()),
+        ("distill", ()),
+        ("ppo", ()),
+        ("online_dpo", ()),
     ],
 )
 def test_fsdp2_two_processes_equal_one(recipe, extra, tmp_path):
-    """FSDP2 (fully_shard per decoder layer, then the root): the same steps as one process (PPO and online DPO
-    refuse FSDP2 for now: their processes run different numbers of forward/backward passes; distillation too: its
-    loss reads the LM heads' weights outside a forward pass)."""
+    """FSDP2 (fully_shard per decoder layer, then the root): the same steps as one process. PPO and online DPO
+    hold different numbers of rows or pairs per process: the process with fewer runs zero-weighted passes so
+    that every process runs as many as the busiest (FSDP2's collectives are inside them); distillation reads
+    the student's LM head right after its forward pass."""
     check_invariance(recipe, tmp_path, extra, nproc_extra=("--sharding", "fsdp2"))
 
 
