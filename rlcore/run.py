@@ -201,14 +201,18 @@ class Run:
         """Time a phase of the current step (logged as ``time/<phase>``; CUDA work is waited for)."""
         return timed(self._seconds, phase, self.device)
 
-    def end_step(self, stats: Mapping[str, torch.Tensor | float]) -> None:
+    def end_step(
+        self, stats: Mapping[str, torch.Tensor | float], counts: Mapping[str, torch.Tensor | float] | None = None
+    ) -> None:
         """Close the step: add its metrics, timings (``time/<phase>``, ``time/step``) and learning rate
-        (``lr``, the one the step used), then log, evaluate and checkpoint on cadence."""
+        (``lr``, the one the step used), then log, evaluate and checkpoint on cadence. ``counts``: for metrics
+        that are means over this process's items (tokens, rows), their numbers, so that under torchrun the
+        logged value is the whole batch's mean (``rlcore.distributed.reduce_stats``)."""
         seconds = time.perf_counter() - self._step_started
         self.training_seconds += seconds
         self.step += 1
         timings = {f"time/{phase}": value for phase, value in self._seconds.items()}
-        stats = distributed.reduce_stats(stats)  # torchrun: the mean over the processes
+        stats = distributed.reduce_stats(stats, counts)  # torchrun: the mean over the processes (or the batch)
         self.tracker.update(
             {**stats, **timings, "time/step": seconds, **({"lr": self._lr} if self._lr is not None else {})}
         )
