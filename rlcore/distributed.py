@@ -1,8 +1,9 @@
 """Several processes, one result: ``torchrun`` data parallelism on PyTorch's own ``torch.distributed``.
 
 Launch any recipe with ``torchrun --nproc_per_node N recipes/<name>.py ...`` (or ``accelerate launch`` with a
-plain multi-process config, which sets the same environment). Without a launcher nothing here does anything:
-every function is the identity of a world of one process. Backend: NCCL on CUDA (one GPU per process,
+plain multi-process config, which sets the same environment: ``distributed_type: MULTI_GPU``, accelerate's
+torchrun launcher, also on CPU; its ``MULTI_CPU`` type starts one process unless mpirun is set up). Without a
+launcher nothing here does anything: every function is the identity of a world of one process. Backend: NCCL on CUDA (one GPU per process,
 ``cuda:$LOCAL_RANK``), gloo on CPU.
 
 The contract, for the recipes and for whoever writes a new one
