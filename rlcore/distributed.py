@@ -426,6 +426,15 @@ def reduce_stats(
     return dict(zip(keys, means.unbind()))
 
 
+def whole_batch_means(sums: Mapping[str, torch.Tensor], counts: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """``{key: total of sums[key] / total of sums[counts[key]]}`` with totals over every process (one all-reduce;
+    0 where the count is 0): a mean over a subset of the step's rows (KTO's desirable rows, say) as one process
+    computes it over the whole batch, the same on every process. ``sums`` holds the sums and the counts."""
+    names = sorted(sums)
+    totals = dict(zip(names, all_reduce_sum(torch.stack([torch.as_tensor(sums[k]).double() for k in names])).cpu()))
+    return {key: (totals[key] / totals[count].clamp(min=1)).float() for key, count in counts.items()}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # evaluation
 
