@@ -3,9 +3,9 @@
 The invariance tests run a recipe for a few steps in one process (in-process) and under
 ``torchrun --nproc_per_node 2`` on the same global batch, and compare the logged loss of every step and the
 final weights (float32, within 1e-5). The non-slow ones (SFT, GRPO, and the helpers under 2 gloo processes)
-are a representative subset; ``python -m pytest -q tests/test_distributed.py -m slow`` runs the rest (DPO,
-reward model, PPO, online DPO, KTO, ORPO/CPO, distillation, FSDP2, sharded evaluation, LoRA, and the kill -9 /
-resume test).
+are a representative subset; ``python -m pytest -q tests/test_distributed.py -m slow`` runs the rest: every
+recipe under DDP and FSDP2, sharded evaluation under both, LoRA under both, a 4-bit base under DDP,
+``accelerate launch``, kill -9 and SIGTERM then resume, an FSDP2 sharded checkpoint then resume.
 
 The online recipes start from the untrained tiny model (``--warm_start_steps 0``) with a dense reward (the
 completion length), so every step has something to learn.
