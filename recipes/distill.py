@@ -33,8 +33,8 @@ Run it:
     python recipes/distill.py --model Qwen/Qwen2.5-0.5B-Instruct --teacher Qwen/Qwen2.5-7B-Instruct \
         --dataset prompts_and_answers.jsonl --max_new_tokens 256 --batch_size 8 --grad_accum_steps 4 --lora_r 16
 Several processes: ``torchrun --nproc_per_node 2 recipes/distill.py`` (the same global batch; each process samples
-and scores its rows; rlcore.distributed); DDP only (the loss reads the LM heads' weights directly, so
-``--sharding fsdp2`` is refused for now). Measured results: docs/results.md.
+and scores its rows; rlcore.distributed); ``--sharding fsdp2`` shards the student (the LM head's weight is
+read right after the student's forward, while FSDP2 holds it gathered). Measured results: docs/results.md.
 """
 
 from __future__ import annotations
@@ -86,18 +86,13 @@ class DistillConfig(OnlineConfig):
             raise ValueError(
                 f"--teacher_dtype must be float32, bfloat16 or float16 (or none), got {self.teacher_dtype!r}"
             )
-        if self.sharding == "fsdp2":  # the loss reads the LM heads' weights outside a forward pass
-            raise ValueError("--sharding fsdp2 is not yet supported by this recipe: use --sharding ddp")
 
 
 def body_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, L, H] final hidden states (after the final norm) of a causal LM's transformer body: no LM head."""
-    return model.get_decoder()(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=models.position_ids_from_mask(attention_mask),
-        use_cache=False,
-    ).last_hidden_state
+    """[B, L, H] final hidden states (after the final norm) of a causal LM's transformer body: the LM head runs on
+    no position. One call of the top-level model (FSDP2 gathers its weights, the head's included, in its hooks)."""
+    position_ids = models.position_ids_from_mask(attention_mask)
+    return models.body_hidden_states(model, input_ids, attention_mask, position_ids)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

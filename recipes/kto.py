@@ -95,6 +95,14 @@ def rotated(completions: list) -> list:
     return completions[-1:] + completions[:-1]
 
 
+SIDE_COUNTS = {
+    f"{k}/{side}": n
+    for side, n in (("chosen", "num_desirable"), ("rejected", "num_undesirable"))
+    for k in ("rewards", "logps")
+}
+"""Metrics that are means over the desirable (chosen) or undesirable (rejected) rows, and their counts."""
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     config = parse_config(KTOConfig, argv)
     device, bf16 = runtime.setup(config)
@@ -192,6 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # ---------------------------------------------------------------- training loop
     while run.running():
         stats: dict[str, torch.Tensor] = {}
+        sums: dict[str, torch.Tensor] = {}  # of the rewards and log-probs over desirable / undesirable rows
         micro_batches = runtime.step_batches(
             len(prompts), config.batch_size, config.grad_accum_steps, config.seed, run.step
         )
@@ -222,6 +231,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             )
             (loss / config.grad_accum_steps).backward()  # equal-size micro-batches: the sum is the step's mean
             tracking.accumulate(stats, {"loss": loss.detach(), **loss_stats}, 1 / config.grad_accum_steps)
+            tracking.accumulate(sums, {k: loss_stats[k] * loss_stats[n] for k, n in SIDE_COUNTS.items()})
+            tracking.accumulate(sums, {n: loss_stats[n] for n in ("num_desirable", "num_undesirable")})
+        means = distributed.whole_batch_means(sums, SIDE_COUNTS)  # over the step's rows of every process
+        stats |= {**means, "rewards/margins": means["rewards/chosen"] - means["rewards/rejected"]}
         stats["grad_norm"] = optim.optimizer_step(model.parameters(), optimizer, scheduler, config.max_grad_norm)
         run.end_step(stats)
     return run.finish()

@@ -61,8 +61,6 @@ class OnlineDPOConfig(OnlineConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.sharding == "fsdp2":  # its processes run different numbers of passes; FSDP2 needs equal ones
-            raise ValueError("--sharding fsdp2 is not yet supported by this recipe: use --sharding ddp")
         if self.loss_type not in ("sigmoid", "ipo") or self.beta <= 0:
             raise ValueError(
                 f"--loss_type must be sigmoid or ipo and --beta > 0, got {self.loss_type!r} and {self.beta}"
@@ -127,8 +125,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             num_pairs, mask = len(chosen_rows), rollout.completion_mask.to(device)
             all_pairs = int(distributed.all_reduce_sum(num_pairs))  # of every process (torchrun)
             pair_rows = torch.cat([chosen_rows, rejected_rows]).to(device)  # [2N]: chosen then rejected
+            if all_pairs and not num_pairs and distributed.is_sharded(policy):  # FSDP2: a filler pair, rows 0, 1
+                pair_rows = torch.arange(2, device=device)
+            width = len(pair_rows) // 2  # chosen row i, rejected row width + i
             sequences, attention_mask = rollout.sequences[pair_rows], rollout.attention_mask[pair_rows]  # [2N, L]
-            if num_pairs:
+            if width:
                 with (
                     lora.reference_context(policy, reference) as ref_model,
                     torch.no_grad(),
@@ -154,8 +155,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         # has a gradient, so the optimizer step changes nothing and the schedule stays in step
         with run.timed("training"):
             micro_pairs = max(1, config.batch_size // distributed.world_size())  # this process's share of a micro-batch
-            for pairs in torch.arange(num_pairs, device=device).split(micro_pairs) if num_pairs else ():
-                rows_of_pairs = torch.cat([pairs, pairs + num_pairs])  # [2n]: chosen then rejected
+            micro_batches = torch.arange(num_pairs, device=device).split(micro_pairs) if num_pairs else ()
+            filler = torch.zeros(1, dtype=torch.long, device=device)  # FSDP2: pair 0 in zero-weighted passes
+            for pairs, real in distributed.equal_passes(micro_batches, policy, filler):
+                rows_of_pairs = torch.cat([pairs, pairs + width])  # [2n]: chosen then rejected
                 with runtime.autocast(device, bf16):
                     logps, _ = models.sequence_logprobs(
                         forward,
@@ -171,12 +174,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     chosen_logps,
                     rejected_logps,
                     ref_logps[pairs],
-                    ref_logps[pairs + num_pairs],
+                    ref_logps[pairs + width],
                     beta=config.beta,
                     loss_type=config.loss_type,
                 )
-                share = len(pairs) / distributed.rank_normalizer(all_pairs)  # of the mean over all pairs
+                share = real * len(pairs) / distributed.rank_normalizer(all_pairs)  # of the mean over all pairs
                 (loss * share).backward()
+                if not real:
+                    continue
                 tracking.accumulate(stats, {"loss": loss.detach(), **loss_stats}, share)
             grad_norm = optim.optimizer_step(policy.parameters(), optimizer, scheduler, config.max_grad_norm)
             if all_pairs and not num_pairs:  # torchrun: only other processes have pairs; this one's share is 0

@@ -109,8 +109,6 @@ class PPOConfig(OnlineConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.sharding == "fsdp2":  # its processes run different numbers of passes; FSDP2 needs equal ones
-            raise ValueError("--sharding fsdp2 is not yet supported by this recipe: use --sharding ddp")
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"--kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
         if self.num_mini_batches < 1 or self.num_ppo_epochs < 1 or self.entropy_coef < 0:
@@ -190,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         bar_keys=("reward",),
         extra_modules={critic_name: critic},
         guard=guards.online(config),  # non-finite steps skipped; entropy collapse, all truncated warned
-        save_extra=lambda directory: models.save_value_critic(critic, Path(directory) / critic_name),
+        save_extra=lambda path, states: models.save_value_critic(critic, Path(path) / critic_name, states[critic_name]),
     )
 
     # ---------------------------------------------------------------- training loop
@@ -253,7 +251,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     mini_batch = distributed.own_rows(mini_batch, rows_per_step)  # torchrun: this process's rows
                     tokens = distributed.all_reduce_sum(mask[mini_batch].sum()).clamp(min=1)  # of the mini-batch
                     normalizer = distributed.rank_normalizer(tokens)  # token mean over the mini-batch
-                    for micro in mini_batch.split(max(1, config.batch_size // distributed.world_size())):
+                    micro_batches = mini_batch.split(max(1, config.batch_size // distributed.world_size()))
+                    filler = torch.zeros(1, dtype=torch.long, device=device)  # FSDP2: row 0 in zero-weighted passes
+                    for micro, real in distributed.equal_passes(micro_batches, policy, filler):
                         with runtime.autocast(device, bf16):
                             logp, entropy, values = logprobs_and_values(
                                 sequences[micro],
@@ -279,7 +279,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                             normalizer=normalizer,
                         )
                         bonus = config.entropy_coef * masked_sum(entropy, mask[micro]) / normalizer
-                        (pg_loss + config.vf_coef * vf_loss - bonus).backward()
+                        ((pg_loss + config.vf_coef * vf_loss - bonus) * real).backward()
+                        if not real:
+                            continue
                         losses = {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach()}
                         tracking.accumulate(stats, losses, 1 / updates_per_step)  # micro-batch losses add up
                         value_stats = {f"value/{k}": v for k, v in vf_stats.items()}

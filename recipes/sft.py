@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             normalizer = optim.loss_tokens([train_masks[i] for i in window])
         normalizer = distributed.rank_normalizer(normalizer)  # torchrun: this process's share of the step's tokens
         stats: dict[str, torch.Tensor] = {}
+        tokens = 0  # this process's loss tokens in the step
         for indices in micro_batches:
             inputs, loss_positions, labels = micro_batch(distributed.shard(indices))  # torchrun: this process's rows
             if chunked:  # the LM head at the loss positions only, chunk-wise: no [B, T-1, V] logits
@@ -178,18 +179,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         with_argmax=True,
                     )  # [N]
                 loss, _ = sft_loss_from_logprobs(logp, torch.ones_like(logp), normalizer=normalizer)  # [N] tokens
-                token_accuracy = extras["argmax"].float().sum() / max(1, len(labels))
+                correct = extras["argmax"].float().sum()
             else:
                 with runtime.autocast(device, bf16):
                     logits = forward(**inputs, use_cache=False).logits  # [B, T-1, V]
                 rows, columns = loss_positions.unbind(1)  # [N] each
                 loss, loss_stats = sft_loss(logits[rows, columns], labels, normalizer=normalizer)  # [N, V], [N]
-                token_accuracy = loss_stats["token_accuracy"]
+                correct = loss_stats["token_accuracy"] * len(labels)
             loss.backward()
-            tracking.accumulate(stats, {"loss": loss.detach()})  # sums to the step's token mean
-            tracking.accumulate(stats, {"token_accuracy": token_accuracy}, 1 / len(micro_batches))
+            tracking.accumulate(stats, {"loss": loss.detach(), "token_accuracy": correct})  # the loss: the step's mean
+            tokens += len(labels)
+        stats["token_accuracy"] = stats["token_accuracy"] / max(1, tokens)  # over the step's loss tokens
         stats["grad_norm"] = optim.optimizer_step(model.parameters(), optimizer, scheduler, config.max_grad_norm)
-        run.end_step(stats)
+        run.end_step(stats, counts={"token_accuracy": tokens})  # torchrun: over every process's tokens
     return run.finish()
 
 

@@ -102,7 +102,7 @@ def save_model(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if lora.has_lora(model):
-        lora.save_adapter(model, directory)
+        lora.save_adapter(model, directory, full_state=state_dict)
     else:
         model.save_pretrained(directory, state_dict=state_dict)
     if tokenizer is not None:
@@ -185,7 +185,7 @@ def save_checkpoint(
     if sharded:  # FSDP2: every process calls this and writes its shards; rank 0 writes the rest
         distributed.barrier()
         with disk_errors(tmp):
-            save_sharded_state(model, optimizer, tmp / SHARDED_STATE_DIR)
+            save_sharded_state(_with_extra(model, extra_modules), optimizer, tmp / SHARDED_STATE_DIR)
         distributed.barrier()
         if not distributed.is_main():
             return final
@@ -196,7 +196,7 @@ def save_checkpoint(
                 tokenizer.save_pretrained(tmp)
         else:
             save_model(model, tokenizer, tmp)
-        for name, module in (extra_modules or {}).items():
+        for name, module in (extra_modules or {}).items() if not sharded else ():  # FSDP2: in distributed/
             safetensors.torch.save_model(module, str(tmp / f"{name}.safetensors"))
         training_state = {
             "step": step,
@@ -263,10 +263,10 @@ def load_checkpoint(
         )
     with _damaged_if_unreadable(checkpoint_dir):
         if sharded_dir.is_dir():
-            load_sharded_state(model, optimizer, sharded_dir)
+            load_sharded_state(_with_extra(model, extra_modules), optimizer, sharded_dir)
         else:
             load_model_weights(model, checkpoint_dir)
-        for name, module in (extra_modules or {}).items():
+        for name, module in (extra_modules or {}).items() if not sharded_dir.is_dir() else ():
             safetensors.torch.load_model(module, str(checkpoint_dir / f"{name}.safetensors"))
     modules = {"model": model, **(extra_modules or {})}
     for module_name, module in modules.items():
@@ -311,6 +311,14 @@ def load_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer 
     state = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=str(directory))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def _with_extra(model: torch.nn.Module, extra_modules: Mapping[str, torch.nn.Module] | None) -> torch.nn.Module:
+    """The module whose sharded state is checkpointed: ``model``, or with extra trained modules (PPO's critic,
+    whose parameters the same optimizer holds) a ``ModuleDict`` of ``model`` and them."""
+    if not extra_modules:
+        return model
+    return torch.nn.ModuleDict({"model": model, **extra_modules})
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -490,8 +498,8 @@ def save_final_model(
     with disk_errors(output_dir), tempfile.TemporaryDirectory(prefix=".tmp-final-", dir=output_dir) as tmp:
         tmp = Path(tmp)
         if lora.has_lora(model):
-            lora.export_merged(model, tokenizer, tmp / "merged")
-            lora.save_adapter(model, tmp / ADAPTER_DIR_NAME)
+            lora.export_merged(model, tokenizer, tmp / "merged", state_dict)
+            lora.save_adapter(model, tmp / ADAPTER_DIR_NAME, full_state=state_dict)
             _move_files(tmp / ADAPTER_DIR_NAME, output_dir / ADAPTER_DIR_NAME)
             _move_files(tmp / "merged", output_dir)
         else:

@@ -157,8 +157,8 @@ class TrainConfig:
             raise ValueError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.sharding not in ("ddp", "fsdp2"):
             raise ValueError(f"--sharding must be ddp or fsdp2, got {self.sharding!r}")
-        if self.sharding == "fsdp2" and self.lora_r:
-            raise ValueError("--sharding fsdp2 does not yet take --lora_r: use --sharding ddp")
+        if self.sharding == "fsdp2" and self.load_in_4bit:  # fully_shard cannot split bitsandbytes' packed weights
+            raise ValueError("--sharding fsdp2 does not take --load_in_4bit (packed 4-bit weights): use --sharding ddp")
         if self.load_in_4bit and self.lora_r == 0:
             raise ValueError("--load_in_4bit trains adapters on a frozen 4-bit base: it needs --lora_r > 0")
         if self.max_skipped_steps < 0:

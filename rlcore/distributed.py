@@ -1,8 +1,9 @@
 """Several processes, one result: ``torchrun`` data parallelism on PyTorch's own ``torch.distributed``.
 
 Launch any recipe with ``torchrun --nproc_per_node N recipes/<name>.py ...`` (or ``accelerate launch`` with a
-plain multi-process config, which sets the same environment). Without a launcher nothing here does anything:
-every function is the identity of a world of one process. Backend: NCCL on CUDA (one GPU per process,
+plain multi-process config, which sets the same environment: ``distributed_type: MULTI_GPU``, accelerate's
+torchrun launcher, also on CPU; its ``MULTI_CPU`` type starts one process unless mpirun is set up). Without a
+launcher nothing here does anything: every function is the identity of a world of one process. Backend: NCCL on CUDA (one GPU per process,
 ``cuda:$LOCAL_RANK``), gloo on CPU.
 
 The contract, for the recipes and for whoever writes a new one
@@ -44,9 +45,12 @@ Sharding modes (``--sharding``):
   passes go through the ROOT module (the root's hooks gather the embeddings and the head), and all ranks run
   the same number of forward and backward passes of the sharded model (its collectives are inside them):
   GRPO then keeps the rows with nothing to learn, and PPO and online DPO (whose processes hold different
-  numbers of mini-batch rows or pairs) refuse FSDP2 for now, and so does distillation (its loss reads the LM
-  heads' weights outside a forward pass). LoRA under FSDP2 is not implemented yet (``rlcore.config`` refuses
-  it). Checkpoints are sharded: every process writes its shards of the model and optimizer state
+  numbers of mini-batch rows or pairs) run zero-weighted passes until every process has run as many as the
+  busiest (:func:`equal_passes`); distillation reads the student's LM head right after the student's
+  forward (the root keeps its parameters gathered until backward). LoRA under FSDP2: the frozen base weights are sharded with the
+  adapters, and only the adapters (the parameters with a gradient) are reduce-scattered; the final adapter and
+  merged model are written from the full state gathered on rank 0 (a 4-bit base is refused: bitsandbytes'
+  packed weights cannot be split). Checkpoints are sharded: every process writes its shards of the model and optimizer state
   (``torch.distributed.checkpoint``; ``rlcore.checkpoint``) and resumes from them at the same world size.
   Generation gathers the full parameters once per rollout (:func:`full_parameters`), not layer by layer at
   every token (the classic slow path): the memory of one full copy during sampling is the price.
@@ -57,8 +61,10 @@ the same world size continues bit-for-bit on CPU. The final model is one directo
 gathered there). Evaluation under DDP is sharded: each batch of held-out rows is split over the processes
 (:func:`evaluation_part`), the per-row values gathered back in the single process's order
 (:func:`gather_evaluation`) and the metrics computed from them on every process, so they equal the single
-process's; rank 0 logs them. The greedy metric, the SFT loss and token accuracy and the sampled reward are
-sharded this way; under FSDP2 every process evaluates every row.
+process's; rank 0 logs them. Every held-out metric is sharded this way (the greedy metric, SFT's loss and
+token accuracy, the preference metrics, the sampled reward and pass@k), under FSDP2 too: there a process whose
+part of a batch is empty runs a discarded pass on one row, so that every process runs the same passes
+(:func:`evaluation_rows`).
 
 For code that reads weights without calling a module (a chunked LM head taking ``lm_head.weight``, a native
 decode step): under DDP the weights are plain tensors; under FSDP2 read them inside :func:`full_parameters`
@@ -300,6 +306,22 @@ def fully_shard_model(model: torch.nn.Module, bf16: bool = False) -> torch.nn.Mo
     return model
 
 
+def equal_passes(micro_batches: Sequence[T], model: torch.nn.Module, filler: T) -> list[tuple[T, bool]]:
+    """``(micro_batch, True)`` for each of this process's micro-batches; under FSDP2 then ``(filler, False)``
+    until it has as many as the process with the most (one all-reduce of the counts).
+
+    FSDP2's collectives are inside the forward and backward passes, so every process must run the same number
+    of them; a recipe whose processes hold different numbers of rows (PPO's mini-batches, online DPO's decided
+    pairs) runs the filler passes with its loss multiplied by 0: the gradients and metrics are the real
+    micro-batches' only (``0 * loss`` adds exact zeros to the gradients). Under DDP and in one process: the
+    micro-batches as they are, no collective.
+    """
+    passes = [(micro_batch, True) for micro_batch in micro_batches]
+    if world_size() > 1 and is_sharded(model):
+        passes += [(filler, False)] * (all_reduce_max(len(passes)) - len(passes))
+    return passes
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether ``model`` (or a submodule) was made an FSDP2 module by :func:`fully_shard_model`."""
     from torch.distributed.fsdp import FSDPModule
@@ -374,27 +396,43 @@ def average_gradients(parameters: Sequence[torch.nn.Parameter]) -> None:
 # metrics and state
 
 
-def reduce_stats(stats: Mapping[str, torch.Tensor | float]) -> dict[str, torch.Tensor | float]:
+def reduce_stats(
+    stats: Mapping[str, torch.Tensor | float], counts: Mapping[str, torch.Tensor | float] | None = None
+) -> dict[str, torch.Tensor | float]:
     """A step's metrics averaged over the ranks that report each key (keys may differ between ranks).
 
-    One gather of the key names (host side) and one all-reduce of the values; the result stays a tensor
-    (logged at logging steps only). Single process: ``stats`` unchanged.
+    ``counts[key]``: how many items (tokens, rows) this rank's value of ``key`` is a mean over; such a key is
+    the mean weighted by them, ``sum_r count_r * value_r / sum_r count_r``, i.e. the whole batch's mean (a
+    token accuracy over every process's tokens, not the mean of the processes' accuracies); 0 where no rank
+    counted any item. One gather of the key names (host side) and one all-reduce of the values; the result
+    stays a tensor (logged at logging steps only). Single process: ``stats`` unchanged.
     """
     if world_size() == 1:
         return dict(stats)
+    counts = counts or {}
     names: list[list[str]] = [[] for _ in range(world_size())]
     dist.all_gather_object(names, sorted(stats))
     keys = sorted({key for rank_keys in names for key in rank_keys})
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    values = torch.zeros(2, len(keys), dtype=torch.float64, device=device)  # [sum, count]
+    values = torch.zeros(2, len(keys), dtype=torch.float64, device=device)  # [weighted sum, weight]
     for index, key in enumerate(keys):
         if key in stats:
-            value = stats[key]
-            values[0, index] = value.detach().double() if isinstance(value, torch.Tensor) else float(value)
-            values[1, index] = 1
+            value, weight = stats[key], counts.get(key, 1.0)
+            weight = weight.detach().double() if isinstance(weight, torch.Tensor) else float(weight)
+            values[0, index] = weight * (value.detach().double() if isinstance(value, torch.Tensor) else float(value))
+            values[1, index] = weight
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    means = (values[0] / values[1]).float()
+    means = torch.where(values[1] > 0, values[0] / values[1].clamp(min=1e-300), 0.0).float()
     return dict(zip(keys, means.unbind()))
+
+
+def whole_batch_means(sums: Mapping[str, torch.Tensor], counts: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """``{key: total of sums[key] / total of sums[counts[key]]}`` with totals over every process (one all-reduce;
+    0 where the count is 0): a mean over a subset of the step's rows (KTO's desirable rows, say) as one process
+    computes it over the whole batch, the same on every process. ``sums`` holds the sums and the counts."""
+    names = sorted(sums)
+    totals = dict(zip(names, all_reduce_sum(torch.stack([torch.as_tensor(sums[k]).double() for k in names])).cpu()))
+    return {key: (totals[key] / totals[count].clamp(min=1)).float() for key, count in counts.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -402,9 +440,9 @@ def reduce_stats(stats: Mapping[str, torch.Tensor | float]) -> dict[str, torch.T
 
 
 def evaluation_sharded(model: torch.nn.Module) -> bool:
-    """Whether the held-out evaluation of ``model`` is split over the processes: under torchrun with DDP. Under
-    FSDP2 every process evaluates every row (its collectives need the same forward passes on every rank)."""
-    return world_size() > 1 and not is_sharded(model)
+    """Whether the held-out evaluation of ``model`` is split over the processes: under torchrun (DDP or FSDP2;
+    under FSDP2 every process runs a pass for every batch, see :func:`evaluation_rows`)."""
+    return world_size() > 1
 
 
 def evaluation_part(num_rows: int, model: torch.nn.Module) -> range:
@@ -415,6 +453,17 @@ def evaluation_part(num_rows: int, model: torch.nn.Module) -> range:
         return range(num_rows)
     world, r = world_size(), rank()
     return range(r * num_rows // world, (r + 1) * num_rows // world)
+
+
+def evaluation_rows(num_rows: int, model: torch.nn.Module) -> tuple[range, bool]:
+    """``(rows to run, keep)`` for this process's part of an evaluation batch of ``num_rows`` rows: its part
+    (:func:`evaluation_part`) and True; under FSDP2 an empty part (``num_rows < W``) runs row 0 instead and
+    discards it (False), because every process must run the same forward passes (FSDP2's collectives are
+    inside them). Under DDP an empty part runs nothing."""
+    part = evaluation_part(num_rows, model)
+    if not part and is_sharded(model):
+        return range(0, 1), False
+    return part, True
 
 
 def gather_evaluation(parts: list[Any], model: torch.nn.Module) -> list[Any]:

@@ -21,10 +21,11 @@ signature of a reward function (``rlcore.rewards``: ``fn(prompts, completions, c
 The recipes take it by name (``--eval_metric``); the toy task supplies its own (``rlcore.toy.exact_match``).
 
 Every function puts the model in eval mode with gradients off and restores its mode afterwards; all return
-python floats (they run at evaluation steps only). Under torchrun with DDP, :func:`greedy_metric`,
-:func:`sft_metrics` and :func:`sampled_rewards` split every batch over the processes and gather the per-row
-values back (``rlcore.distributed.evaluation_part``, ``gather_evaluation``): the metrics equal the single
-process's, on every process. The others evaluate every row on every process.
+python floats (they run at evaluation steps only). Under torchrun (DDP or FSDP2) every function that runs the
+model splits each batch over the processes and gathers the per-row values back
+(``rlcore.distributed.evaluation_rows``, ``gather_evaluation``): the metrics equal the single process's, on
+every process; the sampled ones draw per batch from ``seed + first row of the batch``, so the samples do not
+depend on the split either.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def greedy_completion_ids(
     with eval_mode(model):
         for start in range(0, len(prompt_ids), batch_size):
             rows = prompt_ids[start : start + batch_size]
-            rows = [rows[i] for i in distributed.evaluation_part(len(rows), model)]
+            part, keep = distributed.evaluation_rows(len(rows), model)  # torchrun: this process's rows
+            rows = [rows[i] for i in part]
             parts.append([])
             if not rows:  # torchrun: a batch of fewer rows than processes
                 continue
@@ -84,7 +86,9 @@ def greedy_completion_ids(
                 temperature=0.0,
             )
             lengths = rollout.completion_mask.sum(dim=1).tolist()  # [B]
-            parts[-1] = [ids[:length] for ids, length in zip(rollout.completion_ids.tolist(), lengths)]
+            parts[-1] = [ids[:length] for ids, length in zip(rollout.completion_ids.tolist(), lengths)][
+                : len(part) * keep
+            ]
     return [ids for part in distributed.gather_evaluation(parts, model) for ids in part]
 
 
@@ -132,7 +136,7 @@ def sft_metrics(
     nll, correct, count = (torch.zeros((), device=device) for _ in range(3))
     with eval_mode(model):
         for start in range(0, len(tokenized_rows), batch_size):
-            part = distributed.evaluation_part(min(batch_size, len(tokenized_rows) - start), model)  # torchrun
+            part, keep = distributed.evaluation_rows(min(batch_size, len(tokenized_rows) - start), model)  # torchrun
             if not part:
                 continue
             rows = tokenized_rows[start + part.start : start + part.stop]
@@ -150,27 +154,41 @@ def sft_metrics(
                     targets=targets[mask.bool()],
                     with_argmax=True,
                 )  # [N]
-                nll -= logp.sum()
-                correct += extras["argmax"].sum()
+                nll -= logp.sum() * keep
+                correct += extras["argmax"].sum() * keep
             else:
                 logits = model(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
                 ).logits[:, :-1]
-                nll -= masked_sum(gather_logprobs(logits.float(), targets), mask)
-                correct += masked_sum((logits.argmax(dim=-1) == targets).float(), mask)
-            count += mask.sum()
+                nll -= masked_sum(gather_logprobs(logits.float(), targets), mask) * keep
+                correct += masked_sum((logits.argmax(dim=-1) == targets).float(), mask) * keep
+            count += mask.sum() * keep
     if distributed.evaluation_sharded(model):  # torchrun: the sums over every process's rows
         nll, correct, count = (distributed.all_reduce_sum(value).to(device) for value in (nll, correct, count))
     count = count.clamp(min=1)
     return {"loss": (nll / count).item(), "token_accuracy": (correct / count).item()}
 
 
-def _pair_batches(tokenized_pairs: datasets.Dataset, pad_id: int, batch_size: int, device: torch.device):
-    """``collate_preference`` batches ([2B, T]: chosen rows then rejected rows) of tokenised pairs, on ``device``."""
-    for start in range(0, len(tokenized_pairs), batch_size):
-        rows = tokenized_pairs[start : start + batch_size]
-        batch = collate_preference(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], pad_id)
-        yield {k: v.to(device) for k, v in batch.items()}
+def _sharded_batches(num_rows: int, batch_size: int, model: torch.nn.Module):
+    """``(rows, keep)`` for each batch of ``batch_size`` rows: the rows this process runs (all of them in one
+    process; its part under torchrun) and whether it keeps their values (``rlcore.distributed.evaluation_rows``)."""
+    for start in range(0, num_rows, batch_size):
+        part, keep = distributed.evaluation_rows(min(batch_size, num_rows - start), model)
+        yield range(start + part.start, start + part.stop), keep
+
+
+def _pair_batches(tokenized_pairs: datasets.Dataset, pad_id: int, batch_size: int, model: torch.nn.Module):
+    """``(batch, keep)``: ``collate_preference`` batches ([2B, T]: chosen rows then rejected rows) of this
+    process's tokenised pairs (:func:`_sharded_batches`; ``batch`` is None for an empty part), on the model's
+    device."""
+    device = next(model.parameters()).device
+    for rows, keep in _sharded_batches(len(tokenized_pairs), batch_size, model):
+        if not rows:
+            yield None, keep
+            continue
+        pairs = tokenized_pairs[rows.start : rows.stop]
+        batch = collate_preference(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"], pad_id)
+        yield {k: v.to(device) for k, v in batch.items()}, keep
 
 
 def reward_model_metrics(
@@ -186,14 +204,17 @@ def reward_model_metrics(
         tokenized_pairs: rows with ``prompt_ids``, ``chosen_ids``, ``rejected_ids``
             (``rlcore.data.tokenize_preference``: explicit or implicit prompts, plain or conversational).
     """
-    margins = []
+    margins = []  # this process's [B] per batch (torchrun: its part)
     with eval_mode(model):
-        for batch in _pair_batches(tokenized_pairs, pad_id, batch_size, next(model.parameters()).device):
+        for batch, keep in _pair_batches(tokenized_pairs, pad_id, batch_size, model):
+            if batch is None:
+                margins.append(torch.zeros(0))
+                continue
             chosen_scores, rejected_scores = (
                 sequence_scores(model, batch["input_ids"], batch["attention_mask"]).float().chunk(2)
             )
-            margins.append(chosen_scores - rejected_scores)  # [B]
-    margin = torch.cat(margins)  # [N]
+            margins.append((chosen_scores - rejected_scores)[: len(chosen_scores) * keep].cpu())  # [B]
+    margin = torch.cat(distributed.gather_evaluation(margins, model))  # [N], in row order
     return {
         "accuracy": (margin > 0).float().mean().item(),
         "margin": margin.mean().item(),
@@ -210,14 +231,18 @@ def preference_logps(
     them once with the starting policy for the reference, and with the current policy at each evaluation.
     """
     device = next(model.parameters()).device
-    logps = []
+    logps = []  # this process's [B, 2] per batch (torchrun: its part)
     with eval_mode(model):
-        for batch in _pair_batches(tokenized_pairs, pad_id, batch_size, device):
+        for batch, keep in _pair_batches(tokenized_pairs, pad_id, batch_size, model):
+            if batch is None:
+                logps.append(torch.zeros(0, 2, device=device))
+                continue
             summed, _ = sequence_logprobs(
                 model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"][:, 1:], average
             )
-            logps.append(summed.float().view(2, -1))  # [2, B]
-    return torch.cat(logps, dim=1)  # [2, N]
+            pairs = summed.float().view(2, -1).T  # [B, 2]
+            logps.append(pairs[: len(pairs) * keep])
+    return torch.cat(distributed.gather_evaluation(logps, model)).T  # [2, N]
 
 
 def dpo_metrics(
@@ -270,17 +295,21 @@ def completion_logps(
     """[N] summed completion log-probs of (prompt, completion) token lists, without gradient (KTO's held-out
     rows and their mismatched pairs)."""
     device = next(model.parameters()).device
-    logps = []
+    logps = []  # this process's [B] per batch (torchrun: its part)
     with eval_mode(model):
-        for start in range(0, len(prompt_ids), batch_size):
-            stop = start + batch_size
-            batch = collate_completions(prompt_ids[start:stop], completion_ids[start:stop], pad_id)
+        for rows, keep in _sharded_batches(len(prompt_ids), batch_size, model):
+            if not rows:
+                logps.append(torch.zeros(0, device=device))
+                continue
+            batch = collate_completions(
+                prompt_ids[rows.start : rows.stop], completion_ids[rows.start : rows.stop], pad_id
+            )
             batch = {k: v.to(device) for k, v in batch.items()}
             summed, _ = sequence_logprobs(
                 model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"][:, 1:]
             )
-            logps.append(summed.float())  # [B]
-    return torch.cat(logps)  # [N]
+            logps.append(summed.float()[: len(rows) * keep])  # [B]
+    return torch.cat(distributed.gather_evaluation(logps, model))  # [N], in row order
 
 
 def kto_metrics(
@@ -339,7 +368,7 @@ def sampled_rewards(
     rewards, per_source = [], []
     for start in range(0, len(prompts), batch_size):
         size = min(batch_size, len(prompts) - start)
-        part = distributed.evaluation_part(size, model)  # torchrun: this process's rows of the batch
+        part, keep = distributed.evaluation_rows(size, model)  # torchrun: this process's rows of the batch
         if not part:
             rewards.append(torch.zeros(0, device=device))
             per_source.append(torch.zeros(0, len(scorer.names), device=device))
@@ -360,8 +389,8 @@ def sampled_rewards(
             draws=draws,  # torchrun: these rows sample as they do in the whole batch
         )
         batch_rewards, batch_per_source = score_rollout(scorer, tokenizer, batch, rollout)
-        rewards.append(batch_rewards)
-        per_source.append(batch_per_source)
+        rewards.append(batch_rewards[: len(part) * keep])
+        per_source.append(batch_per_source[: len(part) * keep])
     per_source = torch.cat(distributed.gather_evaluation(per_source, model))  # [N, K]
     metrics = {"reward": torch.cat(distributed.gather_evaluation(rewards, model)).mean().item()}
     for index, name in enumerate(scorer.names):
@@ -419,14 +448,22 @@ def sampled_pass_at_k(
     toy task's exact match: the right sum). The sampling seed is fixed, so two evaluations differ only by
     the model. Returns ``{"pass@1": ..., "pass@k": ...}``, means over the prompts."""
     device = next(model.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed)
     stop_ids = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
     prompts_per_batch = max(1, batch_size // num_samples)
-    correct = []
+    correct = []  # this process's [P] per batch (torchrun: its part)
     with eval_mode(model):
         for start in range(0, len(prompts), prompts_per_batch):
-            rows = range(start, min(start + prompts_per_batch, len(prompts)))
+            size = min(prompts_per_batch, len(prompts) - start)
+            part, keep = distributed.evaluation_rows(size, model)  # torchrun: this process's prompts of the batch
+            if not part:
+                correct.append(torch.zeros(0))
+                continue
+            rows = range(start + part.start, start + part.stop)
             batch = prompt_batch(prompts, rows, tokenizer.pad_token_id)
+            # per batch: the same samples whatever the split (rows p * n .. p * n + n - 1 are prompt p's samples)
+            generator = torch.Generator(device).manual_seed(seed + start)
+            completion_rows = torch.arange(part.start * num_samples, part.stop * num_samples, device=device)
+            draws = (completion_rows, size * num_samples) if len(part) < size else None
             rollout = generate(
                 model,
                 batch.prompt_ids.to(device),
@@ -439,6 +476,7 @@ def sampled_pass_at_k(
                 top_p=top_p,
                 num_samples=num_samples,
                 generator=generator,
+                draws=draws,  # torchrun: these rows sample as they do in the whole batch
             )
             lengths = rollout.completion_mask.sum(dim=1).tolist()
             ids = [row[:length] for row, length in zip(rollout.completion_ids.tolist(), lengths)]
@@ -447,7 +485,7 @@ def sampled_pass_at_k(
             completions = decode_completions(tokenizer, ids, conversational=batch.conversational)
             scores = metric(prompts=texts, completions=completions, completion_ids=ids, **columns)
             passed = torch.tensor([float(score is not None and score >= 1.0) for score in scores])  # [P * n]
-            correct.append(passed.reshape(len(rows), num_samples).sum(dim=1))  # [P]
-    correct = torch.cat(correct)
+            correct.append(passed.reshape(len(rows), num_samples).sum(dim=1)[: len(rows) * keep])  # [P]
+    correct = torch.cat(distributed.gather_evaluation(correct, model))  # [P_all], in prompt order
     ks = sorted({1, num_samples, *(2**i for i in range(1, num_samples.bit_length()) if 2**i <= num_samples)})
     return {f"pass@{k}": pass_at_k(correct, num_samples, k).mean().item() for k in ks}

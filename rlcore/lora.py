@@ -379,15 +379,21 @@ def lora_parameters(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> li
     return [p for _, adapter in _adapter_layers(model, adapter_name) for p in (adapter.lora_A, adapter.lora_B)]
 
 
-def lora_state_dict(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
+def lora_state_dict(
+    model: nn.Module, adapter_name: str = DEFAULT_ADAPTER, full_state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """One adapter's tensors (detached) under PEFT's names: ``base_model.model.<module>.lora_A.weight``, ...
 
     These are the keys of PEFT's ``adapter_model.safetensors`` for a causal LM (adapter name removed).
+    ``full_state``: read the tensors from this state dict (module names, e.g. the full state of an FSDP2-sharded
+    model from ``rlcore.distributed.full_state_dict``) instead of the model's own parameters.
     """
     state = {}
     for name, adapter in _adapter_layers(model, adapter_name):
-        state[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = adapter.lora_A.detach()
-        state[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = adapter.lora_B.detach()
+        for part in ("lora_A", "lora_B"):
+            own = f"{name}.adapters.{adapter_name}.{part}"
+            value = getattr(adapter, part).detach() if full_state is None else full_state[own]
+            state[f"{PEFT_KEY_PREFIX}{name}.{part}.weight"] = value
     return state
 
 
@@ -501,6 +507,7 @@ def save_adapter(
     directory: str,
     base_model_name_or_path: str | None = None,
     adapter_name: str = DEFAULT_ADAPTER,
+    full_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write one adapter as PEFT writes it: ``adapter_model.safetensors`` + ``adapter_config.json``.
 
@@ -508,7 +515,8 @@ def save_adapter(
     is written to a temporary name and renamed, so a crash never leaves a half-written file.
     ``base_model_name_or_path`` defaults to ``model.name_or_path`` when transformers set it. A sequence
     classifier's adapter also holds its ``score`` head (PEFT's ``SEQ_CLS`` task: ``modules_to_save``, under
-    ``base_model.model.score.weight``), without which it scores nothing. Several adapters:
+    ``base_model.model.score.weight``), without which it scores nothing. ``full_state``: the tensors to
+    write, as in :func:`lora_state_dict` (an FSDP2-sharded model's gathered state). Several adapters:
     :func:`save_adapters`.
     """
     layers = _adapter_layers(model, adapter_name)
@@ -536,9 +544,14 @@ def save_adapter(
         "rank_pattern": {},
         "alpha_pattern": {},
     }
-    tensors = lora_state_dict(model, adapter_name)
+    tensors = lora_state_dict(model, adapter_name, full_state)
     if head is not None:
-        tensors |= {f"{PEFT_KEY_PREFIX}score.{key}": value.detach() for key, value in head.state_dict().items()}
+        head_state = (
+            {k: v.detach() for k, v in head.state_dict().items()}
+            if full_state is None
+            else {k[len("score.") :]: v for k, v in full_state.items() if k.startswith("score.")}
+        )
+        tensors |= {f"{PEFT_KEY_PREFIX}score.{key}": value for key, value in head_state.items()}
     tensors = {key: value.cpu().contiguous() for key, value in tensors.items()}
     os.makedirs(directory, exist_ok=True)
     _atomic_write(
@@ -718,36 +731,49 @@ def _dense_weight(linear: nn.Linear) -> torch.Tensor:
     return linear.weight.detach()
 
 
-def _merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with every LoRA layer merged and every 4-bit layer dequantised, under base names."""
+def _merged_state_dict(model: nn.Module, full_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every LoRA layer merged and every 4-bit layer dequantised, under base names.
+
+    ``full_state``: merge the tensors of this state dict (module names: an FSDP2-sharded model's gathered state,
+    float bases) instead of the model's own.
+    """
     # 4-bit layers are in bitsandbytes' standard layout: _keep_standard_4bit_path keeps its CPU repacking off.
-    state = model.state_dict()
+    state = model.state_dict() if full_state is None else dict(full_state)
     dense_layers = [
         (name, module)
         for name, module in model.named_modules()
         if (isinstance(module, LoRALinear) or _is_4bit(module)) and not name.endswith(".base")
     ]
     for name, module in dense_layers:
-        for key in [key for key in state if key.startswith(name + ".")]:
-            del state[key]
+        layer_state = {key[len(name) + 1 :]: state.pop(key) for key in [k for k in state if k.startswith(name + ".")]}
         base = module.base if isinstance(module, LoRALinear) else module
-        weight = _dense_weight(base)  # [out, in] ([in, out] for a Conv1D base)
+        prefix = "base." if isinstance(module, LoRALinear) else ""
+        weight = _dense_weight(base) if full_state is None else layer_state[prefix + "weight"]  # [out, in]
         if isinstance(module, LoRALinear) and not module.merged and DEFAULT_ADAPTER in module.adapters:
-            weight = weight + module.delta_in_base_layout().to(weight.dtype)
+            if full_state is None:
+                delta = module.delta_in_base_layout()
+            else:  # scaling * B @ A from the gathered tensors ([in, out] for a Conv1D base)
+                own = f"adapters.{DEFAULT_ADAPTER}."
+                delta = module.scaling * (layer_state[own + "lora_B"] @ layer_state[own + "lora_A"])
+                delta = delta.T if module.fan_in_fan_out else delta
+            weight = weight + delta.to(weight.dtype)
         state[name + ".weight"] = weight
         if base.bias is not None:
-            state[name + ".bias"] = base.bias.detach()
+            state[name + ".bias"] = base.bias.detach() if full_state is None else layer_state[prefix + "bias"]
     return state
 
 
-def export_merged(model: nn.Module, tokenizer, directory: str) -> None:
+def export_merged(
+    model: nn.Module, tokenizer, directory: str, full_state: dict[str, torch.Tensor] | None = None
+) -> None:
     """Save a standalone transformers model directory: adapters merged, 4-bit layers dequantised.
 
     ``AutoModelForCausalLM.from_pretrained(directory)`` loads it with no PEFT or rlcore code: the keys are the
     base model's own (``...q_proj.weight``), written as safetensors by ``model.save_pretrained``. ``model``
-    is not modified. ``tokenizer`` (may be None) is saved beside it.
+    is not modified. ``tokenizer`` (may be None) is saved beside it. ``full_state``: the tensors to merge and
+    write instead of the model's own (an FSDP2-sharded model's, gathered by ``rlcore.distributed.full_state_dict``).
     """
-    state = _merged_state_dict(model)
+    state = _merged_state_dict(model, full_state)
     with _float_model_config(model):  # quantised while loading: the files written are a float model's
         model.save_pretrained(directory, state_dict=state)
     if tokenizer is not None:

@@ -278,14 +278,17 @@ def new_value_head(hidden_size: int, device: str | torch.device | None = None) -
     return head
 
 
-def save_value_critic(critic: nn.Module, directory: str | os.PathLike) -> None:
+def save_value_critic(
+    critic: nn.Module, directory: str | os.PathLike, full_state: dict[str, torch.Tensor] | None = None
+) -> None:
     """A ``ValueModel`` as ``save_pretrained`` writes it; a bare value head as ``value_head.safetensors``
-    (tensors ``weight`` [1, H], ``bias`` [1]) in ``directory``."""
+    (tensors ``weight`` [1, H], ``bias`` [1]) in ``directory``. ``full_state``: the critic's tensors to write
+    instead of its own (an FSDP2-sharded critic's, gathered by ``rlcore.distributed.full_state_dict``)."""
     if isinstance(critic, ValueModel):
-        critic.save_pretrained(str(directory))
+        critic.save_pretrained(str(directory), full_state)
         return
     os.makedirs(directory, exist_ok=True)
-    head = {name: tensor.detach().contiguous().cpu() for name, tensor in critic.state_dict().items()}
+    head = {name: tensor.detach().contiguous().cpu() for name, tensor in (full_state or critic.state_dict()).items()}
     save_file(head, os.path.join(directory, VALUE_HEAD_FILE))
 
 
@@ -334,9 +337,14 @@ class ValueModel(nn.Module):
             model.value_head.to(device)
         return model.to(device) if device is not None and not load_in_4bit else model
 
-    def save_pretrained(self, path: str) -> None:
-        self.backbone.save_pretrained(path)
-        head = {name: tensor.detach().contiguous().cpu() for name, tensor in self.value_head.state_dict().items()}
+    def save_pretrained(self, path: str, full_state: dict[str, torch.Tensor] | None = None) -> None:
+        """The backbone as ``save_pretrained`` writes it, the head as ``value_head.safetensors``; ``full_state``:
+        this model's tensors (``backbone.*``, ``value_head.*``) to write instead of its own."""
+        parts = {"backbone": None, "value_head": self.value_head.state_dict()}
+        for prefix in parts if full_state is not None else ():
+            parts[prefix] = {k[len(prefix) + 1 :]: v for k, v in full_state.items() if k.startswith(prefix + ".")}
+        self.backbone.save_pretrained(path, state_dict=parts["backbone"])
+        head = {name: tensor.detach().contiguous().cpu() for name, tensor in parts["value_head"].items()}
         save_file(head, os.path.join(path, VALUE_HEAD_FILE))
 
     def forward(

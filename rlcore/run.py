@@ -117,7 +117,8 @@ class Run:
         evaluate: ``() -> {name: float}`` held-out metrics, or None for no evaluation.
         bar_keys: training metrics shown on the progress bar.
         extra_modules: other trained modules checkpointed beside the model (PPO's value model).
-        save_extra: ``(output_dir) -> None``, writes what the final model directory holds beside the model.
+        save_extra: ``(output_dir, full_states) -> None``, writes what the final model directory holds beside the
+            model (rank 0); ``full_states[name]`` is the extra module's full state dict under FSDP2, else None.
         guard: the loop's guard (``rlcore.guards.supervised(config)`` when None).
     """
 
@@ -200,14 +201,18 @@ class Run:
         """Time a phase of the current step (logged as ``time/<phase>``; CUDA work is waited for)."""
         return timed(self._seconds, phase, self.device)
 
-    def end_step(self, stats: Mapping[str, torch.Tensor | float]) -> None:
+    def end_step(
+        self, stats: Mapping[str, torch.Tensor | float], counts: Mapping[str, torch.Tensor | float] | None = None
+    ) -> None:
         """Close the step: add its metrics, timings (``time/<phase>``, ``time/step``) and learning rate
-        (``lr``, the one the step used), then log, evaluate and checkpoint on cadence."""
+        (``lr``, the one the step used), then log, evaluate and checkpoint on cadence. ``counts``: for metrics
+        that are means over this process's items (tokens, rows), their numbers, so that under torchrun the
+        logged value is the whole batch's mean (``rlcore.distributed.reduce_stats``)."""
         seconds = time.perf_counter() - self._step_started
         self.training_seconds += seconds
         self.step += 1
         timings = {f"time/{phase}": value for phase, value in self._seconds.items()}
-        stats = distributed.reduce_stats(stats)  # torchrun: the mean over the processes
+        stats = distributed.reduce_stats(stats, counts)  # torchrun: the mean over the processes (or the batch)
         self.tracker.update(
             {**stats, **timings, "time/step": seconds, **({"lr": self._lr} if self._lr is not None else {})}
         )
@@ -281,10 +286,11 @@ class Run:
                     f"the weights are not finite ({broken[0]}, ...): the final model was not written"
                 )
             full_state = distributed.full_state_dict(self.model)  # FSDP2: gathered on rank 0 (None otherwise)
+            extra_states = {name: distributed.full_state_dict(m) for name, m in (self.extra_modules or {}).items()}
             if distributed.is_main():
                 save_final_model(self.model, self.tokenizer, self.config.output_dir, full_state)
                 if self._save_extra is not None:
-                    self._save_extra(self.config.output_dir)
+                    self._save_extra(self.config.output_dir, extra_states)
             distributed.barrier()
             self.print(f"final model: {self.config.output_dir}")
             phase = "final evaluation"

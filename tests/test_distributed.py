@@ -3,9 +3,9 @@
 The invariance tests run a recipe for a few steps in one process (in-process) and under
 ``torchrun --nproc_per_node 2`` on the same global batch, and compare the logged loss of every step and the
 final weights (float32, within 1e-5). The non-slow ones (SFT, GRPO, and the helpers under 2 gloo processes)
-are a representative subset; ``python -m pytest -q tests/test_distributed.py -m slow`` runs the rest (DPO,
-reward model, PPO, online DPO, KTO, ORPO/CPO, distillation, FSDP2, sharded evaluation, LoRA, and the kill -9 /
-resume test).
+are a representative subset; ``python -m pytest -q tests/test_distributed.py -m slow`` runs the rest: every
+recipe under DDP and FSDP2, sharded evaluation under both, LoRA under both, a 4-bit base under DDP,
+``accelerate launch``, kill -9 and SIGTERM then resume, an FSDP2 sharded checkpoint then resume.
 
 The online recipes start from the untrained tiny model (``--warm_start_steps 0``) with a dense reward (the
 completion length), so every step has something to learn.
@@ -39,7 +39,8 @@ ONLINE = ["--warm_start_steps", "0", "--max_new_tokens", "6"]
 RECIPE_ARGS = {  # a few steps of each recipe on a small global batch
     "sft": ["--max_steps", "3", "--batch_size", "8", "--grad_accum_steps", "2", "--num_train_rows", "64"],
     "dpo": ["--max_steps", "3", "--batch_size", "8", "--num_train_rows", "64", "--warm_start_steps", "0"],
-    "reward_model": ["--max_steps", "3", "--batch_size", "8", "--num_train_rows", "64", "--warm_start_steps", "0"],
+    "reward_model": ["--max_steps", "3", "--batch_size", "8", "--num_train_rows", "64", "--warm_start_steps", "0"]
+    + ["--lr", "1e-4"],  # as PPO: at 1e-3 one weight of 2e5 moved 1.5e-5 apart (a near-zero gradient's float noise)
     "grpo": ["--max_steps", "3", "--batch_size", "16", "--num_generations", "4", *ONLINE],
     # PPO: 8 AdamW updates; at --lr 1e-3 AdamW's m / sqrt(v) turns float noise in a near-zero gradient into
     # weight differences of ~1e-5 in a few elements (3e-5 in 1 of 16384, losses equal to 5e-7); 1e-4 keeps
@@ -52,7 +53,7 @@ RECIPE_ARGS = {  # a few steps of each recipe on a small global batch
     # on-policy: the student (untrained tiny) samples, a teacher of another initialisation scores
     "distill": ["--max_steps", "3", "--batch_size", "8", "--grad_accum_steps", "2", "--num_train_rows", "32", *ONLINE],
 }
-LOSS_KEYS = {"ppo": ("loss/policy", "loss/value")}
+LOSS_KEYS = {"ppo": ("loss/policy", "loss/value"), "kto": ("loss", "rewards/chosen", "rewards/rejected")}
 
 
 def free_port() -> int:
@@ -166,6 +167,8 @@ def _helpers_worker(rank: int, port: int, results) -> None:
         distributed.average_gradients([both, one, neither])
         # reduce_stats: the mean over the ranks that report a key
         stats = distributed.reduce_stats({"loss": torch.tensor(float(rank)), **({"kl": 3.0} if rank else {})})
+        # with counts: the whole batch's mean (rank 0: 1 of 2 tokens right, rank 1: 6 of 6)
+        weighted = distributed.reduce_stats({"acc": [0.5, 1.0][rank]}, counts={"acc": torch.tensor([2, 6][rank])})
         # evaluation: batches of 3 and 1 rows split 1 + 2 and 0 + 1, gathered back in the single process's order
         model = torch.nn.Linear(1, 1)
         parts = [distributed.evaluation_part(n, model) for n in (3, 1)]
@@ -179,6 +182,7 @@ def _helpers_worker(rank: int, port: int, results) -> None:
             "one": one.grad.tolist(),
             "neither": neither.grad,
             "stats": {k: float(v) for k, v in stats.items()},
+            "weighted": float(weighted["acc"]),
             "parts": [list(part) for part in parts],
             "merged": [merged[0].tolist(), merged[1]],
         }
@@ -197,12 +201,16 @@ def test_helpers_under_two_gloo_processes():
         assert results[rank]["one"] == [2.0, 3.0]  # ([0, 0] + [4, 6]) / 2
         assert results[rank]["neither"] is None
         assert results[rank]["stats"] == {"loss": 0.5, "kl": 3.0}
+        assert results[rank]["weighted"] == 0.875  # (1 + 6) / 8, not (0.5 + 1) / 2
         assert results[rank]["merged"] == [[0.0, 10.0, 20.0], ["row 0"]]  # rank 0 holds no row of the second batch
     assert results[0]["parts"] == [[0], []] and results[1]["parts"] == [[1, 2], [0]]
 
 
 def test_sft_two_processes_equal_one(tmp_path):
+    """Also the token accuracy: over the step's loss tokens of both processes (not a mean of their means)."""
     check_invariance("sft", tmp_path)
+    one, two = (step_losses(tmp_path / run, ("token_accuracy",)) for run in ("one", "two"))
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=0, atol=1e-6)
     assert not (tmp_path / "two" / "checkpoint-1").exists()
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["steps"] == 3
@@ -246,14 +254,40 @@ def test_two_processes_equal_one(recipe, extra, tmp_path):
     check_invariance(recipe, tmp_path, extra)
 
 
+EVAL_KEYS = {  # what each recipe's held-out evaluation reports (at least)
+    "sft": {"eval/loss", "eval/token_accuracy", "eval/exact_match"},
+    "grpo": {"eval/reward", "eval/pass@1", "eval/pass@4"},
+    "dpo": {"eval/accuracy", "eval/margin", "eval/loss"},
+    "reward_model": {"eval/accuracy", "eval/margin", "eval/loss"},
+    "kto": {"eval/accuracy", "eval/margin", "eval/loss", "eval/kl"},
+    "orpo": {"eval/accuracy", "eval/margin"},
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["sft", "grpo"])
-def test_sharded_evaluation_equals_one_process(recipe, tmp_path):
-    """Held-out evaluation split over 2 processes (9 rows in batches of 4: parts of 2 + 2, 2 + 2 and 0 + 1 rows)
-    gives the single process's metrics: SFT's loss, token accuracy and greedy exact match; GRPO's sampled reward
-    and greedy exact match."""
-    extra = ("--eval_split", "test", "--num_eval_rows", "9", "--eval_batch_size", "4", "--max_steps", "2")
-    check_invariance(recipe, tmp_path, extra)
+@pytest.mark.parametrize(
+    "recipe, sharding",
+    [
+        ("sft", "ddp"),
+        ("grpo", "ddp"),
+        ("dpo", "ddp"),
+        ("reward_model", "ddp"),
+        ("kto", "ddp"),
+        ("orpo", "ddp"),
+        ("sft", "fsdp2"),
+        ("grpo", "fsdp2"),
+        ("dpo", "fsdp2"),
+    ],
+)
+def test_sharded_evaluation_equals_one_process(recipe, sharding, tmp_path):
+    """Held-out evaluation split over 2 processes (9 rows in batches of 4: parts of 2 + 2, 2 + 2 and 0 + 1 rows;
+    under FSDP2 the empty part runs a discarded pass on one row) gives the single process's metrics: SFT's loss,
+    token accuracy and greedy exact match; GRPO's sampled reward, greedy exact match and pass@1, pass@4 (4
+    samples per prompt, one prompt per batch); the preference metrics of DPO, the reward model, KTO and ORPO."""
+    extra = ["--eval_split", "test", "--num_eval_rows", "9", "--eval_batch_size", "4", "--max_steps", "2"]
+    if recipe == "grpo":
+        extra += ["--num_generations_eval", "4"]
+    check_invariance(recipe, tmp_path, tuple(extra), nproc_extra=("--sharding", sharding))
     records = {}
     for run in ("one", "two"):
         lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
@@ -261,8 +295,7 @@ def test_sharded_evaluation_equals_one_process(recipe, tmp_path):
             {k: v for k, v in r.items() if k.startswith("eval/")} for r in map(json.loads, lines) if "eval/" in str(r)
         ]
     assert len(records["one"]) == len(records["two"]) == 2  # before the first step and at the end
-    expected = {"sft": {"eval/loss", "eval/token_accuracy", "eval/exact_match"}, "grpo": {"eval/reward"}}[recipe]
-    assert expected <= set(records["one"][0])
+    assert EVAL_KEYS[recipe] <= set(records["one"][0]), set(records["one"][0])
     for one, two in zip(records["one"], records["two"]):
         assert one.keys() == two.keys()
         for key, value in one.items():
@@ -282,21 +315,25 @@ def test_sharded_evaluation_equals_one_process(recipe, tmp_path):
         ("dpo", ("--prefix_sharing", "--padding_free")),
         ("kto", ()),
         ("orpo", ()),
+        ("distill", ()),
+        ("ppo", ()),
+        ("online_dpo", ()),
     ],
 )
 def test_fsdp2_two_processes_equal_one(recipe, extra, tmp_path):
-    """FSDP2 (fully_shard per decoder layer, then the root): the same steps as one process (PPO and online DPO
-    refuse FSDP2 for now: their processes run different numbers of forward/backward passes; distillation too: its
-    loss reads the LM heads' weights outside a forward pass)."""
+    """FSDP2 (fully_shard per decoder layer, then the root): the same steps as one process. PPO and online DPO
+    hold different numbers of rows or pairs per process: the process with fewer runs zero-weighted passes so
+    that every process runs as many as the busiest (FSDP2's collectives are inside them); distillation reads
+    the student's LM head right after its forward pass."""
     check_invariance(recipe, tmp_path, extra, nproc_extra=("--sharding", "fsdp2"))
 
 
-def test_fsdp2_flags_it_does_not_take_yet():
+def test_fsdp2_flags_it_does_not_take():
     from rlcore.config import TrainConfig
 
-    with pytest.raises(ValueError, match="fsdp2 does not yet take --lora_r"):
-        TrainConfig(sharding="fsdp2", lora_r=4)
-    TrainConfig(sharding="fsdp2", save_steps=10, resume="auto")  # sharded checkpoints and resume: taken
+    with pytest.raises(ValueError, match="fsdp2 does not take --load_in_4bit"):
+        TrainConfig(sharding="fsdp2", lora_r=4, load_in_4bit=True)
+    TrainConfig(sharding="fsdp2", lora_r=4, save_steps=10, resume="auto")  # LoRA, sharded checkpoints, resume
 
 
 @pytest.mark.slow
@@ -359,14 +396,111 @@ def test_kill_minus_9_then_resume_continues_the_curve(tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_under_two_processes_saves_an_adapter_peft_loads(tmp_path):
-    """LoRA under 2 processes: only the adapters have gradients to average; the adapter directory loads in PEFT."""
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp2"])
+def test_lora_under_two_processes_saves_an_adapter_peft_loads(sharding, tmp_path):
+    """LoRA under 2 processes (DDP, or FSDP2 with frozen sharded base weights): only the adapters have gradients
+    to reduce; the losses, the merged model and the adapter equal one process's; the adapter loads in PEFT."""
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
     from rlcore.models import resolve_model
 
-    check_invariance("sft", tmp_path, ("--lora_r", "4"))
+    check_invariance("sft", tmp_path, ("--lora_r", "4"), nproc_extra=("--sharding", sharding))
+    adapters = [load_adapter_file(tmp_path / run) for run in ("one", "two")]
+    assert adapters[0].keys() == adapters[1].keys() and any("lora_B" in name for name in adapters[0])
+    for name, value in adapters[0].items():
+        torch.testing.assert_close(adapters[1][name], value, rtol=0, atol=1e-5, msg=name)
+    assert any(value.abs().max() > 0 for name, value in adapters[1].items() if "lora_B" in name)  # trained
     base = AutoModelForCausalLM.from_pretrained(resolve_model("tiny"))
     model = peft.PeftModel.from_pretrained(base, str(tmp_path / "two" / "adapter"))
-    assert any("lora_A" in name for name, _ in model.named_parameters())
+    loaded = {name: p for name, p in model.named_parameters() if "lora_B" in name}
+    assert loaded and all(
+        torch.equal(p.detach(), adapters[1][name.replace(".default", "")]) for name, p in loaded.items()
+    )
+
+
+ACCELERATE_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: MULTI_GPU
+num_machines: 1
+num_processes: 2
+machine_rank: 0
+mixed_precision: 'no'
+use_cpu: false
+rdzv_backend: static
+same_network: true
+"""
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_a_plain_multi_process_cpu_config(tmp_path):
+    """``accelerate launch`` with a plain 2-process config (no accelerate code in the recipe) sets the same
+    environment as torchrun: the run equals one process, and it did run 2 processes (a batch of 7 rows is refused
+    as not splittable over 2). The config is accelerate's ``MULTI_GPU`` type, its torchrun launcher: on a machine
+    without GPUs the processes take gloo on CPU. (Its ``MULTI_CPU`` type starts ONE process unless mpirun is
+    configured.)"""
+    pytest.importorskip("accelerate")
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(ACCELERATE_CONFIG)
+    args = recipe_args("sft", tmp_path)
+    load_recipe("sft").main([*args, "--output_dir", str(tmp_path / "one")])
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    command += ["--main_process_port", str(free_port()), str(REPO / "recipes" / "sft.py"), *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*command, "--output_dir", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.testing.assert_close(
+        torch.tensor(step_losses(tmp_path / "two")), torch.tensor(step_losses(tmp_path / "one")), rtol=0, atol=1e-5
+    )
+    for name, value in final_weights(tmp_path / "one").items():
+        torch.testing.assert_close(final_weights(tmp_path / "two")[name], value, rtol=0, atol=1e-5, msg=name)
+    odd = subprocess.run(
+        [*command, "--batch_size", "7", "--output_dir", str(tmp_path / "odd")], env=env, capture_output=True, text=True
+    )
+    assert odd.returncode != 0 and "cannot be split over 2 processes" in odd.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_checkpoints_and_resume_continues_the_curve(tmp_path):
+    """SIGTERM to the launcher (as a scheduler's preemption): torchrun passes it to both processes, which finish
+    the same step and write one checkpoint; ``--resume`` continues the uninterrupted curve exactly."""
+    args = [*recipe_args("sft", tmp_path), "--max_steps", "30", "--save_total_limit", "0"]
+    torchrun("sft", [*args, "--output_dir", str(tmp_path / "whole")])
+    stopped = tmp_path / "stopped"
+    launcher = torchrun(
+        "sft", [*args, "--output_dir", str(stopped)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.time() + 300
+        while len(step_losses(stopped) if (stopped / "metrics.jsonl").exists() else []) < 2:
+            assert time.time() < deadline and launcher.poll() is None, "the run ended before the signal"
+            time.sleep(0.02)
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0
+    (checkpoint,) = stopped.glob("checkpoint-*")
+    step = int(checkpoint.name.split("-")[1])
+    assert 2 <= step < 30 and f"stopped by SIGTERM after step {step}; checkpoint written to" in err
+    torchrun("sft", [*args, "--output_dir", str(stopped), "--resume"])
+    whole, resumed = step_losses(tmp_path / "whole"), step_losses(stopped)
+    assert len(resumed) == len(whole) == 30 and resumed == whole  # bit-for-bit on CPU at the same world size
+    for name, value in final_weights(tmp_path / "whole").items():
+        assert torch.equal(final_weights(stopped)[name], value), name
+
+
+@pytest.mark.slow
+def test_4bit_base_with_lora_under_ddp_equals_one_process(tmp_path):
+    """QLoRA under 2 DDP processes on CPU: a frozen nf4 base (bitsandbytes), the adapters' gradients averaged;
+    losses, the merged (dequantised) model and the adapter equal one process's."""
+    pytest.importorskip("bitsandbytes")
+    check_invariance("sft", tmp_path, ("--lora_r", "4", "--load_in_4bit"))
+    adapters = [load_adapter_file(tmp_path / run) for run in ("one", "two")]
+    for name, value in adapters[0].items():
+        torch.testing.assert_close(adapters[1][name], value, rtol=0, atol=1e-5, msg=name)
+
+
+def load_adapter_file(output_dir: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(output_dir / "adapter" / "adapter_model.safetensors")
