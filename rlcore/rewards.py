@@ -55,7 +55,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from rlcore import data, lora
+from rlcore import data, distributed, lora
 from rlcore.data import PromptBatch, is_toy_source, repeat_each
 from rlcore.models import eos_token_ids, eval_mode, load_reward_model, sequence_scores
 
@@ -600,8 +600,23 @@ def score_rollout(
 def rollout_stats(
     rollout: Rollout, rewards: torch.Tensor, per_source: torch.Tensor, scorer: RewardScorer
 ) -> dict[str, torch.Tensor]:
-    """Reward mean/std (overall and per source), completion length mean/min/max and truncated fraction."""
+    """Reward mean/std (overall and per source), completion length mean/min/max and truncated fraction.
+
+    Under torchrun these are the whole batch's: every process's rows (a few numbers each) are gathered first,
+    so a standard deviation or a maximum is the one a single process computes, not a mean of the processes'.
+    """
     lengths = rollout.completion_mask.sum(dim=1).float()  # [N]
+    columns = torch.cat(
+        [
+            rewards.float()[:, None],
+            lengths.cpu()[:, None],
+            rollout.truncated.cpu().float()[:, None],
+            per_source.float(),
+        ],
+        dim=1,
+    )  # [N, 3 + K]
+    rewards, lengths, truncated, per_source = distributed.gather_rows(columns).split([1, 1, 1, per_source.shape[1]], 1)
+    rewards, lengths = rewards[:, 0], lengths[:, 0]  # [N * W]
     return {
         "reward": rewards.mean(),
         "reward_std": rewards.std() if rewards.numel() > 1 else torch.tensor(0.0),
@@ -609,5 +624,5 @@ def rollout_stats(
         "completions/mean_length": lengths.mean(),
         "completions/min_length": lengths.min(),
         "completions/max_length": lengths.max(),
-        "completions/truncated_frac": rollout.truncated.float().mean(),
+        "completions/truncated_frac": truncated.mean(),
     }

@@ -53,7 +53,12 @@ RECIPE_ARGS = {  # a few steps of each recipe on a small global batch
     # on-policy: the student (untrained tiny) samples, a teacher of another initialisation scores
     "distill": ["--max_steps", "3", "--batch_size", "8", "--grad_accum_steps", "2", "--num_train_rows", "32", *ONLINE],
 }
-LOSS_KEYS = {"ppo": ("loss/policy", "loss/value"), "kto": ("loss", "rewards/chosen", "rewards/rejected")}
+ROLLOUT_KEYS = ("reward_std", "completions/min_length", "completions/max_length")  # whole-batch, not per process
+LOSS_KEYS = {
+    "ppo": ("loss/policy", "loss/value", *ROLLOUT_KEYS),
+    "kto": ("loss", "rewards/chosen", "rewards/rejected"),
+    "grpo": ("loss", *ROLLOUT_KEYS),
+}
 
 
 def free_port() -> int:
