@@ -141,13 +141,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             batch = data.collate_right([train_ids[i] for i in indices], [train_masks[i] for i in indices], pad_id)
         if config.padding_free:  # rows end to end: each attends to itself, positions restart (rlcore.packing)
             loss_mask = batch["completion_mask"] * (torch.arange(batch["input_ids"].shape[1]) > 0)  # not first tokens
-            packed = models.packed_batch(
+            flat = models.packed_batch(
                 model,
                 *(batch[k].to(device) for k in ("input_ids", "attention_mask")),
                 loss_mask.to(device),
                 padding_free=True,
             )
-            return models.packed_inputs(model, packed), packed.positions, packed.targets
+            return models.packed_inputs(model, flat), flat.positions, flat.targets
         loss_mask = batch.pop("completion_mask")[:, 1:].bool()  # [B, T-1]
         labels = batch["input_ids"][:, 1:][loss_mask]  # [N]
         inputs = {k: v[:, :-1].to(device) for k, v in batch.items()}  # [B, T-1] each
