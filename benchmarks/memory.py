@@ -23,29 +23,36 @@ the optimizer step). What each step holds, as the recipes do:
   (recipes/ppo.py ``--reward_on_policy``: one base in all); with ``--ppo_reward separate``, and for the full
   variants, a separate frozen sequence classifier of the variant's base dtype (4-bit for qlora).
 
-Log-probs come from the body's hidden states through the chunked LM head (``rlcore.models.token_logprobs``,
-256 positions per chunk): no ``[B, T, V]`` logits. Weights are random, built one decoder layer at a time
-from the meta device (``build``): a qlora model never holds more than one layer in bfloat16, a bf16 model
+Log-probs come from the body's hidden states through the chunked LM head (``rlcore.models.token_logprobs``, 256
+positions per chunk): no ``[B, T, V]`` logits. Weights are random, built from the meta device (``build``): the
+first decoder layer drawn (and quantised for qlora), the others deep copies of it, each in its own storage
+(bitsandbytes quantises slowly on CPU: doing it once is what makes a 7B row practical there; memory and step
+time do not depend on the values); a qlora model never holds more than one layer in bfloat16, a bf16 model
 never a float32 copy.
 
 Each row runs in its own subprocess. On CPU the figure is the subprocess's peak RSS (``ru_maxrss``:
-interpreter, libraries, model construction and the step, nothing subtracted), with glibc's mmap threshold
-fixed (``MALLOC_MMAP_THRESHOLD_=131072``) so RSS follows live memory. On CUDA it is
-``torch.cuda.max_memory_allocated`` over the step, after the models are built. "fwd+bwd growth" is how far
-the high-water mark rose from the start of the step to the end of the backward pass (activations,
-gradients, LM-head chunks, before the optimizer allocates its state): where checkpointing shows, since the
-optimizer step's own peak (state allocated at the first step) often dominates the whole-step figure.
-"activations" adds up the storage autograd saves for the backward pass during the step's training forward
-passes (a ``saved_tensors_hooks`` count, trained weights excluded): the activation memory that gradient
-checkpointing cuts, on any device. Before running a row the
-script estimates its peak (``estimate``: weights, gradients, optimizer state, activations, the LM-head
-chunks; printed beside every row): rows whose estimate exceeds ``--budget_gib`` print "does not fit", and
-rows left out by ``--only`` print "not run"; both with the estimate.
+interpreter, libraries, model construction and the step, nothing subtracted), with glibc's mmap threshold fixed
+(``MALLOC_MMAP_THRESHOLD_=131072``) so RSS follows live memory. On CUDA it is
+``torch.cuda.max_memory_allocated`` over the step, after the models are built. "fwd+bwd growth" is how far the
+high-water mark rose from the start of the step to the end of the backward pass (activations, gradients,
+LM-head chunks, before the optimizer allocates its state): where checkpointing shows, since the optimizer
+step's own peak (state allocated at the first step) often dominates the whole-step figure. "activations" adds
+up the storage autograd saves for the backward pass during the step's training forward passes (a
+``saved_tensors_hooks`` count, trained weights excluded): the activation memory that gradient checkpointing
+cuts, on any device (with checkpointing: each layer's input, which torch saves through the same hooks). "held
+after fwd" checks it from outside: the live memory the training forward passes leave behind for the backward
+pass (the current RSS on CPU, ``memory_allocated`` on CUDA, after the forward minus before it). Before running
+a row the script estimates its peak (``estimate``: weights, gradients, optimizer state, activations, the
+LM-head chunks; printed beside every row): rows whose estimate exceeds ``--budget_gib`` print "does not fit",
+and rows left out by ``--only`` print "not run"; both with the estimate.
 
     python benchmarks/memory.py --only 0.5B                # CPU, sequence 512, every 0.5B row
     python benchmarks/memory.py --only dpo:7B:qlora --seq_len 128
     python benchmarks/memory.py --device cuda --budget_gib 130    # every row, on one GPU
     python benchmarks/memory.py --only ppo:0.5B:lora --ppo_reward separate   # LoRA PPO with two bases
+
+``--json PATH`` also writes every row (estimate, status, measured figures in bytes, seconds, the load average
+when the row ended) and the command to a JSON file.
 
 ``--logprob_part`` measures instead the log-prob part of a GRPO step at the 0.5B shape (8 completions x 512
 tokens, vocabulary 151,936): the naive ``[B, T, V]`` logits path against the chunked LM head.
@@ -53,7 +60,9 @@ tokens, vocabulary 151,936): the naive ``[B, T, V]`` logits path against the chu
 
 import argparse
 import contextlib
+import copy
 import functools
+import itertools
 import json
 import os
 import resource
@@ -132,8 +141,9 @@ def _fill_(module: nn.Module) -> None:
 
 def build(model_class, config: Qwen2Config, variant: str, device: str) -> nn.Module:
     """``model_class(config)`` with random weights in the variant's storage, never holding a full-precision copy
-    it does not need: built on the meta device, then materialised one decoder layer at a time (and quantised
-    to nf4 right away for qlora), then the rest (embeddings, final norm, heads)."""
+    it does not need: built on the meta device; the first decoder layer materialised (and quantised to nf4 for
+    qlora), every other layer a deep copy of it (its own storage: the same bytes as distinct layers, and the
+    same time per step, which does not depend on the values); then the rest (embeddings, final norm, heads)."""
     dtype = torch.float32 if variant == "full_fp32" else torch.bfloat16
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -144,12 +154,14 @@ def build(model_class, config: Qwen2Config, variant: str, device: str) -> nn.Mod
         torch.set_default_dtype(default_dtype)
     body = model if isinstance(model, Qwen2Model) else model.model
     tied = getattr(config, "tie_word_embeddings", False) and hasattr(model, "lm_head")
-    for layer in body.layers:
-        layer.to_empty(device=device)
-        for module in layer.modules():
-            _fill_(module)
-        if variant == "qlora":
-            lora.quantize_4bit(layer, double_quant=True, compute_dtype=torch.bfloat16)
+    first = body.layers[0].to_empty(device=device)
+    for module in first.modules():
+        _fill_(module)
+    if variant == "qlora":
+        lora.quantize_4bit(first, double_quant=True, compute_dtype=torch.bfloat16)
+    for index in range(1, len(body.layers)):  # copies: bitsandbytes quantises slowly on CPU
+        body.layers[index] = copy.deepcopy(first)
+        body.layers[index].self_attn.layer_idx = index
     rest = [m for m in model.modules() if not any(_inside(m, layer) for layer in body.layers)]
     rest = [m for m in rest if not (tied and m is model.lm_head)]  # the tied head is the embedding
     for module in rest:
@@ -237,6 +249,7 @@ def run_row(
         return tensor
 
     hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+    live_before = _live(device)
     hooks.__enter__()
     if algorithm == "sft":
         loss = -masked_mean(logprobs(policy, input_ids, completion), mask)
@@ -265,6 +278,7 @@ def run_row(
         vf_loss, _ = value_loss(values, values.detach(), returns, mask)
         loss = pg_loss + 0.1 * vf_loss
     hooks.__exit__(None, None, None)
+    forward_held = _live(device) - live_before  # what the training forward leaves alive for the backward pass
     loss.backward()
     backward_growth = _high_water(device) - before  # forward + backward: activations, gradients, LM-head chunks
     optim.optimizer_step([p for m in trained for p in m.parameters()], optimizer, None, 1.0)
@@ -277,11 +291,20 @@ def run_row(
         "peak_bytes": peak,
         "backward_growth": backward_growth,
         "saved_activations": sum(saved_storage.values()),
+        "forward_held": forward_held,
         "trainable": trainable,
         "total": total,
         "seconds": seconds,
         "loss": loss.item(),
     }
+
+
+def _live(device: str) -> int:
+    """Bytes in use now: ``memory_allocated`` on CUDA, the current RSS on CPU (``/proc/self/statm``)."""
+    if device == "cuda":
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
 
 
 def _high_water(device: str) -> int:
@@ -419,9 +442,12 @@ def main() -> None:
     parser.add_argument(
         "--ppo_reward", default="adapter", choices=["adapter", "separate"], help="LoRA PPO's reward model"
     )
+    parser.add_argument("--json", help="also write every row (estimates, measurements) to this JSON file")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # one row in this process: alg,shape,variant,gc
     parser.add_argument("--part", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if error := check_only(args.only):
+        parser.error(error)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.row:
@@ -446,40 +472,64 @@ def main() -> None:
             f"{chunked / GIB:.2f} GiB; ratio {chunked / naive:.3f}"
         )
         return
-    print(
+    header = (
         f"One optimizer step, batch 1, sequence {args.seq_len}, device {args.device} ({measure}; "
         f"MALLOC_MMAP_THRESHOLD_=131072), LoRA r={LORA_R}, LoRA PPO's reward model: {args.ppo_reward}, "
         f"torch {torch.__version__}"
     )
-    header = f"{'algorithm':<9} {'shape':<5} {'variant':<10} {'ckpt':<4} {'params':>8} {'trainable':>10}"
-    print(f"{header} {'estimate':>9} {'measured':>19} {'fwd+bwd growth':>15} {'activations':>12} {'step s':>7}")
-    for algorithm in ALGORITHMS:
-        for shape in SHAPES:
-            total = parameter_split(shape)["total"]
-            for variant in VARIANTS:
-                for checkpointing in (False, True):
-                    row = (algorithm, shape, variant, checkpointing)
-                    guess = estimate(*row, args.seq_len, args.ppo_reward)
-                    line = f"{algorithm:<9} {shape:<5} {variant:<10} {'on' if checkpointing else 'off':<4} "
-                    line += f"{total / 1e9:>7.2f}B "
-                    if guess > args.budget_gib * GIB:
-                        print(f"{line}{'':>10} {guess / GIB:>8.1f}G {'does not fit':>19}", flush=True)
-                        continue
-                    if not selected(row, args.only):
-                        print(f"{line}{'':>10} {guess / GIB:>8.1f}G {'not run':>19}", flush=True)
-                        continue
-                    flag = f"{algorithm},{shape},{variant},{int(checkpointing)}"
-                    result = subprocess_json(["--row", flag, *extra], environment)
-                    if "error" in result:
-                        print(f"{line}{'':>10} {guess / GIB:>8.1f}G  error: {result['error'][:80]}", flush=True)
-                        continue
-                    print(
-                        f"{line}{result['trainable'] / 1e6:>9.1f}M {guess / GIB:>8.1f}G "
-                        f"{result['peak_bytes'] / GIB:>18.2f}G {result['backward_growth'] / GIB:>14.2f}G "
-                        f"{result['saved_activations'] / GIB:>11.3f}G "
-                        f"{result['seconds']:>7.1f}",
-                        flush=True,
-                    )
+    print(header)
+    print(f"load average at start: {os.getloadavg()[0]:.1f}", flush=True)
+    columns = f"{'algorithm':<9} {'shape':<5} {'variant':<10} {'ckpt':<4} {'params':>8} {'trainable':>10}"
+    columns += f" {'estimate':>9} {'measured':>19} {'fwd+bwd growth':>15} {'held after fwd':>15}"
+    print(f"{columns} {'activations':>12} {'step s':>7}")
+    records = []
+    for row in itertools.product(ALGORITHMS, SHAPES, VARIANTS, (False, True)):
+        record = measure_row(row, args, extra, environment)
+        records.append(record)
+        print(row_line(record), flush=True)
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"command": " ".join(sys.argv), "header": header, "rows": records}, out, indent=1)
+
+
+def check_only(only: list[str] | None) -> str | None:
+    """The first ``--only`` term naming no algorithm, shape, variant or gc/nogc, as an error line; else None."""
+    known = {*ALGORITHMS, *SHAPES, *VARIANTS, "gc", "nogc", "*"}
+    for term in only or []:
+        unknown = [part for part in term.split(":") if part not in known]
+        if unknown:
+            return f"--only {term!r}: {unknown[0]!r} is not one of {sorted(known - {'*'})} or '*'"
+    return None
+
+
+def measure_row(row: tuple, args: argparse.Namespace, extra: list[str], environment: dict) -> dict:
+    """The row's estimate, and its measurement (in a subprocess) if it is selected and fits the budget."""
+    algorithm, shape, variant, checkpointing = row
+    record = {"algorithm": algorithm, "shape": shape, "variant": variant, "checkpointing": checkpointing}
+    record |= {"seq_len": args.seq_len, "estimate_bytes": estimate(*row, args.seq_len, args.ppo_reward)}
+    if record["estimate_bytes"] > args.budget_gib * GIB:
+        return record | {"status": "does not fit"}
+    if not selected(row, args.only):
+        return record | {"status": "not run"}
+    result = subprocess_json(["--row", f"{algorithm},{shape},{variant},{int(checkpointing)}", *extra], environment)
+    return (
+        record | {"status": "error" if "error" in result else "measured", "load_average": os.getloadavg()[0]} | result
+    )
+
+
+def row_line(record: dict) -> str:
+    line = f"{record['algorithm']:<9} {record['shape']:<5} {record['variant']:<10} "
+    line += f"{'on' if record['checkpointing'] else 'off':<4} {parameter_split(record['shape'])['total'] / 1e9:>7.2f}B "
+    guess = f"{record['estimate_bytes'] / GIB:>8.1f}G"
+    if record["status"] == "error":
+        return f"{line}{'':>10} {guess}  error: {record['error'][:80]}"
+    if record["status"] != "measured":
+        return f"{line}{'':>10} {guess} {record['status']:>19}"
+    figures = [record[key] / GIB for key in ("peak_bytes", "backward_growth", "forward_held", "saved_activations")]
+    return (
+        f"{line}{record['trainable'] / 1e6:>9.1f}M {guess} {figures[0]:>18.2f}G {figures[1]:>14.2f}G "
+        f"{figures[2]:>14.2f}G {figures[3]:>11.3f}G {record['seconds']:>7.1f}"
+    )
 
 
 if __name__ == "__main__":

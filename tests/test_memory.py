@@ -1,7 +1,9 @@
 """Memory at scale: gradient checkpointing, weight dtypes, 4-bit loading, bitsandbytes optimizers, the chunked
 LM head, parameter counts."""
 
+import functools
 import gc
+import importlib.util
 import json
 import os
 import shutil
@@ -493,3 +495,73 @@ def test_ppo_with_lora_holds_one_copy_of_the_base_and_scores_as_the_separate_rew
     # the policy's adapter alone is saved; the reward adapter stays where it came from
     assert json.loads((tmp_path / "one_base" / "adapter" / "adapter_config.json").read_text())["r"] == 4
     assert not (tmp_path / "one_base" / "adapter" / "reward").exists()
+
+
+# ---------------------------------------------------------------- benchmarks/memory.py
+
+
+@functools.cache
+def memory_benchmark():
+    spec = importlib.util.spec_from_file_location("memory_benchmark", REPO / "benchmarks" / "memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("variant", ["lora", "qlora"])
+def test_memory_benchmark_copies_of_the_first_layer_own_their_bytes(variant):
+    """The benchmark draws its first decoder layer and deep-copies it into the others (bitsandbytes quantises
+    slowly on CPU): every copy must hold its own storage, 4-bit constants included, or the measured peak would
+    count one layer for all of them; and each knows its index."""
+    if variant == "qlora":
+        pytest.importorskip("bitsandbytes")
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128
+    )
+    config.vocab_size = 256
+    model = memory_benchmark().build(Qwen2ForCausalLM, config, variant, "cpu")
+    layers = model.model.layers
+
+    def storages(layer) -> set[int]:
+        tensors = list(layer.parameters())
+        if variant == "qlora":
+            tensors += [
+                m.weight.quant_state.absmax
+                for m in layer.modules()
+                if hasattr(getattr(m, "weight", None), "quant_state")
+            ]
+        return {t.untyped_storage().data_ptr() for t in tensors}
+
+    first, second, third = (storages(layer) for layer in layers)
+    assert len(first) == len(second) == len(third) > 0
+    assert first.isdisjoint(second) and first.isdisjoint(third) and second.isdisjoint(third)
+    assert [layer.self_attn.layer_idx for layer in layers] == [0, 1, 2]
+    assert torch.isfinite(model(torch.randint(0, 256, (1, 6))).logits.float()).all()
+
+
+def test_memory_benchmark_names_an_unknown_row_term():
+    check_only = memory_benchmark().check_only
+    assert check_only(["dpo:7B:qlora:gc", "sft:*:lora", "1.5B"]) is None
+    assert check_only(["dpo:7b"]) == (
+        "--only 'dpo:7b': '7b' is not one of ['0.5B', '1.5B', '7B', 'dpo', 'full_bf16', 'full_fp32', 'gc', 'grpo', "
+        "'lora', 'nogc', 'ppo', 'qlora', 'sft'] or '*'"
+    )
+
+
+@pytest.mark.parametrize("algorithm", ["sft", "dpo", "grpo", "ppo"])
+def test_memory_benchmark_row_runs_at_a_tiny_shape(algorithm, monkeypatch):
+    """One row of each algorithm, LoRA with checkpointing, end to end in-process at a tiny shape: a finite loss,
+    the activations counted, the adapters (and PPO's value head) the only trained parameters."""
+    bench = memory_benchmark()
+    tiny = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    monkeypatch.setitem(
+        bench.SHAPES, "tiny", tiny | dict(intermediate_size=128, vocab_size=256, tie_word_embeddings=True)
+    )
+    result = bench.run_row(algorithm, "tiny", "lora", True, 16, "cpu", ppo_reward="adapter")
+    # LoRA r=16 adds 16 x (in + out) per projection; head size 16, so k and v map 64 -> 32:
+    # q, o 16 x 128; k, v 16 x 96; gate, up, down 16 x 192: 16,384 per layer, two layers
+    adapters = 2 * 16 * (2 * 128 + 2 * 96 + 3 * 192)
+    assert torch.isfinite(torch.tensor(result["loss"])) and result["saved_activations"] > 0
+    assert result["trainable"] == adapters + (64 + 1 if algorithm == "ppo" else 0)
