@@ -287,12 +287,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     tracking.accumulate(stats, {"loss": loss.detach()}, 1 / config.num_iterations)  # losses add up
                     share = len(micro) / (len(learning_rows) * config.num_iterations)  # other stats: mean over the rows
                     entropy_mean = masked_mean(entropy.detach(), mask[micro])
-                    tracking.accumulate(stats, {"entropy": entropy_mean, **loss_stats}, share)
+                    tracking.accumulate(stats, side := {"entropy": entropy_mean, **loss_stats}, share)
                 # no learning row: no gradient, so no weight changes; the schedule still advances with the optimizer
                 grad_norm = optim.optimizer_step(policy.parameters(), optimizer, scheduler, config.max_grad_norm)
                 tracking.accumulate(stats, {"grad_norm": grad_norm}, 1 / config.num_iterations)
             stats.setdefault("loss", 0.0)
-        run.end_step(stats)
+        run.end_step(stats, counts=dict.fromkeys(side if micro_batches else (), len(learning_rows)))  # torchrun
     return run.finish()
 
 
