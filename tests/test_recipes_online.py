@@ -120,7 +120,7 @@ def test_warm_start_runs_the_script_once_and_caches(tmp_path, tiny_cache):
 
 @pytest.mark.slow
 def test_grpo_default_gains_on_its_warm_start(tmp_path):
-    # The defaults (one thread): the warm start, built here in a fresh cache, and 2000 steps. Measured 44.8% -> 57.2-59.4%,
+    # The defaults (one thread): the warm start, built here in a fresh cache, and 2000 steps. Measured 44.8% -> 57-59%,
     # most of it in the first 250 steps (docs/results.md, "Why RL pays on the default"); builds of the warm start by
     # other versions of sft.py started at 36.2% and 46.2%, hence the margin.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
