@@ -398,6 +398,22 @@ def lora_state_dict(
 
 
 @contextlib.contextmanager
+def _layers_set(layers: list[LoRALinear], attribute: str, value, action: str) -> Iterator[None]:
+    """Within the block, ``layer.<attribute> = value`` on every layer (restored after); refuses merged layers,
+    whose update is inside the base weights."""
+    if any(layer.merged for layer in layers):
+        raise ValueError(f"adapters are merged into the base weights; call unmerge_lora(model) before {action} them")
+    previous = [getattr(layer, attribute) for layer in layers]
+    for layer in layers:
+        setattr(layer, attribute, value)
+    try:
+        yield
+    finally:
+        for layer, old in zip(layers, previous):
+            setattr(layer, attribute, old)
+
+
+@contextlib.contextmanager
 def use_adapter(model: nn.Module, adapter_name: str) -> Iterator[nn.Module]:
     """Within the block, ``model`` runs the adapter called ``adapter_name``: base + that adapter's update in
     the layers that hold it, the base alone elsewhere; the other adapters are bypassed (not removed).
@@ -407,17 +423,8 @@ def use_adapter(model: nn.Module, adapter_name: str) -> Iterator[nn.Module]:
     gradients. Refuses merged adapters, whose update is inside the base weights.
     """
     _adapter_layers(model, adapter_name)  # refuses a name no layer holds
-    layers = [layer for _, layer in _lora_layers(model)]
-    if any(layer.merged for layer in layers):
-        raise ValueError("adapters are merged into the base weights; call unmerge_lora(model) before switching them")
-    previous = [layer.active for layer in layers]
-    for layer in layers:
-        layer.active = adapter_name
-    try:
+    with _layers_set([layer for _, layer in _lora_layers(model)], "active", adapter_name, "switching"):
         yield model
-    finally:
-        for layer, active in zip(layers, previous):
-            layer.active = active
 
 
 @contextlib.contextmanager
@@ -427,17 +434,8 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     This is the reference model of DPO/PPO/GRPO at no memory cost. Gradients are not turned off here
     (``reference_context`` does that). Refuses merged adapters, whose update is inside the base weights.
     """
-    layers = [layer for _, layer in _require_lora_layers(model)]
-    if any(layer.merged for layer in layers):
-        raise ValueError("adapters are merged into the base weights; call unmerge_lora(model) before disabling them")
-    previous = [layer.adapters_enabled for layer in layers]
-    for layer in layers:
-        layer.adapters_enabled = False
-    try:
+    with _layers_set([layer for _, layer in _require_lora_layers(model)], "adapters_enabled", False, "disabling"):
         yield model
-    finally:
-        for layer, enabled in zip(layers, previous):
-            layer.adapters_enabled = enabled
 
 
 @contextlib.contextmanager

@@ -571,8 +571,7 @@ def packed_batch(
     long row would cost more than the padded batch); one row where the implementation runs variable-length
     attention from the position ids (flash_attention_2).
     """
-    attention = _unwrapped(model).config._attn_implementation
-    row_length = input_ids.shape[1] if attention in DENSE_MASK_ATTENTION else None
+    row_length = input_ids.shape[1] if shares_prompts(model) else None  # dense attention: rows of the padded width
     packed = pack_batch(input_ids, attention_mask, score_mask, groups, prompt_mask, padding_free, row_length)
     return packed.to(input_ids.device)
 
