@@ -52,7 +52,8 @@ and rows left out by ``--only`` print "not run"; both with the estimate.
     python benchmarks/memory.py --only ppo:0.5B:lora --ppo_reward separate   # LoRA PPO with two bases
 
 ``--json PATH`` also writes every row (estimate, status, measured figures in bytes, seconds, the load average
-when the row ended) and the command to a JSON file.
+when the row ended) and the command to a JSON file; ``--markdown PATH`` prints such a file as markdown tables (the
+peaks by shape, checkpointing off / on, then every row) and runs nothing.
 
 ``--logprob_part`` measures instead the log-prob part of a GRPO step at the 0.5B shape (8 completions x 512
 tokens, vocabulary 151,936): the naive ``[B, T, V]`` logits path against the chunked LM head.
@@ -443,11 +444,15 @@ def main() -> None:
         "--ppo_reward", default="adapter", choices=["adapter", "separate"], help="LoRA PPO's reward model"
     )
     parser.add_argument("--json", help="also write every row (estimates, measurements) to this JSON file")
+    parser.add_argument("--markdown", metavar="JSON", help="print the tables of a --json file as markdown, run nothing")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # one row in this process: alg,shape,variant,gc
     parser.add_argument("--part", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if error := check_only(args.only):
         parser.error(error)
+    if args.markdown:
+        print(markdown_tables(args.markdown))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.row:
@@ -530,6 +535,49 @@ def row_line(record: dict) -> str:
         f"{line}{record['trainable'] / 1e6:>9.1f}M {guess} {figures[0]:>18.2f}G {figures[1]:>14.2f}G "
         f"{figures[2]:>14.2f}G {figures[3]:>11.3f}G {record['seconds']:>7.1f}"
     )
+
+
+ALGORITHM_NAMES = {"sft": "SFT", "dpo": "DPO", "grpo": "GRPO (group of 2)", "ppo": "PPO"}
+VARIANT_NAMES = {"full_fp32": "full float32", "full_bf16": "full bfloat16", "lora": "LoRA", "qlora": "QLoRA"}
+
+
+def _peak_cell(record: dict) -> str:
+    """A row's peak in GiB, or why there is none, with its estimate."""
+    if record["status"] == "measured":
+        return f"{record['peak_bytes'] / GIB:.2f}"
+    return f"{record['status']} (est. {record['estimate_bytes'] / GIB:.1f})"
+
+
+def markdown_tables(path: str) -> str:
+    """The rows of a ``--json`` file as two markdown tables: peaks by shape (checkpointing off / on), then every row."""
+    with open(path) as file:
+        saved = json.load(file)
+    rows = {(r["algorithm"], r["shape"], r["variant"], r["checkpointing"]): r for r in saved["rows"]}
+    lines = [f"`{saved['command']}`", "", saved["header"], ""]
+    lines += ["| step | variant | " + " | ".join(f"{shape} off / on" for shape in SHAPES) + " |"]
+    lines += ["| --- | --- |" + " --- |" * len(SHAPES)]
+    for algorithm, variant in itertools.product(ALGORITHMS, VARIANTS):
+        cells = [
+            " / ".join(_peak_cell(rows[algorithm, shape, variant, gc]) for gc in (False, True)) for shape in SHAPES
+        ]
+        lines.append(f"| {ALGORITHM_NAMES[algorithm]} | {VARIANT_NAMES[variant]} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| step | shape | variant | ckpt | trainable | estimate | peak | fwd+bwd growth | activations | step s |",
+    ]
+    lines += ["| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (algorithm, shape, variant, gc), record in rows.items():
+        start = f"| {ALGORITHM_NAMES[algorithm]} | {shape} | {VARIANT_NAMES[variant]} | {'on' if gc else 'off'} |"
+        if record["status"] != "measured":
+            lines.append(f"{start} | {record['estimate_bytes'] / GIB:.1f} GiB | {record['status']} | | | |")
+            continue
+        figures = (record[key] / GIB for key in ("peak_bytes", "backward_growth", "saved_activations"))
+        lines.append(
+            f"{start} {record['trainable'] / 1e6:.1f}M | {record['estimate_bytes'] / GIB:.1f} GiB | "
+            + " | ".join(f"{value:.3f} GiB" for value in figures)
+            + f" | {record['seconds']:.1f} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ LM head, parameter counts."""
 import functools
 import gc
 import importlib.util
+import itertools
 import json
 import os
 import shutil
@@ -565,3 +566,27 @@ def test_memory_benchmark_row_runs_at_a_tiny_shape(algorithm, monkeypatch):
     adapters = 2 * 16 * (2 * 128 + 2 * 96 + 3 * 192)
     assert torch.isfinite(torch.tensor(result["loss"])) and result["saved_activations"] > 0
     assert result["trainable"] == adapters + (64 + 1 if algorithm == "ppo" else 0)
+
+
+def test_memory_benchmark_prints_a_json_file_as_markdown(tmp_path):
+    """``--markdown``: a measured row shows its peak, the others their status with the estimate, in both tables."""
+    bench = memory_benchmark()
+    rows = []
+    for algorithm, shape, variant, on in itertools.product(bench.ALGORITHMS, bench.SHAPES, bench.VARIANTS, (0, 1)):
+        row = dict(algorithm=algorithm, shape=shape, variant=variant, checkpointing=bool(on), seq_len=512)
+        rows.append(row | dict(estimate_bytes=3 * bench.GIB, status="does not fit"))
+    rows[0] |= dict(status="measured", peak_bytes=2 * bench.GIB, backward_growth=bench.GIB // 2, trainable=8_800_000)
+    rows[0] |= dict(saved_activations=bench.GIB // 4, seconds=12.0)
+    path = tmp_path / "rows.json"
+    path.write_text(
+        json.dumps({"command": "benchmarks/memory.py --json rows.json", "header": "One step", "rows": rows})
+    )
+    lines = bench.markdown_tables(str(path)).splitlines()
+    assert lines[:3] == ["`benchmarks/memory.py --json rows.json`", "", "One step"]
+    assert (
+        "| SFT | full float32 | 2.00 / does not fit (est. 3.0) | does not fit (est. 3.0) / does not fit"
+        in "\n".join(lines)
+    )
+    assert "| SFT | 0.5B | full float32 | off | 8.8M | 3.0 GiB | 2.000 GiB | 0.500 GiB | 0.250 GiB | 12.0 |" in lines
+    assert "| PPO | 7B | QLoRA | on | | 3.0 GiB | does not fit | | | |" in lines
+    assert len(lines) == 4 + 2 + 16 + 1 + 2 + 96  # the command, the header; 16 by shape; 96 rows
