@@ -49,6 +49,7 @@ and rows left out by ``--only`` print "not run"; both with the estimate.
     python benchmarks/memory.py --only 0.5B                # CPU, sequence 512, every 0.5B row
     python benchmarks/memory.py --only dpo:7B:qlora --seq_len 128
     python benchmarks/memory.py --device cuda --budget_gib 130    # every row, on one GPU
+    python benchmarks/memory.py --seq_len_7b 128 --json rows.json  # every row on a CPU, where a 7B step at 512 takes 10+ min
     python benchmarks/memory.py --only ppo:0.5B:lora --ppo_reward separate   # LoRA PPO with two bases
 
 ``--json PATH`` also writes every row (estimate, status, measured figures in bytes, seconds, the load average
@@ -436,6 +437,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--seq_len", type=int, default=512)
+    parser.add_argument("--seq_len_7b", type=int, help="the 7B rows' sequence length (default: --seq_len)")
     parser.add_argument("--only", nargs="*", help="run only these rows (see `selected`); the others print estimates")
     parser.add_argument("--budget_gib", type=float, default=20.0, help="rows estimated above this do not run")
     parser.add_argument("--threads", type=int, default=None)
@@ -464,7 +466,7 @@ def main() -> None:
         print(json.dumps(logprob_part(args.part, args.device)))
         return
     environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    extra = ["--device", args.device, "--seq_len", str(args.seq_len), "--ppo_reward", args.ppo_reward] + (
+    extra = ["--device", args.device, "--ppo_reward", args.ppo_reward] + (
         ["--threads", str(args.threads)] if args.threads else []
     )
     measure = "peak RSS" if args.device == "cpu" else "max_memory_allocated"
@@ -478,7 +480,9 @@ def main() -> None:
         )
         return
     header = (
-        f"One optimizer step, batch 1, sequence {args.seq_len}, device {args.device} ({measure}; "
+        f"One optimizer step, batch 1, sequence {args.seq_len}"
+        + (f" (7B rows: {args.seq_len_7b})" if args.seq_len_7b else "")
+        + f", device {args.device} ({measure}; "
         f"MALLOC_MMAP_THRESHOLD_=131072), LoRA r={LORA_R}, LoRA PPO's reward model: {args.ppo_reward}, "
         f"torch {torch.__version__}"
     )
@@ -511,12 +515,14 @@ def measure_row(row: tuple, args: argparse.Namespace, extra: list[str], environm
     """The row's estimate, and its measurement (in a subprocess) if it is selected and fits the budget."""
     algorithm, shape, variant, checkpointing = row
     record = {"algorithm": algorithm, "shape": shape, "variant": variant, "checkpointing": checkpointing}
-    record |= {"seq_len": args.seq_len, "estimate_bytes": estimate(*row, args.seq_len, args.ppo_reward)}
+    seq_len = args.seq_len_7b if shape == "7B" and args.seq_len_7b else args.seq_len
+    record |= {"seq_len": seq_len, "estimate_bytes": estimate(*row, seq_len, args.ppo_reward)}
     if record["estimate_bytes"] > args.budget_gib * GIB:
         return record | {"status": "does not fit"}
     if not selected(row, args.only):
         return record | {"status": "not run"}
-    result = subprocess_json(["--row", f"{algorithm},{shape},{variant},{int(checkpointing)}", *extra], environment)
+    row_flags = ["--row", f"{algorithm},{shape},{variant},{int(checkpointing)}", "--seq_len", str(seq_len)]
+    result = subprocess_json([*row_flags, *extra], environment)
     return (
         record | {"status": "error" if "error" in result else "measured", "load_average": os.getloadavg()[0]} | result
     )
@@ -554,7 +560,8 @@ def markdown_tables(path: str) -> str:
         saved = json.load(file)
     rows = {(r["algorithm"], r["shape"], r["variant"], r["checkpointing"]): r for r in saved["rows"]}
     lines = [f"`{saved['command']}`", "", saved["header"], ""]
-    lines += ["| step | variant | " + " | ".join(f"{shape} off / on" for shape in SHAPES) + " |"]
+    sequence = {shape: rows["sft", shape, "lora", False]["seq_len"] for shape in SHAPES}
+    lines += ["| step | variant | " + " | ".join(f"{s}, seq {sequence[s]}: off / on" for s in SHAPES) + " |"]
     lines += ["| --- | --- |" + " --- |" * len(SHAPES)]
     for algorithm, variant in itertools.product(ALGORITHMS, VARIANTS):
         cells = [

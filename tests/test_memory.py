@@ -583,6 +583,7 @@ def test_memory_benchmark_prints_a_json_file_as_markdown(tmp_path):
     )
     lines = bench.markdown_tables(str(path)).splitlines()
     assert lines[:3] == ["`benchmarks/memory.py --json rows.json`", "", "One step"]
+    assert lines[4] == "| step | variant | 0.5B, seq 512: off / on | 1.5B, seq 512: off / on | 7B, seq 512: off / on |"
     assert (
         "| SFT | full float32 | 2.00 / does not fit (est. 3.0) | does not fit (est. 3.0) / does not fit"
         in "\n".join(lines)
