@@ -205,7 +205,7 @@ class OnlineConfig(TrainConfig):
     top_k: int = 0  # sample among the k most likely tokens (0 = all)
     top_p: float = 1.0  # nucleus sampling (1 = off)
     reward_funcs: str | None = (
-        "accuracy"  # comma-separated reward functions: accuracy, format, pkg.module:fn, file.py:fn
+        "accuracy"  # comma-separated reward functions: accuracy, digits, format, pkg.module:fn, file.py:fn
     )
     reward_model: str | None = None  # a reward-model directory (any tokenizer), added to the functions
     reward_weights: str | None = (

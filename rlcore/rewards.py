@@ -19,8 +19,8 @@ one-element tensors). A function that raises is reported as one ``ValueError`` n
 step and the first row it fails on (found by calling it again row by row), not a traceback from the loop.
 
 It returns one float per completion, or ``None`` where it does not apply (a multi-task dataset scores
-each row with the functions that know its task). The toy task's ``accuracy`` and ``format`` rewards
-(``rlcore.toy``) have this signature; they are the built-in names ``accuracy`` and ``format``.
+each row with the functions that know its task). The toy task's ``accuracy``, ``digits`` (partial credit
+per digit) and ``format`` rewards (``rlcore.toy``) have this signature; they are the built-in names.
 
 A **reward model** is a directory written by ``recipes/reward_model.py`` (or any one-output
 ``*ForSequenceClassification``, with its own tokenizer): :class:`RewardModelScorer` scores prompt and
@@ -64,7 +64,12 @@ if TYPE_CHECKING:
 
 RewardFunction = Callable[..., list]
 # the toy task's reward and metric functions (rlcore.toy), by their command-line names
-BUILTIN_REWARDS = {"accuracy": "accuracy_reward", "format": "format_reward", "exact_match": "exact_match"}
+BUILTIN_REWARDS = {
+    "accuracy": "accuracy_reward",
+    "digits": "digit_reward",
+    "format": "format_reward",
+    "exact_match": "exact_match",
+}
 REWARD_MODEL_NAME = "reward_model"
 REWARD_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state")  # passed besides the columns
 
@@ -87,7 +92,7 @@ def load_reward_function(spec: str) -> tuple[str, RewardFunction]:
 
     ``spec`` is one of:
 
-    - a built-in name: ``accuracy``, ``format`` or ``exact_match`` (the toy task's functions);
+    - a built-in name: ``accuracy``, ``digits``, ``format`` or ``exact_match`` (the toy task's functions);
     - ``package.module:function``: imported (the module must be importable, e.g. installed or on
       ``PYTHONPATH``);
     - ``path/to/file.py:function``: loaded from that file.

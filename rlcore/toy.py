@@ -267,6 +267,32 @@ def accuracy_reward(prompts, completions, answer, **kwargs) -> list[float]:
     return rewards
 
 
+def digit_reward(prompts, completions, answer, **kwargs) -> list[float]:
+    """Partial credit per digit: the share of digit positions, aligned from the right, the answer gets right.
+
+    With the answer's digits ``p`` and the reference's ``y`` (both written without leading zeros), compared
+    from the last digit (units with units, tens with tens, ...)::
+
+        r = #{i >= 1 : p[-i] == y[-i]} / max(len(p), len(y))        0.0 when the completion is not an integer
+
+    so an exact answer scores 1 and a digit too many or too few costs like a wrong digit. For 122:
+    ``"122"`` -> 1, ``"132"`` -> 2/3, ``"22"`` -> 2/3, ``"1122"`` -> 3/4, ``"221"`` -> 1/3, ``"12x"`` -> 0.
+    Exact match (:func:`accuracy_reward`) stays the evaluation metric; this one grades the wrong answers
+    so that a group of G wrong samples still has a signal.
+    """
+    _check_lengths(completions, prompts=prompts, answer=answer)
+    rewards = []
+    for row, (completion, reference) in enumerate(zip(completions, answer)):
+        predicted, expected = extract_answer(completion), str(_reference_integer(reference, row))
+        if predicted is None:
+            rewards.append(0.0)
+            continue
+        predicted = str(int(predicted))
+        matches = sum(p == y for p, y in zip(reversed(predicted), reversed(expected)))
+        rewards.append(matches / max(len(predicted), len(expected)))
+    return rewards
+
+
 def exact_match(prompts, completions, answer=None, completion=None, chosen=None, label=None, **kwargs) -> list:
     """The toy task's evaluation metric: :func:`accuracy_reward` against the reference of any toy row format.
 

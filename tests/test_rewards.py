@@ -15,7 +15,7 @@ from rlcore.rewards import (
     build_reward_scorer,
     load_reward_function,
 )
-from rlcore.toy import accuracy_reward, format_reward
+from rlcore.toy import accuracy_reward, digit_reward, format_reward
 
 
 def constant(value):
@@ -41,6 +41,7 @@ def score(scorer, completions, **columns):
 def test_load_builtin_module_and_file_functions(tmp_path):
     assert load_reward_function("accuracy") == ("accuracy", accuracy_reward)
     assert load_reward_function(" format ") == ("format", format_reward)
+    assert load_reward_function("digits") == ("digits", digit_reward)
     assert load_reward_function("rlcore.toy:format_reward") == ("format_reward", format_reward)
     path = tmp_path / "my_rewards.py"
     path.write_text(

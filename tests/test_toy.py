@@ -11,6 +11,7 @@ from rlcore import toy
 from rlcore.toy import (
     TOY_KINDS,
     accuracy_reward,
+    digit_reward,
     extract_answer,
     format_reward,
     tiny_config,
@@ -149,6 +150,26 @@ def test_accuracy_and_format_rewards_by_hand():
         accuracy_reward(["a", "b"], ["1", "2"], ["1"])
     with pytest.raises(TypeError, match="a completion must be a str"):
         format_reward(["a"], [3])
+
+
+def test_digit_reward_by_hand():
+    # Reference 122, digits compared from the right over max(len(answer), len(reference)) positions:
+    #   "122" 3/3; "132" 1_2 right, tens wrong: 2/3; "22" units and tens right, hundreds missing: 2/3;
+    #   "1122" its last three are 122, the fourth has no partner: 3/4; "221" only the tens match: 1/3;
+    #   "0122" is the integer 122: 1; "999" 0/3; "12x" and "" are not integers: 0.
+    prompts = ["37+85="] * 9
+    completions = ["122", "132", "22", "1122", "221", [{"role": "assistant", "content": "0122"}], "999", "12x", ""]
+    rewards = digit_reward(prompts, completions, ["122"] * 9)
+    assert rewards == [1.0, 2 / 3, 2 / 3, 3 / 4, 1 / 3, 1.0, 0.0, 0.0, 0.0]
+    # reference 7: "7" 1, "17" units right, tens extra: 1/2, "8" 0; reference 1000, answer "100": units 0 = 0,
+    # tens 0 = 0, hundreds 1 != 0, thousands missing: 2/4
+    assert digit_reward(["p"] * 4, ["7", "17", "8", "100"], ["7", "7", "7", "1000"]) == [1.0, 0.5, 0.0, 0.5]
+    # an exact answer always scores 1, exactly where accuracy does
+    assert [r == 1.0 for r in rewards] == [a == 1.0 for a in accuracy_reward(prompts, completions, ["122"] * 9)]
+    with pytest.raises(ValueError, match="2 completions but 1 values in 'answer'"):
+        digit_reward(["a", "b"], ["1", "2"], ["1"])
+    with pytest.raises(ValueError, match="the reference of row 0"):
+        digit_reward(["a"], ["1"], ["x"])
 
 
 # ---------------------------------------------------------------- tokenizer
