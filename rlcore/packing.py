@@ -291,5 +291,3 @@ def pack_batch(
 
 def _fits(used: int, size: int, row_length: int | None) -> bool:
     return row_length is None or used + size <= row_length
-
-
