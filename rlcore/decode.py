@@ -169,6 +169,18 @@ def _rotate(heads: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) ->
     return heads * cos + flipped * sin_signed
 
 
+def _attend(query, keys, values, attention_mask, shape: _Shape) -> torch.Tensor:
+    """softmax(q k^T * scaling + mask) v for one new token per row: ``[N, K, H/K, D]`` queries (the H/K query
+    heads that share a key/value head stand where sdpa reads query positions), ``[N, K, L, D]`` keys and values,
+    ``[N, 1, 1, L]`` additive mask. Written out as two matmuls: on the CPU, sdpa's kernel (tiled for long
+    sequences) costs more on these few keys; the same attention up to float rounding. Elsewhere, and in other
+    dtypes than float32 (whose rounding the forward path's sdpa fixes), sdpa."""
+    if query.device.type != "cpu" or query.dtype != torch.float32:
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=attention_mask, scale=shape.scaling)
+    scores = torch.matmul(query, keys.transpose(-1, -2)).mul_(shape.scaling).add_(attention_mask)  # [N, K, H/K, L]
+    return torch.matmul(scores.softmax(dim=-1), values)  # [N, K, H/K, D]
+
+
 def _decode_token(layers, final, tokens, positions, attention_mask, keys, values, shape: _Shape):
     """The step as a pure function of tensors (see :meth:`LlamaDecodeStep.__call__`). ``final`` =
     (embedding, final norm, lm_head weight, lm_head bias, cos table, signed sin table)."""
@@ -184,13 +196,7 @@ def _decode_token(layers, final, tokens, positions, attention_mask, keys, values
         layer_keys.select(2, slot).copy_(query_key[:, -shape.kv_heads :])  # [N, K, D] into slot
         layer_values.select(2, slot).copy_(heads[:, -shape.kv_heads :])
         query = query_key[:, : -shape.kv_heads].unflatten(1, (shape.kv_heads, shape.group))  # [N, K, H/K, D]
-        attended = F.scaled_dot_product_attention(
-            query,
-            layer_keys[:, :, : slot + 1],
-            layer_values[:, :, : slot + 1],
-            attn_mask=attention_mask,
-            scale=shape.scaling,
-        )  # [N, K, H/K, D]
+        attended = _attend(query, layer_keys[:, :, : slot + 1], layer_values[:, :, : slot + 1], attention_mask, shape)
         x = x + _linear(attended.reshape(num_rows, query_width), layer.o_weight, layer.o_bias)
         normed = _rms_norm(x, layer.norm_post, shape.eps)
         gate, up = (

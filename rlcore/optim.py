@@ -56,7 +56,10 @@ def build_optimizer(
     scales (1-d) are not decayed. Frozen parameters (``requires_grad=False``, e.g. a LoRA base) are left out.
     ``extra_groups`` are optimizer parameter groups with their own settings (e.g. a new head at its own
     ``lr``), placed after the default groups; their parameters are left out of the default groups.
-    On CUDA the fused kernel is used. ``master_weights="float32"`` (torch's AdamW only) updates float32
+    torch's AdamW runs its fused kernel (one multi-tensor update instead of a loop over the parameters) where
+    every parameter is a plain tensor on CUDA or every one on the CPU: the same update, equal to the per-tensor
+    loop up to float rounding (a few ulps), and cheaper on the CPU too (docs/results.md, "Comparison with TRL").
+    ``master_weights="float32"`` (torch's AdamW only) updates float32
     copies of bfloat16/float16 parameters (:class:`MasterWeightAdamW`).
     """
     own = {id(p) for group in extra_groups for p in group["params"]}
@@ -75,9 +78,16 @@ def build_optimizer(
         raise ValueError(f"unknown optimizer {kind!r}; expected one of {OPTIMIZERS}")
     if master_weights not in (None, "float32"):
         raise ValueError(f"master_weights must be None or 'float32', got {master_weights!r}")
-    fused = all(p.is_cuda for group in groups for p in group["params"])
     adamw = MasterWeightAdamW if master_weights == "float32" else torch.optim.AdamW
-    return adamw(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+    return adamw(groups, lr=lr, betas=betas, eps=eps, fused=_fusable([p for g in groups for p in g["params"]]) or None)
+
+
+def _fusable(parameters: Sequence[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW takes these parameters: all on CUDA (DTensor shards included, as FSDP2 makes
+    them), or all plain floating-point tensors on the CPU (not DTensor: its CPU fused path is not used here)."""
+    if all(p.is_cuda for p in parameters):
+        return True
+    return all(p.device.type == "cpu" and p.is_floating_point() and not hasattr(p, "device_mesh") for p in parameters)
 
 
 class MasterWeightAdamW(torch.optim.AdamW):

@@ -217,63 +217,65 @@ def pack_batch(
         raise ValueError("input_ids, attention_mask and score_mask must all be [B, T]")
     if (groups is None) != (prompt_mask is None):
         raise ValueError("pack_batch: groups and prompt_mask go together")
-    ids, real, scored = input_ids.cpu(), attention_mask.cpu().bool(), score_mask.cpu().bool()
+    real, scored = attention_mask.cpu().bool(), score_mask.cpu().bool()
     if bool((scored & ~real).any()):
         raise ValueError("pack_batch: score_mask marks a padding token")
     prompt = prompt_mask.cpu().bool() if prompt_mask is not None else torch.zeros_like(real)
+    # the layout is built on python lists (one tensor per field at the end): per-row tensor ops cost more here
+    ids, real, scored, prompt = (x.tolist() for x in (input_ids.cpu(), real, scored, prompt))
     group_of = groups.cpu().tolist() if groups is not None else list(range(len(ids)))
     members: dict[int, list[int]] = {}
     for row, group in enumerate(group_of):
         members.setdefault(group, []).append(row)
 
-    tokens, segments, prefixes = [], [], []  # per packed row: lists of 1D tensors
+    tokens, segments, prefixes = [], [], []  # per packed row: flat lists of token ids, segment ids, prefix ids
+    segment_count: list[int] = []  # per packed row: segments placed so far
     positions, targets, sources = [], [], []
 
-    def add(target: int, part: torch.Tensor, prefix: int) -> None:  # a new segment at the end of row `target`
-        tokens[target].append(part)
-        segments[target].append(torch.full_like(part, len(segments[target])))
-        prefixes[target].append(torch.full_like(part, prefix))
+    def add(target: int, part: list[int], prefix: int) -> None:  # a new segment at the end of row `target`
+        tokens[target] += part
+        segments[target] += [segment_count[target]] * len(part)
+        prefixes[target] += [prefix] * len(part)
+        segment_count[target] += 1
 
     for rows in members.values():
-        shared = ids[rows[0]][prompt[rows[0]]]  # [Lp] the group's prompt (empty without groups: nothing shared)
-        size = int(real[rows].sum()) - (len(rows) - 1) * len(shared)  # the group's packed tokens
-        used = [sum(map(len, row_tokens)) for row_tokens in tokens]
-        fits = [r for r, n in enumerate(used) if padding_free and (row_length is None or n + size <= row_length)]
+        shared = [t for t, in_prompt in zip(ids[rows[0]], prompt[rows[0]]) if in_prompt]  # the group's prompt
+        size = sum(sum(real[row]) for row in rows) - (len(rows) - 1) * len(shared)  # the group's packed tokens
+        fits = [r for r, row_tokens in enumerate(tokens) if padding_free and _fits(len(row_tokens), size, row_length)]
         target = fits[0] if fits else len(tokens)  # first fit
         if target == len(tokens):
-            tokens.append([]), segments.append([]), prefixes.append([])
-        offset = used[target] if target < len(used) else 0  # where the group starts in its row
+            tokens.append([]), segments.append([]), prefixes.append([]), segment_count.append(0)
+        offset = len(tokens[target])  # where the group starts in its row
 
-        if len(shared):
-            prompt_segment, prompt_offset = len(segments[target]), offset
+        if shared:
+            prompt_segment, prompt_offset = segment_count[target], offset
             add(target, shared, -1)
             offset += len(shared)
+        own = len(shared)
         for row in rows:
-            columns = real[row].nonzero().squeeze(1)  # [n_b] the row's real columns
-            sequence, own = ids[row][columns], len(shared)
+            columns = [c for c, is_real in enumerate(real[row]) if is_real]  # the row's real columns
+            sequence = [ids[row][c] for c in columns]
             if own and not (
-                int(prompt[row].sum()) == own
-                and bool(prompt[row][columns[:own]].all())
-                and torch.equal(sequence[:own], shared)
+                sum(prompt[row]) == own and all(prompt[row][c] for c in columns[:own]) and sequence[:own] == shared
             ):
                 raise ValueError(f"pack_batch: row {row} does not start with the prompt of row {rows[0]} (same group)")
             rest = sequence[own:]
-            location = torch.arange(offset, offset + len(rest))  # packed columns of the row's own tokens
-            if own:
-                location = torch.cat([torch.arange(prompt_offset, prompt_offset + own), location])
-            wanted = scored[row][columns].nonzero().squeeze(1)  # [m] indices into the row's sequence
-            if len(wanted) and int(wanted[0]) == 0:
+            location = list(range(prompt_offset, prompt_offset + own)) if own else []
+            location += range(offset, offset + len(rest))  # packed columns of the row's tokens
+            wanted = [i for i, c in enumerate(columns) if scored[row][c]]  # indices into the row's sequence
+            if wanted and wanted[0] == 0:
                 raise ValueError(f"pack_batch: row {row}'s first token is scored, but nothing precedes it")
-            positions.append(torch.stack([torch.full_like(wanted, target), location[wanted - 1]], dim=1))
-            targets.append(sequence[wanted])
-            sources.append(torch.stack([torch.full_like(wanted, row), columns[wanted]], dim=1))
-            if len(rest):
+            positions += [(target, location[i - 1]) for i in wanted]
+            targets += [sequence[i] for i in wanted]
+            sources += [(row, columns[i]) for i in wanted]
+            if rest:
                 add(target, rest, prompt_segment if own else -1)
                 offset += len(rest)
 
-    def padded(parts: list[list[torch.Tensor]], fill: int) -> torch.Tensor:
-        rows = [torch.cat(part) if part else torch.zeros(0, dtype=torch.long) for part in parts]
-        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=fill)  # [R, L]
+    width = max(map(len, tokens), default=0)
+
+    def padded(parts: list[list[int]], fill: int) -> torch.Tensor:
+        return torch.tensor([part + [fill] * (width - len(part)) for part in parts], dtype=input_ids.dtype)  # [R, L]
 
     segment_ids, prefix_ids = padded(segments, -1), padded(prefixes, -1)
     return PackedBatch(
@@ -281,7 +283,11 @@ def pack_batch(
         segment_ids=segment_ids,
         prefix_ids=prefix_ids,
         position_ids=segment_position_ids(segment_ids, prefix_ids),
-        positions=torch.cat(positions),
-        targets=torch.cat(targets),
-        sources=torch.cat(sources),
+        positions=torch.tensor(positions, dtype=torch.long).view(-1, 2),
+        targets=torch.tensor(targets, dtype=input_ids.dtype),
+        sources=torch.tensor(sources, dtype=torch.long).view(-1, 2),
     )
+
+
+def _fits(used: int, size: int, row_length: int | None) -> bool:
+    return row_length is None or used + size <= row_length

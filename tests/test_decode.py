@@ -13,7 +13,7 @@ from helpers import PAD, VOCAB, ragged_prompts, small_qwen2_config
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2ForCausalLM
 
 from rlcore import gather_logprobs
-from rlcore.decode import native_decode_unsupported
+from rlcore.decode import _attend, _Shape, native_decode_unsupported
 from rlcore.lora import apply_lora
 from rlcore.rollout import generate
 from rlcore.toy import tiny_model
@@ -184,3 +184,20 @@ def test_step_norm_is_transformers_bit_for_bit_and_matmuls_within_rounding(dtype
         tolerance = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
         torch.testing.assert_close(_linear(x, _operand(linear.weight), linear.bias), linear(x), **tolerance)
         torch.testing.assert_close(_linear(x, _operand(linear.weight), None), x @ linear.weight.T, **tolerance)
+
+
+def test_cpu_attention_of_the_step_equals_sdpa():
+    """The float32 CPU step attends with two matmuls and a softmax: sdpa's values within rounding, masked
+    slots (-inf) left out, for grouped queries (2 query heads per key/value head)."""
+    generator = torch.Generator().manual_seed(0)
+    query, keys, values = (
+        torch.randn(shape, generator=generator) for shape in ((5, 2, 2, 8), (5, 2, 7, 8), (5, 2, 7, 8))
+    )
+    mask = torch.zeros(5, 1, 1, 7)
+    mask[1, ..., :3] = float("-inf")  # left padding of row 1
+    shape = _Shape(kv_heads=2, group=2, head_dim=8, scaling=8**-0.5, eps=1e-5)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=8**-0.5)
+    torch.testing.assert_close(_attend(query, keys, values, mask, shape), expected, rtol=1e-5, atol=1e-6)
+    shifted = keys.clone()
+    shifted[1, :, :3] += 100.0  # row 1's masked slots change nothing
+    torch.testing.assert_close(_attend(query, shifted, values, mask, shape), _attend(query, keys, values, mask, shape))

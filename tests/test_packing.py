@@ -278,6 +278,27 @@ def test_pack_batch_layout_and_bad_groups():
         packing.pack_batch(batch["input_ids"], batch["attention_mask"], batch["completion_mask"], wrong, prompt_mask)
 
 
+def test_pack_batch_of_a_left_padded_rollout_by_hand():
+    """GRPO's layout: left-padded prompts, right-padded completions, G = 2 rows per prompt; one completion of
+    one token, one empty. Each group becomes [prompt, completion_1, completion_2]; an empty completion adds
+    nothing; the first completion token is predicted by the prompt's last position."""
+    input_ids = torch.tensor([[0, 5, 6, 7, 1], [0, 5, 6, 8, 0], [9, 10, 11, 12, 1], [9, 10, 11, 0, 0]])
+    attention_mask = torch.tensor([[0, 1, 1, 1, 1], [0, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    prompt_mask = attention_mask * (torch.arange(5) < 3)
+    score_mask = attention_mask - prompt_mask
+    packed = packing.pack_batch(input_ids, attention_mask, score_mask, torch.tensor([0, 0, 1, 1]), prompt_mask)
+    assert packed.input_ids.tolist() == [[5, 6, 7, 1, 8], [9, 10, 11, 12, 1]]
+    assert packed.segment_ids.tolist() == [[0, 0, 1, 1, 2], [0, 0, 0, 1, 1]]
+    assert packed.prefix_ids.tolist() == [[-1, -1, 0, 0, 0], [-1, -1, -1, 0, 0]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 2], [0, 1, 2, 3, 4]]  # completions continue the prompt
+    assert packed.positions.tolist() == [[0, 1], [0, 2], [0, 1], [1, 2], [1, 3]]
+    assert packed.targets.tolist() == [7, 1, 8, 12, 1]
+    assert packed.sources.tolist() == [[0, 3], [0, 4], [1, 3], [2, 3], [2, 4]]
+    assert packed.positions.dtype == packed.sources.dtype == packed.targets.dtype == torch.long
+    nothing = packing.pack_batch(input_ids, attention_mask, torch.zeros_like(score_mask))  # nothing scored
+    assert nothing.positions.shape == (0, 2) and nothing.targets.shape == (0,) and nothing.input_ids.shape == (4, 5)
+
+
 # ------------------------------------------------------------------------------------------------ recipes
 
 

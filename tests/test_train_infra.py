@@ -157,6 +157,32 @@ def test_optimizer_decays_only_matrices_and_skips_frozen():
         build_optimizer(model, lr=1e-3)
 
 
+def test_optimizer_is_fused_on_cpu_and_updates_as_the_per_tensor_loop():
+    """On the CPU build_optimizer takes torch's fused AdamW; five steps of it equal the per-tensor loop
+    (foreach=False, fused=False) with the same groups up to float rounding."""
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 3)) for _ in "ab"]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = build_optimizer(models[0], lr=1e-2, weight_decay=0.1, betas=(0.9, 0.99))
+    assert fused.defaults["fused"] is True
+    start = [p.detach().clone() for p in models[0].parameters()]
+    parameters = list(models[1].parameters())
+    groups = [
+        {"params": [p for p in parameters if p.ndim >= 2], "weight_decay": 0.1},
+        {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    loop = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.99), foreach=False, fused=False)
+    for step in range(5):
+        for model, optimizer in zip(models, (fused, loop)):
+            generator = torch.Generator().manual_seed(step)
+            for parameter in model.parameters():
+                parameter.grad = torch.randn(parameter.shape, generator=generator)
+            optimizer.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert all((p - p0).abs().max() > 1e-3 for p, p0 in zip(models[0].parameters(), start))  # they did move
+
+
 def test_optimizer_step_clips_and_returns_the_norm():
     parameter = torch.nn.Parameter(torch.zeros(2))
     optimizer = torch.optim.SGD([parameter], lr=1.0)
