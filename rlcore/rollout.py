@@ -371,18 +371,21 @@ def _decode_step(model, input_ids, position_ids, attention_mask, cache, cache_ar
     return output.logits[:, -1]
 
 
-_compiled_decode_step = None
+_compiled_decode_steps: dict[str, object] = {}
 
 
-def _compiled_step(*args) -> torch.Tensor:
-    """``_decode_step`` compiled once per process (CUDA graphs on CUDA; fixed shapes, so a new batch size or
-    cache length compiles again). The logits of the previous step are dead by the time this runs, which
-    ``cudagraph_mark_step_begin`` tells the CUDA-graph runtime so that it may reuse their memory."""
-    global _compiled_decode_step
-    if _compiled_decode_step is None:
-        _compiled_decode_step = torch.compile(_decode_step, mode="reduce-overhead", dynamic=False)
-    torch.compiler.cudagraph_mark_step_begin()
-    return _compiled_decode_step(*args)
+def _compiled_step(model, *args) -> torch.Tensor:
+    """``_decode_step`` compiled once per process and device type, with fixed shapes (a new batch size or
+    cache length compiles again). On CUDA, mode ``reduce-overhead`` (CUDA graphs): the logits of the
+    previous step are dead by the time this runs, which ``cudagraph_mark_step_begin`` tells the CUDA-graph
+    runtime so that it may reuse their memory. Elsewhere the default mode (inductor's C++ on CPU)."""
+    device_type = next(model.parameters()).device.type
+    if device_type not in _compiled_decode_steps:
+        mode = "reduce-overhead" if device_type == "cuda" else "default"
+        _compiled_decode_steps[device_type] = torch.compile(_decode_step, mode=mode, dynamic=False)
+    if device_type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()
+    return _compiled_decode_steps[device_type](model, *args)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -519,10 +522,14 @@ def generate(
     total_len = prompt_ids.shape[1] + max_new_tokens
     _check_attention_span(model, total_len)
     compile = on_cuda and static_cache if compile is None else compile
-    if compile and not static_cache:
-        raise ValueError("compile=True needs static_cache=True (a compiled step needs fixed shapes)")
     native_step = _use_native_step(model, native_step, static_cache)
-    max_len = -(-total_len // 64) * 64 if compile else total_len  # cache slots
+    if compile and not (static_cache or native_step):
+        reason = native_decode_unsupported(model) or "native_step=False"
+        raise ValueError(
+            f"compile=True with the growing cache compiles the native decode step, but {reason}; "
+            "pass static_cache=True to compile the model's forward instead"
+        )
+    max_len = -(-total_len // 64) * 64 if compile and static_cache else total_len  # cache slots
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator, draws=draws)
     eos = torch.tensor(eos_token_ids, device=prompt_ids.device, dtype=torch.long)
 
@@ -560,7 +567,7 @@ def _step_function(model, cache, native_step: bool, compile: bool):
     [N, V]``, and whether its mask is the ready ``[N, 1, 1, L]`` float mask (else the 2-D boolean one)."""
     if native_step:
         native = LlamaDecodeStep(
-            model, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+            model, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], compile=compile
         )
         return lambda tokens, positions, mask: native(tokens[:, 0], positions[:, 0], mask), True
     model_step, cache_argument = _compiled_step if compile else _decode_step, _cache_argument(model)
