@@ -12,11 +12,14 @@ CPU (the default; random-weight models, nothing downloaded):
     python benchmarks/generate.py --models tiny --batch-sizes 64 --repeats 5
     python benchmarks/generate.py --threads 1 --clock process   # steadier when others share the cores
     python benchmarks/generate.py --forward-step   # also rlcore through the model's forward, not the native step
-    python benchmarks/generate.py --linear-floor   # also the bound set by the model's matmuls alone
+    python benchmarks/generate.py --linear-floor   # also the bounds set by the model's matmuls alone
     python benchmarks/generate.py --compile        # also generate(compile=True): the native step compiled
     python benchmarks/generate.py --compile-static # also the model's forward compiled over the static cache
 
 "rlcore" is the default ``generate``: on CPU, the native decode step (rlcore.decode) for these Llama models.
+The bounds: "linear layers only" times the model's ``nn.Linear`` layers on ``[batch, in]`` inputs, once per
+decode step; "linear + prefill" adds them once over the prompts (``[batch * prompt_len, in]``), which
+every contender also runs. Each prints the share of it that each rlcore contender reaches.
 
 GPU (a Qwen2.5-0.5B-shaped model with random bf16 weights; reports eager and compiled decoding, compile
 warm-up timed apart, and batch-1 decode bandwidth utilisation):

@@ -308,12 +308,13 @@ _compiled_decode_token = None
 
 def compiled_decode_token():
     """``torch.compile`` of the step (default mode: inductor's C++ on CPU, Triton on CUDA), made once per
-    process. Dynamo keeps one compiled graph per model shape and batch size; the cache length (the
-    buffers' and the mask's slot dimension, the rotary tables' rows) is dynamic, so neither the step nor a
-    new prompt length recompiles."""
+    process. Only the cache length (the buffers' and the mask's slot dimension, the rotary tables' rows) is
+    dynamic, so neither the next step nor a new prompt length recompiles; every other size is static
+    (``dynamic=False``): a new model shape or batch size compiles a graph of its own, never a slower
+    shape-generic one (dynamo's recompile limit, 8 graphs, applies; beyond it the step runs eager)."""
     global _compiled_decode_token
     if _compiled_decode_token is None:
-        _compiled_decode_token = torch.compile(_decode_token_by_reductions)
+        _compiled_decode_token = torch.compile(_decode_token_by_reductions, dynamic=False)
     return _compiled_decode_token
 
 

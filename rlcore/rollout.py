@@ -16,9 +16,11 @@ How it runs (following gpt-fast's ``generate.py`` and nanochat's ``engine.py``):
 
    - *growing* (default on CPU): buffers ``[N, kv_heads, P + max_new_tokens, head_dim]`` allocated once;
      attention reads only the filled prefix (a view), and a step writes one slot. transformers'
-     ``DynamicCache`` instead concatenates (copies) the whole cache at every step.
+     ``DynamicCache`` instead concatenates (copies) the whole cache at every step. With ``compile=True``
+     the native step (below) is compiled with the cache length dynamic (``rlcore.decode``).
    - *static* (default on CUDA): transformers' ``StaticCache``, fixed shapes, so the one-token decode step
-     can be compiled with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs). Attention then reads
+     can be compiled with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs; the default mode on
+     CPU, where it measured slower than the eager native step, docs/results.md). Attention then reads
      every slot and masks the empty ones. (Under ``torch.compile`` transformers' sdpa integration repeats
      grouped key/value heads (``repeat_kv``) whenever a mask is given, a copy of the cache per layer and
      step that grows with batch x cache length; eager decoding attends on the grouped heads directly.)
@@ -485,10 +487,15 @@ def generate(
             of a batch of ``total`` rows would (``rlcore.distributed.sampling_draws``).
         static_cache: transformers' ``StaticCache`` (fixed shapes) instead of the growing cache.
             Default: on CUDA only.
-        compile: decode with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs on CUDA); needs
-            ``static_cache``. Default: on CUDA only. The first calls for a new batch size or length
-            compile (slow); the cache is then kept between calls (``release_static_caches()`` frees it)
-            and its length rounded up to a multiple of 64 so that new prompt lengths rarely recompile.
+        compile: decode through ``torch.compile``. With ``static_cache``: the model's forward, fixed
+            shapes, ``mode="reduce-overhead"`` (CUDA graphs) on CUDA and the default mode elsewhere; the
+            first calls for a new batch size or length compile, the cache is then kept between calls
+            (``release_static_caches()`` frees it) and its length rounded up to a multiple of 64 so that
+            new prompt lengths rarely recompile. With the growing cache (CPU's default): the native step
+            (:func:`rlcore.decode.compiled_decode_token`; inductor's C++ on CPU), compiled once per model
+            shape and batch size, whatever the prompt length; it needs the native step. Default: on CUDA
+            only. Compiling takes tens of seconds to minutes on CPU (docs/results.md, "Compiling the
+            decode step on CPU").
         native_step: decode with :class:`rlcore.decode.LlamaDecodeStep` (the model's own weights, a few
             tensor ops per layer) instead of the model's forward. Default: whenever the model supports it
             (:func:`rlcore.decode.native_decode_unsupported`: plain Llama/Qwen2 layers, no adapters or
