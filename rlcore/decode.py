@@ -49,8 +49,9 @@ its arguments once and runs it eager, or with ``compile=True`` through ``torch.c
 C++ loops on CPU). The compiled step keeps the growing cache: the cache length is marked dynamic, so one
 compilation serves every step and every prompt length (a new batch size compiles again), and attention
 is written as two reductions (:func:`_attend_by_reductions`) that inductor fuses into loops, instead of
-sdpa's CPU kernel. (An earlier fixed-shape variant, attention over every cache slot, gained nothing
-measurable at batch 64: it read the empty slots too.)
+sdpa's CPU kernel. Figures, compile cost and when it pays: docs/results.md, "Compiling the decode step on
+CPU". (An earlier fixed-shape variant, attention over every cache slot, masked, gained nothing measurable
+at batch 64.)
 
 Supported (:func:`native_decode_unsupported` says why not otherwise): exactly ``LlamaForCausalLM`` or
 ``Qwen2ForCausalLM``, plain ``nn.Linear``/``nn.Embedding`` layers (LoRA-wrapped or quantised layers are
@@ -177,7 +178,7 @@ def _attend_by_reductions(query, keys, values, attn_mask, scale):
 
     The same function as ``F.scaled_dot_product_attention(query, keys, values, attn_mask=attn_mask,
     scale=scale)`` (softmax in float32 at least), for a compiled step: inductor fuses the scores, the softmax and the
-    weighted sum into loops over the cache, where sdpa's CPU kernel runs small matmuls per head. Eager, the
+    weighted sum into loops over the cache, where sdpa's CPU kernel runs small matmuls per head and block. Eager, the
     broadcast products would be materialised: the eager step keeps sdpa.
 
     Args:
