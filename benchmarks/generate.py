@@ -12,9 +12,14 @@ CPU (the default; random-weight models, nothing downloaded):
     python benchmarks/generate.py --models tiny --batch-sizes 64 --repeats 5
     python benchmarks/generate.py --threads 1 --clock process   # steadier when others share the cores
     python benchmarks/generate.py --forward-step   # also rlcore through the model's forward, not the native step
-    python benchmarks/generate.py --linear-floor   # also the bound set by the model's matmuls alone
+    python benchmarks/generate.py --linear-floor   # also the bounds set by the model's matmuls alone
+    python benchmarks/generate.py --compile        # also generate(compile=True): the native step compiled
+    python benchmarks/generate.py --compile-static # also the model's forward compiled over the static cache
 
 "rlcore" is the default ``generate``: on CPU, the native decode step (rlcore.decode) for these Llama models.
+The bounds: "linear layers only" times the model's ``nn.Linear`` layers on ``[batch, in]`` inputs, once per
+decode step; "linear + prefill" adds them once over the prompts (``[batch * prompt_len, in]``), which
+every contender also runs. Each prints the share of it that each rlcore contender reaches.
 
 GPU (a Qwen2.5-0.5B-shaped model with random bf16 weights; reports eager and compiled decoding, compile
 warm-up timed apart, and batch-1 decode bandwidth utilisation):
@@ -123,8 +128,10 @@ def contenders(model, ids, mask, new_tokens: int, args) -> dict:
     runs = {"model.generate": hf, "rlcore": rlcore(args.device == "cuda", False)}
     if args.forward_step:
         runs["rlcore model fwd"] = rlcore(args.device == "cuda", False, native_step=False)
-    if args.compile:
-        runs["rlcore compiled"] = rlcore(True, True)
+    if args.compile:  # CUDA: the static cache and CUDA graphs; CPU: the native step compiled (inductor C++)
+        runs["rlcore compiled"] = rlcore(args.device == "cuda", True)
+    if args.compile_static:
+        runs["rlcore static+comp"] = rlcore(True, True)
     return runs
 
 
@@ -137,23 +144,32 @@ def copy_bandwidth(device: str) -> float:
     return 2 * source.numel() * source.element_size() / seconds
 
 
-def linear_floor(model, batch: int, device: str, repeats: int, clock: str = "wall") -> float:
-    """Seconds per decode step of the model's ``nn.Linear`` layers alone, on ``[batch, in]`` inputs.
+def linear_floor(model, batch: int, device: str, repeats: int, clock: str = "wall", prompt_len: int = 0) -> float:
+    """Seconds of the model's ``nn.Linear`` layers alone: per decode step, on ``[batch, in]`` inputs; or,
+    with ``prompt_len``, for the prefill of ``batch`` prompts of that length (every layer on
+    ``[batch * prompt_len, in]``, the LM head on ``[batch, in]``: rlcore's prefill keeps the last position's
+    logits only).
 
-    Every decoder that runs the same matmuls eagerly spends at least this per token step, so
-    ``batch / floor`` bounds its tokens per second (printed as the "linear layers only" row).
+    Every decoder that runs the same matmuls eagerly spends at least this, so ``batch / floor`` bounds its
+    tokens per second over the decode steps (the "linear layers only" row), and
+    ``batch * new_tokens / (prefill floor + new_tokens * floor)`` over the whole call ("linear + prefill").
     """
+    head = model.get_output_embeddings()
     linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
-    inputs = [torch.randn(batch, linear.in_features, device=device, dtype=linear.weight.dtype) for linear in linears]
+    rows = [batch if prompt_len == 0 or linear is head else batch * prompt_len for linear in linears]
+    inputs = [
+        torch.randn(n, linear.in_features, device=device, dtype=linear.weight.dtype) for n, linear in zip(rows, linears)
+    ]
+    calls = 20 if prompt_len == 0 else 2
 
-    def twenty_steps():
-        for _ in range(20):
+    def several_steps():
+        for _ in range(calls):
             for linear, x in zip(linears, inputs):
                 linear(x)
 
     with torch.no_grad():
-        twenty_steps()  # warm-up
-        return statistics.median(timed(twenty_steps, device, clock) / 20 for _ in range(repeats))
+        several_steps()  # warm-up
+        return statistics.median(timed(several_steps, device, clock) / calls for _ in range(repeats))
 
 
 def bytes_per_step(model, prompt_len: int, new_tokens: int) -> float:
@@ -175,7 +191,16 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="also time the compiled static-cache decode step")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time generate(compile=True): on CUDA the static cache with CUDA graphs, on CPU the native step compiled",
+    )
+    parser.add_argument(
+        "--compile-static",
+        action="store_true",
+        help="also time the model's forward compiled over the static cache (generate(static_cache=True, compile=True))",
+    )
     parser.add_argument(
         "--forward-step",
         action="store_true",
@@ -222,16 +247,27 @@ def main() -> None:
                     line += (
                         f"  {bytes_per_step(model, args.prompt_len, args.new_tokens) / step_seconds / bandwidth:>6.1%}"
                     )
-                if label == "rlcore compiled":
+                if "comp" in label:
                     line += f"  (warm-up incl. compile {warmup[label]:.1f}s)"
                 print(line, flush=True)
             if args.linear_floor:
                 floor = linear_floor(model, batch, args.device, args.repeats, args.clock)
-                print(
-                    f"{name:<22}{batch:>6}  {'linear layers only':<18}{batch / floor:>10.0f}"
-                    f"{baseline / (floor * args.new_tokens):>12.2f}x",
-                    flush=True,
-                )
+                prefill = linear_floor(model, batch, args.device, args.repeats, args.clock, args.prompt_len)
+                bounds = {
+                    "linear layers only": floor * args.new_tokens,
+                    "linear + prefill": prefill + floor * args.new_tokens,
+                }
+                for label, bound in bounds.items():
+                    shares = ", ".join(
+                        f"{run} {bound / statistics.median(times):.0%}"
+                        for run, times in seconds.items()
+                        if "rlcore" in run
+                    )
+                    print(
+                        f"{name:<22}{batch:>6}  {label:<18}{batch * args.new_tokens / bound:>10.0f}"
+                        f"{baseline / bound:>12.2f}x  (of it: {shares})",
+                        flush=True,
+                    )
         release_static_caches()
 
 

@@ -193,10 +193,10 @@ def decode_part(plan, table: Table, smoke_compile: bool) -> None:
     table.add("decode", "device-to-device copy bandwidth", bandwidth / 1e9, "GB/s", "clone, read + write")
     model = generate.build_model(plan.decode_model, plan.device)
     compiled = plan.compile_decode or smoke_compile
-    arguments = SimpleNamespace(device=plan.device, forward_step=False, compile=compiled)
+    arguments = SimpleNamespace(device=plan.device, forward_step=False, compile=False, compile_static=compiled)
     labels = {
         "rlcore": "rlcore eager" + (" (static cache)" if plan.device == "cuda" else ""),
-        "rlcore compiled": "rlcore static cache + compiled step"
+        "rlcore static+comp": "rlcore static cache + compiled step"
         + (" (CUDA graphs)" if plan.device == "cuda" else " (no graphs: CPU)"),
         "model.generate": "model.generate",
     }
@@ -217,7 +217,7 @@ def decode_part(plan, table: Table, smoke_compile: bool) -> None:
                     table.add("decode", f"batch-1 decode / HBM bound, {name}", None, "fraction", reason)
                 continue
             median = statistics.median(seconds[label])
-            note = f"warm-up incl. compile {warmup[label]:.1f} s" if label == "rlcore compiled" else ""
+            note = f"warm-up incl. compile {warmup[label]:.1f} s" if label == "rlcore static+comp" else ""
             table.add("decode", row, batch * plan.new_tokens / median, "tokens/s", note)
             if batch == 1:
                 step_bytes = generate.bytes_per_step(model, plan.prompt_len, plan.new_tokens)

@@ -13,6 +13,11 @@ process time per step is printed beside them for scale.
     python benchmarks/profile_decode.py                     # tiny and 20m, batch 64, one thread
     python benchmarks/profile_decode.py --models 20m --batch-size 16
     python benchmarks/profile_decode.py --matmuls           # also: F.linear against x @ W^T (contiguous)
+    python benchmarks/profile_decode.py --compile           # the compiled step (generate(compile=True))
+
+With ``--compile`` the step's ops run inside one compiled graph: its matmuls and the fused C++ kernels
+(inductor's, named ``graph_*_cpp_fused_*``; the attention kernel is the one whose name has ``softmax``)
+are split out as above, and the graph's own Python (guards, wrapper) is the rest of the step.
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ def instrument() -> None:
 
 
 def category(op_name: str) -> str:
+    if "cpp_fused" in op_name:
+        return "attention over the cache" if "softmax" in op_name else "small ops"
     if op_name in MATMULS:
         return "matmuls"
     if op_name in ATTENTION:
@@ -70,14 +77,28 @@ def category(op_name: str) -> str:
     return "small ops"
 
 
+def called_by_step(event) -> bool:
+    """An op of the step itself: a direct child of the step's scope (eager), or of the compiled graph's
+    call inside it (``--compile``); ops nested in those are counted with their caller."""
+    parent = event.cpu_parent
+    if parent is None:
+        return False
+    if parent.name == "decode step":
+        return event.name.startswith("aten::")
+    if not parent.name.startswith("## Call CompiledFxGraph"):
+        return False
+    while parent is not None and parent.name != "decode step":
+        parent = parent.cpu_parent
+    return parent is not None
+
+
 def breakdown(events, total_us: float, steps: int) -> dict[str, float]:
     """Microseconds per decode step of each scope, and of each category of the step's own ops."""
     per_step = defaultdict(float)
     for event in events:
         if event.name in SCOPES:
             per_step[event.name] += event.cpu_time_total
-        parent = event.cpu_parent
-        if parent is not None and parent.name == "decode step":
+        if called_by_step(event):
             per_step["  " + category(event.name)] += event.cpu_time_total
     inside = sum(value for key, value in per_step.items() if key.startswith("  "))
     per_step["  Python (step time outside ops)"] = per_step["decode step"] - inside
@@ -85,12 +106,12 @@ def breakdown(events, total_us: float, steps: int) -> dict[str, float]:
     return {key: value / steps for key, value in per_step.items()}
 
 
-def profile_model(name: str, batch: int, new_tokens: int) -> None:
+def profile_model(name: str, batch: int, new_tokens: int, compile: bool = False) -> None:
     model = build_model(name, "cpu")
     ids, mask = ragged_prompts(batch, 32, model.config.vocab_size, "cpu")
 
     def run():
-        rollout.generate(model, ids, mask, max_new_tokens=new_tokens, eos_token_ids=[], pad_token_id=0)
+        rollout.generate(model, ids, mask, max_new_tokens=new_tokens, eos_token_ids=[], pad_token_id=0, compile=compile)
 
     run()
     seconds = []
@@ -137,14 +158,19 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--matmuls", action="store_true", help="also time F.linear against x @ W^T (contiguous)")
+    parser.add_argument("--compile", action="store_true", help="profile generate(compile=True), the compiled step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.compile:  # inductor's C++ kernels show up in the profile under their names
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True
     print(
         f"threads={torch.get_num_threads()} torch={torch.__version__} batch={args.batch_size} new_tokens={args.new_tokens}"
     )
     instrument()
     for name in args.models:
-        profile_model(name, args.batch_size, args.new_tokens)
+        profile_model(name, args.batch_size, args.new_tokens, args.compile)
     if args.matmuls:
         compare_matmuls(args.batch_size)
 

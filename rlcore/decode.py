@@ -45,9 +45,13 @@ Where the ops go:
   buffers and attends over a view of the filled slots: nothing is concatenated or reallocated.
 
 The computation is :func:`_decode_token`, a pure function of tensors; :class:`LlamaDecodeStep` gathers
-its arguments once. It runs eager: ``torch.compile`` of a fixed-shape variant (attention over every cache
-slot, masked) took ~15 s to compile on CPU and gained nothing measurable at batch 64 (1.44x vs 1.41x
-``model.generate`` on the tiny model, one thread).
+its arguments once and runs it eager, or with ``compile=True`` through ``torch.compile`` (inductor: fused
+C++ loops on CPU). The compiled step keeps the growing cache: the cache length is marked dynamic, so one
+compilation serves every step and every prompt length (a new batch size compiles again), and attention
+is written as two reductions (:func:`_attend_by_reductions`) that inductor fuses into loops, instead of
+sdpa's CPU kernel. Figures, compile cost and when it pays: docs/results.md, "Compiling the decode step on
+CPU". (An earlier fixed-shape variant, attention over every cache slot, masked, gained nothing measurable
+at batch 64.)
 
 Supported (:func:`native_decode_unsupported` says why not otherwise): exactly ``LlamaForCausalLM`` or
 ``Qwen2ForCausalLM``, plain ``nn.Linear``/``nn.Embedding`` layers (LoRA-wrapped or quantised layers are
@@ -65,7 +69,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaForCausalLM, Qwen2ForCausalLM
 
-__all__ = ["LlamaDecodeStep", "native_decode_unsupported"]
+__all__ = ["LlamaDecodeStep", "compiled_decode_token", "native_decode_unsupported"]
 
 SUPPORTED_MODELS = (LlamaForCausalLM, Qwen2ForCausalLM)
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
@@ -169,21 +173,40 @@ def _rotate(heads: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) ->
     return heads * cos + flipped * sin_signed
 
 
-def _attend(query, keys, values, attention_mask, shape: _Shape) -> torch.Tensor:
-    """softmax(q k^T * scaling + mask) v for one new token per row: ``[N, K, H/K, D]`` queries (the H/K query
+def _attend(query, keys, values, attn_mask, scale) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v for one new token per row: ``[N, K, H/K, D]`` queries (the H/K query
     heads that share a key/value head stand where sdpa reads query positions), ``[N, K, L, D]`` keys and values,
     ``[N, 1, 1, L]`` additive mask. Written out as two matmuls: on the CPU, sdpa's kernel (tiled for long
     sequences) costs more on these few keys; the same attention up to float rounding. Elsewhere, and in other
     dtypes than float32 (whose rounding the forward path's sdpa fixes), sdpa."""
     if query.device.type != "cpu" or query.dtype != torch.float32:
-        return F.scaled_dot_product_attention(query, keys, values, attn_mask=attention_mask, scale=shape.scaling)
-    scores = torch.matmul(query, keys.transpose(-1, -2)).mul_(shape.scaling).add_(attention_mask)  # [N, K, H/K, L]
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=attn_mask, scale=scale)
+    scores = torch.matmul(query, keys.transpose(-1, -2)).mul_(scale).add_(attn_mask)  # [N, K, H/K, L]
     return torch.matmul(scores.softmax(dim=-1), values)  # [N, K, H/K, D]
 
 
-def _decode_token(layers, final, tokens, positions, attention_mask, keys, values, shape: _Shape):
+def _attend_by_reductions(query, keys, values, attn_mask, scale):
+    """``softmax(q K^T scale + mask) V`` as a sum over ``head_dim`` and one over the cache slots.
+
+    The same function as ``F.scaled_dot_product_attention(query, keys, values, attn_mask=attn_mask,
+    scale=scale)`` (softmax in float32 at least), for a compiled step: inductor fuses the scores, the softmax and the
+    weighted sum into loops over the cache, where sdpa's CPU kernel runs small matmuls per head and block. Eager, the
+    broadcast products would be materialised: the eager step keeps :func:`_attend`.
+
+    Args:
+        query: ``[N, K, G, D]``; keys, values: ``[N, K, L, D]``; attn_mask: ``[N, 1, 1, L]`` additive.
+    Returns:
+        ``[N, K, G, D]``.
+    """
+    scores = (query[:, :, :, None, :] * keys[:, :, None]).sum(-1) * scale + attn_mask  # [N, K, G, L]
+    weights = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(values.dtype)
+    return (weights[..., None] * values[:, :, None]).sum(-2)  # [N, K, G, D]
+
+
+def _decode_token(layers, final, tokens, positions, attention_mask, keys, values, shape: _Shape, attend=_attend):
     """The step as a pure function of tensors (see :meth:`LlamaDecodeStep.__call__`). ``final`` =
-    (embedding, final norm, lm_head weight, lm_head bias, cos table, signed sin table)."""
+    (embedding, final norm, lm_head weight, lm_head bias, cos table, signed sin table); ``attend``: :func:`_attend`
+    (sdpa, or two matmuls for float32 on the CPU), or :func:`_attend_by_reductions` when compiled."""
     embedding, final_norm, head_weight, head_bias, cos_table, sin_table = final
     num_rows, slot = tokens.shape[0], attention_mask.shape[-1] - 1
     query_width = shape.kv_heads * shape.group * shape.head_dim
@@ -196,7 +219,13 @@ def _decode_token(layers, final, tokens, positions, attention_mask, keys, values
         layer_keys.select(2, slot).copy_(query_key[:, -shape.kv_heads :])  # [N, K, D] into slot
         layer_values.select(2, slot).copy_(heads[:, -shape.kv_heads :])
         query = query_key[:, : -shape.kv_heads].unflatten(1, (shape.kv_heads, shape.group))  # [N, K, H/K, D]
-        attended = _attend(query, layer_keys[:, :, : slot + 1], layer_values[:, :, : slot + 1], attention_mask, shape)
+        attended = attend(
+            query,
+            layer_keys[:, :, : slot + 1],
+            layer_values[:, :, : slot + 1],
+            attn_mask=attention_mask,
+            scale=shape.scaling,
+        )  # [N, K, H/K, D]
         x = x + _linear(attended.reshape(num_rows, query_width), layer.o_weight, layer.o_bias)
         normed = _rms_norm(x, layer.norm_post, shape.eps)
         gate, up = (
@@ -216,9 +245,13 @@ class LlamaDecodeStep:
         model: a model :func:`native_decode_unsupported` accepts (checked here).
         keys, values: one ``[N, kv_heads, max_len, head_dim]`` buffer per layer, the prompt already in
             their first slots; a call writes one slot and reads the filled ones.
+        compile: run the step through ``torch.compile`` (:func:`compiled_decode_token`); the first call
+            compiles (tens of seconds on CPU), later ones of any cache length reuse it.
     """
 
-    def __init__(self, model: nn.Module, keys: list[torch.Tensor], values: list[torch.Tensor]):
+    def __init__(
+        self, model: nn.Module, keys: list[torch.Tensor], values: list[torch.Tensor], *, compile: bool = False
+    ):
         reason = native_decode_unsupported(model)
         if reason is not None:
             raise ValueError(f"no native decode step for this model: {reason}")
@@ -238,6 +271,10 @@ class LlamaDecodeStep:
         embedding = backbone.embed_tokens.weight  # [V, E]
         self.final = (embedding, backbone.norm.weight, _operand(model.lm_head.weight), model.lm_head.bias)
         self.final += _rotary_tables(backbone.rotary_emb, embedding, self.max_len, self.shape.head_dim)
+        self.compile = compile
+        if compile:  # one compilation for every cache length: the slot dimension is symbolic
+            for tensor in [*keys, *values, *self.final[-2:]]:
+                torch._dynamo.maybe_mark_dynamic(tensor, 0 if tensor.ndim == 2 else 2)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Decode one token per row.
@@ -263,9 +300,33 @@ class LlamaDecodeStep:
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected [N={num_rows}, 1, 1, L] with "
                 f"L <= {self.max_len} cache slots"
             )
-        return _decode_token(
-            self.layers, self.final, tokens, positions, attention_mask, self.keys, self.values, self.shape
-        )
+        arguments = (self.layers, self.final, tokens, positions, attention_mask, self.keys, self.values, self.shape)
+        if self.compile:
+            torch._dynamo.maybe_mark_dynamic(attention_mask, 3)
+            return compiled_decode_token()(*arguments)
+        return _decode_token(*arguments)
+
+
+def _decode_token_by_reductions(layers, final, tokens, positions, attention_mask, keys, values, shape):
+    """:func:`_decode_token` with :func:`_attend_by_reductions` for attention: the form that is compiled."""
+    return _decode_token(
+        layers, final, tokens, positions, attention_mask, keys, values, shape, attend=_attend_by_reductions
+    )
+
+
+_compiled_decode_token = None
+
+
+def compiled_decode_token():
+    """``torch.compile`` of the step (default mode: inductor's C++ on CPU, Triton on CUDA), made once per
+    process. Only the cache length (the buffers' and the mask's slot dimension, the rotary tables' rows) is
+    dynamic, so neither the next step nor a new prompt length recompiles; every other size is static
+    (``dynamic=False``): a new model shape or batch size compiles a graph of its own, never a slower
+    shape-generic one (dynamo's recompile limit, 8 graphs, applies; beyond it the step runs eager)."""
+    global _compiled_decode_token
+    if _compiled_decode_token is None:
+        _compiled_decode_token = torch.compile(_decode_token_by_reductions, dynamic=False)
+    return _compiled_decode_token
 
 
 def _norms(backbone: nn.Module) -> list[nn.Module]:

@@ -16,9 +16,11 @@ How it runs (following gpt-fast's ``generate.py`` and nanochat's ``engine.py``):
 
    - *growing* (default on CPU): buffers ``[N, kv_heads, P + max_new_tokens, head_dim]`` allocated once;
      attention reads only the filled prefix (a view), and a step writes one slot. transformers'
-     ``DynamicCache`` instead concatenates (copies) the whole cache at every step.
+     ``DynamicCache`` instead concatenates (copies) the whole cache at every step. With ``compile=True``
+     the native step (below) is compiled with the cache length dynamic (``rlcore.decode``).
    - *static* (default on CUDA): transformers' ``StaticCache``, fixed shapes, so the one-token decode step
-     can be compiled with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs). Attention then reads
+     can be compiled with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs; the default mode on
+     CPU, where it measured slower than the eager native step, docs/results.md). Attention then reads
      every slot and masks the empty ones. (Under ``torch.compile`` transformers' sdpa integration repeats
      grouped key/value heads (``repeat_kv``) whenever a mask is given, a copy of the cache per layer and
      step that grows with batch x cache length; eager decoding attends on the grouped heads directly.)
@@ -371,18 +373,21 @@ def _decode_step(model, input_ids, position_ids, attention_mask, cache, cache_ar
     return output.logits[:, -1]
 
 
-_compiled_decode_step = None
+_compiled_decode_steps: dict[str, object] = {}
 
 
-def _compiled_step(*args) -> torch.Tensor:
-    """``_decode_step`` compiled once per process (CUDA graphs on CUDA; fixed shapes, so a new batch size or
-    cache length compiles again). The logits of the previous step are dead by the time this runs, which
-    ``cudagraph_mark_step_begin`` tells the CUDA-graph runtime so that it may reuse their memory."""
-    global _compiled_decode_step
-    if _compiled_decode_step is None:
-        _compiled_decode_step = torch.compile(_decode_step, mode="reduce-overhead", dynamic=False)
-    torch.compiler.cudagraph_mark_step_begin()
-    return _compiled_decode_step(*args)
+def _compiled_step(model, *args) -> torch.Tensor:
+    """``_decode_step`` compiled once per process and device type, with fixed shapes (a new batch size or
+    cache length compiles again). On CUDA, mode ``reduce-overhead`` (CUDA graphs): the logits of the
+    previous step are dead by the time this runs, which ``cudagraph_mark_step_begin`` tells the CUDA-graph
+    runtime so that it may reuse their memory. Elsewhere the default mode (inductor's C++ on CPU)."""
+    device_type = next(model.parameters()).device.type
+    if device_type not in _compiled_decode_steps:
+        mode = "reduce-overhead" if device_type == "cuda" else "default"
+        _compiled_decode_steps[device_type] = torch.compile(_decode_step, mode=mode, dynamic=False)
+    if device_type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()
+    return _compiled_decode_steps[device_type](model, *args)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -482,10 +487,15 @@ def generate(
             of a batch of ``total`` rows would (``rlcore.distributed.sampling_draws``).
         static_cache: transformers' ``StaticCache`` (fixed shapes) instead of the growing cache.
             Default: on CUDA only.
-        compile: decode with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs on CUDA); needs
-            ``static_cache``. Default: on CUDA only. The first calls for a new batch size or length
-            compile (slow); the cache is then kept between calls (``release_static_caches()`` frees it)
-            and its length rounded up to a multiple of 64 so that new prompt lengths rarely recompile.
+        compile: decode through ``torch.compile``. With ``static_cache``: the model's forward, fixed
+            shapes, ``mode="reduce-overhead"`` (CUDA graphs) on CUDA and the default mode elsewhere; the
+            first calls for a new batch size or length compile, the cache is then kept between calls
+            (``release_static_caches()`` frees it) and its length rounded up to a multiple of 64 so that
+            new prompt lengths rarely recompile. With the growing cache (CPU's default): the native step
+            (:func:`rlcore.decode.compiled_decode_token`; inductor's C++ on CPU), compiled once per model
+            shape and batch size, whatever the prompt length; it needs the native step. Default: on CUDA
+            only. Compiling takes tens of seconds to minutes on CPU (docs/results.md, "Compiling the
+            decode step on CPU").
         native_step: decode with :class:`rlcore.decode.LlamaDecodeStep` (the model's own weights, a few
             tensor ops per layer) instead of the model's forward. Default: whenever the model supports it
             (:func:`rlcore.decode.native_decode_unsupported`: plain Llama/Qwen2 layers, no adapters or
@@ -519,10 +529,14 @@ def generate(
     total_len = prompt_ids.shape[1] + max_new_tokens
     _check_attention_span(model, total_len)
     compile = on_cuda and static_cache if compile is None else compile
-    if compile and not static_cache:
-        raise ValueError("compile=True needs static_cache=True (a compiled step needs fixed shapes)")
     native_step = _use_native_step(model, native_step, static_cache)
-    max_len = -(-total_len // 64) * 64 if compile else total_len  # cache slots
+    if compile and not (static_cache or native_step):
+        reason = native_decode_unsupported(model) or "native_step=False"
+        raise ValueError(
+            f"compile=True with the growing cache compiles the native decode step, but {reason}; "
+            "pass static_cache=True to compile the model's forward instead"
+        )
+    max_len = -(-total_len // 64) * 64 if compile and static_cache else total_len  # cache slots
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator, draws=draws)
     eos = torch.tensor(eos_token_ids, device=prompt_ids.device, dtype=torch.long)
 
@@ -560,7 +574,7 @@ def _step_function(model, cache, native_step: bool, compile: bool):
     [N, V]``, and whether its mask is the ready ``[N, 1, 1, L]`` float mask (else the 2-D boolean one)."""
     if native_step:
         native = LlamaDecodeStep(
-            model, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+            model, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], compile=compile
         )
         return lambda tokens, positions, mask: native(tokens[:, 0], positions[:, 0], mask), True
     model_step, cache_argument = _compiled_step if compile else _decode_step, _cache_argument(model)

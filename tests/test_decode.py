@@ -7,13 +7,15 @@ biases). Biases and norm weights are randomised (transformers initialises them t
 dropped or misplaced them would decode different tokens.
 """
 
+import os
+
 import pytest
 import torch
 from helpers import PAD, VOCAB, ragged_prompts, small_qwen2_config
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2ForCausalLM
 
 from rlcore import gather_logprobs
-from rlcore.decode import _attend, _Shape, native_decode_unsupported
+from rlcore.decode import _attend, native_decode_unsupported
 from rlcore.lora import apply_lora
 from rlcore.rollout import generate
 from rlcore.toy import tiny_model
@@ -195,9 +197,90 @@ def test_cpu_attention_of_the_step_equals_sdpa():
     )
     mask = torch.zeros(5, 1, 1, 7)
     mask[1, ..., :3] = float("-inf")  # left padding of row 1
-    shape = _Shape(kv_heads=2, group=2, head_dim=8, scaling=8**-0.5, eps=1e-5)
     expected = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=8**-0.5)
-    torch.testing.assert_close(_attend(query, keys, values, mask, shape), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_attend(query, keys, values, mask, 8**-0.5), expected, rtol=1e-5, atol=1e-6)
     shifted = keys.clone()
     shifted[1, :, :3] += 100.0  # row 1's masked slots change nothing
-    torch.testing.assert_close(_attend(query, shifted, values, mask, shape), _attend(query, keys, values, mask, shape))
+    torch.testing.assert_close(
+        _attend(query, shifted, values, mask, 8**-0.5), _attend(query, keys, values, mask, 8**-0.5)
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# The compiled step (generate(compile=True) on the growing cache)
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_attention_by_reductions_equals_sdpa_and_a_loop(dtype):
+    """The compiled step's attention (two broadcast sums) against sdpa and a per-row, per-head loop of
+    softmax(q . k_l * scale + mask_l) weights over the slots; two slots per row masked with -inf."""
+    from rlcore.decode import _attend_by_reductions
+
+    generator = torch.Generator().manual_seed(0)
+    rows, kv_heads, group, slots, head_dim, scale = 3, 2, 2, 7, 8, 0.3
+    query = torch.randn(rows, kv_heads, group, head_dim, generator=generator, dtype=dtype)
+    keys = torch.randn(rows, kv_heads, slots, head_dim, generator=generator, dtype=dtype)
+    values = torch.randn(rows, kv_heads, slots, head_dim, generator=generator, dtype=dtype)
+    mask = torch.zeros(rows, 1, 1, slots, dtype=dtype)
+    mask[0, ..., :2] = mask[2, ..., 3:5] = -torch.inf
+    result = _attend_by_reductions(query, keys, values, attn_mask=mask, scale=scale)
+    expected = torch.empty_like(result)
+    for n in range(rows):
+        for k in range(kv_heads):
+            for g in range(group):
+                weights = torch.softmax((keys[n, k] @ query[n, k, g]) * scale + mask[n, 0, 0], dim=0)  # [L]
+                expected[n, k, g] = weights @ values[n, k]
+    sdpa = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
+    tolerance = dict(rtol=0, atol=1e-6) if dtype == torch.float32 else dict(rtol=0, atol=1e-12)
+    torch.testing.assert_close(result, expected, **tolerance)
+    torch.testing.assert_close(sdpa, expected, **tolerance)
+
+
+def test_compile_plumbing_with_the_compiled_form_run_eager(monkeypatch):
+    """generate(compile=True) on the growing cache runs the step's compiled form (attention by reductions,
+    dynamic cache length); here that form runs eager, so this checks its math and plumbing without the
+    compilation (tests/test_decode.py::test_compiled_step_equals_eager compiles)."""
+    import rlcore.decode as decode
+
+    monkeypatch.setattr(decode, "compiled_decode_token", lambda: decode._decode_token_by_reductions)
+    model = randomised(tiny_model(seed=0))
+    for settings in (dict(temperature=0.0), dict(temperature=0.9, top_k=30, seed=3)):
+        eager, compiled_form = sample(model, True, **settings), sample(model, True, compile=True, **settings)
+        assert torch.equal(eager.completion_ids, compiled_form.completion_ids)
+        torch.testing.assert_close(eager.logprobs, compiled_form.logprobs, rtol=0, atol=1e-5)
+
+
+def test_compile_on_the_growing_cache_needs_the_native_step():
+    model = tiny_model(seed=0)
+    with pytest.raises(ValueError, match="compiles the native decode step, but native_step=False; pass static_cache"):
+        sample(model, False, compile=True)
+    lora = apply_lora(tiny_model(seed=0), r=2, alpha=4)
+    with pytest.raises(ValueError, match="compiles the native decode step, but .* not a plain nn.Linear"):
+        sample(lora, None, compile=True)
+
+
+@pytest.mark.slow
+@pytest.mark.compile
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("RLCORE_TEST_COMPILE") != "1",
+    reason="compile tests run on CUDA, or on CPU with RLCORE_TEST_COMPILE=1",
+)
+def test_compiled_step_equals_eager():
+    """One compilation (about a minute on 2 busy CPU cores) serves both calls: the second has longer
+    prompts and more new tokens (other cache lengths), and recompiling there is an error. Greedy and
+    seeded sampling give the eager step's tokens; log-probs agree within float rounding."""
+    torch._dynamo.reset()
+    model = randomised(tiny_model(seed=0))
+    eager, compiled = sample(model, True, temperature=0.0), sample(model, True, temperature=0.0, compile=True)
+    assert torch.equal(eager.completion_ids, compiled.completion_ids)
+    torch.testing.assert_close(eager.logprobs, compiled.logprobs, rtol=0, atol=1e-5)
+    ids, mask = ragged_prompts(batch=6, length=13, seed=1)
+    settings = dict(max_new_tokens=20, eos_token_ids=[], pad_token_id=PAD, temperature=0.9, top_p=0.95)
+    runs = []
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for compile in (False, True):
+            generator = torch.Generator().manual_seed(5)
+            runs.append(generate(model, ids, mask, generator=generator, compile=compile, **settings))
+    assert torch.equal(runs[0].completion_ids, runs[1].completion_ids)
+    torch.testing.assert_close(runs[0].logprobs, runs[1].logprobs, rtol=0, atol=1e-5)

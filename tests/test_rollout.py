@@ -409,7 +409,7 @@ def test_bad_prompts_are_named(llama, change, message):
         (dict(top_p=0.0), "top_p must be in"),
         (dict(temperature=-1.0), "temperature must be"),
         (dict(eos_token_ids=[500]), "eos_token_ids must hold integer ids"),
-        (dict(compile=True, static_cache=False), "compile=True needs static_cache=True"),
+        (dict(compile=True, static_cache=False, native_step=False), "compile=True with the growing cache"),
     ],
 )
 def test_bad_settings_are_named(llama, settings, message):
