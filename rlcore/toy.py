@@ -450,8 +450,8 @@ def warm_start(
     never writes a correct sum, so every reward is 0 and nothing is learnt. With ``model == "tiny"`` and
     ``steps > 0`` this runs ``python SFT_SCRIPT SFT_FLAGS --max_steps STEPS --seed SEED --max_seconds none``
     once and returns its output directory, cached as ``<rlcore cache>/tiny-sft-<steps>steps-seed<seed>-<hash
-    of the script and flags>``, so every recipe and every later run reuses it. Any other ``model`` is
-    returned unchanged.
+    of the script, the flags and rlcore's sources>``, so every recipe and every later run of the same code
+    reuses it. Any other ``model`` is returned unchanged.
 
     The online recipes and DPO pass ``rlcore.config.ONLINE_WARM_START_FLAGS``: learning rate 1e-3 after 100
     warmup steps, then a cosine that ends at half the peak, so that the checkpoint is like an SFT run stopped
@@ -477,10 +477,23 @@ _LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "
 _PINNED_FLAGS = ("--lm_head_chunk", "0")
 
 
+def sources_digest(package: Path) -> bytes:
+    """SHA-256 of the ``.py`` files under ``package`` (relative paths and contents, in sorted order). Part of the
+    warm start's cache key: a change of the library (an optimizer kernel, a loss) can move what 1500 SFT steps
+    reach on the toy task by tens of points (docs/results.md, "Warm start: sensitivity to rounding"), so a
+    checkpoint built by other code is not reused."""
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.digest()
+
+
 def _warm_start(steps: int, seed: int, sft_script: str | os.PathLike, sft_flags: tuple[str, ...]) -> str:
     script = Path(sft_script)
     pinned = " ".join((*sft_flags, *_PINNED_FLAGS))
-    digest = hashlib.sha256(script.read_bytes() + pinned.encode()).hexdigest()[:8]
+    digest = hashlib.sha256(script.read_bytes() + pinned.encode() + sources_digest(Path(__file__).parent)).hexdigest()[
+        :8
+    ]
     directory = Path(default_cache_dir()) / f"tiny-sft-{steps}steps-seed{seed}-{digest}"
     if (directory / "config.json").exists():
         return str(directory)

@@ -17,7 +17,7 @@ from rlcore import LOSS_TYPE_AGGREGATION, loss_normalizer, policy_loss
 from rlcore.data import load_prompts, prompt_batch, repeat_each
 from rlcore.models import load_policy, load_reward_model, load_tokenizer, position_ids_from_mask, token_logprobs
 from rlcore.rewards import RewardScorer, decode_completions, score_rollout
-from rlcore.toy import accuracy_reward, warm_start
+from rlcore.toy import accuracy_reward, sources_digest, warm_start
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -116,6 +116,23 @@ def test_warm_start_runs_the_script_once_and_caches(tmp_path, tiny_cache):
     assert (
         len(lines) == 2 and lines[0].startswith("--lr 0.5 --max_steps 7 --seed 3") and "--max_seconds none" in lines[0]
     )
+
+
+def test_warm_start_key_follows_the_library_sources(tmp_path):
+    package = tmp_path / "package"
+    (package / "sub").mkdir(parents=True)
+    (package / "a.py").write_text("x = 1\n")
+    (package / "sub" / "b.py").write_text("y = 2\n")
+    (package / "notes.txt").write_text("not code")
+    first = sources_digest(package)
+    (package / "notes.txt").write_text("other")
+    assert sources_digest(package) == first  # only .py files count
+    (package / "sub" / "b.py").write_text("y = 3\n")
+    assert sources_digest(package) != first
+    (package / "sub" / "b.py").write_text("y = 2\n")
+    assert sources_digest(package) == first
+    (package / "sub" / "b.py").rename(package / "b.py")  # the same bytes under another name
+    assert sources_digest(package) != first
 
 
 @pytest.mark.slow
