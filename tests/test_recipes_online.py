@@ -137,15 +137,15 @@ def test_warm_start_key_follows_the_library_sources(tmp_path):
 
 @pytest.mark.slow
 def test_grpo_default_gains_on_its_warm_start(tmp_path):
-    # The defaults (one thread): the warm start, built here in a fresh cache, and 2000 steps. Measured 44.8% -> 57-59%,
-    # most of it in the first 250 steps (docs/results.md, "Why RL pays on the default"); builds of the warm start by
-    # other versions of sft.py started at 36.2% and 46.2%, hence the margin.
+    # The defaults (one thread): the warm start, built here in a fresh cache, and 2000 steps. Measured 44.4% -> 74.8%
+    # (73.0% with two other sampling seeds; docs/results.md, "The default on the current code"); the target is +15
+    # points. Builds of the warm start by other code started at 36.2% to 46.2%, and one gained only +12.4 points.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, str(REPO / "recipes" / "grpo.py"), "--output_dir", str(tmp_path), "--threads", "1"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
     assert result.returncode == 0, result.stderr[-3000:]
     accuracy = [r["eval/exact_match"] for r in read_metrics(tmp_path) if "eval/exact_match" in r]
-    assert 0.2 < accuracy[0] < 0.8 and accuracy[-1] >= accuracy[0] + 0.05, accuracy
+    assert 0.2 < accuracy[0] < 0.8 and accuracy[-1] >= accuracy[0] + 0.15, accuracy
 
 
 # ---------------------------------------------------------------- GRPO loss types and online DPO pairs
