@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate import build_model, ragged_prompts  # noqa: E402
 
 import rlcore.rollout as rollout  # noqa: E402
+from rlcore.decode import LlamaDecodeStep  # noqa: E402
 
 MATMULS = {"aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::bmm"}
 ATTENTION = {"aten::scaled_dot_product_attention"}
@@ -53,16 +54,19 @@ def scoped(function, name: str):
 
 
 def instrument() -> None:
-    """Wrap the prefill, the step and the sampler of ``rlcore.rollout`` in named profiler scopes."""
+    """Wrap the prefill (the model's forward, or the native step's own), the one-token step and the sampler of
+    ``rlcore.rollout`` in named profiler scopes."""
     rollout._prefill = scoped(rollout._prefill, "prefill")
+    LlamaDecodeStep.prefill = scoped(LlamaDecodeStep.prefill, "prefill")
     rollout.sample_tokens = scoped(rollout.sample_tokens, "sampling")
-    make_step = rollout._step_function
+    native_step_call, model_step = rollout._native_step_call, rollout._model_step
+    rollout._native_step_call = lambda native: scoped(native_step_call(native), "decode step")
 
-    def step_function(*args, **kwargs):
-        step, ready_mask = make_step(*args, **kwargs)
+    def scoped_model_step(*args, **kwargs):
+        step, ready_mask = model_step(*args, **kwargs)
         return scoped(step, "decode step"), ready_mask
 
-    rollout._step_function = step_function
+    rollout._model_step = scoped_model_step
 
 
 def category(op_name: str) -> str:

@@ -2,7 +2,7 @@
 
 Runs ``recipes/{sft,dpo,grpo}.py`` as ``benchmarks/compare_trl.py`` times them (the same flags, one process)
 with the phases wrapped by a process-time clock: the forward passes of the training log-probs, ``backward``,
-the optimizer step (clipping, AdamW, schedule), generation (GRPO: prefill, decode-step set-up, decode loop),
+the optimizer step (clipping, AdamW, schedule), generation (GRPO: decode-step set-up and prefill, decode loop),
 reward scoring, packing (prefix sharing), collation and the per-step bookkeeping. Phases nest (the packing
 is inside a forward, the decode loop inside generation), so the rows do not add up to the step.
 
@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare_trl  # noqa: E402
 
-from rlcore import data, models, optim, rewards, rollout, run  # noqa: E402
+from rlcore import data, decode, models, optim, rewards, rollout, run  # noqa: E402
 from rlcore.config import parse_config  # noqa: E402
 
 PHASES = [  # (module or class, function name, label)
@@ -31,8 +31,8 @@ PHASES = [  # (module or class, function name, label)
     (torch.Tensor, "backward", "backward"),
     (optim, "optimizer_step", "optimizer step"),
     (rollout, "generate", "generation"),
-    (rollout, "_prefill", "  prefill"),
-    (rollout, "_step_function", "  decode-step set-up"),
+    (rollout, "_native_prefill", "  decode-step set-up and prefill"),
+    (decode.LlamaDecodeStep, "prefill", "    prefill"),
     (rollout, "_decode", "  decode loop"),
     (rewards, "score_rollout", "reward scoring"),
     (models, "pack_batch", "packing"),

@@ -69,6 +69,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaForCausalLM, Qwen2ForCausalLM
 
+from .models import position_ids_from_mask
+
 __all__ = ["LlamaDecodeStep", "compiled_decode_token", "native_decode_unsupported"]
 
 SUPPORTED_MODELS = (LlamaForCausalLM, Qwen2ForCausalLM)
@@ -182,7 +184,18 @@ def _attend(query, keys, values, attn_mask, scale) -> torch.Tensor:
     if query.device.type != "cpu" or query.dtype != torch.float32:
         return F.scaled_dot_product_attention(query, keys, values, attn_mask=attn_mask, scale=scale)
     scores = torch.matmul(query, keys.transpose(-1, -2)).mul_(scale).add_(attn_mask)  # [N, K, H/K, L]
-    return torch.matmul(scores.softmax(dim=-1), values)  # [N, K, H/K, D]
+    return torch.matmul(_softmax_(scores), values)  # [N, K, H/K, D]
+
+
+def _softmax_(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension, in place where that is faster. torch's CPU kernel takes a scalar
+    loop for rows shorter than a 16-float vector (5-10x the time of 16 at 11-15 floats a row on this
+    machine's AVX-512), which the toy's short caches and prompts hit; there the shifted exponentials and
+    their sum, three vectorised ops, are written out. The same function up to float rounding."""
+    if scores.shape[-1] >= 16:
+        return scores.softmax(dim=-1)
+    weights = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()  # the row maximum is finite: one key is seen
+    return weights.div_(weights.sum(dim=-1, keepdim=True))
 
 
 def _attend_by_reductions(query, keys, values, attn_mask, scale):
@@ -236,6 +249,53 @@ def _decode_token(layers, final, tokens, positions, attention_mask, keys, values
     return _linear(_rms_norm(x, final_norm, shape.eps), head_weight, head_bias)  # [N, V]
 
 
+def repeat_rows_into(buffer: torch.Tensor, prompt_states: torch.Tensor, group_size: int) -> None:
+    """Copy ``prompt_states`` [B, H, P, D] into the first P slots of ``buffer`` [B * G, H, L, D], each row G
+    times in a row (a broadcast copy: no repeated tensor is materialised)."""
+    batch, heads, prompt_len, head_dim = prompt_states.shape
+    grouped = buffer.view(batch, group_size, heads, buffer.shape[2], head_dim)  # [B, G, H, L, D]
+    grouped[:, :, :, :prompt_len].copy_(prompt_states[:, None])
+
+
+def prompt_attention_mask(prompt_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, P]`` 1-on-real-token mask of left-padded prompts -> ``[B, 1, P, P]`` additive mask (0 = attend,
+    -inf = not) for a prefill: query i sees the real keys j <= i. A padding query also sees itself (its
+    row would otherwise be all -inf, and its NaN key/value would poison the cache); real tokens never see it."""
+    length = prompt_mask.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=prompt_mask.device).tril_()  # [P, P]
+    seen = causal & (prompt_mask.bool()[:, None, :] | torch.eye(length, dtype=torch.bool, device=prompt_mask.device))
+    return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(~seen, -torch.inf)[:, None]
+
+
+def _prefill_prompts(layers, final, tokens, positions, attention_mask, shape: _Shape):
+    """The prompts' forward pass as a pure function of tensors (see :meth:`LlamaDecodeStep.prefill`): ``[B, P]``
+    tokens and rotary positions, ``[B, 1, P, P]`` additive mask (:func:`prompt_attention_mask`) -> (``[B, V]``
+    logits of the next token, per layer ``[B, K, P, D]`` keys and values). Grouped-query attention as in the
+    step: the H / K query heads of a key/value head stand as ``[H / K * P]`` query rows of that head."""
+    embedding, final_norm, head_weight, head_bias, cos_table, sin_table = final
+    batch, length = tokens.shape
+    kv_heads, group, head_dim = shape.kv_heads, shape.group, shape.head_dim
+    cos, sin_signed = cos_table[positions][:, :, None], sin_table[positions][:, :, None]  # [B, P, 1, D]
+    mask = attention_mask.repeat(1, 1, group, 1)  # [B, 1, H/K * P, P], row g * P + i is query i
+    x = F.embedding(tokens.flatten(), embedding)  # [B P, E]
+    keys, values = [], []
+    for layer in layers:
+        qkv = _linear(_rms_norm(x, layer.norm_in, shape.eps), layer.qkv_weight, layer.qkv_bias)  # [B P, (H + 2 K) D]
+        heads = qkv.view(batch, length, -1, head_dim)  # [B, P, H + 2 K, D]
+        query_key = _rotate(heads[:, :, :-kv_heads], cos, sin_signed).transpose(1, 2)  # [B, H + K, P, D]
+        keys.append(query_key[:, -kv_heads:])  # [B, K, P, D]
+        values.append(heads[:, :, -kv_heads:].transpose(1, 2))
+        query = query_key[:, :-kv_heads].reshape(batch, kv_heads, group * length, head_dim)  # [B, K, H/K P, D]
+        attended = _attend(query, keys[-1], values[-1], attn_mask=mask, scale=shape.scaling)  # [B, K, H/K P, D]
+        attended = attended.view(batch, -1, length, head_dim).transpose(1, 2).reshape(batch * length, -1)  # [B P, H D]
+        x = x + _linear(attended, layer.o_weight, layer.o_bias)
+        normed = _rms_norm(x, layer.norm_post, shape.eps)
+        gate, up = _linear(normed, layer.gate_weight, layer.gate_bias), _linear(normed, layer.up_weight, layer.up_bias)
+        x = x + _linear(F.silu(gate) * up, layer.down_weight, layer.down_bias)
+    last = x.view(batch, length, -1)[:, -1]  # [B, E]: left padding puts every prompt's last token here
+    return _linear(_rms_norm(last, final_norm, shape.eps), head_weight, head_bias), keys, values
+
+
 class LlamaDecodeStep:
     """One decode token for a batch through a Llama-layout model, writing its keys/values in place.
 
@@ -275,6 +335,29 @@ class LlamaDecodeStep:
         if compile:  # one compilation for every cache length: the slot dimension is symbolic
             for tensor in [*keys, *values, *self.final[-2:]]:
                 torch._dynamo.maybe_mark_dynamic(tensor, 0 if tensor.ndim == 2 else 2)
+
+    def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """Forward left-padded prompts once: their keys/values go into the first P slots of the cache, each
+        prompt's into G = N / B consecutive rows (the G samples of a prompt share it, copied, not recomputed).
+
+        Args:
+            prompt_ids, prompt_mask: ``[B, P]`` ids and 1-on-real-token mask, left padded; rotary positions count
+                real tokens only (:func:`rlcore.models.position_ids_from_mask`), as in generation.
+        Returns:
+            ``[B, V]`` logits of each prompt's next token.
+        """
+        (batch, length), rows = prompt_ids.shape, self.keys[0].shape[0]
+        if rows % batch or length > self.max_len or prompt_mask.shape != prompt_ids.shape:
+            raise ValueError(
+                f"prompts {tuple(prompt_ids.shape)} (mask {tuple(prompt_mask.shape)}) do not fit a cache of {rows} "
+                f"rows x {self.max_len} slots: B must divide the rows and P <= the slots"
+            )
+        mask = prompt_attention_mask(prompt_mask, self.keys[0].dtype)  # [B, 1, P, P]
+        positions = position_ids_from_mask(prompt_mask)  # [B, P]
+        logits, keys, values = _prefill_prompts(self.layers, self.final, prompt_ids, positions, mask, self.shape)
+        for buffer, states in zip([*self.keys, *self.values], [*keys, *values]):
+            repeat_rows_into(buffer, states, rows // batch)
+        return logits
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Decode one token per row.

@@ -79,7 +79,7 @@ from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from . import distributed
-from .decode import LlamaDecodeStep, native_decode_unsupported
+from .decode import LlamaDecodeStep, native_decode_unsupported, repeat_rows_into
 from .models import eval_mode, position_ids_from_mask
 from .ops import check_ndim
 
@@ -252,22 +252,14 @@ class _GrowingLayer(CacheLayerMixin):
 _STATIC_CACHES: weakref.WeakKeyDictionary[nn.Module, StaticCache] = weakref.WeakKeyDictionary()
 
 
-def _repeat_rows_into(buffer: torch.Tensor, prompt_states: torch.Tensor, group_size: int) -> None:
-    """Copy ``prompt_states`` [B, H, P, D] into the first P slots of ``buffer`` [B * G, H, L, D], each row G
-    times in a row (a broadcast copy: no repeated tensor is materialised)."""
-    batch, heads, prompt_len, head_dim = prompt_states.shape
-    grouped = buffer.view(batch, group_size, heads, buffer.shape[2], head_dim)  # [B, G, H, L, D]
-    grouped[:, :, :, :prompt_len].copy_(prompt_states[:, None])
-
-
 def _growing_cache(prefill: DynamicCache, group_size: int, max_len: int) -> Cache:
     layers = []
     for layer in prefill.layers:
         batch, heads, prompt_len, head_dim = layer.keys.shape
         keys = layer.keys.new_empty(batch * group_size, heads, max_len, head_dim)  # [N, H, L, D]
         values = layer.values.new_empty(batch * group_size, heads, max_len, layer.values.shape[-1])
-        _repeat_rows_into(keys, layer.keys, group_size)
-        _repeat_rows_into(values, layer.values, group_size)
+        repeat_rows_into(keys, layer.keys, group_size)
+        repeat_rows_into(values, layer.values, group_size)
         layers.append(_GrowingLayer(keys, values, prompt_len))
     return Cache(layers=layers)
 
@@ -286,8 +278,8 @@ def _static_cache(model: nn.Module, prefill: DynamicCache, group_size: int, max_
         if reuse:
             _STATIC_CACHES[model] = cache
     for layer, filled in zip(cache.layers, prefill.layers):
-        _repeat_rows_into(layer.keys, filled.keys, group_size)
-        _repeat_rows_into(layer.values, filled.values, group_size)
+        repeat_rows_into(layer.keys, filled.keys, group_size)
+        repeat_rows_into(layer.values, filled.values, group_size)
         layer.cumulative_length.fill_(filled.keys.shape[-2])  # the next token goes to slot P
     return cache
 
@@ -542,18 +534,24 @@ def generate(
 
     # FSDP2 (rlcore.distributed): the full parameters are gathered once here, not at every token and layer
     with distributed.full_parameters(model), eval_mode(model), torch.inference_mode():
-        first_logits, prefill = _prefill(model, prompt_ids, prompt_mask)  # [B, V]
-        if static_cache:
-            cache = _static_cache(model, prefill, num_samples, max_len, reuse=compile)
+        if native_step:  # the prompts and the steps through rlcore.decode, into buffers allocated once
+            first_logits, step = _native_prefill(model, prompt_ids, prompt_mask, num_samples, max_len, compile)
+            ready_mask, attention_dtype = True, step.keys[0].dtype
+            step = _native_step_call(step)
         else:
-            cache = _growing_cache(prefill, num_samples, max_len)
-        del prefill
+            first_logits, prefill = _prefill(model, prompt_ids, prompt_mask)  # [B, V]
+            if static_cache:
+                cache = _static_cache(model, prefill, num_samples, max_len, reuse=compile)
+            else:
+                cache = _growing_cache(prefill, num_samples, max_len)
+            del prefill
+            step, ready_mask = _model_step(model, cache, compile)
+            attention_dtype = _attention_dtype(cache)
         prompt_mask_rows = prompt_mask.long().repeat_interleave(num_samples, dim=0)  # [N, P]
-        step, ready_mask = _step_function(model, cache, native_step, compile)
         completion_ids, logprobs = _decode(
             step,
             ready_mask,
-            _attention_dtype(cache),
+            attention_dtype,
             static_cache,
             first_logits.repeat_interleave(num_samples, dim=0),
             prompt_mask_rows,
@@ -569,14 +567,24 @@ def generate(
     return Rollout(**{name: tensor.clone() for name, tensor in vars(rollout).items()})
 
 
-def _step_function(model, cache, native_step: bool, compile: bool):
-    """The one-token step the decode loop calls, ``step(tokens [N, 1], positions [N, 1], mask) -> logits
-    [N, V]``, and whether its mask is the ready ``[N, 1, 1, L]`` float mask (else the 2-D boolean one)."""
-    if native_step:
-        native = LlamaDecodeStep(
-            model, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], compile=compile
-        )
-        return lambda tokens, positions, mask: native(tokens[:, 0], positions[:, 0], mask), True
+def _native_prefill(model, prompt_ids, prompt_mask, group_size: int, max_len: int, compile: bool):
+    """(``[B, V]`` logits of the first new token, the :class:`rlcore.decode.LlamaDecodeStep`): the prompts
+    forwarded by the native step's own prefill into ``[B * G, kv_heads, max_len, head_dim]`` key/value buffers."""
+    attention, embedding = model.model.layers[0].self_attn, model.model.embed_tokens.weight
+    shape = (prompt_ids.shape[0] * group_size, model.config.num_key_value_heads, max_len, attention.head_dim)
+    keys, values = ([embedding.new_empty(shape) for _ in model.model.layers] for _ in range(2))
+    step = LlamaDecodeStep(model, keys, values, compile=compile)
+    return step.prefill(prompt_ids, prompt_mask), step
+
+
+def _native_step_call(native: LlamaDecodeStep):
+    """The native step as the decode loop calls a step: ``(tokens [N, 1], positions [N, 1], mask) -> [N, V]``."""
+    return lambda tokens, positions, mask: native(tokens[:, 0], positions[:, 0], mask)
+
+
+def _model_step(model, cache, compile: bool):
+    """The model's forward as the decode loop's one-token step, ``step(tokens [N, 1], positions [N, 1], mask)
+    -> logits [N, V]``, and whether its mask is the ready ``[N, 1, 1, L]`` float mask (else the 2-D boolean one)."""
     model_step, cache_argument = _compiled_step if compile else _decode_step, _cache_argument(model)
     return (
         lambda tokens, positions, mask: model_step(model, tokens, positions, mask, cache, cache_argument),

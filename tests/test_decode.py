@@ -7,6 +7,7 @@ biases). Biases and norm weights are randomised (transformers initialises them t
 dropped or misplaced them would decode different tokens.
 """
 
+import copy
 import os
 
 import pytest
@@ -15,9 +16,9 @@ from helpers import PAD, VOCAB, ragged_prompts, small_qwen2_config
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2ForCausalLM
 
 from rlcore import gather_logprobs
-from rlcore.decode import _attend, native_decode_unsupported
+from rlcore.decode import LlamaDecodeStep, _attend, native_decode_unsupported, prompt_attention_mask
 from rlcore.lora import apply_lora
-from rlcore.rollout import generate
+from rlcore.rollout import _prefill, generate
 from rlcore.toy import tiny_model
 
 
@@ -188,14 +189,15 @@ def test_step_norm_is_transformers_bit_for_bit_and_matmuls_within_rounding(dtype
         torch.testing.assert_close(_linear(x, _operand(linear.weight), None), x @ linear.weight.T, **tolerance)
 
 
-def test_cpu_attention_of_the_step_equals_sdpa():
+@pytest.mark.parametrize("slots", [7, 23])  # the softmax written out (rows under 16 floats), torch's softmax
+def test_cpu_attention_of_the_step_equals_sdpa(slots):
     """The float32 CPU step attends with two matmuls and a softmax: sdpa's values within rounding, masked
     slots (-inf) left out, for grouped queries (2 query heads per key/value head)."""
     generator = torch.Generator().manual_seed(0)
     query, keys, values = (
-        torch.randn(shape, generator=generator) for shape in ((5, 2, 2, 8), (5, 2, 7, 8), (5, 2, 7, 8))
+        torch.randn(shape, generator=generator) for shape in ((5, 2, 2, 8), (5, 2, slots, 8), (5, 2, slots, 8))
     )
-    mask = torch.zeros(5, 1, 1, 7)
+    mask = torch.zeros(5, 1, 1, slots)
     mask[1, ..., :3] = float("-inf")  # left padding of row 1
     expected = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=8**-0.5)
     torch.testing.assert_close(_attend(query, keys, values, mask, 8**-0.5), expected, rtol=1e-5, atol=1e-6)
@@ -204,6 +206,34 @@ def test_cpu_attention_of_the_step_equals_sdpa():
     torch.testing.assert_close(
         _attend(query, shifted, values, mask, 8**-0.5), _attend(query, keys, values, mask, 8**-0.5)
     )
+
+
+def test_prompt_attention_mask_by_hand():
+    """Prompt [pad, a, b]: a sees a; b sees a and b; the padding query sees only itself (a finite row)."""
+    inf = float("-inf")
+    expected = torch.tensor([[0.0, inf, inf], [inf, 0.0, inf], [inf, 0.0, 0.0]])
+    assert torch.equal(prompt_attention_mask(torch.tensor([[0, 1, 1]]), torch.float32), expected[None, None])
+
+
+def test_native_prefill_equals_the_model_forward(model):
+    """``LlamaDecodeStep.prefill`` against transformers' forward with a ``DynamicCache`` (float64, left-padded
+    prompts): the next-token logits and every real prompt slot of every layer's keys and values, the latter
+    copied into each prompt's G = 3 rows."""
+    model = copy.deepcopy(model).double()
+    ids, mask = ragged_prompts(batch=4)
+    group, slots = 3, ids.shape[1] + 5
+    with torch.inference_mode():
+        expected_logits, cache = _prefill(model, ids, mask)
+        attention = model.model.layers[0].self_attn
+        shape = (4 * group, model.config.num_key_value_heads, slots, attention.head_dim)
+        step = LlamaDecodeStep(model, *([torch.zeros(shape, dtype=torch.float64) for _ in cache.layers] for _ in "kv"))
+        logits = step.prefill(ids, mask)
+    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-10)
+    real = mask.bool().repeat_interleave(group, dim=0)  # [N, P]
+    for layer, keys, values in zip(cache.layers, step.keys, step.values):
+        for ours, theirs in ((keys, layer.keys), (values, layer.values)):
+            ours, theirs = ours[:, :, : ids.shape[1]], theirs.repeat_interleave(group, dim=0)  # [N, K, P, D]
+            torch.testing.assert_close(ours.transpose(1, 2)[real], theirs.transpose(1, 2)[real], rtol=0, atol=1e-10)
 
 
 # ----------------------------------------------------------------------------------------------------
