@@ -573,7 +573,7 @@ def _native_prefill(model, prompt_ids, prompt_mask, group_size: int, max_len: in
     attention, embedding = model.model.layers[0].self_attn, model.model.embed_tokens.weight
     shape = (prompt_ids.shape[0] * group_size, model.config.num_key_value_heads, max_len, attention.head_dim)
     keys, values = ([embedding.new_empty(shape) for _ in model.model.layers] for _ in range(2))
-    step = LlamaDecodeStep(model, keys, values, compile=compile)
+    step = LlamaDecodeStep(model, keys, values, compile=compile, checked=True)  # by _use_native_step
     return step.prefill(prompt_ids, prompt_mask), step
 
 
