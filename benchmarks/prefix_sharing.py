@@ -10,8 +10,8 @@ below) and times ``loss.backward()`` of the summed completion log-probs through 
     sft    rlcore.models.position_logprobs on right-padded rows [B, T-1] (as recipes/sft.py)  vs
            padding_free (rlcore.models.packed_batch(padding_free=True) + packed_logprobs)
 
-Padding-free rows are at most as long as the padded batch's rows with sdpa/eager (dense attention; see
-rlcore.models.packed_batch), one row with flash_attention_2. Cases: ``toy`` lengths are those of the embedded task (prompts of 8-14 tokens, answers of 2-8); ``long``
+Padding-free rows hold up to two widths of the padded batch with sdpa/eager (dense attention;
+rlcore.models.packed_batch, PACKED_ROW_WIDTHS), one row with flash_attention_2. Cases: ``toy`` lengths are those of the embedded task (prompts of 8-14 tokens, answers of 2-8); ``long``
 has prompts of 96-128 tokens with shorter completions (8-32), where sharing pays. The attention
 implementation is chosen as the recipes choose it (``rlcore.runtime.prefer_eager_attention`` on the longest
 padded row: eager on CPU up to 128 tokens, sdpa beyond). Time is the median of ``--repeats`` steps after

@@ -11,8 +11,9 @@ Options as TRL's DPOTrainer names them: ``--f_divergence``/``--f_alpha`` (f-DPO)
 the reference), ``--use_weighting`` (WPO pair weights), ``--rpo_alpha`` (RPO: + alpha * NLL of the chosen
 tokens). Log-probs are sums over the completion tokens; ipo and sigmoid_norm divide by the token counts, as
 TRL does. Chosen and rejected sequences go through the policy in ONE forward pass: [B] rows [prompt, chosen,
-rejected] by default (--prefix_sharing; --no-prefix_sharing: [2B, T] padded rows; --padding_free: end to end,
-no padding; rlcore.packing: the same log-probs and gradients). The reference
+rejected] by default (--prefix_sharing; --no-prefix_sharing: [2B, T] padded rows), several pairs end to end in
+rows of up to twice the padded width (--padding_free, on by default; rlcore.packing: the same log-probs and
+gradients). The reference
 pi_ref is, by choice:
 - a frozen copy of the starting policy (full fine-tuning, the default);
 - the same model with its adapters switched off (``--lora_r > 0``: no second model in memory);
@@ -98,7 +99,7 @@ class DPOConfig(TrainConfig):
     precompute_ref: bool = False  # compute reference log-probs once up front and keep no reference model
     rejected_from_policy: bool = False  # rejected = the starting policy's greedy answer where it differs from chosen
     prefix_sharing: bool = True  # the prompt once per pair: one sequence [prompt, chosen, rejected] (rlcore.packing)
-    padding_free: bool = False  # a micro-batch's sequences end to end (fewer rows), attention kept within each
+    padding_free: bool = True  # several packed pairs per row (rows of 2 padded widths), attention kept within each
     lr: float = 5e-5  # peak learning rate (AdamW)
     warmup_steps: int = 10  # linear warmup steps
     batch_size: int = 32  # pairs per micro-batch

@@ -555,6 +555,10 @@ def shares_prompts(model: nn.Module) -> bool:
     return getattr(config, "_attn_implementation", None) in DENSE_MASK_ATTENTION
 
 
+PACKED_ROW_WIDTHS = 2
+"""Padding-free rows under dense attention hold up to this many widths of the padded batch (:func:`packed_batch`)."""
+
+
 def packed_batch(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -566,12 +570,16 @@ def packed_batch(
 ) -> PackedBatch:
     """``rlcore.packing.pack_batch`` for ``model``, moved to the batch's device.
 
-    Padding-free rows are as long as the padded batch's rows ([B, T] -> rows of at most T tokens, fewer of
-    them) where attention is dense (sdpa, eager: the packed row's attention costs its length squared, so one
-    long row would cost more than the padded batch); one row where the implementation runs variable-length
-    attention from the position ids (flash_attention_2).
+    Padding-free rows hold at most ``PACKED_ROW_WIDTHS`` (2) times the padded batch's width T, or the longest
+    packed group if longer, where attention is dense (sdpa, eager: a packed row's attention costs its length
+    squared, so one long row would cost more than the padded batch); one row where the implementation runs
+    variable-length attention from the position ids (flash_attention_2). Two widths: on the toy DPO batches
+    the rows then carry little padding while attention stays a small part of the step; forward + backward
+    of the tiny / 20M model, against the padded batch (``benchmarks/prefix_sharing.py --cases "dpo toy"``,
+    docs/results.md): prefix sharing alone 0.66 / 0.65, with padding-free rows of 1 width 0.66 / 0.65 (no
+    two groups fit), 2 widths 0.56 / 0.49, 4 widths 0.59 / 0.56.
     """
-    row_length = input_ids.shape[1] if shares_prompts(model) else None  # dense attention: rows of the padded width
+    row_length = PACKED_ROW_WIDTHS * input_ids.shape[1] if shares_prompts(model) else None  # dense attention
     packed = pack_batch(input_ids, attention_mask, score_mask, groups, prompt_mask, padding_free, row_length)
     return packed.to(input_ids.device)
 

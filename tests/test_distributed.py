@@ -247,7 +247,7 @@ def test_grpo_two_processes_equal_one(tmp_path):
         ("sft", ("--packing",)),
         ("sft", ("--padding_free",)),
         ("grpo", ("--prefix_sharing", "--beta", "0.05")),
-        ("dpo", ("--prefix_sharing", "--padding_free")),
+        ("dpo", ("--no-prefix_sharing", "--no-padding_free")),  # the padded rows (packed: the default)
         ("online_dpo", ("--prefix_sharing",)),
         ("kto", ()),
         ("orpo", ()),
@@ -318,7 +318,7 @@ def test_sharded_evaluation_equals_one_process(recipe, sharding, tmp_path):
         ("grpo", ("--lr", "1e-4")),
         ("grpo", ("--beta", "0.05")),
         ("grpo", ("--prefix_sharing", "--beta", "0.05")),
-        ("dpo", ("--prefix_sharing", "--padding_free")),
+        ("dpo", ("--no-prefix_sharing", "--no-padding_free")),  # the padded rows (packed: the default)
         ("kto", ()),
         ("orpo", ()),
         ("distill", ()),

@@ -272,10 +272,23 @@ def test_pack_batch_layout_and_bad_groups():
         logp, _ = models.packed_logprobs(model, packed)
         summed = packed.unpack(logp, (6, batch["input_ids"].shape[1] - 1), column_offset=1).sum(1)
         torch.testing.assert_close(summed, padded, **TOLERANCE["sdpa"])
+    # rows never narrower than the longest group: row_length 4 < 8 packs into rows of 8, as wide as unpacked
+    assert packing.pack_batch(*inputs, padding_free=True, row_length=4).input_ids.shape == (3, 8)
     wrong = groups.clone()
     wrong[3] = 1  # rejected of pair 0 grouped with pair 1: a different prompt
     with pytest.raises(ValueError, match="row 3 does not start with the prompt of row 1"):
         packing.pack_batch(batch["input_ids"], batch["attention_mask"], batch["completion_mask"], wrong, prompt_mask)
+
+
+def test_padding_free_rows_as_wide_as_the_longest_sequence():
+    """Sequences of 6, 3 and 3 tokens, row_length 2 (narrower than any): rows of 6 tokens, filled first fit,
+    so the two short sequences share a row; the packed batch is no wider than the longest sequence."""
+    ids = torch.arange(1, 19).view(3, 6)
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] * 3 + [0] * 3])
+    packed = packing.pack_batch(ids, mask, mask * (torch.arange(6) > 0), padding_free=True, row_length=2)
+    assert packed.input_ids.tolist() == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 13, 14, 15]]
+    assert packed.position_ids[1].tolist() == [0, 1, 2, 0, 1, 2]
+    assert packed.sources.tolist() == [[0, c] for c in range(1, 6)] + [[1, 1], [1, 2], [2, 1], [2, 2]]
 
 
 def test_pack_batch_of_a_left_padded_rollout_by_hand():
@@ -330,7 +343,13 @@ def test_grpo_recipe_with_prefix_sharing_repeats_the_unshared_run(tmp_path):
             "dpo", ["--warm_start_steps", "0", "--no-prefix_sharing"], ["--padding_free"], marks=pytest.mark.slow
         ),
         pytest.param(  # + the chosen NLL
-            "dpo", ["--warm_start_steps", "0", "--rpo_alpha", "1.0"], ["--prefix_sharing"], marks=pytest.mark.slow
+            "dpo",
+            ["--warm_start_steps", "0", "--rpo_alpha", "1.0"],
+            ["--prefix_sharing", "--no-padding_free"],
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(  # the default: pairs [prompt, chosen, rejected], several to a row
+            "dpo", ["--warm_start_steps", "0"], ["--prefix_sharing", "--padding_free"], marks=pytest.mark.slow
         ),
     ],
 )
@@ -340,7 +359,7 @@ def test_packed_recipe_repeats_the_padded_run(tmp_path, recipe, flags, packed_fl
 
     main = load_recipe(recipe).main
     common = ["--max_steps", "3", "--batch_size", "4", "--eval_split", "none", *SMALL_RUN, *flags]
-    padded_flags = ["--no-prefix_sharing"] if recipe == "dpo" else []
+    padded_flags = ["--no-prefix_sharing", "--no-padding_free"] if recipe == "dpo" else []
     main(["--output_dir", str(tmp_path / "padded"), *common, *padded_flags])
     main(["--output_dir", str(tmp_path / "packed"), *common, *packed_flags])
     padded, packed = _losses(tmp_path / "padded"), _losses(tmp_path / "packed")
