@@ -240,7 +240,9 @@ def pack_batch(
         prefixes[target] += [prefix] * len(part)
         segment_count[target] += 1
 
-    shared_prompts = [[t for t, in_prompt in zip(ids[rows[0]], prompt[rows[0]]) if in_prompt] for rows in members.values()]
+    shared_prompts = [
+        [t for t, in_prompt in zip(ids[rows[0]], prompt[rows[0]]) if in_prompt] for rows in members.values()
+    ]
     sizes = [  # each group's packed tokens: its prompt once, then every row's own tokens
         sum(sum(real[row]) for row in rows) - (len(rows) - 1) * len(shared)
         for rows, shared in zip(members.values(), shared_prompts)
