@@ -13,6 +13,7 @@ process time per step is printed beside them for scale.
     python benchmarks/profile_decode.py                     # tiny and 20m, batch 64, one thread
     python benchmarks/profile_decode.py --models 20m --batch-size 16
     python benchmarks/profile_decode.py --matmuls           # also: F.linear against x @ W^T (contiguous)
+    python benchmarks/profile_decode.py --models --softmax  # only: torch's softmax against the step's, short rows
     python benchmarks/profile_decode.py --compile           # the compiled step (generate(compile=True))
 
 With ``--compile`` the step's ops run inside one compiled graph: its matmuls and the fused C++ kernels
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate import build_model, ragged_prompts  # noqa: E402
 
 import rlcore.rollout as rollout  # noqa: E402
+from rlcore import decode  # noqa: E402
 from rlcore.decode import LlamaDecodeStep  # noqa: E402
 
 MATMULS = {"aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::bmm"}
@@ -155,13 +157,33 @@ def compare_matmuls(batch: int) -> None:
         print(f"  W [{out_features}, {in_features}]: {linear:8.0f} | {mm:8.0f}  ({linear / mm:.2f}x)")
 
 
+def compare_softmax(batch: int) -> None:
+    """torch's softmax against the written-out form of the step (``rlcore.decode._softmax_``) on the step's
+    ``[N, 2, 2, L]`` scores (the tiny model's grouped heads), for cache lengths L around a 16-float vector."""
+
+    def per_call(fn, scores, calls=200):
+        fn(scores.clone())
+        start = time.process_time()
+        for _ in range(calls):
+            fn(scores.clone())
+        return (time.process_time() - start) / calls * 1e6
+
+    print(f"\nsoftmax of [{batch}, 2, 2, L] scores, us per call (a copy of the scores included in both)")
+    print("  L    | torch softmax | written out")
+    for length in (8, 11, 14, 15, 16, 20, 32, 64, 160):
+        scores = torch.randn(batch, 2, 2, length)
+        torch_us, written_us = per_call(lambda x: x.softmax(-1), scores), per_call(decode._softmax_, scores)
+        print(f"  {length:4d} | {torch_us:13.1f} | {written_us:11.1f}  ({torch_us / written_us:.2f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["tiny", "20m"], choices=["tiny", "20m"])
+    parser.add_argument("--models", nargs="*", default=["tiny", "20m"], choices=["tiny", "20m"])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--matmuls", action="store_true", help="also time F.linear against x @ W^T (contiguous)")
+    parser.add_argument("--softmax", action="store_true", help="also time torch's softmax against the written-out one")
     parser.add_argument("--compile", action="store_true", help="profile generate(compile=True), the compiled step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -177,6 +199,8 @@ def main() -> None:
         profile_model(name, args.batch_size, args.new_tokens, args.compile)
     if args.matmuls:
         compare_matmuls(args.batch_size)
+    if args.softmax:
+        compare_softmax(args.batch_size)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""A native one-token decode step for Llama-layout causal LMs, on the model's own weights.
+"""A native one-token decode step (and prompt prefill) for Llama-layout causal LMs, on the model's own weights.
 
 For a small policy on CPU, much of a transformers forward pass for one token is Python: module calls, the
 attention interface, mask and cache bookkeeping, ~60 dispatched ops per layer (most of the step of a 1M
@@ -43,6 +43,16 @@ Where the ops go:
   one thread), the same values within float rounding. It holds a second copy of the weights for the length of a ``generate`` call.
 - **In-place KV cache.** Each step writes one slot of preallocated ``[N, kv_heads, max_len, head_dim]``
   buffers and attends over a view of the filled slots: nothing is concatenated or reallocated.
+
+- **Short softmax rows written out.** torch's CPU softmax runs a scalar loop on rows under 16 floats (the
+  toy's caches of 11-19 slots); there :func:`_softmax_` subtracts the row maximum, exponentiates and
+  divides in place (the same values up to rounding): torch 53-87 us, written out 21-29 us for ``[64, 2, 2, L]``
+  scores at L = 8-15 (torch 15 us at L = 16; ``python benchmarks/profile_decode.py --models --softmax``).
+- **The prefill on the same tensors.** :meth:`LlamaDecodeStep.prefill` runs the left-padded prompts
+  through the same layer code (:func:`_prefill_prompts`, every query row of a key/value head's group
+  attending under a causal, padding-aware mask, :func:`prompt_attention_mask`) and writes their keys and
+  values into the buffers, each prompt's into its G rows: no transformers forward, mask building or
+  ``DynamicCache`` before the first token.
 
 The computation is :func:`_decode_token`, a pure function of tensors; :class:`LlamaDecodeStep` gathers
 its arguments once and runs it eager, or with ``compile=True`` through ``torch.compile`` (inductor: fused
@@ -189,9 +199,10 @@ def _attend(query, keys, values, attn_mask, scale) -> torch.Tensor:
 
 def _softmax_(scores: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dimension, in place where that is faster. torch's CPU kernel takes a scalar
-    loop for rows shorter than a 16-float vector (5-10x the time of 16 at 11-15 floats a row on this
-    machine's AVX-512), which the toy's short caches and prompts hit; there the shifted exponentials and
-    their sum, three vectorised ops, are written out. The same function up to float rounding."""
+    loop for rows shorter than a 16-float vector (at 15 floats a row, 6x its time at 16 on an AVX-512 CPU),
+    which the toy's short caches and prompts hit; there the shifted exponentials and their sum, a few
+    vectorised ops, are written out (``benchmarks/profile_decode.py --softmax``). The same function up to
+    float rounding."""
     if scores.shape[-1] >= 16:
         return scores.softmax(dim=-1)
     weights = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()  # the row maximum is finite: one key is seen

@@ -8,7 +8,10 @@ are G consecutive rows, rlcore's group convention.
 How it runs (following gpt-fast's ``generate.py`` and nanochat's ``engine.py``):
 
 1. **Prefill once per prompt.** One forward pass over the B prompts (position ids from the mask, so left
-   padding changes nothing) fills a KV cache and gives the logits of the first completion token.
+   padding changes nothing) fills a KV cache and gives the logits of the first completion token. With the
+   native step (below) the step runs the prompts itself (:meth:`rlcore.decode.LlamaDecodeStep.prefill`, on
+   the weights it has already gathered, straight into its buffers): no transformers forward, mask building
+   or ``DynamicCache`` (the toy GRPO step's figures: docs/results.md, "Native prefill").
 2. **Share it G times.** The prompt keys/values are copied into a KV cache of N = B * G rows, each prompt's
    block repeated G times; the first logits are repeated the same way. No prompt is prefilled twice.
 3. **Decode one token at a time** into preallocated buffers: sample from the last logits, write the
@@ -39,7 +42,8 @@ How it runs (following gpt-fast's ``generate.py`` and nanochat's ``engine.py``):
 the default step is :class:`rlcore.decode.LlamaDecodeStep`: the same function as the model's forward for
 one token, on the model's own weights, written as ~20 tensor ops per layer (one fused q/k/v matmul,
 rotary tables gathered once per step, grouped-query attention without repeating keys) straight
-into the growing cache. Any other model, or ``native_step=False``, runs the model's forward.
+into the growing cache; it also prefills the prompts. Any other model, or ``native_step=False``, runs the
+model's forward for both.
 
 Where the time goes on CPU (transformers 5.23, ``benchmarks/generate.py``, one thread): ``model.generate``
 adds, per step, ``DynamicCache``'s concatenation of the whole cache, the rebuilt 4-D mask, input
