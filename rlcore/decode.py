@@ -43,7 +43,6 @@ Where the ops go:
   one thread), the same values within float rounding. It holds a second copy of the weights for the length of a ``generate`` call.
 - **In-place KV cache.** Each step writes one slot of preallocated ``[N, kv_heads, max_len, head_dim]``
   buffers and attends over a view of the filled slots: nothing is concatenated or reallocated.
-
 - **Short softmax rows written out.** torch's CPU softmax runs a scalar loop on rows under 16 floats (the
   toy's caches of 11-19 slots); there :func:`_softmax_` subtracts the row maximum, exponentiates and
   divides in place (the same values up to rounding): torch 53-87 us, written out 21-29 us for ``[64, 2, 2, L]``
