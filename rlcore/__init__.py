@@ -18,6 +18,7 @@ from .distillation import distillation_loss, generalized_jsd
 from .kl import KL_KINDS, kl_estimate, kl_shaped_rewards
 from .logprobs import (
     chunked_logprobs,
+    chunked_logprobs_and_entropy,
     entropy_from_logits,
     gather_logprobs,
     length_desensitized_logps,
@@ -87,6 +88,7 @@ __all__ = [
     "check_same_shape",
     "cpo_loss",
     "chunked_logprobs",
+    "chunked_logprobs_and_entropy",
     "cispo_loss",
     "distillation_loss",
     "dpo_loss",

@@ -97,6 +97,16 @@ def _logsumexp_(z: torch.Tensor) -> torch.Tensor:
     return z.sub_(row_max).exp_().sum(dim=-1).log_() + row_max.squeeze(-1)
 
 
+def _logsumexp_and_entropy(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logsumexp(z, -1), entropy of softmax(z))`` of finite ``[n, V]`` logits, z left unchanged:
+    ``H = lse - sum_v p_v z_v`` with ``p = e / S``, ``e = exp(z - max z)``, ``S = sum e``, ``lse = log S + max z``."""
+    row_max = z.amax(dim=-1, keepdim=True)  # [n, 1]
+    weights = (z - row_max).exp_()  # [n, V]
+    total = weights.sum(dim=-1)  # [n]
+    lse = total.log() + row_max.squeeze(-1)
+    return lse, lse - weights.mul_(z).sum(dim=-1) / total
+
+
 def _softmax_minus_onehot_grad_(
     z: torch.Tensor, lse: torch.Tensor, tokens: torch.Tensor, grad_out: torch.Tensor, temperature: float
 ) -> torch.Tensor:
@@ -283,21 +293,30 @@ class _ChunkedLogprobs(torch.autograd.Function):
     """log_softmax((hidden @ weight.T + bias) / temperature)[token], one chunk of positions at a time."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, chunk_size, temperature):
+    def forward(ctx, hidden, weight, bias, tokens, chunk_size, temperature, with_statistics):
         dtype = _accumulation_dtype(hidden.dtype)
         lse = torch.empty(tokens.shape, dtype=dtype, device=hidden.device)  # [N]
         picked = torch.empty_like(lse)  # [N]
+        statistics = (
+            lse.new_empty(tokens.shape if with_statistics else 0),
+            tokens.new_empty(tokens.shape if with_statistics else 0),
+        )  # entropy [N], argmax [N] (empty when not asked)
         for c in _row_blocks(hidden.shape[0], chunk_size):
             z = _scaled_(F.linear(hidden[c], weight, bias), temperature, dtype)  # [n, V]
             picked[c] = z.gather(-1, tokens[c].unsqueeze(-1)).squeeze(-1)
-            lse[c] = _logsumexp_(z)
+            if with_statistics:  # from the same logits: no second LM-head pass
+                lse[c], statistics[0][c] = _logsumexp_and_entropy(z)
+                statistics[1][c] = z.argmax(dim=-1)
+            else:
+                lse[c] = _logsumexp_(z)
             del z  # free this chunk's logits before the next chunk's are made
         ctx.save_for_backward(hidden, weight, bias, tokens, lse)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
-        return picked - lse
+        ctx.mark_non_differentiable(*statistics)
+        return picked - lse, *statistics
 
     @staticmethod
-    def backward(ctx, grad_logprobs):
+    def backward(ctx, grad_logprobs, *_):
         hidden, weight, bias, tokens, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None  # [N, H]
@@ -315,7 +334,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
             if need_weight:
                 _add_matmul_(grad_weight, grad_logits.t(), hidden[c])  # [V, H]
             del z, grad_z, grad_logits  # free this chunk's buffers before the next chunk's logits are made
-        return grad_hidden, _cast(grad_weight, weight), _cast(grad_bias, bias), None, None, None
+        return grad_hidden, _cast(grad_weight, weight), _cast(grad_bias, bias), None, None, None, None
 
 
 def _cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
@@ -328,6 +347,25 @@ def _add_matmul_(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) ->
         accumulator.addmm_(a, b)
     else:
         accumulator.add_(a @ b)
+
+
+def _check_chunked_inputs(hidden, weight, tokens, chunk_size: int, bias) -> None:
+    if hidden.shape[:-1] != tokens.shape:
+        raise ValueError(
+            f"shape mismatch: hidden has shape {tuple(hidden.shape)} so tokens must have shape "
+            f"{tuple(hidden.shape[:-1])}, but tokens has shape {tuple(tokens.shape)}"
+        )
+    check_ndim("weight", weight, 2, "[V, H]")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be [V, H={hidden.shape[-1]}] to match hidden, got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias must be [V={weight.shape[0]}], got {tuple(bias.shape)}")
+    if tokens.is_floating_point() or tokens.is_complex():
+        raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
 def chunked_logprobs(
@@ -368,23 +406,37 @@ def chunked_logprobs(
     Returns:
         [...] (the shape of ``tokens``) log-probs, float32 (float64 for float64 inputs).
     """
-    if hidden.shape[:-1] != tokens.shape:
-        raise ValueError(
-            f"shape mismatch: hidden has shape {tuple(hidden.shape)} so tokens must have shape "
-            f"{tuple(hidden.shape[:-1])}, but tokens has shape {tuple(tokens.shape)}"
-        )
-    check_ndim("weight", weight, 2, "[V, H]")
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must be [V, H={hidden.shape[-1]}] to match hidden, got {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
-    if bias is not None and bias.shape != weight.shape[:1]:
-        raise ValueError(f"bias must be [V={weight.shape[0]}], got {tuple(bias.shape)}")
-    if tokens.is_floating_point() or tokens.is_complex():
-        raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _check_chunked_inputs(hidden, weight, tokens, chunk_size, bias)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
     flat_tokens = tokens.reshape(-1).long()  # [N]
-    logprobs = _ChunkedLogprobs.apply(flat_hidden, weight, bias, flat_tokens, chunk_size, float(temperature))
-    return logprobs.reshape(tokens.shape)
+    logprobs = _ChunkedLogprobs.apply(flat_hidden, weight, bias, flat_tokens, chunk_size, float(temperature), False)
+    return logprobs[0].reshape(tokens.shape)
+
+
+def chunked_logprobs_and_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    tokens: torch.Tensor,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`chunked_logprobs` and, from the same chunks of logits, two detached statistics per position:
+
+        H_n = logsumexp(z_n) - sum_v softmax(z_n)_v z_n[v]     (entropy, nats; as ``entropy_from_logits``)
+        a_n = argmax_v z_n[v]                                    (the most likely token)
+
+    Reading them in the forward pass's chunks saves the second ``[N, H] x [H, V]`` LM-head pass that computing
+    them afterwards costs (GRPO logs the entropy of every scored token). The log-probs and their gradient are
+    those of :func:`chunked_logprobs`; the statistics carry no gradient.
+
+    Returns:
+        (log-probs [...] with gradient, entropy [...] float32 (float64 for float64 inputs), argmax [...] long).
+    """
+    _check_chunked_inputs(hidden, weight, tokens, chunk_size, bias)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
+    flat_tokens = tokens.reshape(-1).long()  # [N]
+    logprobs, entropy, argmax = _ChunkedLogprobs.apply(
+        flat_hidden, weight, bias, flat_tokens, chunk_size, float(temperature), True
+    )
+    return logprobs.reshape(tokens.shape), entropy.reshape(tokens.shape), argmax.reshape(tokens.shape)

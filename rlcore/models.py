@@ -43,6 +43,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceCl
 
 from rlcore.logprobs import (
     chunked_logprobs,
+    chunked_logprobs_and_entropy,
     entropy_from_logits,
     gather_logprobs,
     length_desensitized_logps,
@@ -650,18 +651,15 @@ def _head_logprobs(
     """[N, H] hidden states, [N] targets -> ([N] log-probs through the LM head chunk-wise, detached extras)."""
     head = _unwrapped(model).get_output_embeddings()
     hidden = hidden.to(head.weight.dtype)
-    logp = chunked_logprobs(hidden, head.weight, targets, chunk_size, temperature, head.bias)  # [N]
-    extras: dict[str, torch.Tensor] = {}
-    if with_entropy or with_argmax:
-        with torch.no_grad():
-            parts = [
-                (entropy_from_logits(logits, temperature), logits.argmax(-1))
-                for logits in (head(chunk) for chunk in hidden.detach().split(chunk_size))
-            ]  # each chunk's [n, V] logits are freed before the next chunk's
-            if with_entropy:
-                extras["entropy"] = torch.cat([entropy for entropy, _ in parts])
-            if with_argmax:
-                extras["argmax"] = torch.cat([argmax for _, argmax in parts]) == targets
+    if not (with_entropy or with_argmax):
+        return chunked_logprobs(hidden, head.weight, targets, chunk_size, temperature, head.bias), {}  # [N]
+    # the statistics come from the same chunks of logits as the log-probs: one LM-head pass, not two
+    logp, entropy, argmax = chunked_logprobs_and_entropy(
+        hidden, head.weight, targets, chunk_size, temperature, head.bias
+    )
+    extras = {"entropy": entropy} if with_entropy else {}
+    if with_argmax:
+        extras["argmax"] = argmax == targets
     return logp, extras
 
 

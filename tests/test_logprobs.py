@@ -5,10 +5,12 @@ temperature != 1 and chunk sizes that do not divide the number of positions; bf1
 float32.
 """
 
+import math
+
 import pytest
 import torch
 
-from rlcore import chunked_logprobs, entropy_from_logits, gather_logprobs
+from rlcore import chunked_logprobs, chunked_logprobs_and_entropy, entropy_from_logits, gather_logprobs
 
 B, T, H, V = 3, 7, 8, 13  # N = 21 positions: chunk sizes 4 and 5 do not divide it
 
@@ -51,6 +53,31 @@ def test_chunked_logprobs_matches_naive_float64(chunk_size, temperature, with_bi
     torch.testing.assert_close(logprobs, expected, rtol=0, atol=1e-10)
     for got, want in zip(_grads(logprobs, inputs, mask, grad_out), _grads(expected, inputs, mask, grad_out)):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 1024])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_statistics_equal_the_full_logits_float64(chunk_size, temperature):
+    """The entropy and argmax read from the forward's chunks equal those of the full logits; the log-probs and
+    their gradients equal chunked_logprobs' (the statistics are detached)."""
+    hidden, weight, bias, tokens, mask, grad_out = _inputs()
+    inputs = [hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()]
+    logprobs, entropy, argmax = chunked_logprobs_and_entropy(hidden, weight, tokens, chunk_size, temperature, bias)
+    expected = chunked_logprobs(hidden, weight, tokens, chunk_size, temperature, bias)
+    logits = (hidden @ weight.T + bias).detach()
+    torch.testing.assert_close(logprobs, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(entropy, entropy_from_logits(logits, temperature), rtol=0, atol=1e-10)
+    assert torch.equal(argmax, logits.argmax(-1)) and not entropy.requires_grad and not argmax.requires_grad
+    for got, want in zip(_grads(logprobs, inputs, mask, grad_out), _grads(expected, inputs, mask, grad_out)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_chunked_entropy_by_hand():
+    """Logits (0, 0, log 2): p = (1/4, 1/4, 1/2), H = 2 * (1/4) log 4 + (1/2) log 2 = 1.5 log 2; argmax 2."""
+    hidden, weight = torch.tensor([[1.0]], dtype=torch.float64), torch.tensor([[0.0], [0.0], [math.log(2)]])
+    _, entropy, argmax = chunked_logprobs_and_entropy(hidden, weight.double(), torch.tensor([0]))
+    torch.testing.assert_close(entropy, torch.tensor([1.5 * math.log(2)], dtype=torch.float64))
+    assert argmax.tolist() == [2]
 
 
 def test_chunked_logprobs_gradcheck():
