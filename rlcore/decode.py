@@ -318,7 +318,7 @@ class LlamaDecodeStep:
         compile: run the step through ``torch.compile`` (:func:`compiled_decode_token`); the first call
             compiles (tens of seconds on CPU), later ones of any cache length reuse it.
         checked: the caller has just found :func:`native_decode_unsupported` None for ``model`` (the check
-            walks every module and parameter: ~0.5 ms on the 1M model, once per ``generate`` call is enough).
+            walks every module and parameter, 0.5-0.9 ms on the 1M model: once per ``generate`` call is enough).
     """
 
     def __init__(
