@@ -199,8 +199,9 @@ def pack_batch(
     (``prompt_mask`` 1: the first real tokens of each row, identical across the group): one prompt segment,
     then one segment per row holding its remaining tokens, whose prefix is the prompt (an empty prompt:
     nothing shared, one segment per row). Without
-    ``padding_free`` each group (each row without ``groups``) gets its own packed row; with it, each group goes
-    end to end into the first row with room for it (first fit) within ``max(row_length, the longest group)``
+    ``padding_free`` each group (each row without ``groups``) gets its own packed row; with it, each group, the
+    longest first, goes end to end into the first row with room for it (first fit decreasing) within
+    ``max(row_length, the longest group)``
     tokens: the packed batch is never wider than the longest group makes it anyway (None: everything in one
     row). Packed rows are right-padded to the longest.
 
@@ -249,7 +250,11 @@ def pack_batch(
     ]
     if row_length is not None:  # the longest group sets the width anyway: rows as long cost no longer attention rows
         row_length = max([row_length, *sizes])
-    for rows, shared, size in zip(members.values(), shared_prompts, sizes):
+    order = list(range(len(sizes)))
+    if padding_free:  # first fit decreasing: the longest groups placed first fill the rows more tightly
+        order.sort(key=lambda group: -sizes[group])  # stable: equal sizes keep the batch's order
+    group_rows = list(members.values())
+    for rows, shared, size in ((group_rows[g], shared_prompts[g], sizes[g]) for g in order):
         fits = [r for r, row_tokens in enumerate(tokens) if padding_free and _fits(len(row_tokens), size, row_length)]
         target = fits[0] if fits else len(tokens)  # first fit
         if target == len(tokens):
