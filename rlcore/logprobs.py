@@ -406,11 +406,7 @@ def chunked_logprobs(
     Returns:
         [...] (the shape of ``tokens``) log-probs, float32 (float64 for float64 inputs).
     """
-    _check_chunked_inputs(hidden, weight, tokens, chunk_size, bias)
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
-    flat_tokens = tokens.reshape(-1).long()  # [N]
-    logprobs = _ChunkedLogprobs.apply(flat_hidden, weight, bias, flat_tokens, chunk_size, float(temperature), False)
-    return logprobs[0].reshape(tokens.shape)
+    return _chunked(hidden, weight, tokens, chunk_size, temperature, bias, with_statistics=False)[0]
 
 
 def chunked_logprobs_and_entropy(
@@ -433,10 +429,16 @@ def chunked_logprobs_and_entropy(
     Returns:
         (log-probs [...] with gradient, entropy [...] float32 (float64 for float64 inputs), argmax [...] long).
     """
+    logprobs, entropy, argmax = _chunked(hidden, weight, tokens, chunk_size, temperature, bias, with_statistics=True)
+    return logprobs, entropy, argmax
+
+
+def _chunked(hidden, weight, tokens, chunk_size, temperature, bias, with_statistics: bool) -> list[torch.Tensor]:
+    """Check the inputs and run :class:`_ChunkedLogprobs` on the flattened positions: [log-probs] or, with
+    statistics, [log-probs, entropy, argmax], each in the shape of ``tokens``."""
     _check_chunked_inputs(hidden, weight, tokens, chunk_size, bias)
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
-    flat_tokens = tokens.reshape(-1).long()  # [N]
-    logprobs, entropy, argmax = _ChunkedLogprobs.apply(
-        flat_hidden, weight, bias, flat_tokens, chunk_size, float(temperature), True
+    flat_hidden, flat_tokens = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1).long()  # [N, H], [N]
+    outputs = _ChunkedLogprobs.apply(
+        flat_hidden, weight, bias, flat_tokens, chunk_size, float(temperature), with_statistics
     )
-    return logprobs.reshape(tokens.shape), entropy.reshape(tokens.shape), argmax.reshape(tokens.shape)
+    return [output.reshape(tokens.shape) for output in outputs[: 3 if with_statistics else 1]]

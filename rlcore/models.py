@@ -577,8 +577,8 @@ def packed_batch(
     variable-length attention from the position ids (flash_attention_2). Two widths: on the toy DPO batches
     the rows then carry little padding while attention stays a small part of the step; forward + backward
     of the tiny / 20M model, against the padded batch (``benchmarks/prefix_sharing.py --cases "dpo toy"``,
-    docs/results.md): prefix sharing alone 0.66 / 0.65, with padding-free rows of 1 width 0.66 / 0.65 (no
-    two groups fit), 2 widths 0.56 / 0.49, 4 widths 0.59 / 0.56.
+    docs/results.md): prefix sharing alone 0.62-0.67 / 0.64-0.65, with padding-free rows of 1 width 0.63 /
+    0.65 (no two groups fit), 2 widths 0.55-0.56 / 0.49-0.55, 4 widths 0.59 / 0.56.
     """
     row_length = PACKED_ROW_WIDTHS * input_ids.shape[1] if shares_prompts(model) else None  # dense attention
     packed = pack_batch(input_ids, attention_mask, score_mask, groups, prompt_mask, padding_free, row_length)

@@ -201,16 +201,15 @@ def pack_batch(
     nothing shared, one segment per row). Without
     ``padding_free`` each group (each row without ``groups``) gets its own packed row; with it, each group, the
     longest first, goes end to end into the first row with room for it (first fit decreasing) within
-    ``max(row_length, the longest group)``
-    tokens: the packed batch is never wider than the longest group makes it anyway (None: everything in one
-    row). Packed rows are right-padded to the longest.
+    ``max(row_length, the longest group)`` tokens: the packed batch is never wider than the longest group makes
+    it anyway (None: everything in one row). Packed rows are right-padded to the longest.
 
     A scored token (``score_mask`` 1; never a row's first real token) is predicted by the hidden state of
     the row's previous real token: for a completion's first token, the prompt's last position.
 
     Args:
         input_ids, attention_mask, score_mask: [B, T]; groups: [B] or None; prompt_mask: [B, T] with groups.
-        padding_free, row_length: several groups per packed row (first fit), rows of at most
+        padding_free, row_length: several groups per packed row (first fit decreasing), rows of at most
             max(row_length, longest group) tokens.
 
     Returns:
@@ -241,19 +240,17 @@ def pack_batch(
         prefixes[target] += [prefix] * len(part)
         segment_count[target] += 1
 
-    shared_prompts = [
-        [t for t, in_prompt in zip(ids[rows[0]], prompt[rows[0]]) if in_prompt] for rows in members.values()
-    ]
+    group_rows = list(members.values())
+    shared_prompts = [[t for t, in_prompt in zip(ids[rows[0]], prompt[rows[0]]) if in_prompt] for rows in group_rows]
     sizes = [  # each group's packed tokens: its prompt once, then every row's own tokens
         sum(sum(real[row]) for row in rows) - (len(rows) - 1) * len(shared)
-        for rows, shared in zip(members.values(), shared_prompts)
+        for rows, shared in zip(group_rows, shared_prompts)
     ]
     if row_length is not None:  # the longest group sets the width anyway: rows as long cost no longer attention rows
         row_length = max([row_length, *sizes])
     order = list(range(len(sizes)))
     if padding_free:  # first fit decreasing: the longest groups placed first fill the rows more tightly
         order.sort(key=lambda group: -sizes[group])  # stable: equal sizes keep the batch's order
-    group_rows = list(members.values())
     for rows, shared, size in ((group_rows[g], shared_prompts[g], sizes[g]) for g in order):
         fits = [r for r, row_tokens in enumerate(tokens) if padding_free and _fits(len(row_tokens), size, row_length)]
         target = fits[0] if fits else len(tokens)  # first fit
