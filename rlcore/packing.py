@@ -200,9 +200,10 @@ def pack_batch(
     then one segment per row holding its remaining tokens, whose prefix is the prompt (an empty prompt:
     nothing shared, one segment per row). Without
     ``padding_free`` each group (each row without ``groups``) gets its own packed row; with it, each group, the
-    longest first, goes end to end into the first row with room for it (first fit decreasing) within
-    ``max(row_length, the longest group)`` tokens: the packed batch is never wider than the longest group makes
-    it anyway (None: everything in one row). Packed rows are right-padded to the longest.
+    longest first, goes end to end into the first row with room for it (first fit decreasing). Rows hold at
+    most ``max(row_length, the longest group)`` tokens, or fewer where narrower rows feed fewer tokens in all
+    (:func:`_fewest_tokens_capacity`): packing never makes the batch wider than the longest group, nor feed
+    more tokens than one group a row (None: everything in one row). Packed rows are right-padded to the longest.
 
     A scored token (``score_mask`` 1; never a row's first real token) is predicted by the hidden state of
     the row's previous real token: for a completion's first token, the prompt's last position.
@@ -210,7 +211,7 @@ def pack_batch(
     Args:
         input_ids, attention_mask, score_mask: [B, T]; groups: [B] or None; prompt_mask: [B, T] with groups.
         padding_free, row_length: several groups per packed row (first fit decreasing), rows of at most
-            max(row_length, longest group) tokens.
+            max(row_length, longest group) tokens, the capacity that feeds the fewest tokens.
 
     Returns:
         A :class:`PackedBatch` on the CPU (move it with ``.to(device)``).
@@ -248,6 +249,8 @@ def pack_batch(
     ]
     if row_length is not None:  # the longest group sets the width anyway: rows as long cost no longer attention rows
         row_length = max([row_length, *sizes])
+        if padding_free:  # the narrowest rows that feed the fewest tokens: merging never pads the batch wider
+            row_length = _fewest_tokens_capacity(sorted(sizes, reverse=True), row_length)
     order = list(range(len(sizes)))
     if padding_free:  # first fit decreasing: the longest groups placed first fill the rows more tightly
         order.sort(key=lambda group: -sizes[group])  # stable: equal sizes keep the batch's order
@@ -302,3 +305,35 @@ def pack_batch(
 
 def _fits(used: int, size: int, row_length: int | None) -> bool:
     return row_length is None or used + size <= row_length
+
+
+def _first_fit(sizes: list[int], capacity: int) -> list[int]:
+    """The tokens in each row when ``sizes`` (in this order) go first fit into rows of ``capacity`` tokens."""
+    fills: list[int] = []
+    for size in sizes:
+        row = next((r for r, used in enumerate(fills) if used + size <= capacity), None)
+        if row is None:
+            fills.append(size)
+        else:
+            fills[row] += size
+    return fills
+
+
+def _fewest_tokens_capacity(sizes: list[int], capacity: int) -> int:
+    """The row capacity in ``[max(sizes), capacity]`` whose first-fit packing of ``sizes`` (longest first) feeds
+    the fewest tokens (rows x the fullest row's length), the narrowest of equals.
+
+    Merging groups can cost tokens: 32 groups of 15-18 tokens in rows of 26 fit one merge, and 31 rows
+    padded to 26 (806 tokens) feed more than 32 rows of 18 (576). A packing into rows of capacity C whose
+    fullest row holds w tokens is also the packing for every capacity in [w, C] (each placement compares a
+    fill with the capacity, and every fill that fitted is at most w), so the capacities below w are the
+    only others to try: a few packings, not one per capacity.
+    """
+    best_tokens, best = None, capacity
+    while capacity >= sizes[0]:
+        fills = _first_fit(sizes, capacity)
+        widest = max(fills)
+        if best_tokens is None or len(fills) * widest <= best_tokens:
+            best_tokens, best = len(fills) * widest, widest
+        capacity = widest - 1
+    return best

@@ -260,12 +260,14 @@ def test_pack_batch_layout_and_bad_groups():
     assert packed.position_ids[0].tolist()[:8] == [0, 1, 2, 3, 4, 5, 3, 4]
     assert packed.positions[:5].tolist() == [[0, 2], [0, 3], [0, 4], [0, 2], [0, 6]]
     assert packed.targets[:5].tolist() == [20, 21, 1, 30, 1]
-    # padding-free: everything in one row (row_length None), or first fit into rows of at most 16 tokens
+    # padding-free: everything in one row (row_length None), or first fit into rows of at most 16 tokens,
+    # narrower where that feeds fewer tokens: two rows of 16 (32 tokens) would feed more than three of 8 (24)
     one_row = packing.pack_batch(*inputs, padding_free=True)  # three pairs of 8 packed tokens each
     assert one_row.input_ids.shape == (1, 24) and one_row.position_ids[0, 8:11].tolist() == [0, 1, 2]
+    assert one_row.segment_ids[0, 8] == 3  # pair 1's prompt, the row's fourth segment
+    assert one_row.prefix_ids[0, 9:11].tolist() == [3, 3]  # pair 1's chosen sees pair 1's prompt (segment 3)
     bins = packing.pack_batch(*inputs, padding_free=True, row_length=16)
-    assert bins.input_ids.shape == (2, 16) and bins.segment_ids[:, 8].tolist() == [3, -1]
-    assert bins.prefix_ids[0, 9:11].tolist() == [3, 3]  # pair 1's chosen sees pair 1's prompt (segment 3)
+    assert bins.input_ids.shape == (3, 8)
     model = _model("llama", "sdpa")
     padded, _ = models.pair_logprobs(model, batch)
     for packed in (one_row, bins):
@@ -289,6 +291,36 @@ def test_padding_free_rows_as_wide_as_the_longest_sequence():
     assert packed.input_ids.tolist() == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 13, 14, 15]]
     assert packed.position_ids[1].tolist() == [0, 1, 2, 0, 1, 2]
     assert packed.sources.tolist() == [[0, c] for c in range(1, 6)] + [[1, 1], [1, 2], [2, 1], [2, 2]]
+
+
+def test_padding_free_rows_feed_the_fewest_tokens():
+    """The row capacity is the one, up to row_length, whose first-fit-decreasing rows feed the fewest tokens.
+
+    By hand, sizes 10, 6, 4, 3 in rows of at most 20 tokens (rows x fullest row):
+        20: [10+6+4, 3] -> 2 x 20 = 40     19: [10+6+3, 4] -> 38     18: [10+6, 4+3] -> 32
+        15: [10+4, 6+3] -> 2 x 14 = 28     13: [10+3, 6+4] -> 26     12: [10, 6+4, 3] -> 30
+    so rows of 13; capacities between a packing's fullest row and its capacity give the same packing.
+    Against a reference that tries every capacity, on random sizes: the same token count, never more than
+    one group a row.
+    """
+    assert packing._first_fit([10, 6, 4, 3], 13) == [13, 10]
+    assert packing._fewest_tokens_capacity([10, 6, 4, 3], 20) == 13
+    # rows of up to 26: the one merge that fits (15 + 10) would pad every row to 25, 5 x 25 = 125 tokens
+    # against 6 x 18 = 108 unmerged; none is made
+    assert packing._fewest_tokens_capacity([18, 17, 16, 15, 15, 10], 26) == 18
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        count = int(torch.randint(1, 20, (1,), generator=generator))
+        sizes = sorted(torch.randint(1, 30, (count,), generator=generator).tolist(), reverse=True)
+        cap = sizes[0] + int(torch.randint(0, 40, (1,), generator=generator))
+
+        def tokens(capacity: int) -> int:
+            fills = packing._first_fit(sizes, capacity)
+            return len(fills) * max(fills)
+
+        chosen = packing._fewest_tokens_capacity(sizes, cap)
+        assert sizes[0] <= chosen <= cap
+        assert tokens(chosen) == min(tokens(c) for c in range(sizes[0], cap + 1)) <= len(sizes) * sizes[0]
 
 
 def test_pack_batch_of_a_left_padded_rollout_by_hand():
