@@ -217,20 +217,25 @@ def optimizer_step(
     parameters = list(parameters)
     distributed.average_gradients(parameters)
     params = [p for p in parameters if p.grad is not None]
-    if max_grad_norm is not None:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    else:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor norm over the shards
-        grad_norm = grad_norm.full_tensor()
+    total_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    grad_norm = total_norm.full_tensor() if hasattr(total_norm, "full_tensor") else total_norm  # FSDP2: over shards
     if not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         return grad_norm.detach()
+    clip_gradients(params, max_grad_norm, total_norm, float(grad_norm))
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm.detach()
+
+
+def clip_gradients(params: list, max_grad_norm: float | None, total_norm: torch.Tensor, norm: float) -> None:
+    """``clip_grad_norm_``'s scaling of the gradients by ``min(1, max / (norm + 1e-6))``, skipped where that is
+    exactly 1: a pass over every gradient saved on each step that needs no clipping (``total_norm``: the
+    norm as ``get_total_norm`` gave it, a DTensor under FSDP2; ``norm``: its value)."""
+    if max_grad_norm is not None and norm + 1e-6 > max_grad_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, total_norm)
 
 
 def loss_tokens(masks: Sequence[Sequence[int]], shift: bool = True) -> int:

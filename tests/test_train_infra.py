@@ -193,6 +193,33 @@ def test_optimizer_step_clips_and_returns_the_norm():
     assert parameter.grad is None
 
 
+@pytest.mark.parametrize("max_grad_norm", [0.5, 5.0, 1e9, None])
+def test_optimizer_step_equals_clip_grad_norm_and_step(max_grad_norm):
+    """The same parameters, bit for bit, as torch's clip_grad_norm_ then AdamW, whether the gradients are scaled
+    (norm above the maximum) or not (the scaling by exactly 1 is skipped)."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(4, 3), (3,), (5, 4)]
+    starts = [torch.randn(shape, generator=generator) for shape in shapes]
+    grads = [torch.randn(shape, generator=generator) for shape in shapes]  # norm ~4.5
+    results = []
+    for ours in (True, False):
+        params = [torch.nn.Parameter(start.clone()) for start in starts]
+        optimizer = torch.optim.AdamW(params, lr=0.1)
+        for param, grad in zip(params, grads):
+            param.grad = grad.clone()
+        if ours:
+            norm = optimizer_step(params, optimizer, None, max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm(grads)
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+        results.append((norm, [param.detach() for param in params]))
+    (norm, params), (expected_norm, expected) = results
+    assert torch.equal(norm, expected_norm)
+    assert all(torch.equal(a, b) for a, b in zip(params, expected, strict=True))
+
+
 def test_loss_tokens_counts_the_window():
     # shifted: the first position of each row is never predicted -> 2 + 0 + 3
     assert loss_tokens([[1, 1, 1], [1], [0, 1, 1, 1]]) == 5
