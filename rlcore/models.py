@@ -39,8 +39,16 @@ from collections.abc import Iterator
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaForCausalLM,
+    Qwen2ForCausalLM,
+)
 
+from rlcore.last_layer import scoring_last_layer
 from rlcore.logprobs import (
     chunked_logprobs,
     chunked_logprobs_and_entropy,
@@ -520,32 +528,80 @@ def position_logprobs(
     Returns:
         (logp [N] float32 with gradient, {"entropy": [N], "argmax": [N] bool} as asked).
     """
-    rows, columns = positions.unbind(1)  # [N] each
-    hidden = body_hidden_states(model, input_ids, attention_mask, position_ids)[rows, columns]  # [N, H]
+    hidden = body_hidden_states(model, input_ids, attention_mask, position_ids, positions=positions)  # [N, H]
     return _head_logprobs(model, hidden, targets, chunk_size, temperature, with_entropy, with_argmax)
 
 
 def body_hidden_states(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[B, L, H] final hidden states (after the final norm) from one call of the top-level ``model``, whose LM
-    head runs on no position (``logits_to_keep`` an empty index); read by a forward hook on the decoder."""
+    """Final hidden states (after the final norm) from one call of the top-level ``model``, whose LM head runs
+    on no position (``logits_to_keep`` an empty index); read by a forward hook on the decoder.
+
+    Returns ``[B, L, H]``, or with ``positions`` ([N, 2] (row, column)) the ``[N, H]`` states there. Those are
+    computed with the last decoder layer at the N positions only where :func:`scored_layer_unsupported` allows
+    (``rlcore.last_layer``: the same values, less work), else read from the full ``[B, L, H]``.
+    """
     if not chunked_head_supported(model):
         raise ValueError(f"{type(_unwrapped(model)).__name__} cannot be scored from hidden states; use chunk_size=0")
     captured: list[torch.Tensor] = []
     decoder = _unwrapped(model).get_decoder()
+    scored_only = positions is not None and len(positions) > 0 and scored_layer_unsupported(model) is None
     hook = decoder.register_forward_hook(lambda module, args, output: captured.append(output[0]))
     try:
-        model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device),
-            use_cache=False,
-        )
+        with scoring_last_layer(decoder.layers[-1], *positions.unbind(1)) if scored_only else contextlib.nullcontext():
+            model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device),
+                use_cache=False,
+            )
     finally:
         hook.remove()
-    return captured[0]
+    if scored_only:
+        return captured[0].squeeze(0)  # [N, H]
+    return captured[0] if positions is None else captured[0][positions[:, 0], positions[:, 1]]
+
+
+SCORED_LAYER_MODELS = (LlamaForCausalLM, Qwen2ForCausalLM)
+
+
+def _fsdp_hook(hook) -> bool:
+    """Whether a module hook is FSDP2's own (a method of its per-module state: gathers the parameters before the
+    forward, frees them after, whatever the output's shape)."""
+    return type(getattr(hook, "__self__", None)).__module__.startswith("torch.distributed.fsdp")
+
+
+def scored_layer_unsupported(model: nn.Module) -> str | None:
+    """Why :func:`body_hidden_states` cannot run ``model``'s last decoder layer at the scored positions only
+    (``rlcore.last_layer``), or None when it can: a Llama-layout model (``SCORED_LAYER_MODELS``, any
+    ``nn.Module`` projections: LoRA and quantised layers too) with dense-mask attention (eager, sdpa), not
+    compiled (a swapped ``forward`` would recompile it), and a last layer without forward hooks other than
+    FSDP2's (another hook could expect the ``[B, L, E]`` output), its own ``forward`` attribute, gradient
+    checkpointing in training, attention dropout in training or a sliding window."""
+    wrapped, inner = model, _unwrapped(model)
+    while wrapped is not inner:
+        if hasattr(wrapped, "_orig_mod"):
+            return "the model is compiled"
+        wrapped = getattr(wrapped, "module", None) or wrapped._orig_mod
+    if not isinstance(inner, SCORED_LAYER_MODELS):  # FSDP2 subclasses them (FSDPLlamaForCausalLM)
+        return f"{type(inner).__name__} is not one of {[cls.__name__ for cls in SCORED_LAYER_MODELS]}"
+    if inner.config._attn_implementation not in DENSE_MASK_ATTENTION:
+        return f"attention implementation {inner.config._attn_implementation!r} takes no dense mask"
+    layer = inner.get_decoder().layers[-1]
+    hooks = [*layer._forward_hooks.values(), *layer._forward_pre_hooks.values()]
+    if any(not _fsdp_hook(hook) for hook in hooks) or "forward" in layer.__dict__:
+        return "the last decoder layer has forward hooks or its own forward"
+    if layer.training and (getattr(layer, "gradient_checkpointing", False) or layer.self_attn.attention_dropout):
+        return "the last decoder layer checkpoints its activations or drops attention weights"
+    if getattr(layer.self_attn, "sliding_window", None) is not None:
+        return "the last decoder layer attends through a sliding window"
+    return None
 
 
 def shares_prompts(model: nn.Module) -> bool:
