@@ -6,8 +6,16 @@ the optimizer step (clipping, AdamW, schedule), generation (GRPO: decode-step se
 reward scoring, packing (prefix sharing), collation and the per-step bookkeeping. Phases nest (the packing
 is inside a forward, the decode loop inside generation), so the rows do not add up to the step.
 
+``--off`` measures what an exact shortcut buys, side by side in one process: steps alternate, two at a time,
+between the code as it is and the code with the named shortcuts turned off, and the table gets a column
+for each and their ratio (the machine's drift falls on both alike). Shortcuts: ``scored_layer`` (the last
+decoder layer at the scored positions only, ``rlcore.last_layer``), ``fewest_tokens`` (padding-free rows
+as wide as feeds the fewest tokens, ``rlcore.packing``), ``clip_skip`` (no scaling of the gradients by 1,
+``rlcore.optim.clip_gradients``).
+
     python benchmarks/step_split.py --part sft --steps 100 --threads 1
     python benchmarks/step_split.py --part grpo --steps 60 --threads 1 --model outputs/compare_trl/models/tiny-sft1500
+    python benchmarks/step_split.py --part sft --steps 200 --off scored_layer,clip_skip
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare_trl  # noqa: E402
 
-from rlcore import data, decode, models, optim, rewards, rollout, run  # noqa: E402
+from rlcore import data, decode, models, optim, packing, rewards, rollout, run  # noqa: E402
 from rlcore.config import parse_config  # noqa: E402
 
 PHASES = [  # (module or class, function name, label)
@@ -49,21 +57,46 @@ class SplitConfig:
     threads: int = 1  # torch threads
     model: str = "tiny"  # "tiny" (the embedded model) or a model directory (DPO and GRPO: an SFT checkpoint)
     output_dir: str = "outputs/step_split"
+    off: str = ""  # comma-separated shortcuts to compare against: scored_layer, fewest_tokens, clip_skip
 
     def __post_init__(self) -> None:
         if self.part not in compare_trl.PARTS:
             raise ValueError(f"--part must be one of {list(compare_trl.PARTS)}, got {self.part!r}")
         if self.steps < 10:
             raise ValueError(f"--steps must be >= 10, got {self.steps}")
+        unknown = sorted(set(_names(self.off)) - set(SHORTCUTS))
+        if unknown:
+            raise ValueError(f"--off: unknown shortcuts {unknown}; choose from {sorted(SHORTCUTS)}")
+
+
+SHORTCUTS = {  # name -> (owner, function, its stand-in without the shortcut)
+    "scored_layer": (models, "scored_layer_unsupported", lambda original: lambda model: "turned off"),
+    "fewest_tokens": (packing, "_fewest_tokens_capacity", lambda original: lambda sizes, capacity: capacity),
+    "clip_skip": (
+        optim,
+        "clip_gradients",
+        lambda original: lambda params, max_norm, total, norm: original(params, max_norm, total, float("inf")),
+    ),
+}
+
+
+def _names(text: str) -> list[str]:
+    return [name for name in text.split(",") if name]
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     config = parse_config(SplitConfig, argv)
     torch.set_num_threads(config.threads)
-    seconds: dict[str, float] = collections.defaultdict(float)
+    modes = ["as is", "off"] if config.off else ["as is"]
+    state = {"mode": "as is"}
+    seconds: dict[tuple[str, str], float] = collections.defaultdict(float)
     step_ends: list[float] = []
     for owner, name, label in PHASES:
-        setattr(owner, name, _clocked(getattr(owner, name), label, seconds, step_ends))
+        setattr(owner, name, _clocked(getattr(owner, name), label, seconds, step_ends, state))
+    for name in _names(config.off):
+        owner, function, stand_in = SHORTCUTS[name]
+        original, replacement = getattr(owner, function), stand_in(getattr(owner, function))
+        setattr(owner, function, _switched(original, replacement, state))
     model_dir = compare_trl.build_model("tiny", None) if config.model == "tiny" else config.model
     spec = dict(
         part=config.part,
@@ -74,26 +107,49 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         budget_seconds=None,
         output_dir=config.output_dir,
     )
-    compare_trl.train_rlcore(spec, lambda: step_ends.append(time.process_time()))
-    timed_steps = len(step_ends) - 6
-    per_step = {"step": (step_ends[-1] - step_ends[5]) / timed_steps}
-    per_step |= {label: total / timed_steps for label, total in seconds.items()}
-    print(f"\n{config.part}: process ms per step, mean of steps 6-{len(step_ends) - 1}, {config.threads} thread(s)")
-    for label, value in per_step.items():
-        print(f"{label:<32} {1000 * value:8.2f}")
-    return per_step
+    step_modes: list[str] = []
+
+    def step_end() -> None:
+        step_ends.append(time.process_time())
+        step_modes.append(state["mode"])
+        state["mode"] = modes[(len(step_ends) // 2) % len(modes)]  # two steps each, alternating
+
+    compare_trl.train_rlcore(spec, step_end)
+    durations = collections.defaultdict(list)
+    for index in range(6, len(step_ends)):
+        durations[step_modes[index]].append(step_ends[index] - step_ends[index - 1])
+    table = {mode: {"step": sum(durations[mode]) / len(durations[mode])} for mode in modes}
+    for (mode, label), total in seconds.items():
+        table[mode][label] = total / len(durations[mode])
+    title = f"{config.part}: process ms per step, mean of steps 6-{len(step_ends) - 1}, {config.threads} thread(s)"
+    print(f"\n{title}" + (f"; steps alternate with --off {config.off}" if config.off else ""))
+    print(f"{'':<32} " + " ".join(f"{mode:>8}" for mode in modes) + ("    ratio" if config.off else ""))
+    for label, value in table["as is"].items():
+        row = [value] + [table[mode].get(label, 0.0) for mode in modes[1:]]
+        ratio = f" {row[0] / row[1]:8.2f}" if config.off and row[1] else ""
+        print(f"{label:<32} " + " ".join(f"{1000 * v:8.2f}" for v in row) + ratio)
+    return table["as is"]
 
 
-def _clocked(function, label: str, seconds: dict[str, float], step_ends: list[float]):
-    """``function`` adding its process time to ``seconds[label]`` once 5 steps have ended (warm-up left out)."""
+def _switched(original, replacement, state: dict):
+    """``original`` while ``state["mode"]`` is "as is", ``replacement`` otherwise."""
+
+    def switched(*args, **kwargs):
+        return (original if state["mode"] == "as is" else replacement)(*args, **kwargs)
+
+    return switched
+
+
+def _clocked(function, label: str, seconds: dict, step_ends: list[float], state: dict):
+    """``function`` adding its process time to ``seconds[(mode, label)]`` once 5 steps have ended (warm-up left out)."""
 
     def clocked(*args, **kwargs):
-        started = time.process_time()
+        started, mode = time.process_time(), state["mode"]
         try:
             return function(*args, **kwargs)
         finally:
             if len(step_ends) > 5:
-                seconds[label] += time.process_time() - started
+                seconds[(mode, label)] += time.process_time() - started
 
     return clocked
 
