@@ -77,7 +77,9 @@ def _mask_rows(mask, present: torch.Tensor, slot_columns: torch.Tensor, length: 
     batch 1 or B) at the slots' columns; for ``None`` (causal, no padding) the causal rows, additive in ``dtype``."""
     if mask is None:
         future = torch.arange(length, device=slot_columns.device) > slot_columns.unsqueeze(-1)  # [B', Q, L]
-        return torch.zeros(future.shape, dtype=dtype, device=future.device).masked_fill(future, torch.finfo(dtype).min)[:, None]
+        return torch.zeros(future.shape, dtype=dtype, device=future.device).masked_fill(future, torch.finfo(dtype).min)[
+            :, None
+        ]
     mask = mask[present] if mask.shape[0] > 1 else mask.expand(len(present), -1, -1, -1)  # [B', M, L, L]
     index = slot_columns[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1])
     return mask.gather(2, index)  # [B', M, Q, L]

@@ -249,7 +249,7 @@ def pack_batch(
     ]
     if row_length is not None:  # the longest group sets the width anyway: rows as long cost no longer attention rows
         row_length = max([row_length, *sizes])
-        if padding_free:  # the narrowest rows that feed the fewest tokens: merging never pads the batch wider
+        if padding_free and sizes:  # the narrowest rows that feed the fewest tokens: merging never pads wider
             row_length = _fewest_tokens_capacity(sorted(sizes, reverse=True), row_length)
     order = list(range(len(sizes)))
     if padding_free:  # first fit decreasing: the longest groups placed first fill the rows more tightly

@@ -95,7 +95,9 @@ def test_scored_last_layer_equals_the_full_forward(kind, implementation, layout,
     expected, expected_grads = _hidden_and_grads(model, inputs, positions, monkeypatch, scored=False)
     assert hidden.shape == (len(positions), model.config.hidden_size)
     torch.testing.assert_close(hidden, expected, **TOLERANCE)
-    trained = [p for name, p in model.named_parameters() if p.requires_grad and "lm_head" not in name]  # untied head: unused
+    trained = [
+        p for name, p in model.named_parameters() if p.requires_grad and "lm_head" not in name
+    ]  # untied head: unused
     assert len(grads) == len(expected_grads) == len(trained)
     for grad, other in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, other, **TOLERANCE)
@@ -105,7 +107,9 @@ def test_query_slots_by_hand():
     """Positions (3, 5), (1, 2), (3, 7), (3, 6), (1, 4): rows 1 and 3 hold them, row 3 the most (3 slots).
     Row 1's slots read columns 2, 4 and (unused) its first, 2; row 3's 5, 7, 6. In the given order the
     positions sit at slots 1*3+0, 0*3+0, 1*3+1, 1*3+2, 0*3+1."""
-    present, slot_columns, slot_of = last_layer.query_slots(torch.tensor([3, 1, 3, 3, 1]), torch.tensor([5, 2, 7, 6, 4]))
+    present, slot_columns, slot_of = last_layer.query_slots(
+        torch.tensor([3, 1, 3, 3, 1]), torch.tensor([5, 2, 7, 6, 4])
+    )
     assert present.tolist() == [1, 3]
     assert slot_columns.tolist() == [[2, 4, 2], [5, 7, 6]]
     assert slot_of.tolist() == [3, 0, 4, 5, 1]

@@ -314,7 +314,7 @@ def test_padding_free_rows_feed_the_fewest_tokens():
         sizes = sorted(torch.randint(1, 30, (count,), generator=generator).tolist(), reverse=True)
         cap = sizes[0] + int(torch.randint(0, 40, (1,), generator=generator))
 
-        def tokens(capacity: int) -> int:
+        def tokens(capacity: int, sizes: list[int] = sizes) -> int:
             fills = packing._first_fit(sizes, capacity)
             return len(fills) * max(fills)
 
