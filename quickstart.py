@@ -8,13 +8,16 @@ The toy task is integer addition (``"37+85="`` -> ``"122"``, see ``rlcore/toy.py
 exactly the command you would type (it is printed before it runs):
 
     python recipes/sft.py  --output_dir OUT/sft  --lr 1e-3 --warmup_steps 100 --lr_schedule cosine --min_lr_ratio 0.5 \
-                           --max_steps SFT_STEPS
+                           --lm_head_chunk 0 --max_steps SFT_STEPS
     python recipes/grpo.py --model OUT/sft --output_dir OUT/grpo --max_steps GRPO_STEPS
     python recipes/dpo.py  --model OUT/sft --output_dir OUT/dpo  --max_steps DPO_STEPS --rpo_alpha 1.0
 
 The SFT stage stops mid-schedule on purpose: 1500 steps whose learning rate decays to half the peak, the
 online recipes' own warm start (``rlcore.config.ONLINE_WARM_START_FLAGS``), not to zero: RL and DPO improved
-such checkpoints on the toy task, not fully annealed ones (docs/results.md). On this code: SFT 0 -> 44.4%,
+such checkpoints on the toy task, not fully annealed ones (docs/results.md). It is built as that warm
+start is (``rlcore.toy.warm_start``: the full-logits LM head, ``--lm_head_chunk 0``), so it is the same
+checkpoint: code paths equal up to float rounding reach different points of this task's sudden jump in
+exact match, and RL gains differently from each (docs/results.md, "Warm start: sensitivity to rounding"). On this code: SFT 0 -> 44.4%,
 GRPO -> 63.8%, DPO -> 62.8% (docs/results.md, "Quickstart on the merged step changes"). The DPO stage adds
 the chosen answers' NLL (RPO, ``--rpo_alpha 1.0``; Pang et al. 2024, arXiv 2404.19733): from a strong SFT
 start, plain DPO raised the margin by pushing both answers' likelihoods down and its exact match fell (85.8%
@@ -148,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     schedule = dict(
         zip((flag.removeprefix("--") for flag in ONLINE_WARM_START_FLAGS[::2]), ONLINE_WARM_START_FLAGS[1::2])
     )
-    sft = run_stage("sft", {"output_dir": out / "sft", **schedule, "max_steps": config.sft_steps}, config)
+    sft_flags = {"output_dir": out / "sft", **schedule, "lm_head_chunk": 0, "max_steps": config.sft_steps}
+    sft = run_stage("sft", sft_flags, config)  # the online recipes' warm start, built the same way
     grpo = run_stage("grpo", {"model": sft, "output_dir": out / "grpo", "max_steps": config.grpo_steps}, config)
     dpo_flags = {"model": sft, "output_dir": out / "dpo", "max_steps": config.dpo_steps, "rpo_alpha": 1.0}
     dpo = run_stage("dpo", dpo_flags, config)
