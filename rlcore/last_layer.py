@@ -37,7 +37,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import eager_attention_forward
+from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
 
 __all__ = ["query_slots", "scoring_last_layer"]
 
@@ -66,10 +66,14 @@ def query_slots(rows: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on ``[B, heads, L, D]`` with ``[B, L, D]`` tables: ``x cos + rotate_half(x) sin`` (transformers' layout)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+    """RoPE on ``[B, heads, L, D]`` with ``[B, L, D]`` tables: ``x cos + rotate_half(x) sin`` (transformers' own
+    ``rotate_half``; queries and keys have different lengths here, so not ``apply_rotary_pos_emb``)."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+def _rows(tensor: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """``tensor[present]``, without the copy when every row is present (``present`` is sorted and unique)."""
+    return tensor if len(present) == tensor.shape[0] else tensor[present]
 
 
 def _mask_rows(mask, present: torch.Tensor, slot_columns: torch.Tensor, length: int, dtype: torch.dtype):
@@ -80,7 +84,7 @@ def _mask_rows(mask, present: torch.Tensor, slot_columns: torch.Tensor, length: 
         return torch.zeros(future.shape, dtype=dtype, device=future.device).masked_fill(future, torch.finfo(dtype).min)[
             :, None
         ]
-    mask = mask[present] if mask.shape[0] > 1 else mask.expand(len(present), -1, -1, -1)  # [B', M, L, L]
+    mask = _rows(mask, present) if mask.shape[0] > 1 else mask.expand(len(present), -1, -1, -1)  # [B', M, L, L]
     index = slot_columns[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1])
     return mask.gather(2, index)  # [B', M, Q, L]
 
@@ -99,9 +103,9 @@ def _scored_layer_forward(
     attention = layer.self_attn
     batch, length, width = hidden_states.shape
     head_dim, rows, queries = attention.head_dim, len(present), slot_columns.shape[1]
-    x = hidden_states[present]  # [B', L, E]
+    x = _rows(hidden_states, present)  # [B', L, E]
     normed = layer.input_layernorm(x)
-    cos, sin = (table.expand(batch, -1, -1)[present] for table in position_embeddings)  # [B', L, D] each
+    cos, sin = (_rows(table.expand(batch, -1, -1), present) for table in position_embeddings)  # [B', L, D] each
     keys = _rotate(attention.k_proj(normed).view(rows, length, -1, head_dim).transpose(1, 2), cos, sin)
     values = attention.v_proj(normed).view(rows, length, -1, head_dim).transpose(1, 2)  # [B', K, L, D]
 
