@@ -25,7 +25,9 @@ decay, gradient clipping, batch size, steps, sequence and completion lengths, be
 them as command-line flags of ``recipes/{sft,dpo,grpo}.py``, TRL as ``SFTConfig`` / ``DPOConfig`` /
 ``GRPOConfig`` (TRL 1.x API, the model object and tokenizer passed in, ``report_to="none"``, no vLLM).
 TRL's defaults that rlcore does not share are switched off: activation (gradient) checkpointing, and bf16
-on CPU (float32 for both; bf16 autocast for both on CUDA). DPO trains on the dataset's pairs in both
+on CPU (float32 for both; bf16 autocast for both on CUDA). rlcore's recipes compute subnormal floats as zero
+on CPU (``--flush_denormal``, their default: x86 is slow on them); TRL runs as installed, or with the same
+setting under ``--trl_flush_denormal``. DPO trains on the dataset's pairs in both
 (``--no-rejected_from_policy``) against a frozen copy of the starting model. Its step time is measured
 twice (``--dpo_reference``), the same way in both frameworks: reference log-probs recomputed in every step
 ("ref live", TRL's default), and computed once before training ("ref precomputed": rlcore
@@ -145,6 +147,7 @@ class CompareConfig:
     quick: bool = False  # smoke run: 1 warm-up + 3 timed steps, 1 round, budgets x0.05, a 20-step SFT start for all
     device: str = "cpu"  # "cpu" or "cuda"
     threads: int | None = None  # torch threads per subprocess (None = torch's default: every core)
+    trl_flush_denormal: bool = False  # TRL too computes subnormal floats as 0 on CPU, as rlcore's recipes do
     clock: str = "wall"  # step time: "wall" (perf_counter) or "process" (the worker's CPU time; CPU only)
     output_dir: str = "outputs/compare_trl"  # models, runs, logs and results.json
 
@@ -310,6 +313,7 @@ def time_part(
                 model_dir=model_dir,
                 device=config.device,
                 threads=config.threads,
+                flush_denormal=framework == "rlcore" or config.trl_flush_denormal,
                 clock=config.clock,
                 hyper=settings,
                 steps=config.timing_warmup + config.timing_steps + 1,
@@ -345,6 +349,7 @@ def compare_accuracy(
             model_dir=model_dir,
             device=config.device,
             threads=config.threads,
+            flush_denormal=framework == "rlcore" or config.trl_flush_denormal,
             hyper=settings,
             steps=None,
             budget_seconds=budget,
@@ -456,6 +461,7 @@ def worker(run_dir: Path) -> None:
     import torch
 
     spec = json.loads((run_dir / "spec.json").read_text())
+    torch.set_flush_denormal(spec["flush_denormal"])  # before any threads start; rlcore's recipes set it again
     if spec["threads"] is not None:
         torch.set_num_threads(spec["threads"])
     cuda = spec["device"] == "cuda"

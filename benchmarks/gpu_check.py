@@ -264,6 +264,7 @@ def grpo_part(plan, table: Table, threads: int | None, output_dir: Path, deadlin
             model_dir=model_dir,
             device=plan.device,
             threads=threads,
+            flush_denormal=framework == "rlcore",  # as each framework runs when installed
             clock="wall",
             hyper=settings,
             steps=plan.grpo_warmup + plan.grpo_steps + 1,

@@ -11,11 +11,13 @@ between the code as it is and the code with the named shortcuts turned off, and 
 for each and their ratio (the machine's drift falls on both alike). Shortcuts: ``scored_layer`` (the last
 decoder layer at the scored positions only, ``rlcore.last_layer``), ``fewest_tokens`` (padding-free rows
 as wide as feeds the fewest tokens, ``rlcore.packing``), ``clip_skip`` (no scaling of the gradients by 1,
-``rlcore.optim.clip_gradients``).
+``rlcore.optim.clip_gradients``), ``flush_denormal`` (subnormal floats computed as zero,
+``rlcore.runtime.flush_denormals``; one thread, as the setting is the thread's).
 
     python benchmarks/step_split.py --part sft --steps 100 --threads 1
     python benchmarks/step_split.py --part grpo --steps 60 --threads 1 --model outputs/compare_trl/models/tiny-sft1500
     python benchmarks/step_split.py --part sft --steps 200 --off scored_layer,clip_skip
+    python benchmarks/step_split.py --part dpo --steps 40 --off flush_denormal --model outputs/compare_trl/models/20m-sft1500
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare_trl  # noqa: E402
 
-from rlcore import data, decode, models, optim, packing, rewards, rollout, run  # noqa: E402
+from rlcore import data, decode, models, optim, packing, rewards, rollout, run, runtime  # noqa: E402
 from rlcore.config import parse_config  # noqa: E402
 
 PHASES = [  # (module or class, function name, label)
@@ -64,9 +66,11 @@ class SplitConfig:
             raise ValueError(f"--part must be one of {list(compare_trl.PARTS)}, got {self.part!r}")
         if self.steps < 10:
             raise ValueError(f"--steps must be >= 10, got {self.steps}")
-        unknown = sorted(set(_names(self.off)) - set(SHORTCUTS))
+        unknown = sorted(set(_names(self.off)) - set(SHORTCUTS) - {"flush_denormal"})
         if unknown:
-            raise ValueError(f"--off: unknown shortcuts {unknown}; choose from {sorted(SHORTCUTS)}")
+            raise ValueError(f"--off: unknown shortcuts {unknown}; choose from {sorted(SHORTCUTS) + ['flush_denormal']}")
+        if "flush_denormal" in _names(self.off) and self.threads != 1:
+            raise ValueError("--off flush_denormal needs --threads 1 (the setting is per thread)")
 
 
 SHORTCUTS = {  # name -> (owner, function, its stand-in without the shortcut)
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     step_ends: list[float] = []
     for owner, name, label in PHASES:
         setattr(owner, name, _clocked(getattr(owner, name), label, seconds, step_ends, state))
-    for name in _names(config.off):
+    for name in set(_names(config.off)) & set(SHORTCUTS):
         owner, function, stand_in = SHORTCUTS[name]
         original, replacement = getattr(owner, function), stand_in(getattr(owner, function))
         setattr(owner, function, _switched(original, replacement, state))
@@ -113,6 +117,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         step_ends.append(time.process_time())
         step_modes.append(state["mode"])
         state["mode"] = modes[(len(step_ends) // 2) % len(modes)]  # two steps each, alternating
+        if "flush_denormal" in _names(config.off):
+            runtime.flush_denormals(state["mode"] == "as is")
 
     compare_trl.train_rlcore(spec, step_end)
     durations = collections.defaultdict(list)

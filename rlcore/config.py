@@ -106,6 +106,7 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads (None = $OMP_NUM_THREADS if set, else half the cores, at least 1)
     bf16: bool | None = None  # bf16 autocast (None = on for CUDA, off for CPU)
     compile: bool | None = None  # torch.compile the model (None = on for CUDA, off for CPU)
+    flush_denormal: bool = True  # CPU: compute floats below 1.2e-38 as 0 (x86 is slow on them; rlcore.runtime)
 
     # --- several processes (torchrun; rlcore.distributed)
     sharding: str = "ddp"  # under torchrun: "ddp" (replicated weights, averaged gradients) or "fsdp2" (fully_shard)

@@ -50,3 +50,19 @@ def test_eager_attention_gives_the_same_logits_and_gradients():
     (sdpa_logits, sdpa_grad), (eager_logits, eager_grad) = results
     torch.testing.assert_close(eager_logits, sdpa_logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(eager_grad, sdpa_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_setup_computes_subnormal_floats_as_zero_unless_told_not_to(flush):
+    """1e-39 is a float32 subnormal (below 2**-126 = 1.18e-38): kept exactly, or computed as 0 when flushed."""
+    from rlcore import runtime
+    from rlcore.config import TrainConfig, parse_config
+
+    config = parse_config(TrainConfig, ["--device", "cpu", "--flush_denormal", str(flush).lower()])
+    try:
+        runtime.setup(config)
+        product = (torch.full((4,), 1e-39) * 1.0).tolist()
+        assert product == ([0.0] * 4 if flush else pytest.approx([1e-39] * 4, rel=1e-6))
+        assert (torch.full((4,), 2e-38) * 1.0).tolist() == pytest.approx([2e-38] * 4, rel=1e-6)  # normal: kept
+    finally:
+        runtime.flush_denormals(True)  # what every recipe run in this process sets
