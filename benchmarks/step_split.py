@@ -68,7 +68,9 @@ class SplitConfig:
             raise ValueError(f"--steps must be >= 10, got {self.steps}")
         unknown = sorted(set(_names(self.off)) - set(SHORTCUTS) - {"flush_denormal"})
         if unknown:
-            raise ValueError(f"--off: unknown shortcuts {unknown}; choose from {sorted(SHORTCUTS) + ['flush_denormal']}")
+            raise ValueError(
+                f"--off: unknown shortcuts {unknown}; choose from {sorted(SHORTCUTS) + ['flush_denormal']}"
+            )
         if "flush_denormal" in _names(self.off) and self.threads != 1:
             raise ValueError("--off flush_denormal needs --threads 1 (the setting is per thread)")
 
