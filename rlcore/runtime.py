@@ -50,8 +50,8 @@ def flush_denormals(on: bool = True) -> bool:
     product with many of them among its inputs runs one to two orders of magnitude slower. A trained model
     makes them: its attention gives keys far below the best score probabilities exp(-88)...exp(-103), and
     their gradients flow on into the query, key, value and output projections, whose weight-gradient
-    products then crawl (``benchmarks/step_split.py --off flush_denormal`` measures a DPO step with and
-    without). A flushed value is below 1.2e-38, so it
+    products then crawl (``benchmarks/subnormals.py`` shows where they arise and what each product loses;
+    ``benchmarks/step_split.py --off flush_denormal`` times whole steps with and without). A flushed value is below 1.2e-38, so it
     changes a result only where the result itself is that small. CUDA arithmetic is untouched.
 
     The setting belongs to the calling thread and to the threads it starts afterwards: call it before the
