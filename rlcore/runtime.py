@@ -47,12 +47,13 @@ def flush_denormals(on: bool = True) -> bool:
     """Compute with subnormal floats (float32: 0 < |x| < 1.2e-38) as zero on the CPU (``on``), or exactly.
 
     Why: x86 processors take a slow microcode path for each operation on a subnormal value, and a matrix
-    product with many of them among its inputs runs one to two orders of magnitude slower. A trained model
-    makes them: its attention gives keys far below the best score probabilities exp(-88)...exp(-103), and
-    their gradients flow on into the query, key, value and output projections, whose weight-gradient
-    products then crawl (``benchmarks/subnormals.py`` shows where they arise and what each product loses;
-    ``benchmarks/step_split.py --off flush_denormal`` times whole steps with and without). A flushed value is below 1.2e-38, so it
-    changes a result only where the result itself is that small. CUDA arithmetic is untouched.
+    product with thousands of them among its inputs runs several times slower. A trained model makes them:
+    its attention gives keys far below the best score probabilities exp(-88)...exp(-103), and their
+    gradients flow on into the query, key, value and output projections, whose products then crawl: 4-18x
+    in a 20M model's DPO step (``benchmarks/subnormals.py`` shows where they arise and what each product
+    loses; ``benchmarks/step_split.py --off flush_denormal`` times whole steps with and without). A flushed
+    value is below 1.2e-38, so it changes a result only where the result itself is that small. CUDA
+    arithmetic is untouched.
 
     The setting belongs to the calling thread and to the threads it starts afterwards: call it before the
     first multi-threaded CPU operation (:func:`setup` does, first), so that torch's worker threads inherit
