@@ -10,7 +10,8 @@ is inside a forward, the decode loop inside generation), so the rows do not add 
 between the code as it is and the code with the named shortcuts turned off, and the table gets a column
 for each and their ratio (the machine's drift falls on both alike). Shortcuts: ``scored_layer`` (the last
 decoder layer at the scored positions only, ``rlcore.last_layer``), ``fewest_tokens`` (padding-free rows
-as wide as feeds the fewest tokens, ``rlcore.packing``), ``clip_skip`` (no scaling of the gradients by 1,
+as wide as feeds the fewest tokens, ``rlcore.packing``), ``unread_tokens`` (packed rows without the tokens
+after the one before a sequence's last scored token, ``rlcore.packing._tokens_read``), ``clip_skip`` (no scaling of the gradients by 1,
 ``rlcore.optim.clip_gradients``), ``flush_denormal`` (subnormal floats computed as zero,
 ``rlcore.runtime.flush_denormals``; one thread, as the setting is the thread's).
 
@@ -78,6 +79,7 @@ class SplitConfig:
 SHORTCUTS = {  # name -> (owner, function, its stand-in without the shortcut)
     "scored_layer": (models, "scored_layer_unsupported", lambda original: lambda model: "turned off"),
     "fewest_tokens": (packing, "_fewest_tokens_capacity", lambda original: lambda sizes, capacity: capacity),
+    "unread_tokens": (packing, "_tokens_read", lambda original: lambda real, scored: sum(real)),
     "clip_skip": (
         optim,
         "clip_gradients",

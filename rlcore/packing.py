@@ -183,6 +183,18 @@ class PackedBatch:
         return values.new_zeros(shape).index_put((rows, columns - column_offset), values)
 
 
+def _tokens_read(real: list[bool], scored: list[bool]) -> int:
+    """How many of a row's first real tokens its scored tokens read: token i is predicted by the hidden state of
+    token i - 1, which attends to tokens 0..i - 1 only (causal), so the tokens after the one before the last
+    scored token change no scored value. A row without a scored token keeps all its tokens."""
+    count, seen = None, 0
+    for is_real, is_scored in zip(real, scored):
+        if is_scored:
+            count = seen  # the real tokens before this scored one
+        seen += is_real
+    return seen if count is None else count
+
+
 def pack_batch(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -194,7 +206,9 @@ def pack_batch(
 ) -> PackedBatch:
     """Pack the real tokens of a padded batch, sharing prompts within groups and/or dropping padding.
 
-    Each row's real tokens (``attention_mask`` 1, any padding side) form its sequence. Without ``groups``
+    Each row's real tokens (``attention_mask`` 1, any padding side) form its sequence, up to the one before
+    its last scored token: no scored value reads the tokens after it (:func:`_tokens_read`), so they are not
+    fed (a DPO pair's two final tokens, each GRPO completion's last one). Without ``groups``
     every sequence is one segment. With ``groups``, the rows of a group (equal ids) share their prompt
     (``prompt_mask`` 1: the first real tokens of each row, identical across the group): one prompt segment,
     then one segment per row holding its remaining tokens, whose prefix is the prompt (an empty prompt:
@@ -243,8 +257,9 @@ def pack_batch(
 
     group_rows = list(members.values())
     shared_prompts = [[t for t, in_prompt in zip(ids[rows[0]], prompt[rows[0]]) if in_prompt] for rows in group_rows]
-    sizes = [  # each group's packed tokens: its prompt once, then every row's own tokens
-        sum(sum(real[row]) for row in rows) - (len(rows) - 1) * len(shared)
+    read = [_tokens_read(real_row, scored_row) for real_row, scored_row in zip(real, scored)]
+    sizes = [  # each group's packed tokens: its prompt once, then the tokens of every row that are read
+        len(shared) + sum(max(read[row] - len(shared), 0) for row in rows)
         for rows, shared in zip(group_rows, shared_prompts)
     ]
     if row_length is not None:  # the longest group sets the width anyway: rows as long cost no longer attention rows
@@ -273,7 +288,7 @@ def pack_batch(
                 sum(prompt[row]) == own and all(prompt[row][c] for c in columns[:own]) and sequence[:own] == shared
             ):
                 raise ValueError(f"pack_batch: row {row} does not start with the prompt of row {rows[0]} (same group)")
-            rest = sequence[own:]
+            rest = sequence[own : read[row]]  # the tokens after the last one a scored token reads: never fed
             location = list(range(prompt_offset, prompt_offset + own)) if own else []
             location += range(offset, offset + len(rest))  # packed columns of the row's tokens
             wanted = [i for i, c in enumerate(columns) if scored[row][c]]  # indices into the row's sequence

@@ -255,27 +255,32 @@ def test_pack_batch_layout_and_bad_groups():
     prompt_mask = batch["attention_mask"] * (1 - batch["completion_mask"])
     inputs = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"], groups, prompt_mask)
     packed = packing.pack_batch(*inputs)
-    # pair 0: [5 6 7 | 20 21 1 | 30 1]; the chosen's first token is predicted by the prompt's last position (2)
-    assert packed.input_ids[0].tolist()[:8] == [5, 6, 7, 20, 21, 1, 30, 1]
-    assert packed.position_ids[0].tolist()[:8] == [0, 1, 2, 3, 4, 5, 3, 4]
-    assert packed.positions[:5].tolist() == [[0, 2], [0, 3], [0, 4], [0, 2], [0, 6]]
+    # pair 0: prompt [5 6 7], chosen [20 21 1], rejected [30 1]. The chosen's first token is predicted by the
+    # prompt's last position (2). Each completion's final token (1) predicts nothing and is left out:
+    # [5 6 7 | 20 21 | 30], the rejected's 1 predicted by its 30 (position 5).
+    assert packed.input_ids[0].tolist()[:6] == [5, 6, 7, 20, 21, 30]
+    assert packed.position_ids[0].tolist()[:6] == [0, 1, 2, 3, 4, 3]
+    assert packed.positions[:5].tolist() == [[0, 2], [0, 3], [0, 4], [0, 2], [0, 5]]
     assert packed.targets[:5].tolist() == [20, 21, 1, 30, 1]
+    # pair 2: prompt [9..13], chosen [23] (read from the prompt alone: no segment), rejected [35 36] -> [35]
+    assert packed.input_ids[2].tolist()[:6] == [9, 10, 11, 12, 13, 35] and packed.segment_ids[2, :6].max() == 1
     # padding-free: everything in one row (row_length None), or first fit into rows of at most 16 tokens,
-    # narrower where that feeds fewer tokens: two rows of 16 (32 tokens) would feed more than three of 8 (24)
-    one_row = packing.pack_batch(*inputs, padding_free=True)  # three pairs of 8 packed tokens each
-    assert one_row.input_ids.shape == (1, 24) and one_row.position_ids[0, 8:11].tolist() == [0, 1, 2]
-    assert one_row.segment_ids[0, 8] == 3  # pair 1's prompt, the row's fourth segment
-    assert one_row.prefix_ids[0, 9:11].tolist() == [3, 3]  # pair 1's chosen sees pair 1's prompt (segment 3)
+    # narrower where that feeds fewer tokens: one row of 12 and one of 6 (24 tokens) would feed more than three
+    # of 6 (18)
+    one_row = packing.pack_batch(*inputs, padding_free=True)  # three pairs of 6 packed tokens each
+    assert one_row.input_ids.shape == (1, 18) and one_row.position_ids[0, 6:9].tolist() == [0, 1, 1]
+    assert one_row.segment_ids[0, 6] == 3  # pair 1's prompt [8], the row's fourth segment
+    assert one_row.prefix_ids[0, 7:9].tolist() == [3, 3]  # pair 1's chosen [22] and rejected [31..] see it
     bins = packing.pack_batch(*inputs, padding_free=True, row_length=16)
-    assert bins.input_ids.shape == (3, 8)
+    assert bins.input_ids.shape == (3, 6)
     model = _model("llama", "sdpa")
     padded, _ = models.pair_logprobs(model, batch)
     for packed in (one_row, bins):
         logp, _ = models.packed_logprobs(model, packed)
         summed = packed.unpack(logp, (6, batch["input_ids"].shape[1] - 1), column_offset=1).sum(1)
         torch.testing.assert_close(summed, padded, **TOLERANCE["sdpa"])
-    # rows never narrower than the longest group: row_length 4 < 8 packs into rows of 8, as wide as unpacked
-    assert packing.pack_batch(*inputs, padding_free=True, row_length=4).input_ids.shape == (3, 8)
+    # rows never narrower than the longest group: row_length 4 < 6 packs into rows of 6, as wide as unpacked
+    assert packing.pack_batch(*inputs, padding_free=True, row_length=4).input_ids.shape == (3, 6)
     wrong = groups.clone()
     wrong[3] = 1  # rejected of pair 0 grouped with pair 1: a different prompt
     with pytest.raises(ValueError, match="row 3 does not start with the prompt of row 1"):
@@ -283,13 +288,14 @@ def test_pack_batch_layout_and_bad_groups():
 
 
 def test_padding_free_rows_as_wide_as_the_longest_sequence():
-    """Sequences of 6, 3 and 3 tokens, row_length 2 (narrower than any): rows of 6 tokens, filled first fit,
+    """Sequences of 6, 3 and 3 tokens, every token but the first scored, row_length 2 (narrower than any). Each
+    sequence's last token predicts nothing and is not fed: 5, 2 and 2 tokens, in rows of 5 filled first fit,
     so the two short sequences share a row; the packed batch is no wider than the longest sequence."""
     ids = torch.arange(1, 19).view(3, 6)
     mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] * 3 + [0] * 3])
     packed = packing.pack_batch(ids, mask, mask * (torch.arange(6) > 0), padding_free=True, row_length=2)
-    assert packed.input_ids.tolist() == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 13, 14, 15]]
-    assert packed.position_ids[1].tolist() == [0, 1, 2, 0, 1, 2]
+    assert packed.input_ids.tolist() == [[1, 2, 3, 4, 5], [7, 8, 13, 14, 0]]
+    assert packed.position_ids[1].tolist()[:4] == [0, 1, 0, 1]
     assert packed.sources.tolist() == [[0, c] for c in range(1, 6)] + [[1, 1], [1, 2], [2, 1], [2, 2]]
 
 
@@ -325,17 +331,19 @@ def test_padding_free_rows_feed_the_fewest_tokens():
 
 def test_pack_batch_of_a_left_padded_rollout_by_hand():
     """GRPO's layout: left-padded prompts, right-padded completions, G = 2 rows per prompt; one completion of
-    one token, one empty. Each group becomes [prompt, completion_1, completion_2]; an empty completion adds
-    nothing; the first completion token is predicted by the prompt's last position."""
+    one token, one empty. Each group becomes [prompt, completion_1, completion_2], each completion without its
+    last token (it predicts nothing): [5 6 | 7] and [9 10 11 | 12]. A one-token or empty completion adds nothing;
+    the first completion token is predicted by the prompt's last position."""
     input_ids = torch.tensor([[0, 5, 6, 7, 1], [0, 5, 6, 8, 0], [9, 10, 11, 12, 1], [9, 10, 11, 0, 0]])
     attention_mask = torch.tensor([[0, 1, 1, 1, 1], [0, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     prompt_mask = attention_mask * (torch.arange(5) < 3)
     score_mask = attention_mask - prompt_mask
     packed = packing.pack_batch(input_ids, attention_mask, score_mask, torch.tensor([0, 0, 1, 1]), prompt_mask)
-    assert packed.input_ids.tolist() == [[5, 6, 7, 1, 8], [9, 10, 11, 12, 1]]
-    assert packed.segment_ids.tolist() == [[0, 0, 1, 1, 2], [0, 0, 0, 1, 1]]
-    assert packed.prefix_ids.tolist() == [[-1, -1, 0, 0, 0], [-1, -1, -1, 0, 0]]
-    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 2], [0, 1, 2, 3, 4]]  # completions continue the prompt
+    assert packed.input_ids.tolist() == [[5, 6, 7, 0], [9, 10, 11, 12]]
+    assert packed.segment_ids.tolist() == [[0, 0, 1, -1], [0, 0, 0, 1]]
+    assert packed.prefix_ids.tolist() == [[-1, -1, 0, -1], [-1, -1, -1, 0]]
+    assert packed.position_ids.tolist()[1] == [0, 1, 2, 3]  # completions continue the prompt
+    assert packed.position_ids.tolist()[0][:3] == [0, 1, 2]
     assert packed.positions.tolist() == [[0, 1], [0, 2], [0, 1], [1, 2], [1, 3]]
     assert packed.targets.tolist() == [7, 1, 8, 12, 1]
     assert packed.sources.tolist() == [[0, 3], [0, 4], [1, 3], [2, 3], [2, 4]]
