@@ -521,6 +521,20 @@ def rlcore_flags(part: str, hyper: dict, model_dir: str, output_dir: str, device
     return argv
 
 
+def in_process_spec(part: str, model: str, steps: int, output_dir: str) -> dict:
+    """A :func:`train_rlcore` spec for a CPU run of recipes/<part>.py in this process, with this benchmark's
+    settings: ``model`` is "tiny" (built here) or a model directory (DPO and GRPO: an SFT checkpoint)."""
+    return dict(
+        part=part,
+        model_dir=build_model("tiny", None) if model == "tiny" else model,
+        device="cpu",
+        hyper=hyperparameters(part, "cpu"),
+        steps=steps,
+        budget_seconds=None,
+        output_dir=output_dir,
+    )
+
+
 def train_rlcore(spec: dict, mark_step_end) -> float | None:
     """``main(argv)`` of the rlcore recipe, imported from recipes/<part>.py; returns GRPO's mean reward.
 

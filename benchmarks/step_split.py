@@ -105,16 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         owner, function, stand_in = SHORTCUTS[name]
         original, replacement = getattr(owner, function), stand_in(getattr(owner, function))
         setattr(owner, function, _switched(original, replacement, state))
-    model_dir = compare_trl.build_model("tiny", None) if config.model == "tiny" else config.model
-    spec = dict(
-        part=config.part,
-        model_dir=model_dir,
-        device="cpu",
-        hyper=compare_trl.hyperparameters(config.part, "cpu"),
-        steps=config.steps,
-        budget_seconds=None,
-        output_dir=config.output_dir,
-    )
+    spec = compare_trl.in_process_spec(config.part, config.model, config.steps, config.output_dir)
     step_modes: list[str] = []
 
     def step_end() -> None:

@@ -111,16 +111,7 @@ def main(argv: list[str] | None = None) -> Watch:
         if ended[0] == config.warmup + config.steps:
             watch.__exit__(None, None, None)
 
-    model_dir = compare_trl.build_model("tiny", None) if config.model == "tiny" else config.model
-    spec = dict(
-        part=config.part,
-        model_dir=model_dir,
-        device="cpu",
-        hyper=compare_trl.hyperparameters(config.part, "cpu"),
-        steps=config.warmup + config.steps + 1,
-        budget_seconds=None,
-        output_dir=config.output_dir,
-    )
+    spec = compare_trl.in_process_spec(config.part, config.model, config.warmup + config.steps + 1, config.output_dir)
     argv_flags = compare_trl.rlcore_flags
     compare_trl.rlcore_flags = lambda *a: argv_flags(*a) + ["--flush_denormal", "false"]  # the exact arithmetic
     try:
