@@ -11,9 +11,9 @@ between the code as it is and the code with the named shortcuts turned off, and 
 for each and their ratio (the machine's drift falls on both alike). Shortcuts: ``scored_layer`` (the last
 decoder layer at the scored positions only, ``rlcore.last_layer``), ``fewest_tokens`` (padding-free rows
 as wide as feeds the fewest tokens, ``rlcore.packing``), ``unread_tokens`` (packed rows without the tokens
-after the one before a sequence's last scored token, ``rlcore.packing._tokens_read``), ``clip_skip`` (no scaling of the gradients by 1,
-``rlcore.optim.clip_gradients``), ``flush_denormal`` (subnormal floats computed as zero,
-``rlcore.runtime.flush_denormals``; one thread, as the setting is the thread's).
+after the one before a sequence's last scored token, ``rlcore.packing._tokens_read``), ``clip_skip`` (no
+scaling of the gradients by 1, ``rlcore.optim.clip_gradients``), ``flush_denormal`` (subnormal floats
+computed as zero, ``rlcore.runtime.flush_denormals``; one thread, as the setting is the thread's).
 
     python benchmarks/step_split.py --part sft --steps 100 --threads 1
     python benchmarks/step_split.py --part grpo --steps 60 --threads 1 --model outputs/compare_trl/models/tiny-sft1500

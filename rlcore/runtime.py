@@ -52,8 +52,9 @@ def flush_denormals(on: bool = True) -> bool:
     gradients flow on into the query, key, value and output projections, whose products then crawl: 4-18x
     in a 20M model's DPO step (``benchmarks/subnormals.py`` shows where they arise and what each product
     loses; ``benchmarks/step_split.py --off flush_denormal`` times whole steps with and without). A flushed
-    value is below 1.2e-38, so it changes a result only where the result itself is that small. CUDA
-    arithmetic is untouched.
+    value is below 1.2e-38, and the factors it meets in training (weights, activations, gradients) are far
+    below 1e30, so what it would have added stays far below the float32 rounding of any result of normal
+    size. CUDA arithmetic is untouched.
 
     The setting belongs to the calling thread and to the threads it starts afterwards: call it before the
     first multi-threaded CPU operation (:func:`setup` does, first), so that torch's worker threads inherit
