@@ -36,6 +36,7 @@ import compare_trl  # noqa: E402
 
 from rlcore import data, decode, models, optim, packing, rewards, rollout, run, runtime  # noqa: E402
 from rlcore.config import parse_config  # noqa: E402
+from rlcore.run import cli  # noqa: E402
 
 PHASES = [  # (module or class, function name, label)
     (models, "position_logprobs", "forward (body + chunked head)"),
@@ -156,4 +157,4 @@ def _clocked(function, label: str, seconds: dict, step_ends: list[float], state:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)  # bad flags: one line, not a traceback

@@ -34,6 +34,7 @@ import compare_trl  # noqa: E402
 
 from rlcore import runtime  # noqa: E402
 from rlcore.config import parse_config  # noqa: E402
+from rlcore.run import cli  # noqa: E402
 
 SMALLEST_NORMAL = torch.finfo(torch.float32).tiny  # 2**-126
 PRODUCTS = (torch.ops.aten.mm.default, torch.ops.aten.bmm.default)
@@ -137,4 +138,4 @@ def report(watch: Watch, config: SubnormalConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)  # bad flags: one line, not a traceback
