@@ -654,4 +654,6 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         worker(Path(sys.argv[2]))
     else:
-        main()
+        from rlcore.run import cli
+
+        cli(main)  # bad flags: one line, not a traceback
