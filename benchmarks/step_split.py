@@ -80,7 +80,7 @@ class SplitConfig:
 SHORTCUTS = {  # name -> (owner, function, its stand-in without the shortcut)
     "scored_layer": (models, "scored_layer_unsupported", lambda original: lambda model: "turned off"),
     "fewest_tokens": (packing, "_fewest_tokens_capacity", lambda original: lambda sizes, capacity: capacity),
-    "unread_tokens": (packing, "_tokens_read", lambda original: lambda real, scored: sum(real)),
+    "unread_tokens": (packing, "_tokens_read", lambda original: lambda wanted, length: length),
     "clip_skip": (
         optim,
         "clip_gradients",

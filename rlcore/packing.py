@@ -183,16 +183,12 @@ class PackedBatch:
         return values.new_zeros(shape).index_put((rows, columns - column_offset), values)
 
 
-def _tokens_read(real: list[bool], scored: list[bool]) -> int:
-    """How many of a row's first real tokens its scored tokens read: token i is predicted by the hidden state of
-    token i - 1, which attends to tokens 0..i - 1 only (causal), so the tokens after the one before the last
-    scored token change no scored value. A row without a scored token keeps all its tokens."""
-    count, seen = None, 0
-    for is_real, is_scored in zip(real, scored):
-        if is_scored:
-            count = seen  # the real tokens before this scored one
-        seen += is_real
-    return seen if count is None else count
+def _tokens_read(wanted: list[int], length: int) -> int:
+    """How many of a row's first ``length`` real tokens its scored tokens (ascending indices ``wanted``) read:
+    token i is predicted by the hidden state of token i - 1, which attends to tokens 0..i - 1 only (causal),
+    so the tokens after the one before the last scored token change no scored value. A row without a
+    scored token keeps all its tokens."""
+    return wanted[-1] if wanted else length
 
 
 def pack_batch(
@@ -257,7 +253,11 @@ def pack_batch(
 
     group_rows = list(members.values())
     shared_prompts = [[t for t, in_prompt in zip(ids[rows[0]], prompt[rows[0]]) if in_prompt] for rows in group_rows]
-    read = [_tokens_read(real_row, scored_row) for real_row, scored_row in zip(real, scored)]
+    columns_of = [[c for c, is_real in enumerate(row_real) if is_real] for row_real in real]  # each row's real columns
+    wanted_of = [  # each row's scored tokens, as indices into its sequence of real tokens
+        [i for i, c in enumerate(columns) if row_scored[c]] for columns, row_scored in zip(columns_of, scored)
+    ]
+    read = [_tokens_read(wanted, len(columns)) for wanted, columns in zip(wanted_of, columns_of)]
     sizes = [  # each group's packed tokens: its prompt once, then the tokens of every row that are read
         len(shared) + sum(max(read[row] - len(shared), 0) for row in rows)
         for rows, shared in zip(group_rows, shared_prompts)
@@ -282,7 +282,7 @@ def pack_batch(
             offset += len(shared)
         own = len(shared)
         for row in rows:
-            columns = [c for c, is_real in enumerate(real[row]) if is_real]  # the row's real columns
+            columns, wanted = columns_of[row], wanted_of[row]
             sequence = [ids[row][c] for c in columns]
             if own and not (
                 sum(prompt[row]) == own and all(prompt[row][c] for c in columns[:own]) and sequence[:own] == shared
@@ -291,7 +291,6 @@ def pack_batch(
             rest = sequence[own : read[row]]  # the tokens after the last one a scored token reads: never fed
             location = list(range(prompt_offset, prompt_offset + own)) if own else []
             location += range(offset, offset + len(rest))  # packed columns of the row's tokens
-            wanted = [i for i, c in enumerate(columns) if scored[row][c]]  # indices into the row's sequence
             if wanted and wanted[0] == 0:
                 raise ValueError(f"pack_batch: row {row}'s first token is scored, but nothing precedes it")
             positions += [(target, location[i - 1]) for i in wanted]
