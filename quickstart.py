@@ -17,8 +17,9 @@ online recipes' own warm start (``rlcore.config.ONLINE_WARM_START_FLAGS``), not 
 such checkpoints on the toy task, not fully annealed ones (docs/results.md). It is built as that warm
 start is (``rlcore.toy.warm_start``: the full-logits LM head, ``--lm_head_chunk 0``), so it is the same
 checkpoint: code paths equal up to float rounding reach different points of this task's sudden jump in
-exact match, and RL gains differently from each (docs/results.md, "Warm start: sensitivity to rounding"). On this code: SFT 0 -> 44.4%,
-GRPO -> 63.8%, DPO -> 62.8% (docs/results.md, "Quickstart on the merged step changes"). The DPO stage adds
+exact match, and RL gains differently from each (docs/results.md, "Warm start: sensitivity to rounding").
+On this code: SFT 0 -> 44.4%, GRPO -> 66.2%, DPO -> 62.8% (docs/results.md, "Packed rows without the tokens
+no scored value reads"). The DPO stage adds
 the chosen answers' NLL (RPO, ``--rpo_alpha 1.0``; Pang et al. 2024, arXiv 2404.19733): from a strong SFT
 start, plain DPO raised the margin by pushing both answers' likelihoods down and its exact match fell (85.8%
 -> 63.2% in 300 steps), while with the NLL term it rose (85.8% -> 88.4%; docs/results.md, "Quickstart").
