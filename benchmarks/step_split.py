@@ -13,7 +13,9 @@ decoder layer at the scored positions only, ``rlcore.last_layer``), ``fewest_tok
 as wide as feeds the fewest tokens, ``rlcore.packing``), ``unread_tokens`` (packed rows without the tokens
 after the one before a sequence's last scored token, ``rlcore.packing._tokens_read``), ``clip_skip`` (no
 scaling of the gradients by 1, ``rlcore.optim.clip_gradients``), ``flush_denormal`` (subnormal floats
-computed as zero, ``rlcore.runtime.flush_denormals``; one thread, as the setting is the thread's).
+computed as zero, ``rlcore.runtime.flush_denormals``; one thread, as the setting is the thread's),
+``transposed_weights`` (the native decode step's contiguous ``W^T`` copies, ``rlcore.decode._operand``; off:
+the transposed views).
 
     python benchmarks/step_split.py --part sft --steps 100 --threads 1
     python benchmarks/step_split.py --part grpo --steps 60 --threads 1 --model outputs/compare_trl/models/tiny-sft1500
@@ -61,7 +63,7 @@ class SplitConfig:
     threads: int = 1  # torch threads
     model: str = "tiny"  # "tiny" (the embedded model) or a model directory (DPO and GRPO: an SFT checkpoint)
     output_dir: str = "outputs/step_split"
-    off: str = ""  # comma-separated shortcuts to compare against: scored_layer, fewest_tokens, clip_skip
+    off: str = ""  # comma-separated shortcuts to compare against (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.part not in compare_trl.PARTS:
@@ -81,6 +83,7 @@ SHORTCUTS = {  # name -> (owner, function, its stand-in without the shortcut)
     "scored_layer": (models, "scored_layer_unsupported", lambda original: lambda model: "turned off"),
     "fewest_tokens": (packing, "_fewest_tokens_capacity", lambda original: lambda sizes, capacity: capacity),
     "unread_tokens": (packing, "_tokens_read", lambda original: lambda wanted, length: length),
+    "transposed_weights": (decode, "_operand", lambda original: lambda weight: weight.t()),
     "clip_skip": (
         optim,
         "clip_gradients",
@@ -100,10 +103,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     state = {"mode": "as is"}
     seconds: dict[tuple[str, str], float] = collections.defaultdict(float)
     step_ends: list[float] = []
+    shortcuts = [SHORTCUTS[name] for name in set(_names(config.off)) & set(SHORTCUTS)]
+    originals = [(owner, name, getattr(owner, name)) for owner, name, *_ in PHASES + shortcuts]
     for owner, name, label in PHASES:
         setattr(owner, name, _clocked(getattr(owner, name), label, seconds, step_ends, state))
-    for name in set(_names(config.off)) & set(SHORTCUTS):
-        owner, function, stand_in = SHORTCUTS[name]
+    for owner, function, stand_in in shortcuts:
         original, replacement = getattr(owner, function), stand_in(getattr(owner, function))
         setattr(owner, function, _switched(original, replacement, state))
     spec = compare_trl.in_process_spec(config.part, config.model, config.steps, config.output_dir)
@@ -116,7 +120,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if "flush_denormal" in _names(config.off):
             runtime.flush_denormals(state["mode"] == "as is")
 
-    compare_trl.train_rlcore(spec, step_end)
+    try:
+        compare_trl.train_rlcore(spec, step_end)
+    finally:  # this process's functions as they were (step_split.main may run inside another program)
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+        runtime.flush_denormals(True)  # what the recipe set, whichever mode the last step ran in
     durations = collections.defaultdict(list)
     for index in range(6, len(step_ends)):
         durations[step_modes[index]].append(step_ends[index] - step_ends[index - 1])

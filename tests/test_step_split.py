@@ -1,0 +1,43 @@
+"""benchmarks/step_split.py: its stand-ins compute what the shortcuts they replace compute, and a recipe's
+steps alternate between the two, each phase timed."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_split.py"
+
+
+@pytest.fixture(scope="module")
+def step_split():
+    spec = importlib.util.spec_from_file_location("step_split", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["step_split"] = module  # its dataclass looks the module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_transposed_view_multiplies_as_the_copy(step_split):
+    owner, name, stand_in = step_split.SHORTCUTS["transposed_weights"]
+    weight, x = torch.randn(5, 3), torch.randn(2, 3)
+    copy, view = getattr(owner, name)(weight), stand_in(getattr(owner, name))(weight)
+    assert torch.equal(copy, view) and view.data_ptr() == weight.data_ptr()  # the same values, no copy
+    torch.testing.assert_close(x @ view, torch.nn.functional.linear(x, weight))
+
+
+def test_steps_alternate_and_phases_are_timed(step_split, tmp_path, capsys):
+    table = step_split.main(["--part", "sft", "--steps", "10", "--off", "clip_skip", "--output_dir", str(tmp_path)])
+    assert table["step"] > 0 and table["optimizer step"] > 0 and table["backward"] > 0
+    out = capsys.readouterr().out
+    assert "steps alternate with --off clip_skip" in out and "ratio" in out
+
+
+def test_the_functions_are_given_back(step_split, tmp_path):
+    """After a run every function it clocked or switched is the original again (tests and notebooks go on)."""
+    watched = step_split.PHASES + [step_split.SHORTCUTS["transposed_weights"]]
+    before = [getattr(owner, name) for owner, name, *_ in watched]
+    step_split.main(["--part", "sft", "--steps", "10", "--off", "transposed_weights", "--output_dir", str(tmp_path)])
+    assert [getattr(owner, name) for owner, name, *_ in watched] == before
