@@ -25,6 +25,8 @@ import sys
 
 import torch
 
+from rlcore.run import cli
+
 
 def step(variant: str, args: argparse.Namespace) -> float:
     """MiB added to the peak by one loss + backward of ``variant``."""
@@ -91,4 +93,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)  # bad input: one line, not a traceback

@@ -40,6 +40,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from rlcore.rollout import generate, release_static_caches
+from rlcore.run import cli
 from rlcore.toy import tiny_model
 
 
@@ -219,6 +220,13 @@ def main() -> None:
         help="wall time, or this process's CPU time (steadier on a shared machine; meaningful with --threads 1)",
     )
     args = parser.parse_args()
+    lowest = {"--batch-sizes": (args.batch_sizes, 1), "--prompt-len": ([args.prompt_len], 2)}
+    lowest |= {"--new-tokens": ([args.new_tokens], 1), "--repeats": ([args.repeats], 1)}
+    for flag, (values, bound) in lowest.items():
+        if min(values) < bound:
+            parser.error(
+                f"{flag} must be >= {bound}, got {values}" + (" (prompts are 1/2 to 1 times it)" if bound > 1 else "")
+            )
     if args.threads:
         torch.set_num_threads(args.threads)
     print(
@@ -272,4 +280,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)  # bad input: one line, not a traceback

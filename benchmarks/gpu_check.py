@@ -67,6 +67,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from rlcore import dpo_loss, masked_mean, models, optim  # noqa: E402
 from rlcore.rollout import release_static_caches  # noqa: E402
+from rlcore.run import cli  # noqa: E402
 
 # Memory last: its rows are short subprocesses, each checked against --time_limit before it starts.
 PARTS = ("decode", "grpo", "mfu", "memory")
@@ -452,4 +453,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)  # bad input: one line, not a traceback

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from rlcore import chunked_logprobs, gather_logprobs  # noqa: E402
+from rlcore.run import cli
 
 PATHS = ("naive", "gather", "chunked")
 
@@ -101,6 +102,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed steps after one warm-up step")
     parser.add_argument("--path", choices=PATHS, help="internal: measure one path in this process")
     args = parser.parse_args()
+    sizes = {"--tokens": [args.tokens], "--vocab": [args.vocab], "--hidden": [args.hidden]}
+    for flag, values in {**sizes, "--chunk-sizes": args.chunk_sizes, "--repeats": [args.repeats]}.items():
+        if min(values) < 1:
+            parser.error(f"{flag} must be >= 1, got {values}")
     if args.path:
         print(json.dumps(measure(args)))
         return
@@ -129,4 +134,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)  # bad input: one line, not a traceback

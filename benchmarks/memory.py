@@ -89,6 +89,7 @@ from rlcore import (
     value_loss,
 )
 from rlcore.rewards import PolicyRewardModel
+from rlcore.run import cli
 
 ALGORITHMS = ("sft", "dpo", "grpo", "ppo")
 VARIANTS = ("full_fp32", "full_bf16", "lora", "qlora")
@@ -588,4 +589,4 @@ def markdown_tables(path: str) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)  # bad input: one line, not a traceback

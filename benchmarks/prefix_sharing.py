@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from rlcore import data, models, packing, runtime, toy  # noqa: E402
+from rlcore.run import cli
 
 MODEL_SHAPES = {  # overrides of rlcore.toy.tiny_config (as benchmarks/compare_trl.py)
     "tiny": {},
@@ -198,4 +199,4 @@ def _fed_tokens(kind: str, batch, path: str, model) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)  # bad input: one line, not a traceback

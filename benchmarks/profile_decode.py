@@ -40,6 +40,7 @@ from generate import build_model, ragged_prompts  # noqa: E402
 import rlcore.rollout as rollout  # noqa: E402
 from rlcore import decode  # noqa: E402
 from rlcore.decode import LlamaDecodeStep  # noqa: E402
+from rlcore.run import cli
 
 MATMULS = {"aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::bmm"}
 ATTENTION = {"aten::scaled_dot_product_attention"}
@@ -204,4 +205,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)  # bad input: one line, not a traceback

@@ -22,6 +22,7 @@ import torch
 from rlcore.data import collate_right, load_rows
 from rlcore.models import load_reward_model, load_tokenizer
 from rlcore.rewards import RewardModelScorer
+from rlcore.run import cli
 
 
 def main() -> None:
@@ -63,4 +64,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)  # bad input: one line, not a traceback

@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from rlcore.run import cli
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -93,4 +95,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)  # bad input: one line, not a traceback
