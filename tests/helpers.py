@@ -1,5 +1,5 @@
 """What several test files share: small models and prompts for the sampling tests, a per-module cache for the
-tiny model, and loading a recipe as a module."""
+tiny model, and loading a recipe or a benchmark as a module."""
 
 import importlib.util
 import sys
@@ -48,13 +48,23 @@ def tiny_cache(tmp_path_factory):
         yield cache
 
 
-def load_recipe(name: str) -> ModuleType:
-    """recipes/<name>.py as a module (its ``main(argv)`` runs in-process)."""
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
+def load_script(path: Path, name: str) -> ModuleType:
+    """A script (a recipe, a benchmark) as the module ``name``: its ``main(argv)`` runs in-process."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def load_recipe(name: str) -> ModuleType:
+    """recipes/<name>.py as a module."""
+    return load_script(REPO / "recipes" / f"{name}.py", f"recipe_{name}")
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """benchmarks/<name>.py as a module."""
+    return load_script(REPO / "benchmarks" / f"{name}.py", name)
 
 
 def lora_reward_model_dir(directory: Path, base: str = "tiny", seed: int = 0) -> Path:

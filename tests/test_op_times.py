@@ -1,25 +1,16 @@
 """benchmarks/op_times.py: it counts a product's FLOPs as derived by hand, times every operation where it runs,
 and tabulates a recipe's steps (and TRL's, where TRL is installed)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import load_benchmark
 
 from rlcore import runtime
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "op_times.py"
 
 
 @pytest.fixture(scope="module")
 def op_times():
-    spec = importlib.util.spec_from_file_location("op_times", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["op_times"] = module  # its dataclasses look the module up while the classes are built
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("op_times")
 
 
 def test_a_linear_layer_costs_six_m_k_n(op_times):

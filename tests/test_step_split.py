@@ -1,23 +1,14 @@
 """benchmarks/step_split.py: its stand-ins compute what the shortcuts they replace compute, and a recipe's
 steps alternate between the two, each phase timed."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_split.py"
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def step_split():
-    spec = importlib.util.spec_from_file_location("step_split", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["step_split"] = module  # its dataclass looks the module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("step_split")
 
 
 def test_the_transposed_view_multiplies_as_the_copy(step_split):

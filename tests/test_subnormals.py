@@ -1,25 +1,16 @@
 """benchmarks/subnormals.py: it names the operation that makes subnormal floats, times the matrix products
 that receive them both ways on the same inputs, and runs a recipe step end to end."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import load_benchmark
 
 from rlcore import runtime
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "subnormals.py"
 
 
 @pytest.fixture(scope="module")
 def subnormals():
-    spec = importlib.util.spec_from_file_location("subnormals", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["subnormals"] = module  # its dataclass looks the module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("subnormals")
 
 
 @pytest.fixture
