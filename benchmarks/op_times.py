@@ -35,6 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare_trl  # noqa: E402
 
+from rlcore import runtime  # noqa: E402
 from rlcore.config import parse_config  # noqa: E402
 from rlcore.run import cli  # noqa: E402
 
@@ -120,8 +121,11 @@ def watch_steps(framework: str, config: OpTimesConfig) -> dict:
     output_dir = str(Path(config.output_dir) / framework)
     spec = compare_trl.in_process_spec(config.part, config.model, config.warmup + config.steps + 1, output_dir)
     if framework == "trl":
-        torch.set_flush_denormal(config.trl_flush_denormal)  # the recipe set it for rlcore (runtime.setup)
-        compare_trl.train_trl(spec, step_end)
+        runtime.flush_denormals(config.trl_flush_denormal)  # the recipe set it for rlcore (runtime.setup)
+        try:
+            compare_trl.train_trl(spec, step_end)
+        finally:
+            runtime.flush_denormals(True)  # as a recipe leaves it (op_times.main may run inside another program)
     else:
         compare_trl.train_rlcore(spec, step_end)
     per_step = {

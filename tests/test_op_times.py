@@ -5,8 +5,6 @@ import pytest
 import torch
 from helpers import load_benchmark
 
-from rlcore import runtime
-
 
 @pytest.fixture(scope="module")
 def op_times():
@@ -44,13 +42,7 @@ def test_rlcore_steps_tabulated(op_times, tmp_path, capsys):
     assert "sft, tiny: per optimizer step, mean of 1 watched steps" in out and "Linear products (mm, addmm)" in out
 
 
-@pytest.fixture
-def flush_restored():
-    yield
-    runtime.flush_denormals(True)  # TRL ran without it; what every recipe run in this process sets
-
-
-def test_rlcore_feeds_trl_fewer_products(op_times, tmp_path, capsys, flush_restored):
+def test_rlcore_feeds_trl_fewer_products(op_times, tmp_path, capsys):
     """On the toy SFT batch rlcore's step multiplies fewer tokens than TRL's (no column of the last token, the
     last layer at the scored positions only): its Linear-product FLOPs are below TRL's."""
     pytest.importorskip("trl")
