@@ -555,7 +555,7 @@ def train_rlcore(spec: dict, mark_step_end) -> float | None:
     argv = rlcore_flags(part, hyper, spec["model_dir"], spec["output_dir"], spec["device"])
     if spec["budget_seconds"] is not None:
         argv += ["--max_seconds", str(spec["budget_seconds"])]
-    import_recipe(part).main(argv)
+    import_recipe(part).main(argv + list(spec.get("extra_flags", ())))  # extra_flags: benchmarks' own variants
     rewards = [
         record["reward"] for record in read_metrics(Path(spec["output_dir"]) / METRICS_NAME) if "reward" in record
     ]

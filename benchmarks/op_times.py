@@ -15,6 +15,7 @@ the watched steps' process time is longer than an unwatched step's; the operatio
     python benchmarks/op_times.py --part sft --model outputs/compare_trl/models/20m
     python benchmarks/op_times.py --part dpo --model outputs/compare_trl/models/20m-sft1500 --frameworks rlcore
     python benchmarks/op_times.py --part grpo --model outputs/compare_trl/models/tiny-sft1500 --top 30
+    python benchmarks/op_times.py --part sft --frameworks rlcore --rlcore_flags "--padding_free true"
 
 TRL runs as installed, without flushing subnormal floats (``--trl_flush_denormal`` gives it rlcore's
 setting, as in compare_trl.py); TRL comes with ``pip install -e ".[bench]"``.
@@ -53,6 +54,7 @@ class OpTimesConfig:
     steps: int = 4  # optimizer steps watched
     top: int = 20  # operations shown, by the larger of the two frameworks' times
     trl_flush_denormal: bool = False  # give TRL rlcore's flush of subnormal floats (rlcore.runtime)
+    rlcore_flags: str = ""  # more flags for rlcore's recipe, e.g. "--padding_free true" (TRL runs as compared)
     output_dir: str = "outputs/op_times"
 
     def __post_init__(self) -> None:
@@ -120,6 +122,7 @@ def watch_steps(framework: str, config: OpTimesConfig) -> dict:
 
     output_dir = str(Path(config.output_dir) / framework)
     spec = compare_trl.in_process_spec(config.part, config.model, config.warmup + config.steps + 1, output_dir)
+    spec["extra_flags"] = config.rlcore_flags.split()
     if framework == "trl":
         runtime.flush_denormals(config.trl_flush_denormal)  # the recipe set it for rlcore (runtime.setup)
         try:

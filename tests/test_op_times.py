@@ -34,12 +34,16 @@ def test_batched_products_count_every_matrix(op_times):
 
 
 def test_rlcore_steps_tabulated(op_times, tmp_path, capsys):
-    argv = ["--part", "sft", "--frameworks", "rlcore", "--warmup", "1", "--steps", "1", "--output_dir", str(tmp_path)]
-    results = op_times.main(argv)
-    ops = results["rlcore"]["ops"]
-    assert ops["aten::mm"][2] > 0 and results["rlcore"]["process_s"] > 0
+    """The SFT step as compared, then with --padding_free (the same rows end to end): the table is printed and
+    the padding-free steps multiply fewer FLOPs (the toy's rows differ in length by a few tokens; some batches
+    pad none, so three steps are watched)."""
+    argv = ["--part", "sft", "--frameworks", "rlcore", "--warmup", "1", "--steps", "3", "--output_dir", str(tmp_path)]
+    padded = op_times.main(argv)["rlcore"]
+    assert padded["ops"]["aten::mm"][2] > 0 and padded["process_s"] > 0
     out = capsys.readouterr().out
-    assert "sft, tiny: per optimizer step, mean of 1 watched steps" in out and "Linear products (mm, addmm)" in out
+    assert "sft, tiny: per optimizer step, mean of 3 watched steps" in out and "Linear products (mm, addmm)" in out
+    padding_free = op_times.main([*argv, "--rlcore_flags", "--padding_free true"])["rlcore"]
+    assert 0 < op_times._totals(padding_free, op_times._MM)[1] < op_times._totals(padded, op_times._MM)[1]
 
 
 def test_rlcore_feeds_trl_fewer_products(op_times, tmp_path, capsys):
