@@ -19,16 +19,14 @@ def test_the_transposed_view_multiplies_as_the_copy(step_split):
     torch.testing.assert_close(x @ view, torch.nn.functional.linear(x, weight))
 
 
-def test_steps_alternate_and_phases_are_timed(step_split, tmp_path, capsys):
-    table = step_split.main(["--part", "sft", "--steps", "10", "--off", "clip_skip", "--output_dir", str(tmp_path)])
-    assert table["step"] > 0 and table["optimizer step"] > 0 and table["backward"] > 0
-    out = capsys.readouterr().out
-    assert "steps alternate with --off clip_skip" in out and "ratio" in out
-
-
-def test_the_functions_are_given_back(step_split, tmp_path):
-    """After a run every function it clocked or switched is the original again (tests and notebooks go on)."""
+def test_steps_alternate_phases_are_timed_and_functions_given_back(step_split, tmp_path, capsys):
+    """Steps alternate between the code as it is and without the shortcut, each phase timed; afterwards every
+    function the run clocked or switched is the original again (tests and notebooks go on)."""
     watched = step_split.PHASES + [step_split.SHORTCUTS["transposed_weights"]]
     before = [getattr(owner, name) for owner, name, *_ in watched]
-    step_split.main(["--part", "sft", "--steps", "10", "--off", "transposed_weights", "--output_dir", str(tmp_path)])
+    argv = ["--part", "sft", "--steps", "10", "--off", "transposed_weights", "--output_dir", str(tmp_path)]
+    table = step_split.main(argv)
+    assert table["step"] > 0 and table["optimizer step"] > 0 and table["backward"] > 0
+    out = capsys.readouterr().out
+    assert "steps alternate with --off transposed_weights" in out and "ratio" in out
     assert [getattr(owner, name) for owner, name, *_ in watched] == before
