@@ -27,7 +27,7 @@ import collections
 import importlib.util
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -86,23 +86,22 @@ def product_flops(name: str, args) -> int:
     return 0
 
 
-@dataclass
 class Watch(TorchDispatchMode):
     """Per ATen operation: calls, seconds inside the call and FLOPs (products only)."""
 
-    ops: dict[str, list] = field(default_factory=lambda: collections.defaultdict(lambda: [0, 0.0, 0]))
-
-    def __post_init__(self) -> None:
+    def __init__(self) -> None:
         super().__init__()
+        self.ops: dict[str, list] = collections.defaultdict(lambda: [0, 0.0, 0])
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         started = time.perf_counter()
         out = func(*args, **(kwargs or {}))
         seconds = time.perf_counter() - started
-        record = self.ops[func.name().split(".")[0]]  # aten::mm, whatever the overload (.default, .out)
+        name = func.name().split(".")[0]  # aten::mm, whatever the overload (.default, .out)
+        record = self.ops[name]
         record[0] += 1
         record[1] += seconds
-        record[2] += product_flops(func.name().split(".")[0], args)
+        record[2] += product_flops(name, args)
         return out
 
 

@@ -113,12 +113,8 @@ def main(argv: list[str] | None = None) -> Watch:
             watch.__exit__(None, None, None)
 
     spec = compare_trl.in_process_spec(config.part, config.model, config.warmup + config.steps + 1, config.output_dir)
-    argv_flags = compare_trl.rlcore_flags
-    compare_trl.rlcore_flags = lambda *a: argv_flags(*a) + ["--flush_denormal", "false"]  # the exact arithmetic
-    try:
-        compare_trl.train_rlcore(spec, step_end)
-    finally:
-        compare_trl.rlcore_flags = argv_flags
+    spec["extra_flags"] = ["--flush_denormal", "false"]  # the exact arithmetic
+    compare_trl.train_rlcore(spec, step_end)
     report(watch, config)
     return watch
 
