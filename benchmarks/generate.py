@@ -35,10 +35,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from rlcore import decode
 from rlcore.rollout import generate, release_static_caches
 from rlcore.run import cli
 from rlcore.toy import tiny_model
@@ -145,15 +147,20 @@ def copy_bandwidth(device: str) -> float:
     return 2 * source.numel() * source.element_size() / seconds
 
 
-def linear_floor(model, batch: int, device: str, repeats: int, clock: str = "wall", prompt_len: int = 0) -> float:
+def linear_floor(
+    model, batch: int, device: str, repeats: int, clock: str = "wall", prompt_len: int = 0, layout: str = "linear"
+) -> float:
     """Seconds of the model's ``nn.Linear`` layers alone: per decode step, on ``[batch, in]`` inputs; or,
     with ``prompt_len``, for the prefill of ``batch`` prompts of that length (every layer on
     ``[batch * prompt_len, in]``, the LM head on ``[batch, in]``: rlcore's prefill keeps the last position's
     logits only).
 
-    Every decoder that runs the same matmuls eagerly spends at least this, so ``batch / floor`` bounds its
-    tokens per second over the decode steps (the "linear layers only" row), and
-    ``batch * new_tokens / (prefill floor + new_tokens * floor)`` over the whole call ("linear + prefill").
+    ``layout="linear"`` calls the layers (``x W^T`` against the ``[out, in]`` weight, as every transformers
+    forward does): ``batch / floor`` is the "linear layers only" row's tokens per second over the decode
+    steps, and ``batch * new_tokens / (prefill floor + new_tokens * floor)`` the "linear + prefill" row's over
+    the whole call. It is a reference, not a hard floor: ``layout="copy"`` multiplies against contiguous
+    ``[in, out]`` copies of the weights, as rlcore's native step does on CPU (``rlcore.decode._operand``),
+    which MKL runs faster at these row counts (``benchmarks/profile_decode.py --bounds``).
     """
     head = model.get_output_embeddings()
     linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
@@ -162,6 +169,10 @@ def linear_floor(model, batch: int, device: str, repeats: int, clock: str = "wal
         torch.randn(n, linear.in_features, device=device, dtype=linear.weight.dtype) for n, linear in zip(rows, linears)
     ]
     calls = 20 if prompt_len == 0 else 2
+    if layout == "copy":
+        linears = [
+            partial(decode._linear, weight_t=decode._operand(linear.weight), bias=linear.bias) for linear in linears
+        ]
 
     def several_steps():
         for _ in range(calls):

@@ -4,9 +4,10 @@ One ``generate`` call (batch 64 ragged prompts of up to 32 tokens, 128 new token
 the models of ``benchmarks/generate.py``) runs under ``torch.profiler`` after a warm-up call. The time is
 split into the prefill, the decode step (:class:`rlcore.decode.LlamaDecodeStep`), sampling
 (``sample_tokens``) and the rest of the loop; inside the step, the ops called directly by the step are
-grouped: matmuls, attention over the KV cache (``scaled_dot_product_attention``), KV cache writes (the
-in-place copies), small ops (RMSNorm, RoPE, SiLU, residual adds, embedding, views) and Python (the step's
-wall time not inside any op: interpreter and dispatch). Times are profiled wall times divided by the
+grouped: the Linear layers' matmuls (``mm``, ``addmm``), attention over the KV cache (the step's two
+``matmul`` calls on CPU, ``scaled_dot_product_attention`` elsewhere), KV cache writes (the in-place
+copies), small ops (RMSNorm, RoPE, SiLU, residual adds, embedding, views) and Python (the step's wall time
+not inside any op: interpreter and dispatch). Times are profiled wall times divided by the
 number of decode steps, so they include the profiler's own overhead (~10 us per op); the unprofiled
 process time per step is printed beside them for scale.
 
@@ -15,6 +16,15 @@ process time per step is printed beside them for scale.
     python benchmarks/profile_decode.py --matmuls           # also: F.linear against x @ W^T (contiguous)
     python benchmarks/profile_decode.py --models --softmax  # only: torch's softmax against the step's, short rows
     python benchmarks/profile_decode.py --compile           # the compiled step (generate(compile=True))
+    python benchmarks/profile_decode.py --bounds            # also the work no decoder avoids, timed alone
+
+``--bounds`` times, in the same process after the profile, what any decoder of these models must do per
+decode step: the Linear layers alone (as ``benchmarks/generate.py --linear-floor`` times them, and against
+the step's contiguous ``W^T`` copies), one read of every layer's filled keys and values at the call's mean
+cache length (a sum: the least attention over the cache reads), and the prefill's Linear layers spread over
+the steps. Beside them: the profiled step's own Linear matmuls and attention per step, and the step time
+that 90% of the "linear layers only" bound allows. These are the figures of docs/results.md's "What the
+sampler targets would take".
 
 With ``--compile`` the step's ops run inside one compiled graph: its matmuls and the fused C++ kernels
 (inductor's, named ``graph_*_cpp_fused_*``; the attention kernel is the one whose name has ``softmax``)
@@ -24,10 +34,12 @@ are split out as above, and the graph's own Python (guards, wrapper) is the rest
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -35,17 +47,18 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generate import build_model, ragged_prompts  # noqa: E402
+from generate import build_model, linear_floor, ragged_prompts, timed  # noqa: E402
 
 import rlcore.rollout as rollout  # noqa: E402
 from rlcore import decode  # noqa: E402
 from rlcore.decode import LlamaDecodeStep  # noqa: E402
 from rlcore.run import cli
 
-MATMULS = {"aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::bmm"}
-ATTENTION = {"aten::scaled_dot_product_attention"}
+LINEAR_MATMULS = {"aten::mm", "aten::addmm", "aten::linear"}
+ATTENTION = {"aten::scaled_dot_product_attention", "aten::matmul", "aten::bmm"}  # eager CPU: q K^T and weights V
 CACHE_WRITES = {"aten::copy_"}
 SCOPES = ("prefill", "decode step", "sampling")
+PROMPT_LEN = 32  # prompts of 16-32 tokens, left padded to 32
 
 
 def scoped(function, name: str):
@@ -56,27 +69,49 @@ def scoped(function, name: str):
     return wrapped
 
 
-def instrument() -> None:
+@contextlib.contextmanager
+def instrumented() -> Iterator[None]:
     """Wrap the prefill (the model's forward, or the native step's own), the one-token step and the sampler of
-    ``rlcore.rollout`` in named profiler scopes."""
-    rollout._prefill = scoped(rollout._prefill, "prefill")
-    LlamaDecodeStep.prefill = scoped(LlamaDecodeStep.prefill, "prefill")
-    rollout.sample_tokens = scoped(rollout.sample_tokens, "sampling")
+    ``rlcore.rollout`` in named profiler scopes, and put the originals back on leaving."""
+    originals = [
+        (rollout, "_prefill", rollout._prefill),
+        (LlamaDecodeStep, "prefill", LlamaDecodeStep.prefill),
+        (rollout, "sample_tokens", rollout.sample_tokens),
+        (rollout, "_native_step_call", rollout._native_step_call),
+        (rollout, "_model_step", rollout._model_step),
+    ]
     native_step_call, model_step = rollout._native_step_call, rollout._model_step
-    rollout._native_step_call = lambda native: scoped(native_step_call(native), "decode step")
 
     def scoped_model_step(*args, **kwargs):
         step, ready_mask = model_step(*args, **kwargs)
         return scoped(step, "decode step"), ready_mask
 
+    rollout._prefill = scoped(rollout._prefill, "prefill")
+    LlamaDecodeStep.prefill = scoped(LlamaDecodeStep.prefill, "prefill")
+    rollout.sample_tokens = scoped(rollout.sample_tokens, "sampling")
+    rollout._native_step_call = lambda native: scoped(native_step_call(native), "decode step")
     rollout._model_step = scoped_model_step
+    try:
+        yield
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+
+
+def kernel_names(compile: bool) -> contextlib.AbstractContextManager:
+    """With ``compile``, inductor's C++ kernels show up in the profile under their names (for this call only)."""
+    if not compile:
+        return contextlib.nullcontext()
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch({"cpp.enable_kernel_profile": True})
 
 
 def category(op_name: str) -> str:
     if "cpp_fused" in op_name:
         return "attention over the cache" if "softmax" in op_name else "small ops"
-    if op_name in MATMULS:
-        return "matmuls"
+    if op_name in LINEAR_MATMULS:
+        return "Linear matmuls"
     if op_name in ATTENTION:
         return "attention over the cache"
     if op_name in CACHE_WRITES:
@@ -113,9 +148,9 @@ def breakdown(events, total_us: float, steps: int) -> dict[str, float]:
     return {key: value / steps for key, value in per_step.items()}
 
 
-def profile_model(name: str, batch: int, new_tokens: int, compile: bool = False) -> None:
+def profile_model(name: str, batch: int, new_tokens: int, compile: bool = False, with_bounds: bool = False) -> None:
     model = build_model(name, "cpu")
-    ids, mask = ragged_prompts(batch, 32, model.config.vocab_size, "cpu")
+    ids, mask = ragged_prompts(batch, PROMPT_LEN, model.config.vocab_size, "cpu")
 
     def run():
         rollout.generate(model, ids, mask, max_new_tokens=new_tokens, eos_token_ids=[], pad_token_id=0, compile=compile)
@@ -138,6 +173,45 @@ def profile_model(name: str, batch: int, new_tokens: int, compile: bool = False)
     for key in order + ["loop bookkeeping (rest)"]:
         print(f"{key:<36}{rows[key]:>9.0f}{rows[key] / (total_us / steps):>8.1%}")
     print(f"{'total (profiled)':<36}{total_us / steps:>9.0f}")
+    if with_bounds:
+        print_bounds(model, batch, new_tokens, rows, statistics.median(seconds) / new_tokens)
+
+
+def kv_read_seconds(model, batch: int, new_tokens: int, repeats: int = 5) -> float:
+    """Process seconds per decode step of one read (a sum) of every layer's filled keys and values in
+    ``[batch, kv_heads, PROMPT_LEN + new_tokens, head_dim]`` buffers, the native step's, averaged over the
+    call's cache lengths (every 8th): the least that attention over the cache must read."""
+    config, head_dim = model.config, model.model.layers[0].self_attn.head_dim
+    shape = (batch, config.num_key_value_heads, PROMPT_LEN + new_tokens, head_dim)
+    buffers = [torch.randn(shape) for _ in range(2 * config.num_hidden_layers)]
+    lengths = range(PROMPT_LEN + 1, PROMPT_LEN + new_tokens, 8)
+
+    def read_all():
+        for length in lengths:
+            for buffer in buffers:
+                buffer[:, :, :length].sum()
+
+    read_all()
+    return statistics.median(timed(read_all, "cpu", "process") for _ in range(repeats)) / len(lengths)
+
+
+def print_bounds(model, batch: int, new_tokens: int, rows: dict[str, float], step_seconds: float) -> None:
+    """The work no decoder avoids, timed alone (process time, after the profile), beside the profiled step."""
+    floors = {layout: linear_floor(model, batch, "cpu", 5, "process", layout=layout) for layout in ("linear", "copy")}
+    prefill = linear_floor(model, batch, "cpu", 3, "process", PROMPT_LEN, layout="copy") / new_tokens
+    lines = {
+        "Linear layers (nn.Linear: the bound)": floors["linear"],
+        "Linear layers (the step's W^T copies)": floors["copy"],
+        "one read of the filled KV cache": kv_read_seconds(model, batch, new_tokens),
+        "prefill's Linear layers (copies)": prefill,
+        "profiled step: Linear matmuls": rows.get("  Linear matmuls", 0.0) / 1e6,
+        "profiled step: attention": rows.get("  attention over the cache", 0.0) / 1e6,
+        "90% of the bound allows": floors["linear"] / 0.9,
+        "measured (unprofiled)": step_seconds,
+    }
+    print("per token step, us (bounds timed alone, process time; profiled rows: profiled wall)")
+    for label, seconds in lines.items():
+        print(f"  {label:<40}{seconds * 1e6:>9.0f}{seconds / floors['linear']:>8.0%} of the bound")
 
 
 def compare_matmuls(batch: int) -> None:
@@ -177,7 +251,7 @@ def compare_softmax(batch: int) -> None:
         print(f"  {length:4d} | {torch_us:13.1f} | {written_us:11.1f}  ({torch_us / written_us:.2f}x)")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="*", default=["tiny", "20m"], choices=["tiny", "20m"])
     parser.add_argument("--batch-size", type=int, default=64)
@@ -186,22 +260,25 @@ def main() -> None:
     parser.add_argument("--matmuls", action="store_true", help="also time F.linear against x @ W^T (contiguous)")
     parser.add_argument("--softmax", action="store_true", help="also time torch's softmax against the written-out one")
     parser.add_argument("--compile", action="store_true", help="profile generate(compile=True), the compiled step")
-    args = parser.parse_args()
+    parser.add_argument("--bounds", action="store_true", help="also time the work no decoder avoids, alone")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.new_tokens < 2:
+        parser.error(f"--batch-size must be >= 1 and --new-tokens >= 2, got {args.batch_size} and {args.new_tokens}")
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    if args.compile:  # inductor's C++ kernels show up in the profile under their names
-        import torch._inductor.config as inductor_config
-
-        inductor_config.cpp.enable_kernel_profile = True
     print(
         f"threads={torch.get_num_threads()} torch={torch.__version__} batch={args.batch_size} new_tokens={args.new_tokens}"
     )
-    instrument()
-    for name in args.models:
-        profile_model(name, args.batch_size, args.new_tokens, args.compile)
-    if args.matmuls:
-        compare_matmuls(args.batch_size)
-    if args.softmax:
-        compare_softmax(args.batch_size)
+    try:
+        with instrumented(), kernel_names(args.compile):
+            for name in args.models:
+                profile_model(name, args.batch_size, args.new_tokens, args.compile, args.bounds)
+        if args.matmuls:
+            compare_matmuls(args.batch_size)
+        if args.softmax:
+            compare_softmax(args.batch_size)
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":
