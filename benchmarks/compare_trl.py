@@ -62,8 +62,10 @@ step by the worker process's CPU time instead (with ``--threads 1``, the work of
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
+import io
 import json
 import os
 import resource
@@ -149,6 +151,7 @@ class CompareConfig:
     threads: int | None = None  # torch threads per subprocess (None = torch's default: every core)
     trl_flush_denormal: bool = False  # TRL too computes subnormal floats as 0 on CPU, as rlcore's recipes do
     clock: str = "wall"  # step time: "wall" (perf_counter) or "process" (the worker's CPU time; CPU only)
+    rlcore_flags: str = ""  # more flags for every rlcore run, e.g. "--compile true" (TRL runs as compared)
     output_dir: str = "outputs/compare_trl"  # models, runs, logs and results.json
 
     def __post_init__(self) -> None:
@@ -222,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"config": dataclasses.asdict(config), "settings": {}, "timing": [], "accuracy": []}
     timed = [(model, part) for model in _names(config.models) for part in _names(config.parts)]
     scored = [(model, stage) for model in _names(config.accuracy_models) for stage in _names(config.accuracy)]
+    for part in dict.fromkeys(part for _, part in timed + scored):
+        check_rlcore_flags(part, config.rlcore_flags)
     start_dirs = {}  # model -> {"raw": its directory, "sft": the SFT checkpoint DPO and GRPO start from}
     for model in dict.fromkeys(model for model, _ in timed + scored):
         model_dir = build_model(model, output_dir / "models")
@@ -253,6 +258,18 @@ def main(argv: list[str] | None = None) -> dict:
     (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"results: {output_dir / 'results.json'}")
     return results
+
+
+def check_rlcore_flags(part: str, flags: str) -> None:
+    """Parse ``--rlcore_flags`` as recipes/<part>.py would, before anything runs (a bad one: one line)."""
+    said = io.StringIO()  # argparse's own line, without its program name, goes into ours
+    try:
+        with contextlib.redirect_stderr(said):
+            parse_config(getattr(import_recipe(part), RECIPE_CONFIGS[part]), flags.split())
+    except (ValueError, SystemExit) as error:
+        reason = str(error) if isinstance(error, ValueError) else said.getvalue().strip().split(": error: ", 1)[-1]
+        reason = reason.replace("(--help lists the valid flags)", f"(python recipes/{part}.py --help lists them)")
+        raise ValueError(f"--rlcore_flags for recipes/{part}.py: {reason}") from None
 
 
 def build_model(name: str, directory: Path) -> str:
@@ -318,6 +335,7 @@ def time_part(
                 hyper=settings,
                 steps=config.timing_warmup + config.timing_steps + 1,
                 budget_seconds=None,
+                extra_flags=config.rlcore_flags.split() if framework == "rlcore" else [],
             )
             run_name = "-".join(filter(None, [model, part, variant.replace(" ", "_"), framework, f"time{round_index}"]))
             result = run_worker(spec, output_dir / "runs" / run_name, config)
@@ -353,6 +371,7 @@ def compare_accuracy(
             hyper=settings,
             steps=None,
             budget_seconds=budget,
+            extra_flags=config.rlcore_flags.split() if framework == "rlcore" else [],
         )
         result = run_worker(spec, output_dir / "runs" / f"{model}-{stage}-{framework}-seed{seed}-budget", config)
         row[f"{framework}_steps"], row[f"{framework}_accuracy"] = result["steps"], result["accuracy"]
