@@ -3,7 +3,6 @@ LM head, parameter counts."""
 
 import functools
 import gc
-import importlib.util
 import itertools
 import json
 import os
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_recipe, lora_reward_model_dir, tiny_cache  # noqa: F401 (tiny_cache: an autouse fixture)
+from helpers import load_benchmark, load_recipe, lora_reward_model_dir, tiny_cache  # noqa: F401 (tiny_cache: an autouse fixture)
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rlcore import lora, models, optim
@@ -504,10 +503,7 @@ def test_ppo_with_lora_holds_one_copy_of_the_base_and_scores_as_the_separate_rew
 
 @functools.cache
 def memory_benchmark():
-    spec = importlib.util.spec_from_file_location("memory_benchmark", REPO / "benchmarks" / "memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("memory")
 
 
 @pytest.mark.parametrize("variant", ["lora", "qlora"])
