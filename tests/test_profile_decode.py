@@ -30,6 +30,6 @@ def test_a_tiny_run_prints_every_bound_and_gives_back_what_it_patched(capsys):
     bound = re.search(r"Linear layers \(nn.Linear: the bound\)\s+(\d+)\s+100% of the bound", out)
     allowed = re.search(r"90% of the bound allows\s+(\d+)\s+111% of the bound", out)
     assert bound and allowed and int(bound[1]) > 0, out
-    assert abs(int(allowed[1]) - int(bound[1]) / 0.9) <= 1, out  # the target's step time, from the bound
+    assert abs(int(allowed[1]) - int(bound[1]) / 0.9) <= 1.5, out  # the target's step time (both rounded)
     assert (rollout._prefill, rollout.sample_tokens, rollout._native_step_call, rollout._model_step) == patched
     assert LlamaDecodeStep.prefill is prefill and torch.get_num_threads() == threads
