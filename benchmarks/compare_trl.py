@@ -380,23 +380,24 @@ def compare_accuracy(
     return row
 
 
-def run_worker(spec: dict, run_dir: Path, config: CompareConfig) -> dict:
-    """Run one measured training in a fresh python process; return what it wrote to result.json."""
+def run_worker(spec: dict, run_dir: Path, config: CompareConfig, timeout: float | None = None) -> dict:
+    """Run one measured training in a fresh python process; return what it wrote to result.json.
+    ``timeout``: seconds, after which the worker is killed (``subprocess.TimeoutExpired``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "result.json").unlink(missing_ok=True)
     (run_dir / "spec.json").write_text(json.dumps({**spec, "output_dir": str(run_dir / "model")}, indent=2))
-    run_logged([sys.executable, __file__, "--worker", str(run_dir)], run_dir / "worker.log", config)
+    run_logged([sys.executable, __file__, "--worker", str(run_dir)], run_dir / "worker.log", config, timeout)
     return json.loads((run_dir / "result.json").read_text())
 
 
-def run_logged(command: list[str], log_path: Path, config: CompareConfig) -> None:
+def run_logged(command: list[str], log_path: Path, config: CompareConfig, timeout: float | None = None) -> None:
     """Run ``command`` with its output in ``log_path``; on failure, show the log's tail and stop."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     if config.threads is not None:
         env["OMP_NUM_THREADS"] = str(config.threads)
     with log_path.open("w") as log:
-        finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=timeout)
     if finished.returncode != 0:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
         raise RuntimeError(f"{' '.join(command)} failed (exit {finished.returncode}); end of {log_path}:\n{tail}")

@@ -16,7 +16,9 @@ collects the numbers into one table (printed at the end and written as JSON to `
 - **grpo** (``benchmarks/compare_trl.py``'s workers, each in its own process): seconds per GRPO step with
   16 prompts x G 8 x 256 new tokens (compare_trl's CUDA settings and its ``qwen0.5b`` model: the 0.5B sizes
   in the toy's Llama layers and tokenizer, bf16 autocast), rlcore's recipe against TRL's ``GRPOTrainer``
-  without vLLM; TRL's row says "skipped" when trl is not importable.
+  without vLLM; TRL's row says "skipped" when trl is not importable. Both run with a KL term (``beta``
+  ``GRPO_BETA``): from the untrained model every reward is 0, and without one rlcore skips the forward and
+  backward of rows whose advantage is 0, which TRL still runs: the two steps would not do the same work.
 - **mfu**: SFT and DPO steps (full fine-tuning, bf16 weights, torch AdamW, eager; rows of ``tokens``
   positions, every position scored) on the 0.5B shape built by ``benchmarks/memory.py``'s ``build``.
   MFU = 6 N tokens (policy forward + backward; DPO adds 2 N per token of the reference forward) per second
@@ -29,7 +31,8 @@ collects the numbers into one table (printed at the end and written as JSON to `
 
 Step counts set each part's budget (under 8 minutes on one H100/H200 in all); the elapsed time of each part
 is printed. ``--time_limit`` (default 450 s) is a backstop: a part, GRPO worker or memory row that would
-start after it is marked skipped (one already running finishes).
+start after it is marked skipped, and a worker or row still running ``SUBPROCESS_GRACE`` seconds after it is
+stopped and marked so. ``--out`` is rewritten after every row, so a run cut short keeps what it measured.
 
     python benchmarks/gpu_check.py --out gpu_check.json          # one H100/H200
     python benchmarks/gpu_check.py --smoke --out smoke.json      # CPU, tiny shapes, the same code paths
@@ -48,6 +51,7 @@ import importlib.util
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -71,6 +75,8 @@ from rlcore.run import cli  # noqa: E402
 
 # Memory last: its rows are short subprocesses, each checked against --time_limit before it starts.
 PARTS = ("decode", "grpo", "mfu", "memory")
+GRPO_BETA = 0.04  # a KL term for both frameworks: see the module docstring
+SUBPROCESS_GRACE = 60.0  # seconds a GRPO worker or memory row may run past --time_limit before it is stopped
 
 # Peak dense bf16 tensor-core FLOP/s: half the "with sparsity" figure of NVIDIA's datasheets. Most specific first.
 PEAK_BF16 = {
@@ -146,15 +152,24 @@ PLANS = {
 
 
 class Table:
-    """Rows of (part, row, value, unit, note); value None = not measured, the note says why."""
+    """Rows of (part, row, value, unit, note); value None = not measured, the note says why. With ``out``, the
+    JSON report (``header`` and the rows so far, ``"complete": false`` until :meth:`finish`) is rewritten
+    after every row."""
 
-    def __init__(self) -> None:
+    def __init__(self, out: str | None = None, header: dict | None = None) -> None:
         self.rows: list[dict] = []
+        self.out, self.header = out, header or {}
 
     def add(self, part: str, row: str, value: float | None, unit: str, note: str = "") -> None:
         self.rows.append({"part": part, "row": row, "value": value, "unit": unit, "note": note})
         shown = "-" if value is None else f"{value:.4g}"
         print(f"  {row}: {shown} {unit} {note}".rstrip(), flush=True)
+        self.write(complete=False)
+
+    def write(self, complete: bool, **extra) -> None:
+        if self.out:
+            report = {**self.header, **extra, "complete": complete, "rows": self.rows}
+            Path(self.out).write_text(json.dumps(report, indent=2) + "\n")
 
     def print(self) -> None:
         width = max(len(row["row"]) for row in self.rows)
@@ -189,6 +204,13 @@ def clone_bandwidth(device: str, numel: int, repeats: int = 5) -> float:
     return 2 * source.numel() * source.element_size() / statistics.median(seconds)
 
 
+def cudagraph_skips() -> int:
+    """How often inductor has declined to capture a CUDA graph in this process (it logs why and runs without)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
 def decode_part(plan, table: Table, smoke_compile: bool) -> None:
     bandwidth = clone_bandwidth(plan.device, plan.copy_numel)
     table.add("decode", "device-to-device copy bandwidth", bandwidth / 1e9, "GB/s", "clone, read + write")
@@ -204,7 +226,9 @@ def decode_part(plan, table: Table, smoke_compile: bool) -> None:
     for batch in plan.batch_sizes:
         ids, mask = generate.ragged_prompts(batch, plan.prompt_len, model.config.vocab_size, plan.device)
         runs = generate.contenders(model, ids, mask, plan.new_tokens, arguments)
+        skips_before = cudagraph_skips()
         warmup = {label: generate.timed(run, plan.device) for label, run in runs.items()}  # compiles here
+        skipped_graphs = cudagraph_skips() - skips_before
         seconds = {label: [] for label in runs}
         for _ in range(plan.repeats):  # alternating, so a change of load hits every contender
             for label, run in runs.items():
@@ -218,7 +242,9 @@ def decode_part(plan, table: Table, smoke_compile: bool) -> None:
                     table.add("decode", f"batch-1 decode / HBM bound, {name}", None, "fraction", reason)
                 continue
             median = statistics.median(seconds[label])
-            note = f"warm-up incl. compile {warmup[label]:.1f} s" if label == "rlcore static+comp" else ""
+            note = ""
+            if label == "rlcore static+comp":
+                note = f"warm-up incl. compile {warmup[label]:.1f} s; inductor skipped CUDA graphs {skipped_graphs}x"
             table.add("decode", row, batch * plan.new_tokens / median, "tokens/s", note)
             if batch == 1:
                 step_bytes = generate.bytes_per_step(model, plan.prompt_len, plan.new_tokens)
@@ -227,6 +253,11 @@ def decode_part(plan, table: Table, smoke_compile: bool) -> None:
                 table.add("decode", f"batch-1 decode / HBM bound, {name}", fraction, "fraction", note)
     del model
     release_static_caches()
+
+
+def time_left(deadline: float) -> float:
+    """Seconds a subprocess started now may run: until ``--time_limit``, then ``SUBPROCESS_GRACE`` more."""
+    return max(0.0, deadline - time.perf_counter()) + SUBPROCESS_GRACE
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -247,7 +278,7 @@ def grpo_part(plan, table: Table, threads: int | None, output_dir: Path, deadlin
         output_dir=str(output_dir),
     )
     model_dir = compare_trl.build_model(plan.grpo_model, output_dir / "models")
-    settings = compare_trl.hyperparameters("grpo", plan.device)
+    settings = {**compare_trl.hyperparameters("grpo", plan.device), "beta": GRPO_BETA}
     shape = f"{settings['batch_size'] * settings['grad_accum_steps'] // settings['num_generations']} prompts x G "
     shape += f"{settings['num_generations']} x {settings['max_new_tokens']} new tokens"
     step_seconds = {}
@@ -271,11 +302,15 @@ def grpo_part(plan, table: Table, threads: int | None, output_dir: Path, deadlin
             steps=plan.grpo_warmup + plan.grpo_steps + 1,
             budget_seconds=None,
         )
-        result = compare_trl.run_worker(spec, output_dir / "runs" / f"grpo-{framework}", config)
+        timeout = time_left(deadline)
+        try:
+            result = compare_trl.run_worker(spec, output_dir / "runs" / f"grpo-{framework}", config, timeout)
+        except subprocess.TimeoutExpired:
+            table.add("grpo", row, None, "s", f"stopped after {timeout:.0f} s: --time_limit")
+            continue
         step_seconds[framework] = statistics.median(result["step_seconds"][plan.grpo_warmup :])
-        note = (
-            f"{shape}; median of {plan.grpo_steps} after {plan.grpo_warmup} warm-up; peak {result['peak_mib']:.0f} MiB"
-        )
+        note = f"{shape}, beta {GRPO_BETA}; median of {plan.grpo_steps} after {plan.grpo_warmup} warm-up; "
+        note += f"peak {result['peak_mib']:.0f} MiB; mean reward {result['mean_reward']}"
         table.add("grpo", row, step_seconds[framework], "s", note)
     if len(step_seconds) == 2:
         table.add("grpo", "GRPO step rlcore / TRL", step_seconds["rlcore"] / step_seconds["trl"], "ratio")
@@ -380,7 +415,7 @@ def memory_part(plan, table: Table, deadline: float) -> None:
                     table.add("memory", name, None, unit, "skipped: --time_limit reached")
                     continue
                 flag = f"{algorithm},0.5B,{variant},{int(checkpointing)}"
-                result = memory.subprocess_json(["--row", flag, *extra], environment)
+                result = memory.subprocess_json(["--row", flag, *extra], environment, time_left(deadline))
                 if "error" in result:
                     table.add("memory", name, None, unit, f"error: {result['error'][:100]}")
                     continue
@@ -408,7 +443,10 @@ def parse_arguments(argv: list[str] | None):
     if args.time_limit is not None and args.time_limit <= 0:
         parser.error(f"--time_limit must be positive seconds, got {args.time_limit}")
     if not args.smoke and not torch.cuda.is_available():
-        parser.error("no CUDA device: this check is for one H100/H200 (--smoke runs it on CPU at tiny shapes)")
+        parser.error(
+            f"no CUDA device (torch {torch.__version__}, built for CUDA {torch.version.cuda}: a driver older than "
+            "that build also reads as none): this check is for one H100/H200 (--smoke runs it on CPU at tiny shapes)"
+        )
     return args
 
 
@@ -421,7 +459,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"gpu_check {'smoke ' if args.smoke else ''}on {device} | torch {torch.__version__} | load {os.getloadavg()}")
     start = time.perf_counter()
     deadline = start + (args.time_limit or plan.time_limit)
-    table = Table()
+    header = {"device": device, "smoke": args.smoke, "torch": torch.__version__, "plan": vars(plan)}
+    table = Table(args.out, header)
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as scratch:
         output_dir = Path(args.output_dir or scratch).resolve()
         parts = {
@@ -444,10 +483,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     table.print()
     print(f"\ntotal {time.perf_counter() - start:.1f} s")
     if args.out:
-        report = {"device": device, "smoke": args.smoke, "torch": torch.__version__, "plan": vars(plan)}
-        report["rows"] = table.rows
-        report["seconds"] = time.perf_counter() - start
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        table.write(complete=True, seconds=time.perf_counter() - start)
         print(f"table: {args.out}")
     return table.rows
 

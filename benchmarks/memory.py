@@ -425,10 +425,13 @@ def selected(row: tuple, only: list[str] | None) -> bool:
     return False
 
 
-def subprocess_json(arguments: list[str], environment: dict) -> dict:
-    result = subprocess.run(
-        [sys.executable, __file__, *arguments], capture_output=True, text=True, env=environment, timeout=3600
-    )
+def subprocess_json(arguments: list[str], environment: dict, timeout: float = 3600) -> dict:
+    try:
+        result = subprocess.run(
+            [sys.executable, __file__, *arguments], capture_output=True, text=True, env=environment, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
     if result.returncode != 0:
         return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
     return json.loads(result.stdout.strip().splitlines()[-1])

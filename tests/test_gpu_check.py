@@ -85,7 +85,33 @@ def test_smoke_decode_and_mfu_rows(gpu_check, tmp_path):
     gpu_check.main(["--smoke", "--parts", "decode,mfu", "--threads", "1", "--out", str(out)])
     report = json.loads(out.read_text())
     assert report["smoke"] is True and report["plan"]["device"] == "cpu"
+    assert report["complete"] is True and report["seconds"] > 0
     check_table(report["rows"], gpu_check.PLANS["smoke"], ["decode", "mfu"])
+
+
+def test_grpo_runs_with_a_kl_term_and_a_worker_past_the_limit_is_stopped(gpu_check, tmp_path, monkeypatch):
+    """From the untrained model every reward is 0; with beta 0 rlcore would skip the forward and backward that
+    TRL runs, so both get GRPO_BETA. A worker still running past --time_limit + grace is stopped, its row says
+    so, and the rows measured so far are already in --out (``"complete": false`` until the end)."""
+    calls = []
+
+    def worker_that_overruns(spec, run_dir, config, timeout):
+        calls.append((spec, timeout))
+        raise subprocess.TimeoutExpired("worker", timeout)
+
+    monkeypatch.setattr(gpu_check.compare_trl, "run_worker", worker_that_overruns)
+    monkeypatch.setattr(gpu_check.compare_trl, "build_model", lambda name, directory: str(tmp_path / "model"))
+    out = tmp_path / "table.json"
+    table = gpu_check.Table(str(out), {"device": "test"})
+    deadline = gpu_check.time.perf_counter() + 100
+    gpu_check.grpo_part(gpu_check.PLANS["smoke"], table, 1, tmp_path, deadline)
+    spec, timeout = calls[0]
+    assert spec["framework"] == "rlcore" and spec["hyper"]["beta"] == gpu_check.GRPO_BETA > 0
+    assert 100 < timeout <= 100 + gpu_check.SUBPROCESS_GRACE
+    rows = {row["row"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["GRPO step seconds, rlcore"]["value"] is None
+    assert rows["GRPO step seconds, rlcore"]["note"].startswith(f"stopped after {timeout:.0f} s")
+    assert json.loads(out.read_text())["complete"] is False
 
 
 def test_bad_parts_is_one_line(gpu_check, capsys):

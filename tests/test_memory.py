@@ -506,6 +506,11 @@ def memory_benchmark():
     return load_benchmark("memory")
 
 
+def test_a_memory_row_that_outlasts_its_timeout_is_an_error_row():
+    result = memory_benchmark().subprocess_json(["--row", "sft,0.5B,lora,0"], dict(os.environ), timeout=1)
+    assert result == {"error": "timed out after 1 s"}
+
+
 @pytest.mark.parametrize("variant", ["lora", "qlora"])
 def test_memory_benchmark_copies_of_the_first_layer_own_their_bytes(variant):
     """The benchmark draws its first decoder layer and deep-copies it into the others (bitsandbytes quantises
