@@ -153,7 +153,7 @@ PLANS = {
 
 class Table:
     """Rows of (part, row, value, unit, note); value None = not measured, the note says why. With ``out``, the
-    JSON report (``header`` and the rows so far, ``"complete": false`` until :meth:`finish`) is rewritten
+    JSON report (``header`` and the rows so far, ``"complete": false`` until ``write(complete=True)``) is rewritten
     after every row."""
 
     def __init__(self, out: str | None = None, header: dict | None = None) -> None:
